@@ -1,0 +1,55 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -- builds/refreshes .venv, then runs `apexlens demo` on the shipped toy models (offline)
+#   make test   -- builds/refreshes the environments, then runs ruff, mypy and pytest in each
+#
+# TORCH_SPEC picks the torch build installed first (default: the CPU wheel this project is
+# developed on). Override for another build, e.g. `make test TORCH_SPEC="torch==2.5.1"`.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+TL3_SPEC ?= transformer-lens==3.9.0
+TL4_SPEC ?= transformer-lens==4.3.0
+
+VENV := .venv
+VENV4 := .venv-tl4
+
+.PHONY: demo test test-tl3 test-tl4 lint bench env env-tl4 clean
+
+# The stamp is rebuilt whenever pyproject.toml or this Makefile changes, so the environment
+# is refreshed by the same command that uses it.
+$(VENV)/.stamp: pyproject.toml Makefile
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/python -m pip install -q "$(TL3_SPEC)" -e ".[dev]"
+	touch $@
+
+$(VENV4)/.stamp: pyproject.toml Makefile
+	test -x $(VENV4)/bin/python || $(PYTHON) -m venv $(VENV4)
+	$(VENV4)/bin/python -m pip install -q --upgrade pip
+	$(VENV4)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VENV4)/bin/python -m pip install -q "$(TL4_SPEC)" -e ".[dev]"
+	touch $@
+
+env: $(VENV)/.stamp
+env-tl4: $(VENV4)/.stamp
+
+demo: $(VENV)/.stamp
+	$(VENV)/bin/apexlens demo
+
+lint: $(VENV)/.stamp
+	$(VENV)/bin/ruff check apexlens tests benchmarks
+	$(VENV)/bin/mypy apexlens
+
+test-tl3: lint
+	$(VENV)/bin/python -m pytest -q
+
+test-tl4: $(VENV4)/.stamp
+	$(VENV4)/bin/python -m pytest -q
+
+test: test-tl3 test-tl4
+
+bench: $(VENV)/.stamp
+	$(VENV)/bin/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) $(VENV4) .pytest_cache .mypy_cache .ruff_cache

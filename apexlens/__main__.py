@@ -1,0 +1,3 @@
+from apexlens.cli import main
+
+raise SystemExit(main())

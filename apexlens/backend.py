@@ -1,0 +1,253 @@
+"""One small adapter between apexlens and the model class it is handed.
+
+apexlens works on TransformerLens' ``HookedTransformer`` (TL <= 3.9) and on
+``TransformerBridge`` (TL >= 3.9, the only class in TL 4). Everything model-specific that
+the engines need lives here, behind :class:`Backend`:
+
+* **hook names** (``resid_pre(3)`` -> ``"blocks.3.hook_resid_pre"``),
+* **weights** as layer-stacked tensors (``W_Q[layer, head, d_model, d_head]``, ...),
+* **pieces of the forward pass** as functions of a residual stream: ``ln1``, ``ln2``,
+  ``mlp``, ``ln_final``, ``unembed``, and ``run_layers`` (run blocks ``start..stop-1``
+  from a given residual stream).
+
+The engines never read a config flag such as ``use_attn_result`` or
+``use_split_qkv_input``: a head's output is ``z[:, :, h] @ W_O[h]`` and a receiver's changed
+input enters at ``hook_q``/``hook_k``/``hook_v`` after its projection is recomputed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from apexlens.hooks import HookFn, attached
+
+
+class ApexlensError(ValueError):
+    """Bad input to an apexlens function; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class Dims:
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    d_vocab: int
+    n_ctx: int
+    has_mlps: bool
+
+
+class Backend:
+    """The model-class adapter. Build one with :func:`backend_for`."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        cfg = model.cfg
+        self.dims = Dims(
+            n_layers=int(cfg.n_layers),
+            n_heads=int(cfg.n_heads),
+            d_model=int(cfg.d_model),
+            d_head=int(cfg.d_head),
+            d_vocab=int(cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) > 0 else cfg.d_vocab),
+            n_ctx=int(cfg.n_ctx),
+            has_mlps=not bool(getattr(cfg, "attn_only", False)),
+        )
+        if getattr(cfg, "parallel_attn_mlp", False):
+            raise ApexlensError(
+                "models with parallel attention and MLP (parallel_attn_mlp=True) are not supported:"
+                " their MLPs read resid_pre, so 'heads before the MLP of the same layer' is undefined"
+            )
+
+    # ------------------------------------------------------------------ hook names
+    @staticmethod
+    def resid_pre(layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_pre"
+
+    @staticmethod
+    def resid_mid(layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_mid"
+
+    @staticmethod
+    def resid_post(layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_post"
+
+    @staticmethod
+    def attn_out(layer: int) -> str:
+        return f"blocks.{layer}.hook_attn_out"
+
+    @staticmethod
+    def mlp_out(layer: int) -> str:
+        return f"blocks.{layer}.hook_mlp_out"
+
+    @staticmethod
+    def z(layer: int) -> str:
+        return f"blocks.{layer}.attn.hook_z"
+
+    @staticmethod
+    def qkv(layer: int, channel: str) -> str:
+        """``channel`` is ``"q"``, ``"k"`` or ``"v"``."""
+        return f"blocks.{layer}.attn.hook_{channel}"
+
+    @staticmethod
+    def pattern(layer: int) -> str:
+        return f"blocks.{layer}.attn.hook_pattern"
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_U.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_U.device
+
+    @property
+    def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self.model.W_Q
+
+    @property
+    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self.model.W_K
+
+    @property
+    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self.model.W_V
+
+    @property
+    def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
+        return self.model.W_O
+
+    @property
+    def b_Q(self) -> Float[Tensor, "layer head d_head"]:
+        return self.model.b_Q
+
+    @property
+    def b_K(self) -> Float[Tensor, "layer head d_head"]:
+        return self.model.b_K
+
+    @property
+    def b_V(self) -> Float[Tensor, "layer head d_head"]:
+        return self.model.b_V
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.model.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, "d_vocab"]:
+        return self.model.b_U
+
+    def W_in(self, channel: str) -> Float[Tensor, "layer head d_model d_head"]:
+        return {"q": self.W_Q, "k": self.W_K, "v": self.W_V}[channel]
+
+    def b_in(self, channel: str) -> Float[Tensor, "layer head d_head"]:
+        return {"q": self.b_Q, "k": self.b_K, "v": self.b_V}[channel]
+
+    # ------------------------------------------------------------------ forward pieces
+    def ln1(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The normalisation in front of attention in block ``layer`` (identity if none)."""
+        return _apply_norm(self.model.blocks[layer].ln1, x)
+
+    def ln2(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The normalisation in front of the MLP in block ``layer`` (identity if none)."""
+        return _apply_norm(self.model.blocks[layer].ln2, x)
+
+    def ln_final(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        return _apply_norm(getattr(self.model, "ln_final", None), x)
+
+    def mlp(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """MLP ``layer`` applied to an already-normalised input, position by position."""
+        shape = x.shape
+        out = self.model.blocks[layer].mlp(x.reshape(1, -1, shape[-1]))
+        return out.reshape(shape)
+
+    def mlp_from_resid(
+        self, layer: int, resid_mid: Float[Tensor, "... d_model"]
+    ) -> Float[Tensor, "... d_model"]:
+        """MLP ``layer``'s output when its residual input is ``resid_mid``."""
+        return self.mlp(layer, self.ln2(layer, resid_mid))
+
+    def head_input(
+        self,
+        layer: int,
+        channel: str,
+        resid: Float[Tensor, "... d_model"],
+        heads: Tensor | list[int] | None = None,
+    ) -> Float[Tensor, "... head d_head"]:
+        """``hook_q/k/v`` values of ``heads`` in ``layer`` when the block's input is ``resid``."""
+        W = self.W_in(channel)[layer]
+        b = self.b_in(channel)[layer]
+        if heads is not None:
+            W, b = W[heads], b[heads]
+        x = self.ln1(layer, resid)
+        return torch.einsum("...m,hmd->...hd", x, W) + b
+
+    def unembed(
+        self, resid_final: Float[Tensor, "... d_model"], tokens: Int[Tensor, "n_tok"] | None = None
+    ) -> Float[Tensor, "... n_tok"]:
+        """Logits (all of the vocabulary, or only the columns ``tokens``) of a final residual."""
+        x = self.ln_final(resid_final)
+        if tokens is None:
+            return x @ self.W_U + self.b_U
+        return x @ self.W_U[:, tokens] + self.b_U[tokens]
+
+    def run_layers(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        start: int,
+        stop: int | None = None,
+        fwd_hooks: Iterable[tuple[str, HookFn]] = (),
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Run blocks ``start..stop-1`` on the residual stream entering block ``start``.
+
+        Returns the residual stream leaving block ``stop-1`` (before ``ln_final``).
+        """
+        stop = self.dims.n_layers if stop is None else stop
+        if start >= stop:
+            return resid
+        with attached(self.model, list(fwd_hooks)):
+            return self.model(resid, start_at_layer=start, stop_at_layer=stop)
+
+    def run_with_cache(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        names: Iterable[str],
+        fwd_hooks: Iterable[tuple[str, HookFn]] = (),
+    ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
+        """Logits and the activations at ``names`` (detached clones), with optional hooks.
+
+        Hooks in ``fwd_hooks`` run before the caching hooks of the same name, so the cache
+        holds what the rest of the network saw.
+        """
+        cache: dict[str, Tensor] = {}
+
+        def save(act: Tensor, hook: Any) -> None:
+            cache[hook.name] = act.detach().clone()
+
+        hooks = list(fwd_hooks) + [(name, save) for name in dict.fromkeys(names)]
+        with attached(self.model, hooks):
+            logits = self.model(tokens)
+        return logits, cache
+
+
+def _apply_norm(module: Any, x: Tensor) -> Tensor:
+    if module is None:
+        return x
+    return module(x)
+
+
+def backend_for(model: Any) -> Backend:
+    """The :class:`Backend` for ``model``."""
+    if isinstance(model, Backend):
+        return model
+    if not hasattr(model, "cfg") or not hasattr(model, "hooks"):
+        raise ApexlensError(
+            f"expected a TransformerLens HookedTransformer or TransformerBridge, got {type(model).__name__}"
+        )
+    return Backend(model)
