@@ -219,9 +219,12 @@ class Backend:
         tokens: Int[Tensor, "batch pos"],
         names: Iterable[str],
         fwd_hooks: Iterable[tuple[str, HookFn]] = (),
-    ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
+        logits: bool = True,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits and the activations at ``names`` (detached clones), with optional hooks.
 
+        With ``logits=False`` the run stops before ``ln_final`` and returns the final residual
+        stream ``[batch, pos, d_model]`` instead of logits (the unembedding is skipped).
         Hooks in ``fwd_hooks`` run before the caching hooks of the same name, so the cache
         holds what the rest of the network saw.
         """
@@ -232,8 +235,11 @@ class Backend:
 
         hooks = list(fwd_hooks) + [(name, save) for name in dict.fromkeys(names)]
         with attached(self.model, hooks):
-            logits = self.model(tokens)
-        return logits, cache
+            if logits:
+                out = self.model(tokens)
+            else:
+                out = self.model(tokens, stop_at_layer=self.dims.n_layers)
+        return out, cache
 
 
 def _apply_norm(module: Any, x: Tensor) -> Tensor:

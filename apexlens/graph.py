@@ -1,0 +1,371 @@
+"""The node vocabulary of path patching: who sends, who receives, and in which order.
+
+A transformer's residual stream is a sum of the outputs of its components. Path patching
+(Wang et al. 2022, appendix B; Goldowsky-Dill et al. 2023) talks about *paths* between
+them, so it needs names for the components:
+
+=============  ============================================  ==========================
+spelling       node                                          role
+=============  ============================================  ==========================
+``"embed"``    token + positional embedding                  sender
+``"9.9"``      attention head 9 of layer 9 (``z @ W_O``)     sender; as a receiver it
+                                                             means all of q, k and v
+``"9.9.q"``    the query input of head 9.9 (also k, v)       receiver
+``"m3"``       MLP 3 (also ``"mlp3"``): output / input       sender / receiver
+``"logits"``   the final residual stream, read through       receiver
+               ``ln_final`` and the unembedding
+=============  ============================================  ==========================
+
+Any node can be restricted to positions with ``"@"``: ``"9.9.q@-1"``, ``"0.1@3,4"``, or a
+name such as ``"9.9.q@end"`` looked up in the ``positions`` mapping handed to the engine
+(e.g. a task batch's ``named_positions``). Helpers build common sets:
+:func:`all_heads`, :func:`heads_of_layer`, :func:`all_mlps`.
+
+Nodes are ordered by where they act in the forward pass (:attr:`Node.order`): a path from
+sender ``s`` to receiver ``r`` exists iff ``s.order < r.order``. Heads of one layer never
+talk to each other.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Union
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from apexlens.backend import ApexlensError, Dims, backend_for
+
+Kind = Literal["embed", "head", "mlp", "logits"]
+Channel = Literal["q", "k", "v"]
+PositionSpec = Union[int, Sequence[int], Tensor, str, None]
+
+_HEAD = re.compile(r"^(\d+)\.(\d+)(?:\.([qkv]))?$")
+_MLP = re.compile(r"^(?:m|mlp)(\d+)$")
+_SYNTAX = (
+    "expected 'embed', 'logits', 'L.H' (head H of layer L), 'L.H.q' / '.k' / '.v' (a head's "
+    "input), 'mL' or 'mlpL' (MLP L), optionally followed by '@positions'"
+)
+
+
+@dataclass(frozen=True)
+class Node:
+    """One component of the model, optionally restricted to positions.
+
+    ``positions`` is ``None`` (all positions), a tuple of ints, a position name (looked up
+    when the node is used), or a per-example tensor (``[batch]`` or ``[batch, k]``).
+    """
+
+    kind: Kind
+    layer: int = -1
+    head: int | None = None
+    channel: Channel | None = None
+    positions: Any = None
+
+    # ------------------------------------------------------------------ naming
+    @property
+    def name(self) -> str:
+        """The node's spelling without positions, e.g. ``"9.9.q"``."""
+        if self.kind == "embed":
+            return "embed"
+        if self.kind == "logits":
+            return "logits"
+        if self.kind == "mlp":
+            return f"m{self.layer}"
+        base = f"{self.layer}.{self.head}"
+        return f"{base}.{self.channel}" if self.channel else base
+
+    def __str__(self) -> str:
+        if self.positions is None:
+            return self.name
+        if isinstance(self.positions, str):
+            return f"{self.name}@{self.positions}"
+        if isinstance(self.positions, tuple):
+            return f"{self.name}@{','.join(map(str, self.positions))}"
+        return f"{self.name}@<tensor>"
+
+    def __repr__(self) -> str:
+        return f"Node({str(self)!r})"
+
+    # ------------------------------------------------------------------ order
+    def order(self, n_layers: int) -> int:
+        """Where the node acts: embed 0, attention of layer L 2L+1, MLP L 2L+2, logits last."""
+        if self.kind == "embed":
+            return 0
+        if self.kind == "head":
+            return 2 * self.layer + 1
+        if self.kind == "mlp":
+            return 2 * self.layer + 2
+        return 2 * n_layers + 1
+
+    @property
+    def as_sender(self) -> Node:
+        """The same component as a sender (a head without its channel)."""
+        return replace(self, channel=None) if self.kind == "head" else self
+
+    def at(self, positions: PositionSpec) -> Node:
+        """This node restricted to ``positions``."""
+        return replace(self, positions=_normalise_positions(positions))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Node):
+            return NotImplemented
+        return (self.kind, self.layer, self.head, self.channel) == (
+            other.kind,
+            other.layer,
+            other.head,
+            other.channel,
+        ) and _positions_key(self.positions) == _positions_key(other.positions)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.layer, self.head, self.channel, _positions_key(self.positions)))
+
+
+def _positions_key(p: Any) -> Any:
+    if isinstance(p, Tensor):
+        return ("tensor", id(p))
+    return p
+
+
+def _normalise_positions(positions: PositionSpec) -> Any:
+    if positions is None or isinstance(positions, (str, Tensor)):
+        return positions
+    if isinstance(positions, int):
+        return (positions,)
+    out = tuple(int(p) for p in positions)
+    if not out:
+        raise ApexlensError("an empty position list restricts a node to nothing")
+    return out
+
+
+# ---------------------------------------------------------------------- parsing
+def parse_node(spec: str | Node) -> Node:
+    """Parse one node spelling (see the module docstring). Raises on anything unknown."""
+    if isinstance(spec, Node):
+        return spec
+    if not isinstance(spec, str):
+        raise ApexlensError(f"a node is a string like '9.9.q' or a Node, got {spec!r}")
+    text = spec.strip()
+    pos: Any = None
+    if "@" in text:
+        text, _, ptext = text.partition("@")
+        ptext = ptext.strip()
+        if re.fullmatch(r"-?\d+(?:\s*,\s*-?\d+)*", ptext):
+            pos = tuple(int(p) for p in ptext.split(","))
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", ptext):
+            pos = ptext
+        else:
+            raise ApexlensError(
+                f"bad positions {ptext!r} in node {spec!r}: use integers ('@-1', '@3,4') or a name"
+            )
+    text = text.strip()
+    if text in ("embed", "emb", "embedding"):
+        return Node("embed", positions=pos)
+    if text in ("logits", "unembed", "resid_final"):
+        return Node("logits", positions=pos)
+    m = _HEAD.match(text)
+    if m:
+        ch = m.group(3)
+        return Node("head", int(m.group(1)), int(m.group(2)), ch, pos)  # type: ignore[arg-type]
+    m = _MLP.match(text)
+    if m:
+        return Node("mlp", int(m.group(1)), positions=pos)
+    raise ApexlensError(f"unknown node {spec!r}: {_SYNTAX}")
+
+
+NodeSpec = Union[str, Node, Iterable[Union[str, Node]]]
+
+
+def parse_nodes(spec: NodeSpec, dims: Dims) -> list[Node]:
+    """Parse a node, a list of nodes, or a set name (``"all-heads"``, ``"heads:3"``,
+    ``"all-mlps"``), and check each against the model's shape."""
+    if isinstance(spec, (str, Node)):
+        items: list[str | Node] = [spec]
+    else:
+        items = list(spec)
+    out: list[Node] = []
+    for item in items:
+        if isinstance(item, str) and _set_name(item) is not None:
+            out.extend(_expand_set(item, dims))
+        else:
+            out.append(validate(parse_node(item), dims))
+    return out
+
+
+def _set_name(text: str) -> str | None:
+    base = text.strip().partition("@")[0].strip()
+    if base in ("all-heads", "heads", "all_heads") or base.startswith("heads:"):
+        return base
+    if base in ("all-mlps", "mlps", "all_mlps"):
+        return base
+    return None
+
+
+def _expand_set(text: str, dims: Dims) -> list[Node]:
+    base, _, ptext = text.strip().partition("@")
+    base = base.strip()
+    if base.startswith("heads:"):
+        body = base[len("heads:") :]
+        try:
+            layer = int(body)
+        except ValueError:
+            raise ApexlensError(f"bad head set {text!r}: use 'heads:L' with an integer L") from None
+        nodes = heads_of_layer(dims, layer)
+    elif base in ("all-mlps", "mlps", "all_mlps"):
+        nodes = all_mlps(dims)
+    else:
+        nodes = all_heads(dims)
+    if ptext:
+        pos = parse_node(f"embed@{ptext}").positions
+        nodes = [replace(n, positions=pos) for n in nodes]
+    return nodes
+
+
+def validate(node: Node, dims: Dims) -> Node:
+    """Check that ``node`` exists in a model of shape ``dims``."""
+    if node.kind in ("head", "mlp"):
+        if not 0 <= node.layer < dims.n_layers:
+            raise ApexlensError(
+                f"layer {node.layer} of node {node} is out of range: the model has "
+                f"{dims.n_layers} layers (0..{dims.n_layers - 1})"
+            )
+    if node.kind == "head":
+        assert node.head is not None
+        if not 0 <= node.head < dims.n_heads:
+            raise ApexlensError(
+                f"head {node} is out of range: the model has {dims.n_heads} heads per layer "
+                f"(0..{dims.n_heads - 1})"
+            )
+    if node.kind == "mlp" and not dims.has_mlps:
+        raise ApexlensError(f"node {node} names an MLP, but the model is attention-only")
+    return node
+
+
+def _dims(model_or_dims: Any) -> Dims:
+    if isinstance(model_or_dims, Dims):
+        return model_or_dims
+    return backend_for(model_or_dims).dims
+
+
+def all_heads(model: Any) -> list[Node]:
+    """Every attention head, layer by layer: ``0.0, 0.1, ..., L.H``."""
+    d = _dims(model)
+    return [Node("head", layer, head) for layer in range(d.n_layers) for head in range(d.n_heads)]
+
+
+def heads_of_layer(model: Any, layer: int) -> list[Node]:
+    """The heads of one layer."""
+    d = _dims(model)
+    if not 0 <= layer < d.n_layers:
+        raise ApexlensError(f"layer {layer} is out of range: the model has {d.n_layers} layers")
+    return [Node("head", layer, head) for head in range(d.n_heads)]
+
+
+def all_mlps(model: Any) -> list[Node]:
+    """Every MLP (none for attention-only models)."""
+    d = _dims(model)
+    return [Node("mlp", layer) for layer in range(d.n_layers)] if d.has_mlps else []
+
+
+# ---------------------------------------------------------------------- roles
+def as_senders(nodes: Sequence[Node]) -> list[Node]:
+    """Check nodes can send: embed, heads (no channel) or MLPs."""
+    out = []
+    for n in nodes:
+        if n.kind == "logits":
+            raise ApexlensError("'logits' cannot be a sender: it reads the residual stream, it writes nothing")
+        if n.kind == "head" and n.channel is not None:
+            raise ApexlensError(
+                f"sender {n} names a head's {n.channel} input; a sender is the head's output: use "
+                f"'{n.layer}.{n.head}'"
+            )
+        out.append(n)
+    if not out:
+        raise ApexlensError("the sender set is empty")
+    return out
+
+
+def as_receivers(nodes: Sequence[Node]) -> list[Node]:
+    """Check nodes can receive; a head without a channel becomes its q, k and v inputs."""
+    out: list[Node] = []
+    for n in nodes:
+        if n.kind == "embed":
+            raise ApexlensError("'embed' cannot be a receiver: it reads tokens, not the residual stream")
+        if n.kind == "head" and n.channel is None:
+            out.extend(replace(n, channel=c) for c in ("q", "k", "v"))  # type: ignore[misc]
+        else:
+            out.append(n)
+    if not out:
+        raise ApexlensError("the receiver set is empty")
+    seen = set()
+    for n in out:
+        if (n.kind, n.layer, n.head, n.channel) in seen:
+            raise ApexlensError(f"receiver {n.name} is given twice")
+        seen.add((n.kind, n.layer, n.head, n.channel))
+    return out
+
+
+def full_graph(model: Any) -> list[tuple[Node, Node]]:
+    """Every edge of the model's computational graph: every sender to every later receiver."""
+    d = _dims(model)
+    senders = [Node("embed")] + _interleaved(d)
+    receivers: list[Node] = []
+    for layer in range(d.n_layers):
+        receivers += [Node("head", layer, h, c) for h in range(d.n_heads) for c in ("q", "k", "v")]  # type: ignore[misc]
+        if d.has_mlps:
+            receivers.append(Node("mlp", layer))
+    receivers.append(Node("logits"))
+    n = d.n_layers
+    return [(s, r) for s in senders for r in receivers if s.order(n) < r.order(n)]
+
+
+def _interleaved(d: Dims) -> list[Node]:
+    out: list[Node] = []
+    for layer in range(d.n_layers):
+        out += [Node("head", layer, h) for h in range(d.n_heads)]
+        if d.has_mlps:
+            out.append(Node("mlp", layer))
+    return out
+
+
+# ---------------------------------------------------------------------- positions
+def position_mask(
+    node: Node,
+    batch: int,
+    n_pos: int,
+    named: Mapping[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+) -> Bool[Tensor, "batch pos"] | None:
+    """The ``[batch, pos]`` mask of the positions ``node`` is restricted to (None: all)."""
+    p = node.positions
+    if p is None:
+        return None
+    if isinstance(p, str):
+        if named is None or p not in named:
+            known = ", ".join(sorted(named)) if named else "none were given"
+            raise ApexlensError(f"node {node} names positions {p!r}, which are unknown ({known})")
+        p = named[p]
+    idx = torch.as_tensor(p, device=device, dtype=torch.long)
+    if idx.ndim == 0:
+        idx = idx.expand(batch)[:, None]
+    elif idx.ndim == 1 and isinstance(p, tuple):
+        idx = idx[None, :].expand(batch, -1)
+    elif idx.ndim == 1:
+        if idx.shape[0] != batch:
+            raise ApexlensError(
+                f"node {node}: a 1-D position tensor needs one position per example ({batch}), "
+                f"got {idx.shape[0]}"
+            )
+        idx = idx[:, None]
+    elif idx.ndim != 2 or idx.shape[0] != batch:
+        raise ApexlensError(f"node {node}: positions must be [batch] or [batch, k], got {tuple(idx.shape)}")
+    if ((idx < -n_pos) | (idx >= n_pos)).any():
+        raise ApexlensError(f"node {node}: positions out of range for sequences of length {n_pos}")
+    idx = idx % n_pos
+    mask = torch.zeros(batch, n_pos, dtype=torch.bool, device=device)
+    mask.scatter_(1, idx, True)
+    return mask
+
