@@ -188,6 +188,13 @@ class Backend:
         x = self.ln1(layer, resid)
         return torch.einsum("...m,hmd->...hd", x, W) + b
 
+    def heads_input(
+        self, layer: int, channel: str, resid: Float[Tensor, "... head d_model"]
+    ) -> Float[Tensor, "... head d_head"]:
+        """``hook_q/k/v`` values when every head reads its own residual stream ``resid[..., h, :]``."""
+        x = self.ln1(layer, resid)
+        return torch.einsum("...hm,hmd->...hd", x, self.W_in(channel)[layer]) + self.b_in(channel)[layer]
+
     def unembed(
         self, resid_final: Float[Tensor, "... d_model"], tokens: Int[Tensor, "n_tok"] | None = None
     ) -> Float[Tensor, "... n_tok"]:

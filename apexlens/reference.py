@@ -1,0 +1,207 @@
+"""Slow, obviously-correct loops: the references the fast engines are tested against.
+
+Each function follows the definition word for word with whole forward passes and hooks,
+one sender (or node, or draw) at a time. They are part of the package so that the test
+suite and the benchmarks measure the same thing; use the fast engines for real work.
+
+Path patching, per sender ``s`` (Wang et al. 2022, appendix B; ARENA's loop):
+
+1. *freeze pass*: run the clean input with every head's ``z`` frozen to its clean value
+   except ``s``, whose output is set to its corrupted value at its positions; MLPs are
+   recomputed (``mlps="live"``) or frozen to their clean output too. Record what each
+   receiver reads: its ``hook_q/k/v`` values, its MLP input, the final residual stream.
+   For multi-hop paths, the next pass freezes everything except the hop node, whose input
+   is the value recorded in the previous pass.
+2. *patch pass*: run the clean input normally, except that each receiver reads the
+   recorded values (at its positions); the final residual stream of a ``logits`` receiver
+   gets the recorded direct-path change added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from apexlens.backend import ApexlensError, backend_for
+from apexlens.graph import Node, NodeSpec, as_receivers, as_senders, parse_nodes, position_mask
+from apexlens.hooks import HookFn, inference_mode
+
+
+def _mlp_in_hook(layer: int) -> str:
+    return f"blocks.{layer}.ln2.hook_normalized"
+
+
+def naive_path_patch(
+    model: Any,
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    *,
+    senders: NodeSpec,
+    receivers: NodeSpec = "logits",
+    metric: Callable[[Tensor], Tensor],
+    mlps: str = "live",
+    via: Sequence[NodeSpec] = (),
+    positions: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """Per-example metric ``[n_senders, batch]``, one sender at a time, whole forward passes."""
+    bk = backend_for(model)
+    dims = bk.dims
+    n_layers = dims.n_layers
+    sender_nodes = as_senders(parse_nodes(senders, dims))
+    recv = as_receivers(parse_nodes(receivers, dims))
+    hops = [as_receivers(parse_nodes(h, dims)) for h in via]
+    batch, n_pos = clean_tokens.shape
+
+    def mask(node: Node) -> Tensor | None:
+        return position_mask(node, batch, n_pos, positions, bk.device)
+
+    all_names = []
+    for layer in range(n_layers):
+        all_names += [bk.z(layer), *(bk.qkv(layer, c) for c in "qkv")]
+        if dims.has_mlps:
+            all_names += [bk.mlp_out(layer), _mlp_in_hook(layer)]
+    all_names += [bk.resid_pre(0), bk.resid_post(n_layers - 1)]
+
+    with inference_mode(model):
+        clean_logits, clean = bk.run_with_cache(clean_tokens, all_names)
+        _, corr = bk.run_with_cache(corrupted_tokens, all_names)
+        clean_value = metric(clean_logits)
+
+        def freeze_hooks(active: Node | None) -> list[tuple[str, HookFn]]:
+            """Every head frozen at its clean z (and MLPs too if frozen), except ``active``."""
+            hooks: list[tuple[str, HookFn]] = []
+            for layer in range(n_layers):
+
+                def fz(act: Tensor, hook: Any, layer: int = layer) -> Tensor:
+                    new = clean[bk.z(layer)].clone()
+                    if active is not None and active.kind == "head" and active.layer == layer:
+                        new[:, :, active.head] = act[:, :, active.head]
+                    return new
+
+                hooks.append((bk.z(layer), fz))
+                if dims.has_mlps and mlps == "frozen":
+
+                    def fm(act: Tensor, hook: Any, layer: int = layer) -> Tensor:
+                        if active is not None and active.kind == "mlp" and active.layer == layer:
+                            return act
+                        return clean[bk.mlp_out(layer)]
+
+                    hooks.append((bk.mlp_out(layer), fm))
+            return hooks
+
+        def sender_hooks(s: Node) -> list[tuple[str, HookFn]]:
+            m = mask(s)
+
+            def put(name: str, head: int | None = None) -> HookFn:
+                def fn(act: Tensor, hook: Any) -> Tensor:
+                    act = act.clone()
+                    src = corr[name]
+                    if head is None:
+                        return src if m is None else torch.where(m[..., None], src, act)
+                    mm = torch.ones(batch, n_pos, dtype=torch.bool) if m is None else m
+                    act[:, :, head] = torch.where(mm[..., None], src[:, :, head], act[:, :, head])
+                    return act
+
+                return fn
+
+            if s.kind == "embed":
+                return [(bk.resid_pre(0), put(bk.resid_pre(0)))]
+            if s.kind == "head":
+                return [(bk.z(s.layer), put(bk.z(s.layer), s.head))]
+            return [(bk.mlp_out(s.layer), put(bk.mlp_out(s.layer)))]
+
+        def record(targets: list[Node], hooks: list[tuple[str, HookFn]]) -> dict[Node, Tensor]:
+            names = []
+            for t in targets:
+                if t.kind == "head":
+                    assert t.channel is not None
+                    names.append(bk.qkv(t.layer, t.channel))
+                elif t.kind == "mlp":
+                    names.append(_mlp_in_hook(t.layer))
+                else:
+                    names.append(bk.resid_post(n_layers - 1))
+            # record after the freeze hooks have run
+            _, cache = bk.run_with_cache(clean_tokens, names, fwd_hooks=hooks)
+            out: dict[Node, Tensor] = {}
+            for t, name in zip(targets, names):
+                out[t] = cache[name][:, :, t.head] if t.kind == "head" else cache[name]
+            return out
+
+        def input_hooks(values: Mapping[Node, Tensor]) -> list[tuple[str, HookFn]]:
+            hooks: list[tuple[str, HookFn]] = []
+            for t, v in values.items():
+                m = mask(t)
+
+                def sub(act: Tensor, hook: Any, t: Node = t, v: Tensor = v, m: Tensor | None = m) -> Tensor:
+                    act = act.clone()
+                    if t.kind == "head":
+                        mm = torch.ones(batch, n_pos, dtype=torch.bool) if m is None else m
+                        act[:, :, t.head] = torch.where(mm[..., None], v, act[:, :, t.head])
+                        return act
+                    if t.kind == "mlp":
+                        return v if m is None else torch.where(m[..., None], v, act)
+                    delta = v - clean[bk.resid_post(n_layers - 1)]
+                    if m is not None:
+                        delta = delta * m[..., None]
+                    return act + delta
+
+                if t.kind == "head":
+                    assert t.channel is not None
+                    hooks.append((bk.qkv(t.layer, t.channel), sub))
+                elif t.kind == "mlp":
+                    hooks.append((_mlp_in_hook(t.layer), sub))
+                else:
+                    hooks.append((bk.resid_post(n_layers - 1), sub))
+            return hooks
+
+        results = []
+        first = hops[0] if hops else recv
+        for s in sender_nodes:
+            if all(s.order(n_layers) >= t.order(n_layers) for t in first):
+                results.append(clean_value)
+                continue
+            values = record(first, freeze_hooks(s) + sender_hooks(s))
+            for i, hop in enumerate(hops):
+                nxt = hops[i + 1] if i + 1 < len(hops) else recv
+                node = hop[0].as_sender
+                values = record(nxt, freeze_hooks(node) + input_hooks(values))
+            with model.hooks(fwd_hooks=input_hooks(values)):
+                logits = model(clean_tokens)
+            results.append(metric(logits))
+    if not results:
+        raise ApexlensError("no senders")
+    return torch.stack([torch.as_tensor(r) for r in results])
+
+
+def naive_act_patch(
+    model: Any,
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    *,
+    nodes: Sequence[tuple[str, int | None]],
+    metric: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Activation patching with one full corrupted forward per node.
+
+    ``nodes`` are ``(hook_name, head_or_None)``: the clean activation at that hook (that
+    head only, if given) is put into the corrupted run.
+    """
+    bk = backend_for(model)
+    with inference_mode(model):
+        _, clean = bk.run_with_cache(clean_tokens, [n for n, _ in nodes])
+        out = []
+        for name, head in nodes:
+
+            def hook(act: Tensor, hook: Any, name: str = name, head: int | None = head) -> Tensor:
+                act = act.clone()
+                if head is None:
+                    return clean[name]
+                act[:, :, head] = clean[name][:, :, head]
+                return act
+
+            with model.hooks(fwd_hooks=[(name, hook)]):
+                out.append(metric(model(corrupted_tokens)))
+    return torch.stack(out)
