@@ -1,0 +1,380 @@
+"""APEX: activation-noise injection and noise-induced prediction concentration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import hook_count, random_model
+
+from apexlens.backend import ApexlensError
+from apexlens.noise import ApexResult, apex, compare, noise_hooks, resolve_sites
+
+
+def _tokens(model, n: int = 6, n_pos: int = 8, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.cfg.d_vocab, (n, n_pos), generator=g)
+
+
+def loop_reference(model, tokens, sigmas, n_draws, sites, *, seed, relative=False,
+                   noise_positions=None, positions=-1):
+    """The obviously-correct slow path: one plain full forward per (sigma, draw).
+
+    Written independently of apexlens.noise: hooks sample ``randn`` from the generator
+    when they fire; draw ``d`` re-uses its noise at every sigma (the generator state is
+    rewound), so the stream is consumed draw by draw, site by site in firing order.
+    Relative noise uses the RMS (last axis) of the clean activation at the site.
+    """
+    g = torch.Generator().manual_seed(seed)
+    _, cache = model.run_with_cache(tokens)
+    n = tokens.shape[0]
+    preds = torch.empty(len(sigmas), n_draws, n, dtype=torch.long)
+    probs = torch.zeros(len(sigmas), model.cfg.d_vocab, dtype=torch.float64)
+    for d in range(n_draws):
+        state = g.get_state()
+        for s, sigma in enumerate(sigmas):
+            g.set_state(state)
+
+            def hook(act, hook, sigma=sigma):
+                idx = slice(None) if noise_positions is None else noise_positions
+                target = act[:, idx]
+                xi = torch.randn(target.shape, generator=g, dtype=act.dtype)
+                scale = sigma
+                if relative:
+                    clean = cache[hook.name][:, idx]
+                    scale = sigma * clean.pow(2).mean(-1, keepdim=True).sqrt()
+                out = act.clone()
+                out[:, idx] = target + scale * xi
+                return out
+
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(name, hook) for name in sites])
+            at = logits[:, positions].double()
+            preds[s, d] = at.argmax(-1)
+            probs[s] += at.softmax(-1).sum(0)
+    return preds, probs / (n_draws * n)
+
+
+SITE_CASES = [
+    "resid_post",
+    "embed",
+    "resid_pre:1",
+    "z:1",
+    "mlp_out",
+    ["hook_embed", "blocks.1.hook_resid_mid"],
+    ["blocks.0.hook_resid_post", "blocks.2.attn.hook_z"],
+]
+
+
+@pytest.mark.parametrize("sites", SITE_CASES)
+def test_batched_sweep_equals_per_draw_loop(sites):
+    model = random_model(0)
+    tokens = _tokens(model)
+    sigmas = [0.0, 0.3, 1.0, 3.0]
+    res = apex(model, tokens, sigmas=sigmas, n_draws=3, sites=sites, seed=7, max_batch=10)
+    names = resolve_sites(model, sites)
+    preds, probs = loop_reference(model, tokens, sigmas, 3, names, seed=7)
+    assert torch.equal(res.predictions, preds)
+    torch.testing.assert_close(res.mean_probs, probs, rtol=1e-10, atol=1e-12)
+    # the noise really changed something at the larger sigmas
+    assert (res.predictions[-1] != res.clean_predictions).any()
+
+
+@pytest.mark.parametrize("sites", ["resid_post", "z:0,2", "embed"])
+def test_relative_noise_and_noise_positions_equal_loop(sites):
+    model = random_model(1)
+    tokens = _tokens(model, n=4)
+    sigmas = [0.2, 0.7, 2.0]
+    names = resolve_sites(model, sites)
+    for noise_positions in (None, [2, 5]):
+        res = apex(model, tokens, sigmas=sigmas, n_draws=3, sites=sites, relative=True,
+                   noise_positions=noise_positions, seed=3, max_batch=5)
+        preds, probs = loop_reference(model, tokens, sigmas, 3, names, seed=3, relative=True,
+                                      noise_positions=noise_positions)
+        assert torch.equal(res.predictions, preds)
+        torch.testing.assert_close(res.mean_probs, probs, rtol=1e-10, atol=1e-12)
+
+
+def test_relative_scale_is_clean_rms_times_sigma():
+    """Relative noise at a single site: the added noise has std sigma * clean RMS per row."""
+    model = random_model(2, n_layers=1)
+    tokens = _tokens(model, n=2)
+    _, cache = model.run_with_cache(tokens)
+    clean = cache["blocks.0.hook_resid_pre"]
+    seen = {}
+
+    def grab(act, hook):
+        seen["noisy"] = act.detach().clone()
+
+    g = torch.Generator().manual_seed(0)
+    with noise_hooks(model, 0.5, sites="embed", relative=True, generator=g):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_q", lambda a, hook: None),
+                                                ("blocks.0.ln1.hook_scale", grab)])
+    # rebuild the noise from the same stream: noisy = clean + 0.5 * rms * xi
+    g = torch.Generator().manual_seed(0)
+    xi = torch.randn(clean.shape, generator=g, dtype=clean.dtype)
+    rms = clean.pow(2).mean(-1, keepdim=True).sqrt()
+    noisy = clean + 0.5 * rms * xi
+    # ln1's scale is the std of the centred noisy residual: compare through it
+    centred = noisy - noisy.mean(-1, keepdim=True)
+    expected_scale = (centred.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+    torch.testing.assert_close(seen["noisy"], expected_scale, rtol=1e-10, atol=1e-12)
+
+
+def test_noise_hooks_loop_equals_apex():
+    """A user's own loop under noise_hooks gives apex's numbers (same generator stream)."""
+    model = random_model(3)
+    tokens = _tokens(model, n=5)
+    sigmas = [0.0, 0.5, 2.0]
+    res = apex(model, tokens, sigmas=sigmas, n_draws=4, seed=11, max_batch=1000)
+    g = torch.Generator().manual_seed(11)
+    for d in range(4):
+        state = g.get_state()
+        for s, sigma in enumerate(sigmas):
+            g.set_state(state)
+            with noise_hooks(model, sigma, generator=g):
+                logits = model(tokens)
+            assert torch.equal(logits[:, -1].argmax(-1), res.predictions[s, d])
+
+
+def test_sigma_zero_reproduces_clean_predictions_float32():
+    model = random_model(4, dtype=torch.float32)
+    tokens = _tokens(model, n=8)
+    clean = model(tokens)[:, -1].argmax(-1)
+    for sites in ("resid_post", "embed", "resid_pre:2", "z", ["hook_pos_embed"]):
+        res = apex(model, tokens, sigmas=[0.0, 1.0], n_draws=5, sites=sites, seed=0)
+        assert torch.equal(res.clean_predictions, clean)
+        assert torch.equal(res.predictions[0], clean.expand(5, -1))
+        assert res.summary()["flip_rate"][0] == 0.0
+
+
+def test_seed_reproducible_and_different_seed_differs():
+    model = random_model(5)
+    tokens = _tokens(model)
+    kw = dict(sigmas=[0.5, 2.0], n_draws=8, sites="resid_post")
+    a = apex(model, tokens, seed=1, **kw)
+    b = apex(model, tokens, seed=1, **kw)
+    c = apex(model, tokens, seed=2, **kw)
+    assert torch.equal(a.predictions, b.predictions)
+    assert torch.equal(a.mean_probs, b.mean_probs)
+    assert not torch.equal(a.predictions, c.predictions)
+    # an explicit generator behaves like the seed
+    d = apex(model, tokens, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(a.predictions, d.predictions)
+
+
+def test_chunk_size_does_not_change_results():
+    model = random_model(6)
+    tokens = _tokens(model, n=3)
+    kw = dict(sigmas=[0.1, 0.5, 1.5], n_draws=5, seed=4, sites="resid_pre:1")
+    big = apex(model, tokens, max_batch=10_000, **kw)
+    for max_batch in (1, 4, 7):
+        small = apex(model, tokens, max_batch=max_batch, **kw)
+        assert torch.equal(small.predictions, big.predictions)
+        torch.testing.assert_close(small.mean_probs, big.mean_probs, rtol=1e-12, atol=1e-14)
+
+
+def test_scored_positions_taskbatch_and_inputs_untouched():
+    from apexlens.tasks.base import TaskBatch
+
+    model = random_model(7)
+    tokens = _tokens(model, n=4)
+    before = tokens.clone()
+    clean_logits = model(tokens)
+    per_example = torch.tensor([2, 7, 4, 0])
+    batch = TaskBatch(tokens, tokens.clone(), torch.zeros(4, dtype=torch.long),
+                      torch.ones(4, dtype=torch.long), per_example)
+    res = apex(model, batch, sigmas=[0.0, 1.0], n_draws=2, seed=0)
+    assert torch.equal(res.clean_predictions, clean_logits[torch.arange(4), per_example].argmax(-1))
+    assert torch.equal(res.sample_position, per_example)
+    # several positions per example: samples are example-major
+    res = apex(model, tokens, sigmas=[0.0], n_draws=1, positions=[1, -1])
+    assert res.n_samples == 8
+    assert torch.equal(res.sample_example, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    assert torch.equal(res.sample_position, torch.tensor([1, 7] * 4))
+    assert torch.equal(res.clean_predictions, clean_logits[:, [1, 7]].argmax(-1).reshape(-1))
+    assert torch.equal(tokens, before)
+
+
+# ------------------------------------------------------------------ statistics by hand
+def _synthetic(preds, clean, sigmas, d_vocab=5):
+    preds = torch.tensor(preds)
+    n_sigma = preds.shape[0]
+    return ApexResult(
+        sigmas=torch.tensor(sigmas, dtype=torch.float64),
+        predictions=preds,
+        clean_predictions=torch.tensor(clean),
+        clean_margin=torch.ones(preds.shape[2], dtype=torch.float64),
+        mean_probs=torch.full((n_sigma, d_vocab), 1.0 / d_vocab, dtype=torch.float64),
+        clean_mean_probs=torch.full((d_vocab,), 1.0 / d_vocab, dtype=torch.float64),
+        sample_example=torch.arange(preds.shape[2]),
+        sample_position=torch.zeros(preds.shape[2], dtype=torch.long),
+        sites=("x",),
+        relative=False,
+        token_labels=["a", "b", "c", "d", "e"],
+    )
+
+
+def test_summary_histogram_and_escape_noise_by_hand():
+    # 2 samples (clean tokens 0 and 1), 4 draws, sigmas 1, 2, 4
+    preds = [
+        [[0, 1], [0, 1], [0, 1], [0, 1]],  # sigma 1: all clean
+        [[0, 1], [0, 3], [3, 1], [3, 1]],  # sigma 2: sample 0 at 2/4, sample 1 at 3/4
+        [[3, 3], [3, 3], [3, 1], [3, 1]],  # sigma 4: sample 0 at 0/4, sample 1 at 2/4
+    ]
+    res = _synthetic(preds, [0, 1], [1.0, 2.0, 4.0])
+    frame = res.summary()
+    assert list(frame["sigma"]) == [1.0, 2.0, 4.0]
+    # sigma 2: tokens 0:2, 1:3, 3:3 of 8 -> dominant 1 (tie with 3, lower id)
+    row = frame.iloc[1]
+    p = torch.tensor([2, 3, 3]) / 8
+    assert row["entropy"] == pytest.approx(float(-(p * p.log()).sum()))
+    assert row["effective_n"] == pytest.approx(math.exp(row["entropy"]))
+    assert row["top1_share"] == pytest.approx(3 / 8)
+    assert row["dominant_token"] == 1 and row["dominant_label"] == "b"
+    assert row["flip_rate"] == pytest.approx(3 / 8)
+    assert frame.iloc[2]["dominant_token"] == 3
+    assert frame.iloc[2]["top1_share"] == pytest.approx(6 / 8)
+    assert frame.iloc[0]["entropy"] == pytest.approx(math.log(2))
+    ids, counts = res.histogram(4.0)
+    assert ids.tolist() == [3, 1] and counts.tolist() == [6, 2]
+    ids, counts = res.histogram(2.0, sample=1)
+    assert ids.tolist() == [1, 3] and counts.tolist() == [3, 1]
+    hf = res.histogram_frame(4.0)
+    assert hf["label"].tolist() == ["d", "b"] and hf["share"].tolist() == [0.75, 0.25]
+    # sample 0: share 1 at sigma 1, 0.5 at sigma 2 -> escapes at exactly 2
+    # sample 1: share 1, 0.75, 0.5 -> escapes at exactly 4
+    torch.testing.assert_close(res.escape_noise, torch.tensor([2.0, 4.0], dtype=torch.float64))
+    assert res.escaped.tolist() == [True, True]
+    with pytest.raises(ApexlensError, match="not on the grid"):
+        res.histogram(3.0)
+
+
+def test_escape_noise_interpolation_and_censoring():
+    # 3 samples, 4 draws, sigmas 1, 3
+    preds = [
+        [[0, 1, 2], [0, 1, 2], [0, 1, 2], [4, 1, 2]],  # shares 3/4, 1, 1
+        [[4, 1, 4], [4, 1, 4], [4, 1, 4], [4, 1, 2]],  # shares 0, 1, 1/4
+    ]
+    res = _synthetic(preds, [0, 1, 2], [1.0, 3.0])
+    esc = res.escape_noise
+    # sample 0: 0.75 at 1 -> 0 at 3: crosses 0.5 at 1 + (0.25 / 0.75) * 2
+    assert float(esc[0]) == pytest.approx(1 + 2 / 3)
+    # sample 1 never escapes: censored at the largest sigma, flagged
+    assert float(esc[1]) == 3.0 and not bool(res.escaped[1])
+    # sample 2: 1 at 1 -> 0.25 at 3: 1 + (0.5 / 0.75) * 2
+    assert float(esc[2]) == pytest.approx(1 + 4 / 3)
+    assert torch.isfinite(esc).all()
+    # a sample that has escaped already at the first grid point interpolates from (0, 1)
+    res = _synthetic([[[4], [4], [4], [0]]], [0], [2.0])
+    assert float(res.escape_noise[0]) == pytest.approx(2 * 0.5 / 0.75)
+
+
+def test_compare_long_frame_and_grid_mismatch():
+    model = random_model(8)
+    other = random_model(9)
+    tokens = _tokens(model)
+    kw = dict(sigmas=[0.5, 4.0], n_draws=4, seed=0)
+    frame = compare({"a": apex(model, tokens, **kw), "b": apex(other, tokens, **kw)})
+    assert list(frame["model"]) == ["a", "a", "b", "b"]
+    for col in ("sigma", "entropy", "top1_share", "dominant_token", "flip_rate",
+                "effective_n", "kl"):
+        assert col in frame.columns
+    with pytest.raises(ApexlensError, match="same grid"):
+        compare({"a": apex(model, tokens, **kw),
+                 "b": apex(model, tokens, sigmas=[1.0], n_draws=2)})
+
+
+def test_kl_grows_from_zero():
+    model = random_model(10)
+    tokens = _tokens(model)
+    res = apex(model, tokens, sigmas=[0.0, 0.5, 5.0], n_draws=6, seed=0)
+    kl = res.summary()["kl"]
+    assert kl[0] == pytest.approx(0.0, abs=1e-12)
+    assert kl[2] > kl[1] > 0
+
+
+# ------------------------------------------------------------------ behaviour
+def test_escape_noise_tracks_clean_margin():
+    """Sample regularity: confident samples (large clean margin) resist more noise."""
+    model = random_model(11, dtype=torch.float32, d_vocab=20)
+    tokens = _tokens(model, n=24)
+    sigmas = torch.linspace(0.02, 1.5, 24).tolist()
+    res = apex(model, tokens, sigmas=sigmas, n_draws=24, positions=list(range(8)),
+               relative=True, seed=0)  # 24 x 8 = 192 samples, noise after every block
+    esc, margin = res.escape_noise, res.clean_margin
+    assert res.escaped.float().mean() > 0.9
+
+    def ranks(x):
+        return x.argsort().argsort().double()
+
+    spearman = torch.corrcoef(torch.stack([ranks(esc), ranks(margin)]))[0, 1]
+    assert spearman > 0.6, spearman  # measured 0.74
+
+
+# ------------------------------------------------------------------ errors and hygiene
+def test_bad_input_raises_one_clear_error():
+    model = random_model(12)
+    tokens = _tokens(model)
+    cases = [
+        (dict(sigmas=[-0.1, 1.0]), "sigma must be a finite number >= 0"),
+        (dict(sigmas=[float("nan")]), "sigma must be a finite number >= 0"),
+        (dict(sigmas=[]), "sigmas is empty"),
+        (dict(sigmas=[1.0, 0.5]), "strictly increasing"),
+        (dict(sigmas=[1.0], sites=[]), "sites is empty"),
+        (dict(sigmas=[1.0], sites="blocks.0.hook_nope"), "unknown hook point"),
+        (dict(sigmas=[1.0], sites="resid_post:7"), "out of range"),
+        (dict(sigmas=[1.0], positions=8), "out of range"),
+        (dict(sigmas=[1.0], positions=torch.tensor([0, 1])), "rows"),
+        (dict(sigmas=[1.0], noise_positions=[-9]), "out of range"),
+        (dict(sigmas=[1.0], n_draws=0), "n_draws"),
+        (dict(sigmas=[1.0], sites="blocks.0.hook_attn_in"), "never fire"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ApexlensError, match=match):
+            apex(model, tokens, **kwargs)
+    with pytest.raises(ApexlensError, match="integer tensor"):
+        apex(model, tokens.float(), sigmas=[1.0])
+    with pytest.raises(ApexlensError, match="sigma must be"):
+        with noise_hooks(model, -1.0):
+            pass
+    with pytest.raises(ApexlensError, match="unknown hook point"):
+        with noise_hooks(model, 1.0, sites=["blocks.0.hook_resid_prex"]):
+            pass
+    assert hook_count(model) == 0
+
+
+def test_hooks_removed_and_training_flag_restored():
+    model = random_model(13)
+    tokens = _tokens(model)
+    # an error inside the context manager: noise hooks gone afterwards
+    with pytest.raises(RuntimeError, match="boom"):
+        with noise_hooks(model, 1.0, sites="resid_post"):
+            assert hook_count(model) == model.cfg.n_layers
+            raise RuntimeError("boom")
+    assert hook_count(model) == 0
+    # a noise position out of range is found when the hook fires: clear error, no leftovers
+    with pytest.raises(ApexlensError, match="out of range"):
+        with noise_hooks(model, 1.0, positions=[20]):
+            model(tokens)
+    assert hook_count(model) == 0
+    # the user's own hook survives apex, even when it makes apex fail half-way
+    calls = []
+
+    def user_hook(act, hook):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("user hook failed")
+
+    model.add_hook("blocks.2.hook_resid_mid", user_hook)
+    model.train()
+    with pytest.raises(RuntimeError, match="user hook failed"):
+        apex(model, tokens, sigmas=[1.0], n_draws=2, sites="resid_pre:1")
+    assert model.training
+    assert hook_count(model) == 1
+    model.reset_hooks()
+    res = apex(model, tokens, sigmas=[1.0], n_draws=2)
+    assert model.training and res.n_draws == 2
+    model.eval()
+    res = apex(model, tokens, sigmas=[1.0], n_draws=2)
+    assert not model.training
