@@ -13,7 +13,8 @@ Public API (one screen):
 """
 
 from apexlens.backend import ApexlensError
+from apexlens.noise import ApexResult, apex, compare, noise_hooks
 from apexlens.tasks.base import Task, TaskBatch
 
-__all__ = ["ApexlensError", "Task", "TaskBatch"]
+__all__ = ["ApexlensError", "Task", "TaskBatch", "ApexResult", "apex", "compare", "noise_hooks"]
 __version__ = "0.1.0"
