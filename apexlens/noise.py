@@ -673,11 +673,14 @@ def apex(
         shapes: dict[str, tuple[int, ...]] = {}
         like: dict[str, Tensor] = {}  # an empty tensor with the site's dtype and device
 
-        def record(act: Tensor, hook: Any) -> None:
-            if hook.name not in shapes:
-                order.append(hook.name)
-                shapes[hook.name] = tuple(act.shape)
-                like[hook.name] = act.new_empty(0)
+        def recorder(name: str) -> HookFn:  # by closure: a bridge's hook.name is an alias
+            def record(act: Tensor, hook: Any) -> None:
+                if name not in shapes:
+                    order.append(name)
+                    shapes[name] = tuple(act.shape)
+                    like[name] = act.new_empty(0)
+
+            return record
 
         cache_names: list[str] = []
         entry_name = None
@@ -689,7 +692,7 @@ def apex(
         if relative:
             cache_names.extend(names)
         clean_logits, cache = backend.run_with_cache(
-            tokens, cache_names, fwd_hooks=[(name, record) for name in names]
+            tokens, cache_names, fwd_hooks=[(name, recorder(name)) for name in names]
         )
         missing = [name for name in names if name not in shapes]
         if missing:
@@ -752,8 +755,11 @@ def apex(
 
         noise: dict[str, Tensor] = {}  # this chunk's noise per site, [chunk * n, ...]
 
-        def inject(act: Tensor, hook: Any) -> Tensor:
-            return _add(act, noise[hook.name], noise_pos_dev)
+        def injector(name: str) -> HookFn:
+            def inject(act: Tensor, hook: Any) -> Tensor:
+                return _add(act, noise[name], noise_pos_dev)
+
+            return inject
 
         for c0 in range(0, n_combo, per_chunk):
             combos = torch.arange(c0, min(c0 + per_chunk, n_combo))
@@ -774,7 +780,7 @@ def apex(
                 scale = s * rms[name].unsqueeze(0) if relative else s
                 noise[name] = (scale * stack).reshape(n_chunk * n, *stack.shape[2:])
 
-            hooks = [(name, inject) for name in order if name not in direct]
+            hooks = [(name, injector(name)) for name in order if name not in direct]
             if start is not None and entry_name is not None:
                 resid = cache[entry_name].repeat(n_chunk, *([1] * (cache[entry_name].dim() - 1)))
                 for name in direct:
