@@ -263,4 +263,8 @@ def backend_for(model: Any) -> Backend:
         raise ApexlensError(
             f"expected a TransformerLens HookedTransformer or TransformerBridge, got {type(model).__name__}"
         )
+    from apexlens.bridge import BridgeBackend, is_bridge  # late: apexlens.bridge imports us
+
+    if is_bridge(model):
+        return BridgeBackend(model)
     return Backend(model)
