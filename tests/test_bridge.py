@@ -405,3 +405,65 @@ def test_resid_mid_edit_reaches_only_the_mlp_on_a_bridge(bridge64):
     )
     only_mlp = c[bk.resid_mid(2)] + bk.mlp_from_resid(2, c[bk.resid_mid(2)] + delta)
     torch.testing.assert_close(final, only_mlp, atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------ a Hugging Face GPT-2 bridge
+def gpt2_bridge(processed: bool):
+    """A ``boot_transformers``-style bridge around a random 2-layer GPT-2 (offline)."""
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)  # HF initialises from the global generator
+    hc = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
+    hf = GPT2LMHeadModel(hc).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # far from init, so that a wrong piece shows
+        for p in hf.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    bridge = build_bridge_from_module(hf, "GPT2LMHeadModel", hf_config=hc, model_name="gpt2-random")
+    bridge.enable_compatibility_mode(no_processing=not processed, disable_warnings=True)
+    return bridge
+
+
+@pytest.mark.parametrize("processed", [False, True], ids=["raw", "fold_ln"])
+def test_bridge_backend_on_a_hugging_face_gpt2(processed):
+    """What ``TransformerBridge.boot_transformers("gpt2")`` gives (with or without the default
+    weight processing), on random weights: every Backend piece agrees with the forward pass."""
+    bk = backend_for(gpt2_bridge(processed))
+    n, toks = (
+        bk.dims.n_layers,
+        torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(2)),
+    )
+    names = [
+        x
+        for L in range(n)
+        for x in (
+            bk.resid_pre(L),
+            bk.resid_mid(L),
+            bk.resid_post(L),
+            bk.attn_out(L),
+            bk.mlp_out(L),
+            bk.z(L),
+        )
+        + tuple(bk.qkv(L, ch) for ch in "qkv")
+    ]
+    logits, c = bk.run_with_cache(toks, names)
+    assert set(c) == set(names) and logits.shape == (2, 7, 50)
+
+    def close(a, b):
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=0)
+
+    for L in range(n):
+        close(bk.run_layers(c[bk.resid_pre(L)], L, L + 1), c[bk.resid_post(L)])
+        close(bk.mlp_from_resid(L, c[bk.resid_mid(L)]), c[bk.mlp_out(L)])
+        close(c[bk.resid_pre(L)] + c[bk.attn_out(L)], c[bk.resid_mid(L)])
+        head_out = torch.einsum("bphd,hdm->bpm", c[bk.z(L)], bk.W_O[L]) + bk.model.b_O[L].detach()
+        close(head_out, c[bk.attn_out(L)])
+        for ch in "qkv":
+            close(bk.head_input(L, ch, c[bk.resid_pre(L)]), c[bk.qkv(L, ch)])
+    final, _ = bk.run_with_cache(toks, [], logits=False)
+    close(final, c[bk.resid_post(n - 1)])
+    close(bk.run_layers(c[bk.resid_pre(0)], 0), final)
+    close(bk.unembed(final), logits)
+    close(bk.unembed(final, torch.tensor([3, 9])), logits[..., [3, 9]])
+    assert logits.std() > 0.5
