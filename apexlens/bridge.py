@@ -333,7 +333,11 @@ def to_bridge(
     bcfg = bridge_config(config, dtype=dtype)
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_native(bcfg, tokenizer=tokenizer, device=device, dtype=dtype)
+    boot_native: Any = TransformerBridge.boot_native  # type: ignore[attr-defined]  # set by TL 4
+    try:
+        bridge = boot_native(bcfg, tokenizer=tokenizer, device=device, dtype=dtype)
+    except (ValueError, NotImplementedError) as err:
+        raise ApexlensError(f"TransformerLens cannot build a bridge for this config: {err}") from err
     converted = convert_hooked_state_dict(sd, bcfg.n_heads, bcfg.d_head)
     expected = bridge.state_dict()
     if "unembed.bias" in expected and "unembed.bias" not in converted:
