@@ -7,14 +7,16 @@ Public API (one screen):
 * noise      -- :func:`apex` (APEX sweeps), :func:`noise_hooks`
 * scoring    -- :class:`LogitDiff`, :class:`LogitDiffRecovery`, :class:`KLDivergence`,
                 :class:`AnswerProb`, :class:`Scores`
-* models     -- :func:`load_model` (shipped toy models offline, or any TL pretrained name)
+* models     -- :func:`load_model` (shipped toy models offline, or any TL pretrained name),
+                :func:`to_bridge` (a HookedTransformer-format model as a TransformerBridge)
 * tasks      -- :func:`get_task`, :class:`TaskBatch`
 * plotting   -- plotly figures for every result
 """
 
 from apexlens.backend import ApexlensError
+from apexlens.bridge import to_bridge
 from apexlens.noise import ApexResult, apex, compare, noise_hooks
 from apexlens.tasks.base import Task, TaskBatch
 
-__all__ = ["ApexlensError", "Task", "TaskBatch", "ApexResult", "apex", "compare", "noise_hooks"]
+__all__ = ["ApexlensError", "Task", "TaskBatch", "ApexResult", "apex", "compare", "noise_hooks", "to_bridge"]
 __version__ = "0.1.0"
