@@ -691,9 +691,14 @@ def apex(
             cache_names.append(entry_name)
         if relative:
             cache_names.extend(names)
-        clean_logits, cache = backend.run_with_cache(
-            tokens, cache_names, fwd_hooks=[(name, recorder(name)) for name in names]
-        )
+        try:
+            clean_logits, cache = backend.run_with_cache(
+                tokens, cache_names, fwd_hooks=[(name, recorder(name)) for name in names]
+            )
+        except (ValueError, NotImplementedError) as err:  # e.g. a bridge's disabled hook point
+            if isinstance(err, ApexlensError):
+                raise
+            raise ApexlensError(f"cannot put noise at sites {names}: {err}") from err
         missing = [name for name in names if name not in shapes]
         if missing:
             raise ApexlensError(
