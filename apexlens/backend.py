@@ -140,14 +140,26 @@ class Backend:
         return self.model.W_U
 
     @property
-    def b_U(self) -> Float[Tensor, "d_vocab"]:
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
         return self.model.b_U
 
     def W_in(self, channel: str) -> Float[Tensor, "layer head d_model d_head"]:
-        return {"q": self.W_Q, "k": self.W_K, "v": self.W_V}[channel]
+        """``W_Q``, ``W_K`` or ``W_V``, read once per Backend (stacking layers is not free)."""
+        return self._memo(("W", channel), lambda: getattr(self, f"W_{channel.upper()}"))
 
     def b_in(self, channel: str) -> Float[Tensor, "layer head d_head"]:
-        return {"q": self.b_Q, "k": self.b_K, "v": self.b_V}[channel]
+        return self._memo(("b", channel), lambda: getattr(self, f"b_{channel.upper()}"))
+
+    @property
+    def W_O_stacked(self) -> Float[Tensor, "layer head d_head d_model"]:
+        """``W_O``, read once per Backend."""
+        return self._memo(("W", "O"), lambda: self.W_O)
+
+    def _memo(self, key: tuple[str, str], make: Any) -> Tensor:
+        memo = self.__dict__.setdefault("_weights", {})
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]
 
     # ------------------------------------------------------------------ forward pieces
     def ln1(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
@@ -193,10 +205,13 @@ class Backend:
     ) -> Float[Tensor, "... head d_head"]:
         """``hook_q/k/v`` values when every head reads its own residual stream ``resid[..., h, :]``."""
         x = self.ln1(layer, resid)
-        return torch.einsum("...hm,hmd->...hd", x, self.W_in(channel)[layer]) + self.b_in(channel)[layer]
+        return (
+            torch.einsum("...hm,hmd->...hd", x, self.W_in(channel)[layer])
+            + self.b_in(channel)[layer]
+        )
 
     def unembed(
-        self, resid_final: Float[Tensor, "... d_model"], tokens: Int[Tensor, "n_tok"] | None = None
+        self, resid_final: Float[Tensor, "... d_model"], tokens: Int[Tensor, " n_tok"] | None = None
     ) -> Float[Tensor, "... n_tok"]:
         """Logits (all of the vocabulary, or only the columns ``tokens``) of a final residual."""
         x = self.ln_final(resid_final)

@@ -121,7 +121,9 @@ class AblationValues:
     mlp_out: list[Float[Tensor, "batch pos d_model"]]
 
 
-def ablation_values(bk: Backend, ablation: Ablation, corrupted: Run | None, reference: Run | None) -> AblationValues:
+def ablation_values(
+    bk: Backend, ablation: Ablation, corrupted: Run | None, reference: Run | None
+) -> AblationValues:
     n = bk.dims.n_layers
     if ablation == "resample":
         if corrupted is None:
@@ -133,14 +135,14 @@ def ablation_values(bk: Backend, ablation: Ablation, corrupted: Run | None, refe
             [run[bk.mlp_out(la)] for la in range(n)] if bk.dims.has_mlps else [],
         )
     if ablation == "mean":
-        run = reference if reference is not None else corrupted
-        if run is None:
+        ref = reference if reference is not None else corrupted
+        if ref is None:
             raise ApexlensError("mean ablation needs reference tokens")
         m = lambda t: t.mean(0, keepdim=True)
         return AblationValues(
-            m(run[bk.resid_pre(0)]),
-            [m(run[bk.z(la)]) for la in range(n)],
-            [m(run[bk.mlp_out(la)]) for la in range(n)] if bk.dims.has_mlps else [],
+            m(ref[bk.resid_pre(0)]),
+            [m(ref[bk.z(la)]) for la in range(n)],
+            [m(ref[bk.mlp_out(la)]) for la in range(n)] if bk.dims.has_mlps else [],
         )
     if ablation == "zero":
         ref = corrupted if corrupted is not None else reference
@@ -172,14 +174,18 @@ def circuit_hooks(
         state["D"][0] = act - abl.embed
         state[bk.resid_pre(0)] = act
 
-    def save(act: Tensor, hook: Any) -> None:
-        state[hook.name] = act
+    def saver(name: str) -> HookFn:
+        def save(act: Tensor, hook: Any) -> None:
+            state[name] = act
 
+        return save
+
+    W_O = bk.W_O_stacked
     hooks: list[tuple[str, HookFn]] = [(bk.resid_pre(0), embed_hook)]
     for layer in range(d.n_layers):
         n_up_attn = index.head_sender[layer].start
         if layer > 0:
-            hooks.append((bk.resid_pre(layer), save))
+            hooks.append((bk.resid_pre(layer), saver(bk.resid_pre(layer))))
         for ch in "qkv":
             sl = index.head_receiver[(layer, ch)]
             ex = excluded[:n_up_attn, sl]
@@ -188,7 +194,12 @@ def circuit_hooks(
             heads = ex.any(0).nonzero().flatten()
 
             def qkv_hook(
-                act: Tensor, hook: Any, layer: int = layer, ch: str = ch, ex: Tensor = ex, heads: Tensor = heads
+                act: Tensor,
+                hook: Any,
+                layer: int = layer,
+                ch: str = ch,
+                ex: Tensor = ex,
+                heads: Tensor = heads,
             ) -> Tensor:
                 delta = torch.einsum("sbpd,sh->bphd", D(ex.shape[0]), ex[:, heads].to(act.dtype))
                 resid = state[bk.resid_pre(layer)][:, :, None, :] - delta
@@ -203,17 +214,17 @@ def circuit_hooks(
 
         def z_hook(act: Tensor, hook: Any, layer: int = layer) -> None:
             sl = index.head_sender[layer]
-            state["D"][sl] = torch.einsum(
-                "bphk,hkd->hbpd", act - abl.z[layer], bk.W_O[layer]
-            )
+            state["D"][sl] = torch.einsum("bphk,hkd->hbpd", act - abl.z[layer], W_O[layer])
 
         hooks.append((bk.z(layer), z_hook))
         if d.has_mlps:
-            hooks.append((bk.resid_mid(layer), save))
+            hooks.append((bk.resid_mid(layer), saver(bk.resid_mid(layer))))
             i_mlp = index.mlp_sender[layer]
             ex_m = excluded[:i_mlp, index.mlp_receiver[layer]]
 
-            def mlp_hook(act: Tensor, hook: Any, layer: int = layer, i_mlp: int = i_mlp, ex_m: Tensor = ex_m) -> Tensor:
+            def mlp_hook(
+                act: Tensor, hook: Any, layer: int = layer, i_mlp: int = i_mlp, ex_m: Tensor = ex_m
+            ) -> Tensor:
                 if ex_m.any():
                     delta = torch.einsum("sbpd,s->bpd", D(i_mlp), ex_m.to(act.dtype))
                     act = bk.mlp_from_resid(layer, state[bk.resid_mid(layer)] - delta)
@@ -260,7 +271,7 @@ class CircuitResult:
         }
 
 
-def _kl(clean_resid: Tensor, resid: Tensor, exp: Experiment) -> Float[Tensor, "batch"]:
+def _kl(clean_resid: Tensor, resid: Tensor, exp: Experiment) -> Float[Tensor, " batch"]:
     lp_c = F.log_softmax(exp.bk.unembed(exp.readout.gather(clean_resid)), -1)
     lp = F.log_softmax(exp.bk.unembed(exp.readout.gather(resid)), -1)
     return (lp_c.exp() * (lp_c - lp)).sum(-1).mean(-1)
@@ -278,7 +289,10 @@ def run_circuit(
     abl = _ablation(exp, ablation, reference_tokens)
     with inference_mode(exp.model):
         final, _ = bk.run_with_cache(
-            exp.clean_tokens.to(bk.device), [], fwd_hooks=circuit_hooks(bk, index, keep, abl), logits=False
+            exp.clean_tokens.to(bk.device),
+            [],
+            fwd_hooks=circuit_hooks(bk, index, keep, abl),
+            logits=False,
         )
     return final
 
@@ -289,7 +303,9 @@ def _index(exp: Experiment) -> EdgeIndex:
     return exp._edge_index  # type: ignore[attr-defined]
 
 
-def _ablation(exp: Experiment, ablation: Ablation, reference_tokens: Tensor | None) -> AblationValues:
+def _ablation(
+    exp: Experiment, ablation: Ablation, reference_tokens: Tensor | None
+) -> AblationValues:
     reference = None
     if reference_tokens is not None:
         if reference_tokens.ndim != 2 or reference_tokens.shape[1] != exp.n_pos:
@@ -407,13 +423,19 @@ def patched(
     bk = backend_for(model)
     if isinstance(spec, Paths):
         with patched_paths(
-            model, corrupted_tokens, senders=spec.senders, receivers=spec.receivers, mlps=spec.mlps,
+            model,
+            corrupted_tokens,
+            senders=spec.senders,
+            receivers=spec.receivers,
+            mlps=spec.mlps,
             positions=positions,
         ):
             yield model
         return
     if not isinstance(spec, Circuit):
-        raise ApexlensError(f"patched() takes apexlens.Paths or apexlens.Circuit, got {type(spec).__name__}")
+        raise ApexlensError(
+            f"patched() takes apexlens.Paths or apexlens.Circuit, got {type(spec).__name__}"
+        )
     index = EdgeIndex(bk)
     keep = index.mask(spec.edges)
     with inference_mode(model):

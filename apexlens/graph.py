@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool
@@ -39,9 +39,9 @@ from torch import Tensor
 
 from apexlens.backend import ApexlensError, Dims, backend_for
 
-Kind = Literal["embed", "head", "mlp", "logits"]
+Kind = Literal["embed", "head", "mlp", "logits", "resid"]
 Channel = Literal["q", "k", "v"]
-PositionSpec = Union[int, Sequence[int], Tensor, str, None]
+PositionSpec = int | Sequence[int] | Tensor | str | None
 
 _HEAD = re.compile(r"^(\d+)\.(\d+)(?:\.([qkv]))?$")
 _MLP = re.compile(r"^(?:m|mlp)(\d+)$")
@@ -121,7 +121,9 @@ class Node:
         ) and _positions_key(self.positions) == _positions_key(other.positions)
 
     def __hash__(self) -> int:
-        return hash((self.kind, self.layer, self.head, self.channel, _positions_key(self.positions)))
+        return hash(
+            (self.kind, self.layer, self.head, self.channel, _positions_key(self.positions))
+        )
 
 
 def _positions_key(p: Any) -> Any:
@@ -176,7 +178,7 @@ def parse_node(spec: str | Node) -> Node:
     raise ApexlensError(f"unknown node {spec!r}: {_SYNTAX}")
 
 
-NodeSpec = Union[str, Node, Iterable[Union[str, Node]]]
+NodeSpec = str | Node | Iterable[str | Node]
 
 
 def parse_nodes(spec: NodeSpec, dims: Dims) -> list[Node]:
@@ -276,7 +278,9 @@ def as_senders(nodes: Sequence[Node]) -> list[Node]:
     out = []
     for n in nodes:
         if n.kind == "logits":
-            raise ApexlensError("'logits' cannot be a sender: it reads the residual stream, it writes nothing")
+            raise ApexlensError(
+                "'logits' cannot be a sender: it reads the residual stream, it writes nothing"
+            )
         if n.kind == "head" and n.channel is not None:
             raise ApexlensError(
                 f"sender {n} names a head's {n.channel} input; a sender is the head's output: use "
@@ -293,7 +297,9 @@ def as_receivers(nodes: Sequence[Node]) -> list[Node]:
     out: list[Node] = []
     for n in nodes:
         if n.kind == "embed":
-            raise ApexlensError("'embed' cannot be a receiver: it reads tokens, not the residual stream")
+            raise ApexlensError(
+                "'embed' cannot be a receiver: it reads tokens, not the residual stream"
+            )
         if n.kind == "head" and n.channel is None:
             out.extend(replace(n, channel=c) for c in ("q", "k", "v"))  # type: ignore[misc]
         else:
@@ -361,11 +367,12 @@ def position_mask(
             )
         idx = idx[:, None]
     elif idx.ndim != 2 or idx.shape[0] != batch:
-        raise ApexlensError(f"node {node}: positions must be [batch] or [batch, k], got {tuple(idx.shape)}")
+        raise ApexlensError(
+            f"node {node}: positions must be [batch] or [batch, k], got {tuple(idx.shape)}"
+        )
     if ((idx < -n_pos) | (idx >= n_pos)).any():
         raise ApexlensError(f"node {node}: positions out of range for sequences of length {n_pos}")
     idx = idx % n_pos
     mask = torch.zeros(batch, n_pos, dtype=torch.bool, device=device)
     mask.scatter_(1, idx, True)
     return mask
-

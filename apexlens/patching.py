@@ -90,7 +90,9 @@ class Readout:
         idx = self.idx.view(*([1] * len(lead)), *self.idx.shape, 1)
         return x.gather(-2, idx.expand(*lead, *self.idx.shape, x.shape[-1]))
 
-    def __call__(self, resid: Float[Tensor, "*lead batch k d_model"]) -> Float[Tensor, "*lead batch"]:
+    def __call__(
+        self, resid: Float[Tensor, "*lead batch k d_model"]
+    ) -> Float[Tensor, "*lead batch"]:
         """Metric values from final residual streams already gathered at the read positions."""
         logits = self.bk.unembed(resid, self.tokens)
         if isinstance(self.metric, Metric):
@@ -117,11 +119,17 @@ def _check_tokens(bk: Backend, clean: Tensor, corrupted: Tensor | None) -> None:
         if t is None:
             continue
         if not isinstance(t, Tensor) or t.ndim != 2 or t.is_floating_point():
-            raise ApexlensError(f"{name} must be an integer tensor [batch, pos], got {_describe(t)}")
+            raise ApexlensError(
+                f"{name} must be an integer tensor [batch, pos], got {_describe(t)}"
+            )
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bk.model.cfg.d_vocab):
-            raise ApexlensError(f"{name} holds token ids outside the vocabulary (0..{bk.model.cfg.d_vocab - 1})")
+            raise ApexlensError(
+                f"{name} holds token ids outside the vocabulary (0..{bk.model.cfg.d_vocab - 1})"
+            )
         if t.shape[1] > bk.dims.n_ctx:
-            raise ApexlensError(f"{name} has {t.shape[1]} positions; the model's context is {bk.dims.n_ctx}")
+            raise ApexlensError(
+                f"{name} has {t.shape[1]} positions; the model's context is {bk.dims.n_ctx}"
+            )
     if corrupted is not None and clean.shape != corrupted.shape:
         raise ApexlensError(
             f"clean tokens {tuple(clean.shape)} and corrupted tokens {tuple(corrupted.shape)} must "
@@ -279,7 +287,7 @@ class Experiment:
             d = k[bk.resid_pre(0)] - c[bk.resid_pre(0)]
         elif node.kind == "head":
             dz = k[bk.z(node.layer)][:, :, node.head] - c[bk.z(node.layer)][:, :, node.head]
-            d = dz @ bk.W_O[node.layer, node.head]
+            d = dz @ bk.W_O_stacked[node.layer, node.head]
         else:
             d = k[bk.mlp_out(node.layer)] - c[bk.mlp_out(node.layer)]
         m = self.mask(node)
@@ -307,7 +315,9 @@ class Experiment:
         """Path-patch each sender (on its own) to ``receivers``; see :func:`path_patch`."""
         sender_nodes = as_senders(self.nodes(senders))
         groups = [[s] for s in sender_nodes]
-        per_example = self.path_patch_groups(groups, receivers, via=via, mlps=mlps, progress=progress)
+        per_example = self.path_patch_groups(
+            groups, receivers, via=via, mlps=mlps, progress=progress
+        )
         all_heads = (
             len(sender_nodes) == self.bk.dims.n_layers * self.bk.dims.n_heads
             and all(n.kind == "head" and n.positions is None for n in sender_nodes)
@@ -346,22 +356,23 @@ class Experiment:
                     f"each 'via' hop must be one head (or one of its q/k/v inputs) or one MLP, got "
                     f"{[str(n) for n in hop]}"
                 )
-        n_layers = self.bk.dims.n_layers
         # order checks: sender -> hop1 -> ... -> receivers
         first_targets = hops[0] if hops else recv
         chain_ok = True
         prev_out = None
         for hop in hops:
-            out = self._order(hop[0].as_sender)
+            hop_out = self._order(hop[0].as_sender)
             if prev_out is not None and prev_out >= self._order(hop[0]):
                 chain_ok = False
-            prev_out = out
+            prev_out = hop_out
         if prev_out is not None and all(prev_out >= self._order(r) for r in recv):
             raise ApexlensError(
                 f"receivers {[str(r) for r in recv]} come before the last 'via' node: no path"
             )
         if not chain_ok:
-            raise ApexlensError("the 'via' nodes must be in forward order (each after the previous)")
+            raise ApexlensError(
+                "the 'via' nodes must be in forward order (each after the previous)"
+            )
         last_target = max(self._order(r) for r in first_targets)
         has_path = [min(self._order(s) for s in g) < last_target if g else False for g in groups]
         if not any(has_path):
@@ -385,7 +396,9 @@ class Experiment:
             iterator = tqdm(chunks, desc="path patching", unit="chunk")
         with inference_mode(self.model):
             for rows in iterator:
-                out[rows] = self._patch_chunk([groups[i] for i in rows], recv, hops, mlps, only_logits)
+                out[rows] = self._patch_chunk(
+                    [groups[i] for i in rows], recv, hops, mlps, only_logits
+                )
         return out
 
     def _patch_chunk(
@@ -405,7 +418,9 @@ class Experiment:
         for hop in hops:
             new = self._propagate(entries, len(groups), hop, mlps, gather)
             delta = self._hop_output(hop, new)
-            entries = [(self._order(hop[0].as_sender), row, delta[row]) for row in range(len(groups))]
+            entries = [
+                (self._order(hop[0].as_sender), row, delta[row]) for row in range(len(groups))
+            ]
         new = self._propagate(entries, len(groups), recv, mlps, gather)
         return self._finish(recv, new, len(groups))
 
@@ -451,7 +466,7 @@ class Experiment:
                 for ch in "qkv":
                     ts = [t for t in heads_here if t.channel == ch]
                     if ts:
-                        vals = bk.head_input(layer, ch, resid, [t.head for t in ts])
+                        vals = bk.head_input(layer, ch, resid, [int(t.head or 0) for t in ts])
                         for i, t in enumerate(ts):
                             out[t] = vals[..., i, :]
             add(o_attn)
@@ -479,7 +494,9 @@ class Experiment:
                 out[t] = acc
         return out
 
-    def _hop_output(self, hop: list[Node], new: dict[Node, Tensor]) -> Float[Tensor, "rows batch pos d_model"]:
+    def _hop_output(
+        self, hop: list[Node], new: dict[Node, Tensor]
+    ) -> Float[Tensor, "rows batch pos d_model"]:
         """How much an intermediate node's output changes when only its patched input changes."""
         bk, c = self.bk, self.clean
         node = hop[0]
@@ -498,9 +515,11 @@ class Experiment:
         resid = c[bk.resid_pre(layer)].repeat(rows, 1, 1)
         bk.run_layers(resid, layer, layer + 1, hooks + [(bk.z(layer), grab)])
         dz = z_new["z"].reshape(rows, self.batch, self.n_pos, -1) - c[bk.z(layer)][:, :, node.head]
-        return dz @ bk.W_O[layer, node.head]
+        return dz @ bk.W_O_stacked[layer, node.head]
 
-    def _substitution_hooks(self, new: Mapping[Node, Tensor], rows: int) -> list[tuple[str, HookFn]]:
+    def _substitution_hooks(
+        self, new: Mapping[Node, Tensor], rows: int
+    ) -> list[tuple[str, HookFn]]:
         """Hooks that put each receiver's new input in place (only at its positions)."""
         bk = self.bk
         hooks: list[tuple[str, HookFn]] = []
@@ -513,7 +532,7 @@ class Experiment:
                 groups.setdefault(("mlp", t.layer, ""), []).append(t)
         for (kind, layer, ch), ts in groups.items():
             if kind == "head":
-                heads = [t.head for t in ts]
+                heads = [int(t.head or 0) for t in ts]
                 vals = torch.stack([new[t] for t in ts], dim=-2)  # rows batch pos nh dh
                 vals = vals.reshape(rows * self.batch, self.n_pos, len(ts), -1)
                 masks = [self.mask(t) for t in ts]
@@ -523,7 +542,9 @@ class Experiment:
                 hooks.append((bk.mlp_out(layer), _make_sub(val, self.mask(ts[0]), rows)))
         return hooks
 
-    def _finish(self, recv: list[Node], new: dict[Node, Tensor], rows: int) -> Float[Tensor, "rows batch"]:
+    def _finish(
+        self, recv: list[Node], new: dict[Node, Tensor], rows: int
+    ) -> Float[Tensor, "rows batch"]:
         bk, c = self.bk, self.clean
         logits_nodes = [r for r in recv if r.kind == "logits"]
         others = [r for r in recv if r.kind != "logits"]
@@ -531,11 +552,17 @@ class Experiment:
             acc = new[logits_nodes[0]]
             m = self.mask(logits_nodes[0])
             if m is not None:
-                m = m if acc.shape[-2] == self.n_pos else self.readout.gather(m[..., None].float())[..., 0] > 0
+                m = (
+                    m
+                    if acc.shape[-2] == self.n_pos
+                    else self.readout.gather(m[..., None].float())[..., 0] > 0
+                )
                 acc = acc * m[..., None].to(acc.dtype)
             base = c.final if acc.shape[-2] == self.n_pos else self.readout.gather(c.final)
             final = base + acc
-            return self.readout(final if acc.shape[-2] != self.n_pos else self.readout.gather(final))
+            return self.readout(
+                final if acc.shape[-2] != self.n_pos else self.readout.gather(final)
+            )
         hooks = self._substitution_hooks({r: new[r] for r in others}, rows)
         if logits_nodes:
             acc = new[logits_nodes[0]].reshape(rows * self.batch, self.n_pos, -1)
@@ -559,14 +586,18 @@ class Experiment:
         return evaluate_edges(self, edges, ablation=ablation, reference_tokens=reference_tokens)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ activation patching
-    def act_patch(self, nodes: NodeSpec = "all-heads", *, progress: bool = False) -> PathPatchResult:
+    def act_patch(
+        self, nodes: NodeSpec = "all-heads", *, progress: bool = False
+    ) -> PathPatchResult:
         """Activation patching: run the corrupted input, put each node's clean activation back."""
         node_list = parse_act_nodes(nodes, self.bk)
         per_example = self.act_patch_values(node_list, progress=progress)
         d = self.bk.dims
-        all_heads = [(n.layer, n.head) for n in node_list if n.kind == "head" and n.positions is None] == [
-            (la, h) for la in range(d.n_layers) for h in range(d.n_heads)
-        ] and len(node_list) == d.n_layers * d.n_heads
+        all_heads = [
+            (n.layer, n.head) for n in node_list if n.kind == "head" and n.positions is None
+        ] == [(la, h) for la in range(d.n_layers) for h in range(d.n_heads)] and len(
+            node_list
+        ) == d.n_layers * d.n_heads
         return PathPatchResult(
             senders=[_act_name(n) for n in node_list],
             receivers=[],
@@ -577,14 +608,20 @@ class Experiment:
             metric_name=self.readout.name,
         )
 
-    def act_patch_values(self, nodes: Sequence[Node], *, progress: bool = False) -> Float[Tensor, "node batch"]:
+    def act_patch_values(
+        self, nodes: Sequence[Node], *, progress: bool = False
+    ) -> Float[Tensor, "node batch"]:
         bk, c, k = self.bk, self.clean, self.corrupted
         out = torch.empty(len(nodes), self.batch, dtype=self.clean_values.dtype, device=bk.device)
         by_layer: dict[int, list[int]] = {}
         for i, n in enumerate(nodes):
             by_layer.setdefault(_act_layer(n), []).append(i)
         chunk = self._chunk_size(len(nodes), full_positions=True)
-        work = [(la, idx[j : j + chunk]) for la, idx in sorted(by_layer.items()) for j in range(0, len(idx), chunk)]
+        work = [
+            (la, idx[j : j + chunk])
+            for la, idx in sorted(by_layer.items())
+            for j in range(0, len(idx), chunk)
+        ]
         iterator: Any = work
         if progress:
             from tqdm.auto import tqdm
@@ -593,30 +630,67 @@ class Experiment:
         with inference_mode(self.model):
             for layer, idx in iterator:
                 rows = len(idx)
-                resid = k[bk.resid_pre(layer)].repeat(rows, 1, 1) if layer < bk.dims.n_layers else k.final.repeat(rows, 1, 1)
+                resid = (
+                    k[bk.resid_pre(layer)].repeat(rows, 1, 1)
+                    if layer < bk.dims.n_layers
+                    else k.final.repeat(rows, 1, 1)
+                )
                 hooks: list[tuple[str, HookFn]] = []
                 heads = [(r, nodes[i]) for r, i in enumerate(idx) if nodes[i].kind == "head"]
                 if heads:
-                    sel = torch.zeros(rows, self.batch, self.n_pos, bk.dims.n_heads, dtype=torch.bool, device=bk.device)
+                    sel = torch.zeros(
+                        rows,
+                        self.batch,
+                        self.n_pos,
+                        bk.dims.n_heads,
+                        dtype=torch.bool,
+                        device=bk.device,
+                    )
                     for r, n in heads:
                         m = self.mask(n)
                         sel[r, :, :, n.head] = True if m is None else m
-                    hooks.append((bk.z(layer), _make_where(sel.reshape(rows * self.batch, self.n_pos, -1, 1), c[bk.z(layer)].repeat(rows, 1, 1, 1))))
+                    hooks.append(
+                        (
+                            bk.z(layer),
+                            _make_where(
+                                sel.reshape(rows * self.batch, self.n_pos, -1, 1),
+                                c[bk.z(layer)].repeat(rows, 1, 1, 1),
+                            ),
+                        )
+                    )
                 mlp_rows = [(r, nodes[i]) for r, i in enumerate(idx) if nodes[i].kind == "mlp"]
                 if mlp_rows:
-                    sel = torch.zeros(rows, self.batch, self.n_pos, dtype=torch.bool, device=bk.device)
+                    sel = torch.zeros(
+                        rows, self.batch, self.n_pos, dtype=torch.bool, device=bk.device
+                    )
                     for r, n in mlp_rows:
                         m = self.mask(n)
                         sel[r] = True if m is None else m
-                    hooks.append((bk.mlp_out(layer), _make_where(sel.reshape(rows * self.batch, self.n_pos, 1), c[bk.mlp_out(layer)].repeat(rows, 1, 1))))
+                    hooks.append(
+                        (
+                            bk.mlp_out(layer),
+                            _make_where(
+                                sel.reshape(rows * self.batch, self.n_pos, 1),
+                                c[bk.mlp_out(layer)].repeat(rows, 1, 1),
+                            ),
+                        )
+                    )
                 for r, i in enumerate(idx):
                     n = nodes[i]
                     if n.kind in ("embed", "resid"):
-                        clean_resid = c[bk.resid_pre(layer)] if layer < bk.dims.n_layers else c.final
+                        clean_resid = (
+                            c[bk.resid_pre(layer)] if layer < bk.dims.n_layers else c.final
+                        )
                         m = self.mask(n)
                         sl = slice(r * self.batch, (r + 1) * self.batch)
-                        resid[sl] = clean_resid if m is None else torch.where(m[..., None], clean_resid, resid[sl])
-                final = bk.run_layers(resid, layer, None, hooks) if layer < bk.dims.n_layers else resid
+                        resid[sl] = (
+                            clean_resid
+                            if m is None
+                            else torch.where(m[..., None], clean_resid, resid[sl])
+                        )
+                final = (
+                    bk.run_layers(resid, layer, None, hooks) if layer < bk.dims.n_layers else resid
+                )
                 final = final.reshape(rows, self.batch, self.n_pos, -1)
                 out[idx] = self.readout(self.readout.gather(final))
         return out
@@ -735,7 +809,12 @@ def path_patch(
         sender with no path to any receiver keeps the clean metric.
     """
     exp = Experiment(
-        model, clean_tokens, corrupted_tokens, metric=metric, positions=positions, memory_budget=memory_budget
+        model,
+        clean_tokens,
+        corrupted_tokens,
+        metric=metric,
+        positions=positions,
+        memory_budget=memory_budget,
     )
     return exp.path_patch(senders, receivers, via=via, mlps=mlps, progress=progress)
 
@@ -759,7 +838,12 @@ def act_patch(
     ``"L.H@p"`` nodes patch single positions (``get_act_patch_attn_head_out_by_pos``).
     """
     exp = Experiment(
-        model, clean_tokens, corrupted_tokens, metric=metric, positions=positions, memory_budget=memory_budget
+        model,
+        clean_tokens,
+        corrupted_tokens,
+        metric=metric,
+        positions=positions,
+        memory_budget=memory_budget,
     )
     return exp.act_patch(nodes, progress=progress)
 
@@ -810,10 +894,15 @@ def patched_paths(
             names = _cache_names(bk)
             acts: dict[str, Tensor] = {}
 
-            def save(a: Tensor, hook: Any) -> None:
-                acts[hook.name] = a.detach().clone()
+            def saver(name: str) -> HookFn:
+                def save(a: Tensor, hook: Any) -> None:
+                    acts[name] = a.detach().clone()
 
-            final = bk.run_layers(act.detach(), 0, None, [(n, save) for n in dict.fromkeys(names)])
+                return save
+
+            final = bk.run_layers(
+                act.detach(), 0, None, [(n, saver(n)) for n in dict.fromkeys(names)]
+            )
             acts[bk.resid_pre(0)] = act.detach().clone()
             exp.clean = Run(acts, final)
             exp.corrupted = corrupted
@@ -858,4 +947,3 @@ def patched_paths(
             hooks.append((bk.resid_post(dims.n_layers - 1), add_logits))
     with attached(model, hooks):
         yield model
-

@@ -126,7 +126,7 @@ def naive_path_patch(
             # record after the freeze hooks have run
             _, cache = bk.run_with_cache(clean_tokens, names, fwd_hooks=hooks)
             out: dict[Node, Tensor] = {}
-            for t, name in zip(targets, names):
+            for t, name in zip(targets, names, strict=True):
                 out[t] = cache[name][:, :, t.head] if t.kind == "head" else cache[name]
             return out
 
@@ -135,7 +135,9 @@ def naive_path_patch(
             for t, v in values.items():
                 m = mask(t)
 
-                def sub(act: Tensor, hook: Any, t: Node = t, v: Tensor = v, m: Tensor | None = m) -> Tensor:
+                def sub(
+                    act: Tensor, hook: Any, t: Node = t, v: Tensor = v, m: Tensor | None = m
+                ) -> Tensor:
                     act = act.clone()
                     if t.kind == "head":
                         mm = torch.ones(batch, n_pos, dtype=torch.bool) if m is None else m
@@ -162,6 +164,11 @@ def naive_path_patch(
         for s in sender_nodes:
             if all(s.order(n_layers) >= t.order(n_layers) for t in first):
                 results.append(clean_value)
+                continue
+            if not hops and all(t.kind == "logits" and t.positions is None for t in recv):
+                # receiver = logits only: the freeze pass's own logits are the answer
+                with model.hooks(fwd_hooks=freeze_hooks(s) + sender_hooks(s)):
+                    results.append(metric(model(clean_tokens)))
                 continue
             values = record(first, freeze_hooks(s) + sender_hooks(s))
             for i, hop in enumerate(hops):

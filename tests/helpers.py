@@ -44,7 +44,9 @@ def random_model(
     return model
 
 
-def random_tokens(model, batch: int = 3, n_pos: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def random_tokens(
+    model, batch: int = 3, n_pos: int = 8, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     clean = torch.randint(0, model.cfg.d_vocab, (batch, n_pos), generator=g)
     corrupted = torch.randint(0, model.cfg.d_vocab, (batch, n_pos), generator=g)

@@ -19,7 +19,9 @@ from apexlens.graph import (
     position_mask,
 )
 
-DIMS = Dims(n_layers=12, n_heads=12, d_model=768, d_head=64, d_vocab=50257, n_ctx=1024, has_mlps=True)
+DIMS = Dims(
+    n_layers=12, n_heads=12, d_model=768, d_head=64, d_vocab=50257, n_ctx=1024, has_mlps=True
+)
 
 
 @pytest.mark.parametrize(
@@ -45,7 +47,9 @@ def test_parse(spec, node):
 
 def test_sets_and_order():
     heads = parse_nodes("all-heads", DIMS)
-    assert len(heads) == 144 and heads[0] == Node("head", 0, 0) and heads[-1] == Node("head", 11, 11)
+    assert (
+        len(heads) == 144 and heads[0] == Node("head", 0, 0) and heads[-1] == Node("head", 11, 11)
+    )
     assert parse_nodes("heads:3", DIMS) == heads_of_layer(DIMS, 3)
     assert [str(n) for n in parse_nodes("heads:3@-1", DIMS)][:2] == ["3.0@-1", "3.1@-1"]
     assert len(all_mlps(DIMS)) == 12 and all_heads(DIMS) == heads

@@ -1,0 +1,188 @@
+"""Circuit evaluation and interactive patching, checked against independent computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from apexlens.scoring import LogitDiff
+from helpers import hook_count, random_model, random_tokens
+
+import apexlens
+from apexlens.graph import full_graph
+
+TOL = 1e-9
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(2)
+
+
+@pytest.fixture(scope="module")
+def toks(model):
+    return random_tokens(model, batch=3, n_pos=7, seed=5)
+
+
+@pytest.fixture(scope="module")
+def exp(model, toks):
+    metric = LogitDiff(torch.tensor([3, 1, 4]), torch.tensor([1, 5, 9]))
+    return apexlens.Experiment(model, *toks, metric=metric)
+
+
+def test_full_and_empty_circuits(exp, model):
+    g = full_graph(model)
+    n = model.cfg.n_layers
+    H = model.cfg.n_heads
+    senders = 1 + n * (H + 1)
+    assert len({s for s, _ in g}) == senders
+    full = exp.evaluate_circuit(g)
+    torch.testing.assert_close(full.scores.values, exp.clean_values, atol=TOL, rtol=0)
+    assert full.recovery == pytest.approx(1.0) and full.proportion_explained == pytest.approx(1.0)
+    empty = exp.evaluate_circuit([])
+    torch.testing.assert_close(empty.scores.values, exp.corrupted_values, atol=TOL, rtol=0)
+    assert abs(empty.recovery) < 1e-9 and abs(empty.proportion_explained) < 1e-9
+
+
+def test_removing_one_edge_equals_direct_path_patch(exp, model):
+    """Full graph minus (s -> r) under resample ablation == path patching s -> r with frozen MLPs."""
+    g = full_graph(model)
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.randperm(len(g), generator=gen)[:6].tolist() + [len(g) - 1]
+    for i in picks:
+        s, r = g[i]
+        res = exp.evaluate_circuit([e for e in g if e != (s, r)])
+        pp = exp.path_patch([s], [r], mlps="frozen").per_example[0]
+        torch.testing.assert_close(res.scores.values, pp, atol=TOL, rtol=0)
+
+
+def _replace_all(model, clean, values):
+    hooks = [("blocks.0.hook_resid_pre", lambda a, hook: values["embed"].expand_as(a))]
+    for la in range(model.cfg.n_layers):
+        hooks.append(
+            (f"blocks.{la}.attn.hook_z", lambda a, hook, la=la: values[f"z{la}"].expand_as(a))
+        )
+        hooks.append(
+            (f"blocks.{la}.hook_mlp_out", lambda a, hook, la=la: values[f"m{la}"].expand_as(a))
+        )
+    return model.run_with_hooks(clean, fwd_hooks=hooks)
+
+
+def test_zero_and_mean_ablation_of_everything(exp, model, toks):
+    clean, corrupted = toks
+    metric = exp.readout.metric
+    _, cache = model.run_with_cache(corrupted)
+    n = model.cfg.n_layers
+    zeros = {"embed": torch.zeros(1, 1, 1, dtype=torch.float64)}
+    means = {"embed": cache["blocks.0.hook_resid_pre"].mean(0, keepdim=True)}
+    for la in range(n):
+        zeros[f"z{la}"] = torch.zeros(1, dtype=torch.float64)
+        zeros[f"m{la}"] = torch.zeros(1, dtype=torch.float64)
+        means[f"z{la}"] = cache[f"blocks.{la}.attn.hook_z"].mean(0, keepdim=True)
+        means[f"m{la}"] = cache[f"blocks.{la}.hook_mlp_out"].mean(0, keepdim=True)
+    for ablation, vals in (("zero", zeros), ("mean", means)):
+        res = exp.evaluate_circuit([], ablation=ablation)
+        expected = metric(_replace_all(model, clean, vals))
+        torch.testing.assert_close(res.scores.values, expected, atol=TOL, rtol=0)
+        torch.testing.assert_close(res.corrupted.values, expected, atol=TOL, rtol=0)
+
+
+def test_circuit_matches_explicit_sum_over_senders(exp, model, toks):
+    """Slow reference: each receiver's input is built by summing its senders one by one."""
+    from apexlens.backend import backend_for
+
+    clean, corrupted = toks
+    bk = backend_for(model)
+    g = full_graph(model)
+    gen = torch.Generator().manual_seed(1)
+    keep = [g[i] for i in torch.randperm(len(g), generator=gen)[: len(g) // 2].tolist()]
+    keep_set = {(str(s), str(r)) for s, r in keep}
+    fast = exp.evaluate_circuit(keep).scores.values
+
+    _, corr = model.run_with_cache(corrupted)
+    n, H = model.cfg.n_layers, model.cfg.n_heads
+    b_O = model.b_O
+    outs: dict[str, torch.Tensor] = {}  # sender outputs in this run
+    abl: dict[str, torch.Tensor] = {"embed": corr["blocks.0.hook_resid_pre"]}
+    for la in range(n):
+        for h in range(H):
+            abl[f"{la}.{h}"] = corr[f"blocks.{la}.attn.hook_z"][:, :, h] @ model.W_O[la, h]
+        abl[f"m{la}"] = corr[f"blocks.{la}.hook_mlp_out"]
+    _, cl = model.run_with_cache(clean)
+    outs["embed"] = cl["blocks.0.hook_resid_pre"]
+
+    def receiver_input(r: str, upto: list[str], bias_layers: int) -> torch.Tensor:
+        total = sum(outs[s] if (s, r) in keep_set else abl[s] for s in upto)
+        return total + b_O[:bias_layers].sum(0)
+
+    done: list[str] = ["embed"]
+    for la in range(n):
+        qkv = {}
+        for c in "qkv":
+            per_head = [receiver_input(f"{la}.{h}.{c}", done, la) for h in range(H)]
+            qkv[c] = torch.stack(
+                [bk.head_input(la, c, x, [h])[..., 0, :] for h, x in enumerate(per_head)], dim=2
+            )
+
+        def put(c, qkv=qkv):
+            return lambda a, hook: qkv[c]
+
+        z = {}
+
+        def grab(a, hook, z=z):
+            z["z"] = a
+
+        model.run_with_hooks(
+            clean,
+            fwd_hooks=[(f"blocks.{la}.attn.hook_{c}", put(c)) for c in "qkv"]
+            + [(f"blocks.{la}.attn.hook_z", grab)],
+            stop_at_layer=la + 1,
+        )
+        for h in range(H):
+            outs[f"{la}.{h}"] = z["z"][:, :, h] @ model.W_O[la, h]
+        done += [f"{la}.{h}" for h in range(H)]
+        mlp_in = receiver_input(f"m{la}", done, la + 1)
+        outs[f"m{la}"] = bk.mlp_from_resid(la, mlp_in)
+        done.append(f"m{la}")
+    final = receiver_input("logits", done, n)
+    logits = bk.unembed(final)
+    slow = exp.readout.metric(logits)
+    torch.testing.assert_close(fast, slow, atol=1e-8, rtol=0)
+
+
+def test_patched_context_matches_engines(exp, model, toks):
+    clean, corrupted = toks
+    metric = exp.readout.metric
+    g = full_graph(model)
+    edges = g[: len(g) // 3]
+    n_hooks = hook_count(model)
+    with apexlens.patched(model, apexlens.Circuit(edges), corrupted):
+        inside = metric(model(clean))
+        _, cache = model.run_with_cache(clean)  # any run works inside
+    assert hook_count(model) == n_hooks
+    torch.testing.assert_close(inside, exp.evaluate_circuit(edges).scores.values, atol=TOL, rtol=0)
+    assert "blocks.0.hook_resid_pre" in cache
+    for recv in (["2.1.q", "logits"], ["m1", "2.0.k"], ["logits"]):
+        with apexlens.patched(model, apexlens.Paths(["0.1"], recv), corrupted):
+            inside = metric(model(clean))
+        torch.testing.assert_close(
+            inside, exp.path_patch(["0.1"], recv).per_example[0], atol=TOL, rtol=0
+        )
+    # after the block the model is clean again
+    torch.testing.assert_close(metric(model(clean)), exp.clean_values, atol=TOL, rtol=0)
+
+
+def test_circuit_errors(exp, model, toks):
+    E = apexlens.ApexlensError
+    with pytest.raises(E, match="backwards"):
+        exp.evaluate_circuit([("2.0", "1.1.q")])
+    with pytest.raises(E, match="same layer"):
+        exp.evaluate_circuit([("1.0", "1.1.q")])
+    with pytest.raises(E, match="unknown node"):
+        exp.evaluate_circuit([("0.0", "nowhere")])
+    with pytest.raises(E, match="ablation"):
+        exp.evaluate_circuit([], ablation="noise")
+    with pytest.raises(E, match="pair"):
+        exp.evaluate_circuit(["0.0"])
+    with pytest.raises(E, match="shape"):
+        with apexlens.patched(model, apexlens.Paths("0.1", "2.1.q"), toks[1]):
+            model(toks[0][:2])
