@@ -1,23 +1,26 @@
-"""Small random models for exactness tests (float64, MLPs and LayerNorm, weights far from init)."""
+"""Small random models for exactness tests (float64, MLPs and LayerNorm, weights far from init).
+
+Built from a HookedTransformer-format config and state dict (tests/backends.py), so the same
+model exists as a ``HookedTransformer`` (TL 3.9) and as a ``TransformerBridge`` (TL 3.9, 4.x).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from backends import build, default_backend, random_state_dict
 
 
-def random_model(
-    seed: int = 0,
+def random_config(
     *,
     n_layers: int = 3,
     attn_only: bool = False,
     normalization_type: str = "LN",
-    dtype: torch.dtype = torch.float64,
     d_vocab: int = 41,
     n_ctx: int = 12,
-):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
+) -> dict[str, Any]:
+    return dict(
         n_layers=n_layers,
         d_model=24,
         n_ctx=n_ctx,
@@ -28,25 +31,17 @@ def random_model(
         d_vocab=d_vocab,
         act_fn="gelu",
         normalization_type=normalization_type,
-        seed=seed,
-        dtype=dtype,
-        device="cpu",
     )
-    model = HookedTransformer(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".w"):  # LayerNorm gains
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-            else:
-                p.copy_(0.4 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    model.eval()
-    return model
 
 
-def random_tokens(
-    model, batch: int = 3, n_pos: int = 8, seed: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
+def random_model(
+    seed: int = 0, *, backend: str | None = None, dtype: torch.dtype = torch.float64, **cfg_kw: Any
+) -> Any:
+    cfg = random_config(**cfg_kw)
+    return build(cfg, random_state_dict(cfg, seed, dtype), backend or default_backend())
+
+
+def random_tokens(model, batch: int = 3, n_pos: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     clean = torch.randint(0, model.cfg.d_vocab, (batch, n_pos), generator=g)
     corrupted = torch.randint(0, model.cfg.d_vocab, (batch, n_pos), generator=g)

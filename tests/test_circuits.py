@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from apexlens.scoring import LogitDiff
+from backends import model_backends
 from helpers import hook_count, random_model, random_tokens
 
 import apexlens
@@ -13,9 +14,9 @@ from apexlens.graph import full_graph
 TOL = 1e-9
 
 
-@pytest.fixture(scope="module")
-def model():
-    return random_model(2)
+@pytest.fixture(scope="module", params=model_backends())
+def model(request):
+    return random_model(2, backend=request.param)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from apexlens.scoring import KLDivergence, LogitDiff
+from backends import model_backends
 from helpers import hook_count, random_model, random_tokens
 
 import apexlens
@@ -13,9 +14,9 @@ from apexlens.reference import naive_act_patch, naive_path_patch
 TOL = 1e-9
 
 
-@pytest.fixture(scope="module")
-def model():
-    return random_model(0)
+@pytest.fixture(scope="module", params=model_backends())
+def model(request):
+    return random_model(0, backend=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +120,10 @@ def test_result_shapes_and_normalisation(model, toks, metric):
     assert not torch.allclose(late.per_example[0], late.clean.values)
 
 
-def test_patching_every_head_at_once_equals_corrupted_run_without_mlps():
+@pytest.mark.parametrize("backend", model_backends())
+def test_patching_every_head_at_once_equals_corrupted_run_without_mlps(backend):
     """An attention-only model: all heads + embed patched jointly to the logits = corrupted run."""
-    model = random_model(3, attn_only=True)
+    model = random_model(3, attn_only=True, backend=backend)
     clean, corrupted = random_tokens(model)
     metric = LogitDiff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
     exp = apexlens.Experiment(model, clean, corrupted, metric=metric)
@@ -169,9 +171,10 @@ class Boom(Exception):
     pass
 
 
+@pytest.mark.parametrize("backend", model_backends())
 @pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
-def test_hooks_removed_and_flags_restored_after_exceptions(exc, toks):
-    model = random_model(1)
+def test_hooks_removed_and_flags_restored_after_exceptions(exc, backend, toks):
+    model = random_model(1, backend=backend)
     clean, corrupted = toks
     seen = []
     model.blocks[0].hook_resid_pre.add_hook(lambda act, hook: seen.append(1))  # the user's own hook
