@@ -31,6 +31,8 @@ Any TransformerLens hook points, given by name (``"blocks.3.attn.hook_z"``) or b
 
 A preset may be restricted to layers: ``"resid_pre:6"``, ``"z:0,1"``, ``"mlp_out:-1"``.
 Raw ``hook_embed`` / ``hook_pos_embed`` also work (then every draw runs the whole model).
+On a ``TransformerBridge``, ``blocks.{l}.hook_resid_mid`` is the MLP's input hook, so noise
+there reaches the MLP only, not the residual stream that skips past it.
 
 How big the noise is (``relative``)
 -----------------------------------

@@ -22,9 +22,45 @@ from typing import Any
 
 import torch
 
+GPT2_SMALL = dict(
+    n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
+    act_fn="gelu_new", normalization_type="LN",
+)
 
-def gpt2_small_random(seed: int = 0, device: str = "cpu") -> Any:
-    """A random-init model of GPT-2 small's shape (no download)."""
+
+def _gpt2_small_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """GPT-2-style random init (weights N(0, 0.02), norms 1/0) in HookedTransformer format."""
+    c = GPT2_SMALL
+    m, h, dh, f, v = c["d_model"], c["n_heads"], c["d_head"], c["d_mlp"], c["d_vocab"]
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape: int) -> torch.Tensor:
+        return 0.02 * torch.randn(shape, generator=g)
+
+    sd = {"embed.W_E": w(v, m), "pos_embed.W_pos": w(c["n_ctx"], m)}
+    for layer in range(c["n_layers"]):
+        p = f"blocks.{layer}"
+        sd.update({
+            f"{p}.ln1.w": torch.ones(m), f"{p}.ln1.b": torch.zeros(m),
+            f"{p}.ln2.w": torch.ones(m), f"{p}.ln2.b": torch.zeros(m),
+            f"{p}.attn.W_Q": w(h, m, dh), f"{p}.attn.W_K": w(h, m, dh),
+            f"{p}.attn.W_V": w(h, m, dh), f"{p}.attn.W_O": w(h, dh, m),
+            f"{p}.attn.b_Q": torch.zeros(h, dh), f"{p}.attn.b_K": torch.zeros(h, dh),
+            f"{p}.attn.b_V": torch.zeros(h, dh), f"{p}.attn.b_O": torch.zeros(m),
+            f"{p}.mlp.W_in": w(m, f), f"{p}.mlp.b_in": torch.zeros(f),
+            f"{p}.mlp.W_out": w(f, m), f"{p}.mlp.b_out": torch.zeros(m),
+        })
+    sd.update({"ln_final.w": torch.ones(m), "ln_final.b": torch.zeros(m),
+               "unembed.W_U": w(m, v), "unembed.b_U": torch.zeros(v)})
+    return sd
+
+
+def gpt2_small_random(seed: int = 0, device: str = "cpu", backend: str = "hooked") -> Any:
+    """A random-init model of GPT-2 small's shape (no download), as either TL model class."""
+    if backend == "bridge":
+        from apexlens.bridge import to_bridge
+
+        return to_bridge(GPT2_SMALL, _gpt2_small_state_dict(seed), device=device)
     try:
         from apexlens.models import random_gpt2_small  # type: ignore[attr-defined]
 
@@ -33,20 +69,7 @@ def gpt2_small_random(seed: int = 0, device: str = "cpu") -> Any:
         pass
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(
-        n_layers=12,
-        d_model=768,
-        n_heads=12,
-        d_head=64,
-        d_mlp=3072,
-        d_vocab=50257,
-        n_ctx=1024,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        seed=seed,
-        device=device,
-    )
-    model = HookedTransformer(cfg)
+    model = HookedTransformer(HookedTransformerConfig(**GPT2_SMALL, seed=seed, device=device))
     model.eval()
     return model
 
@@ -76,12 +99,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--layer", type=int, default=6, help="noise at blocks.LAYER.hook_resid_pre")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
+    parser.add_argument("--quick", action="store_true", help="4 draws instead of 32")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.draws = min(args.draws, 4)
 
     import apexlens
 
     torch.manual_seed(0)
-    model = gpt2_small_random(device=args.device)
+    try:
+        model = gpt2_small_random(device=args.device, backend=args.backend)
+    except ImportError:  # TransformerLens 4.x: no HookedTransformer
+        args.backend = "bridge"
+        model = gpt2_small_random(device=args.device, backend="bridge")
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, model.cfg.d_vocab, (args.batch, args.seq), generator=g)
     tokens = tokens.to(args.device)
@@ -112,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     n_pass = args.sigmas * args.draws
     print(
         f"APEX sweep, {args.sigmas} sigmas x {args.draws} draws at {site}, "
-        f"batch {args.batch} x {args.seq} tokens, GPT-2-small shape (random init), {args.device}"
+        f"batch {args.batch} x {args.seq} tokens, GPT-2-small shape (random init), "
+        f"{args.backend}, {args.device}"
     )
     print(f"{'per-draw run_with_hooks loop':>32}: {t_loop:8.2f} s  ({n_pass} forward passes)")
     print(f"{'apexlens.apex (batched)':>32}: {t_apex:8.2f} s")
