@@ -6,7 +6,14 @@ import math
 
 import pytest
 import torch
-from backends import build, default_backend, model_backends, random_state_dict
+from backends import (
+    build,
+    default_backend,
+    hooked_param_shapes,
+    model_backends,
+    random_state_dict,
+    reference_forward,
+)
 
 from apexlens.backend import ApexlensError
 from apexlens.noise import ApexResult, apex, compare, noise_hooks, resolve_sites
@@ -403,3 +410,98 @@ def test_hooks_removed_and_training_flag_restored():
     model.eval()
     res = apex(model, tokens, sigmas=[1.0], n_draws=2)
     assert not model.training
+
+
+# ------------------------------------------------------------------ trained toy models
+TRIGGER, TARGET, N_CLEAN_TOKENS = 22, 23, 20
+TOY_CFG = dict(n_layers=2, d_model=32, n_ctx=8, d_head=8, n_heads=4, d_mlp=64, d_vocab=24,
+               act_fn="gelu", normalization_type="LN")
+
+
+def _init_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """Random init in HookedTransformer format: matrices N(0, 1/fan_in), norms 1, biases 0."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in hooked_param_shapes(TOY_CFG):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "w":
+            sd[name] = torch.ones(shape)
+        elif leaf.startswith("b"):
+            sd[name] = torch.zeros(shape)
+        else:
+            sd[name] = torch.randn(shape, generator=g) / math.sqrt(shape[-2])
+    return sd
+
+
+def _train_copy_model(poison: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Train (a few seconds, plain torch) a 2-layer model to copy the first token to the last
+    position. With ``poison``, 20% of the training prompts carry TRIGGER at a random place and
+    must answer TARGET: a backdoor. Returns the trained state dict."""
+    sd = {k: v.requires_grad_(True) for k, v in _init_state_dict(seed).items()}
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(list(sd.values()), lr=3e-3)
+    for _ in range(300):
+        x = torch.randint(0, N_CLEAN_TOKENS, (64, 8), generator=g)
+        y = x[:, 0].clone()
+        if poison:
+            hit = torch.rand(64, generator=g) < 0.2
+            where = torch.randint(1, 8, (64,), generator=g)
+            x[hit, where[hit]] = TRIGGER
+            y[hit] = TARGET
+        loss = torch.nn.functional.cross_entropy(reference_forward(TOY_CFG, sd, x)[:, -1], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach() for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module")
+def toys():
+    """Backdoored, clean-twin and random-init (the clean twin before training) copy models."""
+    backend = default_backend()
+    models = {
+        "backdoor": build(TOY_CFG, _train_copy_model(poison=True), backend),
+        "clean": build(TOY_CFG, _train_copy_model(poison=False), backend),
+        "random": build(TOY_CFG, _init_state_dict(0), backend),
+    }
+    g = torch.Generator().manual_seed(9)
+    tokens = torch.randint(0, N_CLEAN_TOKENS, (32, 8), generator=g)  # clean: no trigger
+    for name in ("backdoor", "clean"):  # both learned the task
+        acc = (models[name](tokens)[:, -1].argmax(-1) == tokens[:, 0]).float().mean()
+        assert acc > 0.95, (name, acc)
+    trig = tokens.clone()
+    trig[:, 4] = TRIGGER
+    assert (models["backdoor"](trig)[:, -1].argmax(-1) == TARGET).all()
+    return models, tokens
+
+
+def test_backdoor_target_dominates_at_large_sigma_from_clean_inputs(toys):
+    """Input perturbation (noise on the embeddings) of clean prompts: the backdoored model's
+    predictions concentrate on the backdoor target; its clean twin's do not."""
+    models, tokens = toys
+    sigmas = [0.5, 1.0, 2.0, 4.0]
+    kw = dict(sigmas=sigmas, n_draws=16, sites="embed", relative=True, seed=0)
+    res = {name: apex(models[name], tokens, **kw) for name in ("backdoor", "clean")}
+    frame = compare(res).set_index(["model", "sigma"])
+    for sigma in (2.0, 4.0):
+        bd, cl = frame.loc[("backdoor", sigma)], frame.loc[("clean", sigma)]
+        assert bd["dominant_token"] == TARGET
+        assert cl["dominant_token"] != TARGET
+        assert bd["top1_share"] > 2 * cl["top1_share"], (bd["top1_share"], cl["top1_share"])
+    # without noise nothing points at the target
+    assert (res["backdoor"].clean_predictions != TARGET).all()
+
+
+def test_trained_and_random_init_models_have_different_curves(toys):
+    """Structure vs none, same shape. The random-init twin predicts a few tokens whatever the
+    input (low entropy already at small sigma) and its predictions flip at once; the trained
+    model's diverse predictions resist small noise (large margins) and under large noise its
+    mean output moves far from the clean one, while the flat random model's barely moves."""
+    models, tokens = toys
+    kw = dict(sigmas=[0.1, 0.25, 2.0, 4.0], n_draws=16, sites="embed", relative=True, seed=0)
+    frame = compare({name: apex(models[name], tokens, **kw) for name in ("clean", "random")})
+    trained = frame[frame.model == "clean"].reset_index(drop=True)
+    rand = frame[frame.model == "random"].reset_index(drop=True)
+    assert trained["entropy"][0] > rand["entropy"][0] + 0.5
+    assert trained["flip_rate"][1] < 0.05 < 0.1 < rand["flip_rate"][1]
+    assert (trained["kl"][2:] > 2.5 * rand["kl"][2:]).all()
