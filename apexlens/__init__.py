@@ -13,10 +13,58 @@ Public API (one screen):
 * plotting   -- plotly figures for every result
 """
 
+from apexlens import graph, scoring
 from apexlens.backend import ApexlensError
 from apexlens.bridge import to_bridge
+from apexlens.circuits import Circuit, CircuitResult, Paths, evaluate_circuit, patched
+from apexlens.graph import Node, all_heads, all_mlps, full_graph, heads_of_layer, parse_node
 from apexlens.noise import ApexResult, apex, compare, noise_hooks
+from apexlens.patching import Experiment, PathPatchResult, act_patch, path_patch
+from apexlens.scoring import (
+    AnswerLogProb,
+    AnswerProb,
+    KLDivergence,
+    LogitDiff,
+    LogitDiffRecovery,
+    Metric,
+    Scores,
+    scores_frame,
+)
 from apexlens.tasks.base import Task, TaskBatch
 
-__all__ = ["ApexlensError", "Task", "TaskBatch", "ApexResult", "apex", "compare", "noise_hooks", "to_bridge"]
+__all__ = [
+    "graph",
+    "scoring",
+    "Circuit",
+    "CircuitResult",
+    "Paths",
+    "evaluate_circuit",
+    "patched",
+    "Node",
+    "all_heads",
+    "all_mlps",
+    "full_graph",
+    "heads_of_layer",
+    "parse_node",
+    "Experiment",
+    "PathPatchResult",
+    "act_patch",
+    "path_patch",
+    "AnswerLogProb",
+    "AnswerProb",
+    "KLDivergence",
+    "LogitDiff",
+    "LogitDiffRecovery",
+    "Metric",
+    "Scores",
+    "scores_frame",
+    "ApexlensError",
+    "Task",
+    "TaskBatch",
+    "ApexResult",
+    "apex",
+    "compare",
+    "noise_hooks",
+    "to_bridge",
+]
 __version__ = "0.1.0"

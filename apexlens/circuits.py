@@ -326,7 +326,16 @@ def evaluate_edges(
     reference_tokens: Tensor | None = None,
 ) -> CircuitResult:
     """Evaluate a circuit on an :class:`~apexlens.patching.Experiment` (cached runs reused)."""
-    edge_list = list(edges)
+    with inference_mode(exp.model):
+        return _evaluate_edges(exp, list(edges), ablation, reference_tokens)
+
+
+def _evaluate_edges(
+    exp: Experiment,
+    edge_list: list[tuple[Any, Any]],
+    ablation: Ablation,
+    reference_tokens: Tensor | None,
+) -> CircuitResult:
     index = _index(exp)
     keep = index.mask(edge_list)
     final = run_circuit(exp, keep, ablation, reference_tokens)
@@ -336,9 +345,8 @@ def evaluate_edges(
     else:
         empty_final = run_circuit(exp, torch.zeros_like(keep), ablation, reference_tokens)
         empty_values = exp.readout(exp.readout.gather(empty_final))
-    with torch.no_grad():
-        aue = float(_kl(exp.clean.final, final, exp).mean())
-        ate = float(_kl(exp.clean.final, empty_final, exp).mean())
+    aue = float(_kl(exp.clean.final, final, exp).mean())
+    ate = float(_kl(exp.clean.final, empty_final, exp).mean())
     gap = float(exp.clean_values.mean() - empty_values.mean())
     if gap == 0:
         raise ApexlensError("clean and fully ablated metrics are equal: recovery is undefined")

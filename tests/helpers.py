@@ -50,4 +50,6 @@ def random_tokens(model, batch: int = 3, n_pos: int = 8, seed: int = 1) -> tuple
 
 
 def hook_count(model) -> int:
-    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())
+    """Hooks attached anywhere (a bridge lists a hook point under several alias names)."""
+    points = {id(hp): hp for hp in model.hook_dict.values()}.values()
+    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in points)

@@ -1,0 +1,326 @@
+"""Scoring: metrics that read logits, and per-example results with their uncertainty.
+
+A **metric** maps logits ``[batch, pos, vocab]`` to one value per example ``[batch]``. The
+built-in ones also *declare what they read* -- the positions (``read_positions``) and the
+vocabulary columns (``tokens``) -- so an engine can compute only those: the path-patching
+engine then needs the final residual stream at one position per example and, for a logit
+difference, two columns of the unembedding instead of 50257. ``metric.reduce(selected)``
+is the metric given logits already gathered at those positions and columns; it broadcasts
+over any leading dimensions (many patched runs at once).
+
+A :class:`Scores` keeps the per-example values and gives the mean, its standard error and a
+seeded percentile-bootstrap confidence interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from apexlens.backend import ApexlensError
+
+Positions = int | Sequence[int] | Tensor | None
+
+
+def _as_long(x: Any, what: str) -> Tensor:
+    t = torch.as_tensor(x)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise ApexlensError(f"{what} must be integer token ids, got dtype {t.dtype}")
+    return t.long()
+
+
+def check_finite(values: Tensor, what: str = "metric") -> Tensor:
+    """Raise an :class:`ApexlensError` if ``values`` holds NaN or inf."""
+    if not torch.isfinite(values).all():
+        raise ApexlensError(f"{what} returned NaN or inf")
+    return values
+
+
+class Metric:
+    """Base class: a per-example metric that declares the positions and tokens it reads."""
+
+    name: str = "metric"
+    positions: Positions = -1
+    tokens: Int[Tensor, " n_tok"] | None = None
+
+    def read_positions(self, batch: int, n_pos: int) -> Int[Tensor, "batch k"]:
+        """Absolute positions read, one row per example."""
+        p = self.positions
+        if p is None:
+            return torch.arange(n_pos).expand(batch, n_pos)
+        t = torch.as_tensor(p).long()
+        if t.ndim == 0:
+            t = t.expand(batch)[:, None]
+        elif t.ndim == 1 and not isinstance(p, Tensor):
+            t = t[None, :].expand(batch, -1)
+        elif t.ndim == 1:
+            if t.shape[0] != batch:
+                raise ApexlensError(
+                    f"{self.name}: {t.shape[0]} positions given for a batch of {batch} examples"
+                )
+            t = t[:, None]
+        elif t.ndim != 2 or t.shape[0] != batch:
+            raise ApexlensError(
+                f"{self.name}: positions must be an int, a list, [batch] or [batch, k]; got shape {tuple(t.shape)}"
+            )
+        if ((t < -n_pos) | (t >= n_pos)).any():
+            raise ApexlensError(
+                f"{self.name}: positions out of range for sequences of length {n_pos}"
+            )
+        return t % n_pos
+
+    def reduce(
+        self, selected: Float[Tensor, "*lead batch k n_tok"]
+    ) -> Float[Tensor, "*lead batch"]:
+        raise NotImplementedError
+
+    def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
+        if logits.ndim != 3:
+            raise ApexlensError(
+                f"{self.name} expects logits [batch, pos, vocab], got {tuple(logits.shape)}"
+            )
+        batch, n_pos, _ = logits.shape
+        idx = self.read_positions(batch, n_pos).to(logits.device)
+        sel = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+        if self.tokens is not None:
+            sel = sel[..., self.tokens.to(logits.device)]
+        return check_finite(self.reduce(sel), self.name)
+
+
+def _per_example(tokens: Tensor, batch_hint: int | None = None) -> Tensor:
+    return tokens if tokens.ndim >= 1 else tokens[None]
+
+
+class LogitDiff(Metric):
+    """``logit[answer] - logit[wrong]`` at ``positions``, per example (mean over positions).
+
+    ``answer_tokens`` and ``wrong_tokens`` are ``[batch]`` (or ``[batch, k]`` for ``k``
+    positions per example); ints or lists work too.
+    """
+
+    name = "logit_diff"
+
+    def __init__(self, answer_tokens: Any, wrong_tokens: Any, positions: Positions = -1):
+        self.answer = _per_example(_as_long(answer_tokens, "answer_tokens"))
+        self.wrong = _per_example(_as_long(wrong_tokens, "wrong_tokens"))
+        if self.answer.shape != self.wrong.shape:
+            raise ApexlensError(
+                f"answer tokens {tuple(self.answer.shape)} and wrong tokens {tuple(self.wrong.shape)} "
+                "must have the same shape"
+            )
+        self.positions = positions
+        self.tokens, inverse = torch.unique(
+            torch.cat([self.answer.flatten(), self.wrong.flatten()]), return_inverse=True
+        )
+        n = self.answer.numel()
+        self._ai = inverse[:n].reshape(self.answer.shape)
+        self._wi = inverse[n:].reshape(self.wrong.shape)
+
+    def reduce(
+        self, selected: Float[Tensor, "*lead batch k n_tok"]
+    ) -> Float[Tensor, "*lead batch"]:
+        batch, k = selected.shape[-3], selected.shape[-2]
+        ai, wi = self._ai.to(selected.device), self._wi.to(selected.device)
+        if ai.ndim == 1:
+            if ai.shape[0] not in (1, batch):
+                raise ApexlensError(f"{self.name}: {ai.shape[0]} answers for a batch of {batch}")
+            ai, wi = (
+                ai.expand(batch)[:, None].expand(batch, k),
+                wi.expand(batch)[:, None].expand(batch, k),
+            )
+        idx_a = ai.expand(*selected.shape[:-1])[..., None]
+        idx_w = wi.expand(*selected.shape[:-1])[..., None]
+        diff = selected.gather(-1, idx_a)[..., 0] - selected.gather(-1, idx_w)[..., 0]
+        return diff.mean(-1)
+
+
+class LogitDiffRecovery(LogitDiff):
+    """How much of the clean logit difference a patch keeps, per example:
+    ``(patched - corrupted) / (clean - corrupted)`` (1 = clean behaviour, 0 = corrupted).
+
+    ``clean_value`` / ``corrupted_value`` are per-example tensors or scalars (e.g. from
+    ``LogitDiff(...)(clean_logits)``). Examples whose clean and corrupted values are equal
+    have no behaviour to recover: an error names them.
+    """
+
+    name = "logit_diff_recovery"
+
+    def __init__(
+        self,
+        answer_tokens: Any,
+        wrong_tokens: Any,
+        clean_value: Any,
+        corrupted_value: Any,
+        positions: Positions = -1,
+    ):
+        super().__init__(answer_tokens, wrong_tokens, positions)
+        self.clean_value = torch.as_tensor(clean_value, dtype=torch.float64)
+        self.corrupted_value = torch.as_tensor(corrupted_value, dtype=torch.float64)
+        gap = self.clean_value - self.corrupted_value
+        if (gap == 0).any():
+            bad = (gap == 0).nonzero().flatten().tolist()
+            raise ApexlensError(
+                f"clean and corrupted logit differences are equal for examples {bad}: recovery is undefined"
+            )
+
+    def reduce(
+        self, selected: Float[Tensor, "*lead batch k n_tok"]
+    ) -> Float[Tensor, "*lead batch"]:
+        ld = super().reduce(selected)
+        return recovery(ld, self.clean_value.to(ld), self.corrupted_value.to(ld))
+
+
+def recovery(patched: Tensor, clean: Tensor | float, corrupted: Tensor | float) -> Tensor:
+    """``(patched - corrupted) / (clean - corrupted)``."""
+    clean_t = torch.as_tensor(clean, dtype=patched.dtype)
+    corr_t = torch.as_tensor(corrupted, dtype=patched.dtype)
+    gap = clean_t - corr_t
+    if (gap == 0).any():
+        raise ApexlensError("clean and corrupted values are equal: recovery is undefined")
+    return (patched - corr_t) / gap
+
+
+class KLDivergence(Metric):
+    """``KL(clean || patched)`` of the next-token distribution at ``positions``, per example
+    (mean over positions). ``clean_logits``: ``[batch, pos, vocab]`` logits of the clean run."""
+
+    name = "kl_divergence"
+
+    def __init__(self, clean_logits: Float[Tensor, "batch pos vocab"], positions: Positions = -1):
+        if clean_logits.ndim != 3:
+            raise ApexlensError(
+                f"clean_logits must be [batch, pos, vocab], got {tuple(clean_logits.shape)}"
+            )
+        self.positions = positions
+        self.tokens = None
+        idx = self.read_positions(clean_logits.shape[0], clean_logits.shape[1])
+        sel = clean_logits.detach().gather(1, idx[..., None].expand(-1, -1, clean_logits.shape[-1]))
+        self.clean_logprobs = F.log_softmax(sel, dim=-1)
+
+    def reduce(
+        self, selected: Float[Tensor, "*lead batch k n_tok"]
+    ) -> Float[Tensor, "*lead batch"]:
+        ref = self.clean_logprobs.to(selected)
+        if ref.shape != selected.shape[-3:]:
+            raise ApexlensError(
+                f"{self.name}: logits {tuple(selected.shape[-3:])} do not match the clean run {tuple(ref.shape)}"
+            )
+        lp = F.log_softmax(selected, dim=-1)
+        return (ref.exp() * (ref - lp)).sum(-1).mean(-1)
+
+
+class AnswerLogProb(Metric):
+    """Log-probability of the answer token at ``positions``, per example."""
+
+    name = "answer_logprob"
+
+    def __init__(self, answer_tokens: Any, positions: Positions = -1):
+        self.answer = _per_example(_as_long(answer_tokens, "answer_tokens"))
+        self.positions = positions
+        self.tokens = None
+
+    def reduce(
+        self, selected: Float[Tensor, "*lead batch k n_tok"]
+    ) -> Float[Tensor, "*lead batch"]:
+        batch, k = selected.shape[-3], selected.shape[-2]
+        a = self.answer.to(selected.device)
+        a = a.expand(batch)[:, None].expand(batch, k) if a.ndim == 1 else a
+        lp = F.log_softmax(selected, dim=-1)
+        return lp.gather(-1, a.expand(*selected.shape[:-1])[..., None])[..., 0].mean(-1)
+
+
+class AnswerProb(AnswerLogProb):
+    """Softmax probability of the answer token at ``positions``, per example."""
+
+    name = "answer_prob"
+
+    def reduce(
+        self, selected: Float[Tensor, "*lead batch k n_tok"]
+    ) -> Float[Tensor, "*lead batch"]:
+        batch, k = selected.shape[-3], selected.shape[-2]
+        a = self.answer.to(selected.device)
+        a = a.expand(batch)[:, None].expand(batch, k) if a.ndim == 1 else a
+        p = F.softmax(selected, dim=-1)
+        return p.gather(-1, a.expand(*selected.shape[:-1])[..., None])[..., 0].mean(-1)
+
+
+class FunctionMetric(Metric):
+    """Wrap ``fn(selected[..., batch, k, n_tok]) -> [..., batch]`` as a declared metric."""
+
+    def __init__(
+        self,
+        fn: Callable[[Tensor], Tensor],
+        positions: Positions = None,
+        tokens: Any = None,
+        name: str = "function",
+    ):
+        self.fn, self.positions, self.name = fn, positions, name
+        self.tokens = None if tokens is None else _as_long(tokens, "tokens")
+
+    def reduce(
+        self, selected: Float[Tensor, "*lead batch k n_tok"]
+    ) -> Float[Tensor, "*lead batch"]:
+        return self.fn(selected)
+
+
+# ============================================================================ results
+@dataclass(frozen=True)
+class Scores:
+    """Per-example values with their mean, standard error and bootstrap interval."""
+
+    values: Float[Tensor, " batch"]
+
+    def __post_init__(self) -> None:
+        v = torch.as_tensor(self.values).detach().flatten()
+        object.__setattr__(self, "values", v)
+
+    def __len__(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def mean(self) -> float:
+        return float(self.values.double().mean())
+
+    @property
+    def sem(self) -> float:
+        n = len(self)
+        if n < 2:
+            return float("nan")
+        return float(self.values.double().std(unbiased=True) / n**0.5)
+
+    def ci(self, level: float = 0.95, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+        """Percentile bootstrap interval of the mean (seeded, reproducible)."""
+        if not 0 < level < 1:
+            raise ApexlensError(f"level must be in (0, 1), got {level}")
+        v = self.values.double()
+        n = len(self)
+        if n == 0:
+            raise ApexlensError("no values")
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, n, (n_boot, n), generator=g)
+        means = v[idx].mean(1)
+        lo, hi = torch.quantile(
+            means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+        )
+        return float(lo), float(hi)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"example": range(len(self)), "value": self.values.double().numpy()})
+
+
+def scores_frame(scores: Mapping[str, Scores], level: float = 0.95) -> pd.DataFrame:
+    """One row per named :class:`Scores`: mean, sem, bootstrap interval, n."""
+    rows = []
+    for name, s in scores.items():
+        lo, hi = s.ci(level)
+        rows.append(
+            {"name": name, "mean": s.mean, "sem": s.sem, "ci_low": lo, "ci_high": hi, "n": len(s)}
+        )
+    return pd.DataFrame(rows)
