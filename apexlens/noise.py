@@ -637,6 +637,11 @@ def apex(
     n, seq_len = int(tokens.shape[0]), int(tokens.shape[1])
     if n == 0 or seq_len == 0:
         raise ApexlensError(f"tokens is empty: shape {tuple(tokens.shape)}")
+    d_vocab_in = int(getattr(backend.model.cfg, "d_vocab", backend.dims.d_vocab))
+    if int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab_in:
+        raise ApexlensError(
+            f"token ids must lie in [0, {d_vocab_in}), got {int(tokens.min())}..{int(tokens.max())}"
+        )
     if seq_len > backend.dims.n_ctx:
         raise ApexlensError(
             f"sequences of length {seq_len} exceed the model's n_ctx {backend.dims.n_ctx}"

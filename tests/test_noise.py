@@ -365,6 +365,10 @@ def test_bad_input_raises_one_clear_error():
             apex(model, tokens, **kwargs)
     with pytest.raises(ApexlensError, match="integer tensor"):
         apex(model, tokens.float(), sigmas=[1.0])
+    with pytest.raises(ApexlensError, match="token ids"):
+        apex(model, tokens + model.cfg.d_vocab, sigmas=[1.0])
+    with pytest.raises(ApexlensError, match="n_ctx"):
+        apex(model, tokens.repeat(1, 2), sigmas=[1.0])
     with pytest.raises(ApexlensError, match="sigma must be"):
         with noise_hooks(model, -1.0):
             pass
