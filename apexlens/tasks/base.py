@@ -23,11 +23,11 @@ from torch import Tensor
 class TaskBatch:
     clean_tokens: Int[Tensor, "batch pos"]
     corrupted_tokens: Int[Tensor, "batch pos"]
-    answer_tokens: Int[Tensor, "batch"]
-    wrong_tokens: Int[Tensor, "batch"]
-    positions: Int[Tensor, "batch"]
+    answer_tokens: Int[Tensor, " batch"]
+    wrong_tokens: Int[Tensor, " batch"]
+    positions: Int[Tensor, " batch"]
     """Where the answer is predicted: the metric reads the logits at these positions."""
-    named_positions: dict[str, Int[Tensor, "batch"]] = field(default_factory=dict)
+    named_positions: dict[str, Int[Tensor, " batch"]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.clean_tokens.shape != self.corrupted_tokens.shape:
@@ -67,4 +67,4 @@ class Task(Protocol):
 
     def batch(self, n: int, *, seed: int = 0) -> TaskBatch: ...
 
-    def token_labels(self, tokens: Int[Tensor, "pos"]) -> list[str]: ...
+    def token_labels(self, tokens: Int[Tensor, " pos"]) -> list[str]: ...
