@@ -51,8 +51,6 @@ from apexlens.hooks import HookFn, attached, inference_mode
 from apexlens.scoring import Metric, Scores
 
 MLPMode = Literal["live", "frozen"]
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
-"""Bytes of working memory one batch of senders may take (the engine chunks to stay under)."""
 
 
 # ============================================================================ readout
@@ -254,7 +252,7 @@ class Experiment:
         *,
         metric: Callable[[Tensor], Tensor],
         positions: Mapping[str, Any] | None = None,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        memory_budget: int | None = None,
     ) -> None:
         self.bk = backend_for(model)
         _check_tokens(self.bk, clean_tokens, corrupted_tokens)
@@ -262,7 +260,7 @@ class Experiment:
         self.clean_tokens, self.corrupted_tokens = clean_tokens, corrupted_tokens
         self.batch, self.n_pos = (int(s) for s in clean_tokens.shape)
         self.named_positions = dict(positions or {})
-        self.memory_budget = memory_budget
+        self.memory_budget = memory_budget or self._default_budget()
         self.readout = Readout(self.bk, metric, self.batch, self.n_pos)
         with inference_mode(model):
             self.clean = cached_run(self.bk, clean_tokens)
@@ -294,13 +292,23 @@ class Experiment:
         return d if m is None else d * m[..., None].to(d.dtype)
 
     def _chunk_size(self, n_rows: int, full_positions: bool) -> int:
+        """Rows (senders) per batch so that one batch's working set stays within the budget."""
         d = self.bk.dims
-        width = 8 * d.d_model + 3 * 4 * d.d_model + (d.d_head * d.n_heads * 4)
-        per_tok = width * self.bk.dtype.itemsize
+        d_mlp = int(getattr(self.bk.model.cfg, "d_mlp", None) or 4 * d.d_model)
+        per_tok = (10 * d.d_model + 2 * d_mlp + 4 * d.n_heads * d.d_head) * self.bk.dtype.itemsize
         n_tok = self.batch * (self.n_pos if full_positions else self.readout.idx.shape[1])
         attn = self.batch * d.n_heads * self.n_pos * self.n_pos * 3 * self.bk.dtype.itemsize
         per_row = n_tok * per_tok + (attn if full_positions else 0)
         return max(1, min(n_rows, self.memory_budget // max(per_row, 1)))
+
+    def _default_budget(self) -> int:
+        """Half of what a plain ``run_with_cache`` of the clean batch holds (at least 16 MiB)."""
+        d = self.bk.dims
+        d_mlp = int(getattr(self.bk.model.cfg, "d_mlp", None) or 4 * d.d_model)
+        n_tok = self.batch * self.n_pos
+        per_layer = n_tok * (12 * d.d_model + 2 * d_mlp) + 2 * self.batch * d.n_heads * self.n_pos**2
+        cache = (d.n_layers * per_layer + n_tok * d.d_vocab) * self.bk.dtype.itemsize
+        return max(16 * 2**20, cache // 2)
 
     # ------------------------------------------------------------------ path patching
     def path_patch(
@@ -788,7 +796,7 @@ def path_patch(
     mlps: MLPMode = "live",
     via: Sequence[NodeSpec] = (),
     positions: Mapping[str, Any] | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     progress: bool = False,
 ) -> PathPatchResult:
     """Path-patch every sender, one at a time, to the receivers.
@@ -827,7 +835,7 @@ def act_patch(
     nodes: NodeSpec = "all-heads",
     metric: Callable[[Tensor], Tensor],
     positions: Mapping[str, Any] | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     progress: bool = False,
 ) -> PathPatchResult:
     """Activation patching, TransformerLens' convention: run ``corrupted_tokens`` and put each
@@ -890,7 +898,7 @@ def patched_paths(
             exp.bk, exp.model = bk, model
             exp.batch, exp.n_pos = shape
             exp.named_positions = dict(positions or {})
-            exp.memory_budget = DEFAULT_MEMORY_BUDGET
+            exp.memory_budget = exp._default_budget()
             names = _cache_names(bk)
             acts: dict[str, Tensor] = {}
 
