@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from backends import HAS_HOOKED, default_backend
 
 # The test models are tiny: torch's intra-op threads only contend with each other (and with

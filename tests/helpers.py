@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from backends import build, default_backend, random_state_dict
 
 

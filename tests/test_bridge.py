@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from apexlens.backend import ApexlensError, Backend, backend_for
+from apexlens.bridge import BridgeBackend, convert_hooked_state_dict, is_bridge, to_bridge
+
 from backends import (
     build,
     hooked_param_shapes,
@@ -15,9 +19,6 @@ from backends import (
     random_state_dict,
     reference_forward,
 )
-
-from apexlens.backend import ApexlensError, Backend, backend_for
-from apexlens.bridge import BridgeBackend, convert_hooked_state_dict, is_bridge, to_bridge
 
 BASE = dict(
     n_layers=3, d_model=24, d_head=6, n_heads=4, d_mlp=48, d_vocab=41, n_ctx=12, act_fn="gelu"

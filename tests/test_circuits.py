@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from apexlens.scoring import LogitDiff
-from backends import model_backends
-from helpers import hook_count, random_model, random_tokens
 
 import apexlens
 from apexlens.graph import full_graph
+from apexlens.scoring import LogitDiff
+
+from backends import model_backends
+from helpers import hook_count, random_model, random_tokens
 
 TOL = 1e-9
 

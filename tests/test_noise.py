@@ -6,6 +6,10 @@ import math
 
 import pytest
 import torch
+
+from apexlens.backend import ApexlensError
+from apexlens.noise import ApexResult, apex, compare, noise_hooks, resolve_sites
+
 from backends import (
     build,
     default_backend,
@@ -14,9 +18,6 @@ from backends import (
     random_state_dict,
     reference_forward,
 )
-
-from apexlens.backend import ApexlensError
-from apexlens.noise import ApexResult, apex, compare, noise_hooks, resolve_sites
 
 
 def random_model(seed: int = 0, *, backend: str | None = None, dtype=torch.float64,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from apexlens.scoring import KLDivergence, LogitDiff
-from backends import model_backends
-from helpers import hook_count, random_model, random_tokens
 
 import apexlens
 from apexlens.reference import naive_act_patch, naive_path_patch
+from apexlens.scoring import KLDivergence, LogitDiff
+
+from backends import model_backends
+from helpers import hook_count, random_model, random_tokens
 
 TOL = 1e-9
 
@@ -148,6 +149,10 @@ def test_act_patch_matches_transformer_lens(model, toks, metric):
         3, 8, 4
     )
     torch.testing.assert_close(ours, tl.to(ours.dtype), atol=1e-6, rtol=0)
+    tl = tlp.get_act_patch_mlp_out(model, corrupted, cache, mean_metric)
+    nodes = [f"m{la}@{p}" for la in range(3) for p in range(8)]
+    ours = apexlens.act_patch(model, clean, corrupted, nodes=nodes, metric=metric).values.reshape(3, 8)
+    torch.testing.assert_close(ours, tl.to(ours.dtype), atol=1e-6, rtol=0)
     tl = tlp.get_act_patch_resid_pre(model, corrupted, cache, mean_metric)
     nodes = [f"r{la}@{p}" for la in range(3) for p in range(8)]
     ours = apexlens.act_patch(model, clean, corrupted, nodes=nodes, metric=metric).values.reshape(
@@ -248,14 +253,14 @@ def test_errors_are_clear(model, toks, metric):
 
 
 # ---------------------------------------------------------------------------- the shipped induction model
-def test_induction_model_prev_token_to_induction_key_path():
+@pytest.mark.parametrize("backend", model_backends())
+def test_induction_model_prev_token_to_induction_key_path(backend):
     """On the shipped induction model, path patching singles out prev-token head -> induction head
     (via its key) -> logits."""
     from apexlens.models import load_model
-
     from apexlens.tasks import get_task
 
-    model = load_model("induction-2l", dtype=torch.float64)
+    model = load_model("induction-2l", dtype=torch.float64, backend=backend)
     batch = get_task("induction").batch(16, seed=0)
     metric = batch.logit_diff()
     exp = apexlens.Experiment(model, batch.clean_tokens, batch.corrupted_tokens, metric=metric)
