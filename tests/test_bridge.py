@@ -13,6 +13,7 @@ from apexlens.backend import ApexlensError, Backend, backend_for
 from apexlens.bridge import BridgeBackend, convert_hooked_state_dict, is_bridge, to_bridge
 
 from backends import (
+    HAS_HOOKED,
     build,
     hooked_param_shapes,
     model_backends,
@@ -468,3 +469,30 @@ def test_bridge_backend_on_a_hugging_face_gpt2(processed):
     close(bk.unembed(final), logits)
     close(bk.unembed(final, torch.tensor([3, 9])), logits[..., [3, 9]])
     assert logits.std() > 0.5
+
+
+# ------------------------------------------------------------------ the shipped toy models
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shipped_toy_models_as_bridges(toy_model_factory, dtype):
+    """Every shipped model loads as a bridge computing its saved weights' function (and, on
+    TL 3.9, the HookedTransformer's logits)."""
+    from apexlens.models import list_models, toy_state
+
+    names = list_models()
+    assert names, "no shipped toy models found"
+    for name in names:
+        cfg, sd = toy_state(name, torch.float64)
+        toks = tokens(cfg, batch=4, n_pos=min(cfg["n_ctx"], 16))
+        bridge = toy_model_factory(name, "bridge", dtype)
+        assert is_bridge(bridge) and not bridge.training
+        with torch.no_grad():
+            logits = bridge(toks)
+        assert logits.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(
+            logits.double(), reference_forward(cfg, sd, toks), atol=tol, rtol=0
+        )
+        if HAS_HOOKED:
+            with torch.no_grad():
+                hooked = toy_model_factory(name, "hooked", dtype)(toks)
+            torch.testing.assert_close(logits, hooked, atol=tol, rtol=0)
