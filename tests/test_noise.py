@@ -16,7 +16,6 @@ from backends import (
     hooked_param_shapes,
     model_backends,
     random_state_dict,
-    reference_forward,
 )
 
 
@@ -417,17 +416,12 @@ def test_hooks_removed_and_training_flag_restored():
     assert not model.training
 
 
-# ------------------------------------------------------------------ trained toy models
-TRIGGER, TARGET, N_CLEAN_TOKENS = 22, 23, 20
-TOY_CFG = dict(n_layers=2, d_model=32, n_ctx=8, d_head=8, n_heads=4, d_mlp=64, d_vocab=24,
-               act_fn="gelu", normalization_type="LN")
-
-
-def _init_state_dict(seed: int) -> dict[str, torch.Tensor]:
+# ------------------------------------------------------------------ shipped toy models
+def _random_init_state_dict(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     """Random init in HookedTransformer format: matrices N(0, 1/fan_in), norms 1, biases 0."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for name, shape in hooked_param_shapes(TOY_CFG):
+    for name, shape in hooked_param_shapes(cfg):
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "w":
             sd[name] = torch.ones(shape)
@@ -438,75 +432,44 @@ def _init_state_dict(seed: int) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _train_copy_model(poison: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Train (a few seconds, plain torch) a 2-layer model to copy the first token to the last
-    position. With ``poison``, 20% of the training prompts carry TRIGGER at a random place and
-    must answer TARGET: a backdoor. Returns the trained state dict."""
-    sd = {k: v.requires_grad_(True) for k, v in _init_state_dict(seed).items()}
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(list(sd.values()), lr=3e-3)
-    for _ in range(300):
-        x = torch.randint(0, N_CLEAN_TOKENS, (64, 8), generator=g)
-        y = x[:, 0].clone()
-        if poison:
-            hit = torch.rand(64, generator=g) < 0.2
-            where = torch.randint(1, 8, (64,), generator=g)
-            x[hit, where[hit]] = TRIGGER
-            y[hit] = TARGET
-        loss = torch.nn.functional.cross_entropy(reference_forward(TOY_CFG, sd, x)[:, -1], y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {k: v.detach() for k, v in sd.items()}
+def test_backdoor_target_dominates_at_large_sigma_from_clean_inputs(toy_model_factory):
+    """Input perturbation (noise on the embeddings, relative to their size) of clean prompts,
+    no trigger anywhere: the backdoored model's predictions concentrate on the backdoor
+    target; its clean twin's do not."""
+    from apexlens.models import model_info
+    from apexlens.tasks import get_task
 
-
-@pytest.fixture(scope="module")
-def toys():
-    """Backdoored, clean-twin and random-init (the clean twin before training) copy models."""
-    backend = default_backend()
-    models = {
-        "backdoor": build(TOY_CFG, _train_copy_model(poison=True), backend),
-        "clean": build(TOY_CFG, _train_copy_model(poison=False), backend),
-        "random": build(TOY_CFG, _init_state_dict(0), backend),
-    }
-    g = torch.Generator().manual_seed(9)
-    tokens = torch.randint(0, N_CLEAN_TOKENS, (32, 8), generator=g)  # clean: no trigger
-    for name in ("backdoor", "clean"):  # both learned the task
-        acc = (models[name](tokens)[:, -1].argmax(-1) == tokens[:, 0]).float().mean()
-        assert acc > 0.95, (name, acc)
-    trig = tokens.clone()
-    trig[:, 4] = TRIGGER
-    assert (models["backdoor"](trig)[:, -1].argmax(-1) == TARGET).all()
-    return models, tokens
-
-
-def test_backdoor_target_dominates_at_large_sigma_from_clean_inputs(toys):
-    """Input perturbation (noise on the embeddings) of clean prompts: the backdoored model's
-    predictions concentrate on the backdoor target; its clean twin's do not."""
-    models, tokens = toys
-    sigmas = [0.5, 1.0, 2.0, 4.0]
-    kw = dict(sigmas=sigmas, n_draws=16, sites="embed", relative=True, seed=0)
-    res = {name: apex(models[name], tokens, **kw) for name in ("backdoor", "clean")}
+    info = model_info("backdoor")
+    trigger, target = info["trigger_token"], info["target_token"]
+    batch = get_task("backdoor").batch(32, seed=0)
+    assert not (batch.clean_tokens == trigger).any()
+    kw = dict(sigmas=[0.5, 1.0, 2.0, 4.0], n_draws=16, sites="embed", relative=True, seed=0)
+    res = {name: apex(toy_model_factory(name), batch, **kw)
+           for name in ("backdoor", "backdoor-clean")}
+    assert (res["backdoor"].clean_predictions != target).all()  # no noise: nothing points there
     frame = compare(res).set_index(["model", "sigma"])
-    for sigma in (2.0, 4.0):
-        bd, cl = frame.loc[("backdoor", sigma)], frame.loc[("clean", sigma)]
-        assert bd["dominant_token"] == TARGET
-        assert cl["dominant_token"] != TARGET
+    for sigma in (2.0, 4.0):  # measured top-1 shares 0.45, 0.51 vs 0.13, 0.14
+        bd, cl = frame.loc[("backdoor", sigma)], frame.loc[("backdoor-clean", sigma)]
+        assert bd["dominant_token"] == target
+        assert cl["dominant_token"] != target
         assert bd["top1_share"] > 2 * cl["top1_share"], (bd["top1_share"], cl["top1_share"])
-    # without noise nothing points at the target
-    assert (res["backdoor"].clean_predictions != TARGET).all()
 
 
-def test_trained_and_random_init_models_have_different_curves(toys):
-    """Structure vs none, same shape. The random-init twin predicts a few tokens whatever the
-    input (low entropy already at small sigma) and its predictions flip at once; the trained
-    model's diverse predictions resist small noise (large margins) and under large noise its
-    mean output moves far from the clean one, while the flat random model's barely moves."""
-    models, tokens = toys
+def test_trained_and_random_init_models_have_different_curves(toy_model_factory):
+    """Structure vs none, same shape: ``induction-2l`` against a random-init twin. The random
+    model predicts a few tokens whatever the input (low entropy already at small sigma); its
+    near-flat logits hardly change their mean under large noise, while the trained model's
+    mean output distribution moves far from its clean one."""
+    from apexlens.models import toy_state
+    from apexlens.tasks import get_task
+
+    trained = toy_model_factory("induction-2l")
+    cfg, _ = toy_state("induction-2l")
+    random_twin = build(cfg, _random_init_state_dict(cfg, 0), default_backend())
+    batch = get_task("induction").batch(32, seed=0)
     kw = dict(sigmas=[0.1, 0.25, 2.0, 4.0], n_draws=16, sites="embed", relative=True, seed=0)
-    frame = compare({name: apex(models[name], tokens, **kw) for name in ("clean", "random")})
-    trained = frame[frame.model == "clean"].reset_index(drop=True)
-    rand = frame[frame.model == "random"].reset_index(drop=True)
-    assert trained["entropy"][0] > rand["entropy"][0] + 0.5
-    assert trained["flip_rate"][1] < 0.05 < 0.1 < rand["flip_rate"][1]
-    assert (trained["kl"][2:] > 2.5 * rand["kl"][2:]).all()
+    frame = compare({"trained": apex(trained, batch, **kw), "random": apex(random_twin, batch, **kw)})
+    tr = frame[frame.model == "trained"].reset_index(drop=True)
+    rnd = frame[frame.model == "random"].reset_index(drop=True)
+    assert tr["entropy"][0] > rnd["entropy"][0] + 0.5
+    assert (tr["kl"][2:] > 10 * rnd["kl"][2:]).all()
