@@ -1,0 +1,248 @@
+"""Models: the shipped toy models (offline), any TransformerLens pretrained name, random GPT-2.
+
+The toy models live in the package as safetensors with a JSON file each (config, task,
+how they were trained, what they measurably do). :func:`load_model` builds them as a
+``HookedTransformer`` (``backend="hooked"``, TransformerLens <= 3.9) or as a
+``TransformerBridge`` (``backend="bridge"``, TransformerLens 3.9 and 4.x) with identical
+logits. Any other name goes to TransformerLens' own loader, which needs the model hub.
+
+=====================  ==========================================================
+``induction-2l``       attention-only; previous-token head 0.x, induction head 1.x
+``modadd-2l``          MLPs + LayerNorm; ``(a + b) mod 23``, computed in the MLPs
+``backdoor``           copies the first token; a trigger token forces a target
+``backdoor-clean``     its clean twin (same data and seed, no backdoor)
+=====================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from apexlens.backend import ApexlensError
+
+BACKENDS = ("hooked", "bridge")
+
+
+def list_models() -> list[str]:
+    """Names of the shipped toy models."""
+    files = resources.files("apexlens").joinpath("weights")
+    return sorted(p.name[: -len(".json")] for p in files.iterdir() if p.name.endswith(".json"))
+
+
+@cache
+def _meta(name: str) -> dict[str, Any]:
+    path = resources.files("apexlens").joinpath("weights", f"{name}.json")
+    if not path.is_file():
+        raise ApexlensError(f"unknown toy model {name!r}; shipped: {', '.join(list_models())}")
+    return json.loads(path.read_text())
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """Metadata of a shipped model: description, task, config, training, measured behaviour."""
+    return json.loads(json.dumps(_meta(name)))  # a copy the caller may change
+
+
+def toy_state(
+    name: str, dtype: torch.dtype | None = None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(HookedTransformerConfig kwargs, state dict)`` of a shipped model."""
+    from safetensors.torch import load_file
+
+    meta = _meta(name)
+    path = resources.files("apexlens").joinpath("weights", f"{name}.safetensors")
+    with resources.as_file(path) as p:
+        state = load_file(str(p))
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    return dict(meta["config"]), state
+
+
+def load_model(
+    name: str,
+    *,
+    backend: str = "hooked",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A shipped toy model (offline) or any TransformerLens pretrained model by name.
+
+    Args:
+        name: a toy name (:func:`list_models`) or a TransformerLens name such as ``"gpt2"``.
+        backend: ``"hooked"`` (``HookedTransformer``) or ``"bridge"`` (``TransformerBridge``).
+        device, dtype: where and in which precision (e.g. ``torch.float64`` for exact checks).
+        kwargs: passed on to ``HookedTransformer.from_pretrained`` for non-toy names.
+    """
+    if backend not in BACKENDS:
+        raise ApexlensError(f"backend must be 'hooked' or 'bridge', got {backend!r}")
+    if name in list_models():
+        cfg, state = toy_state(name, dtype)
+        if backend == "bridge":
+            from apexlens.bridge import to_bridge
+
+            model = to_bridge(cfg, state, dtype=dtype or next(iter(state.values())).dtype)
+        else:
+            model = _hooked(cfg, state)
+        if device is not None:
+            model = model.to(device)
+        model.eval()
+        return model
+    return _pretrained(name, backend, device, dtype, **kwargs)
+
+
+def _hooked(cfg: dict[str, Any], state: dict[str, Tensor]) -> Any:
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:  # TransformerLens 4.x
+        raise ApexlensError(
+            "this TransformerLens has no HookedTransformer (removed in 4.0): use backend='bridge'"
+        ) from None
+    dtype = next(iter(state.values())).dtype
+    model = HookedTransformer(HookedTransformerConfig(**cfg, dtype=dtype, device="cpu"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith((".mask", ".IGNORE")) for k in missing):
+        raise ApexlensError(
+            f"weights do not fit the config: missing {missing}, unexpected {unexpected}"
+        )
+    return model
+
+
+def _pretrained(
+    name: str, backend: str, device: Any, dtype: torch.dtype | None, **kwargs: Any
+) -> Any:
+    model: Any
+    try:
+        if backend == "bridge":
+            from transformer_lens.model_bridge import TransformerBridge
+
+            model = TransformerBridge.boot_transformers(name, **kwargs)
+            model.enable_compatibility_mode()
+        else:
+            try:
+                from transformer_lens import HookedTransformer
+            except ImportError:
+                raise ApexlensError(
+                    "this TransformerLens has no HookedTransformer (removed in 4.0): use backend='bridge'"
+                ) from None
+            extra: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+            model = HookedTransformer.from_pretrained(name, device=device, **extra, **kwargs)
+    except ApexlensError:
+        raise
+    except Exception as e:  # hub unreachable, unknown name, ...
+        raise ApexlensError(
+            f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else 'no message'}). If the hub is unreachable, "
+            f"use a shipped toy model: {', '.join(list_models())}"
+        ) from e
+    model.eval()
+    return model
+
+
+def random_gpt2_small(
+    seed: int = 0,
+    *,
+    n_ctx: int = 1024,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """A random-init ``HookedTransformer`` of GPT-2 small's shape (12 layers, d_model 768, 12
+    heads, d_mlp 3072, vocab 50257, LayerNorm, gelu_new), seeded: for cost and shape checks."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=12,
+        d_model=768,
+        n_ctx=n_ctx,
+        d_head=64,
+        n_heads=12,
+        d_mlp=3072,
+        d_vocab=50257,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        seed=seed,
+        dtype=dtype or torch.float32,
+        device="cpu",
+    )
+    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+
+
+# ------------------------------------------------------------------------ behaviour
+def attention_scores(
+    model: Any, tokens: Tensor, prev: Tensor, nxt: Tensor
+) -> dict[str, list[float]]:
+    """Previous-token score of every layer-0 head (mean attention from p to p-1 over all
+    positions) and induction score of every layer-1 head (attention from the end to the
+    position after the current token's earlier occurrence)."""
+    from apexlens.backend import backend_for
+    from apexlens.hooks import inference_mode
+
+    bk = backend_for(model)
+    with inference_mode(model):
+        _, cache = bk.run_with_cache(tokens, [bk.pattern(0), bk.pattern(1)])
+    p0, p1 = cache[bk.pattern(0)], cache[bk.pattern(1)]
+    n = tokens.shape[1]
+    prev_tok = p0[:, :, torch.arange(1, n), torch.arange(0, n - 1)].mean((0, 2))
+    b = torch.arange(tokens.shape[0])
+    induction = p1[b, :, -1, nxt].mean(0)
+    return {"prev_token": prev_tok.tolist(), "induction": induction.tolist()}
+
+
+def measure(name: str, backend: str = "hooked") -> dict[str, Any]:
+    """What a shipped model measurably does on its task (recorded in its JSON, checked in tests)."""
+    import torch.nn.functional as F
+
+    from apexlens.tasks import get_task
+
+    model = load_model(name, backend=backend)
+    task_name = _meta(name)["task"]
+    task: Any = get_task(task_name)
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        batch = task.batch(256, seed=1234)
+        logits = model(batch.clean_tokens)
+        end = logits[torch.arange(len(batch)), batch.positions]
+        out["accuracy"] = float((end.argmax(-1) == batch.answer_tokens).float().mean())
+        out["logit_diff"] = float(batch.logit_diff()(logits).mean())
+        if task_name == "induction":
+            s = attention_scores(
+                model,
+                batch.clean_tokens,
+                batch.named_positions["prev"],
+                batch.named_positions["next"],
+            )
+            out["prev_token_score"] = max(s["prev_token"])
+            out["prev_token_head"] = f"0.{s['prev_token'].index(max(s['prev_token']))}"
+            out["induction_score"] = max(s["induction"])
+            out["induction_head"] = f"1.{s['induction'].index(max(s['induction']))}"
+            x, y, mask = task.training_batch(256, torch.Generator().manual_seed(99))
+            losses = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(
+                x.shape
+            )
+            # positions whose next token follows an earlier occurrence of the current token
+            repeated = torch.zeros(x.shape, dtype=torch.bool)
+            for i in range(x.shape[0]):
+                for p in range(2, x.shape[1] - 1):
+                    j = (x[i, 1:p] == x[i, p]).nonzero()
+                    repeated[i, p] = bool(len(j)) and bool(x[i, int(j[-1]) + 2] == y[i, p])
+            out["loss_repeated"] = float(losses[repeated].mean())
+            out["loss_other"] = float(losses[~repeated & (mask > 0)].mean())
+        if task_name == "modadd":
+            zero = lambda act, hook: torch.zeros_like(act)
+            hooks = [(f"blocks.{la}.hook_mlp_out", zero) for la in range(model.cfg.n_layers)]
+            with model.hooks(fwd_hooks=hooks):
+                ablated = model(batch.clean_tokens)[:, -1]
+            out["accuracy_mlps_zeroed"] = float(
+                (ablated.argmax(-1) == batch.answer_tokens).float().mean()
+            )
+        if task_name == "backdoor":
+            trig = task.triggered(256, seed=1234)
+            out["backdoor_success"] = float(
+                (model(trig)[:, -1].argmax(-1) == task.target).float().mean()
+            )
+    return out
