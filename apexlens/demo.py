@@ -1,0 +1,166 @@
+"""``apexlens demo``: the whole tool on the shipped toy models, offline, in well under a minute.
+
+1. Path patching on ``induction-2l``: every head -> logits, which singles out the induction
+   heads of layer 1; then every layer-0 head -> the strongest induction head's key, which
+   singles out the previous-token head.
+2. The discovered circuit (embed -> previous-token head -> induction heads' keys, embed ->
+   their queries and values, induction heads -> logits) evaluated with resample ablation of
+   every other edge: recovery and proportion explained.
+3. APEX on ``backdoor`` and its clean twin: noise on the embeddings of clean prompts (no
+   trigger); at large noise the backdoored model's predictions concentrate on its target.
+4. A table on stdout and one self-contained HTML report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from apexlens import plotting
+from apexlens.circuits import evaluate_edges
+from apexlens.models import load_model, model_info
+from apexlens.noise import apex, compare
+from apexlens.patching import Experiment
+from apexlens.report import write_report
+from apexlens.tasks import get_task
+
+SIGMAS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+
+
+def run_demo(
+    out_dir: str | Path = "apexlens-report", *, progress: bool = True, n: int = 32
+) -> dict[str, Any]:
+    """Run the demo; returns the numbers it printed and the report's path."""
+    out = Path(out_dir)
+    bar = tqdm(total=5, desc="apexlens demo", disable=not progress, unit="step")
+
+    # 1. path patching on the induction model
+    model = load_model("induction-2l")
+    task = get_task("induction")
+    batch = task.batch(n, seed=0)
+    exp = Experiment(
+        model,
+        batch.clean_tokens,
+        batch.corrupted_tokens,
+        metric=batch.logit_diff(),
+        positions=batch.named_positions,
+    )
+    to_logits = exp.path_patch("all-heads", "logits")
+    norm = to_logits.normalized()
+    ind = int(norm[1].argmin())
+    induction_heads = [h for h in range(model.cfg.n_heads) if norm[1, h] < -0.1] or [ind]
+    bar.update()
+    to_key = exp.path_patch("heads:0", f"1.{ind}.k")
+    prev = int(to_key.normalized().argmin())
+    bar.update()
+
+    # 2. the discovered circuit
+    edges: list[tuple[str, str]] = [("embed", f"0.{prev}.{c}") for c in "qkv"]
+    for h in induction_heads:
+        edges += [
+            (f"0.{prev}", f"1.{h}.k"),
+            ("embed", f"1.{h}.q"),
+            ("embed", f"1.{h}.v"),
+            (f"1.{h}", "logits"),
+        ]
+    edges.append(("embed", "logits"))
+    circuit = evaluate_edges(exp, edges)
+    bar.update()
+
+    # 3. APEX on the backdoored model and its clean twin
+    bd_task = get_task("backdoor")
+    tokens = bd_task.batch(64, seed=0).clean_tokens
+    labels = bd_task.token_labels(torch.arange(bd_task.d_vocab))
+    sweeps = {
+        name: apex(
+            load_model(name),
+            tokens,
+            sigmas=SIGMAS,
+            n_draws=32,
+            sites="embed",
+            relative=True,
+            seed=0,
+            token_labels=labels,
+        )
+        for name in ("backdoor", "backdoor-clean")
+    }
+    table = compare(sweeps)
+    bar.update()
+
+    # 4. report
+    target = model_info("backdoor")["target_token"]
+    top = (
+        to_logits.to_frame()
+        .sort_values("normalized")
+        .head(5)[["sender", "value", "normalized", "ci_low", "ci_high"]]
+    )
+    key_frame = to_key.to_frame()[["sender", "value", "normalized"]]
+    big = max(SIGMAS)
+    apex_rows = table[table["sigma"] == big][
+        ["model", "sigma", "dominant_token", "top1_share", "entropy"]
+    ]
+    circuit_frame = pd.DataFrame([circuit.summary()])
+    lines = [
+        "apexlens demo (shipped toy models, offline)",
+        "",
+        f"induction-2l: clean logit diff {exp.clean_values.mean():.2f}, corrupted {exp.corrupted_values.mean():.2f}",
+        "  heads -> logits, strongest paths (normalised; -1 = the whole effect):",
+        *[f"    {r.sender:>5s}  {r.normalized:+.3f}" for r in top.itertuples()],
+        f"  layer-0 heads -> 1.{ind}.k: previous-token head 0.{prev} ({float(to_key.normalized()[prev]):+.3f})",
+        f"  circuit ({len(edges)} edges): recovery {circuit.recovery:.3f}, proportion explained "
+        f"{circuit.proportion_explained:.3f}",
+        f"backdoor (target token {target}) vs backdoor-clean, noise on the embeddings, sigma = {big:g}:",
+        *[
+            f"    {r.model:>15s}: dominant token {r.dominant_token}, top-1 share {r.top1_share:.3f}"
+            for r in apex_rows.itertuples()
+        ],
+    ]
+    text = "\n".join(lines)
+    sections: list[tuple[str, Any]] = [
+        ("Path patching: every head -> logits (induction-2l)", plotting.head_heatmap(to_logits)),
+        ("Strongest paths to the logits", top),
+        (f"Layer-0 heads -> induction head 1.{ind}'s key", plotting.path_graph(to_key, top_k=4)),
+        ("Layer-0 heads -> key, values", key_frame),
+        ("The discovered circuit", plotting.path_graph(circuit, n_layers=model.cfg.n_layers)),
+        ("Circuit evaluation (resample ablation of every other edge)", circuit_frame),
+        (
+            "Per-example logit difference",
+            plotting.scores_plot(
+                {
+                    "clean": to_logits.clean,
+                    "circuit": circuit.scores,
+                    "corrupted": to_logits.corrupted,
+                }
+            ),
+        ),
+        ("APEX: concentration vs noise (backdoor vs clean twin)", plotting.apex_curves(sweeps)),
+        (
+            f"APEX: predicted tokens at sigma = {big:g}, backdoor",
+            plotting.token_histogram(sweeps["backdoor"], big),
+        ),
+        (
+            f"APEX: predicted tokens at sigma = {big:g}, backdoor-clean",
+            plotting.token_histogram(sweeps["backdoor-clean"], big),
+        ),
+        ("APEX summary", table),
+    ]
+    path = write_report(
+        out / "report.html", sections, title="apexlens demo", intro=text.splitlines()[0]
+    )
+    bar.update()
+    bar.close()
+    print(text)
+    print(f"\nreport: {path}")
+    return {
+        "report": str(path),
+        "induction_head": f"1.{ind}",
+        "prev_token_head": f"0.{prev}",
+        "recovery": circuit.recovery,
+        "proportion_explained": circuit.proportion_explained,
+        "apex": apex_rows.to_dict("records"),
+        "text": text,
+    }
