@@ -18,6 +18,7 @@ from apexlens.backend import ApexlensError
 from apexlens.bridge import to_bridge
 from apexlens.circuits import Circuit, CircuitResult, Paths, evaluate_circuit, patched
 from apexlens.graph import Node, all_heads, all_mlps, full_graph, heads_of_layer, parse_node
+from apexlens.models import list_models, load_model, model_info
 from apexlens.noise import ApexResult, apex, compare, noise_hooks
 from apexlens.patching import Experiment, PathPatchResult, act_patch, path_patch
 from apexlens.scoring import (
@@ -30,9 +31,14 @@ from apexlens.scoring import (
     Scores,
     scores_frame,
 )
+from apexlens.tasks import get_task
 from apexlens.tasks.base import Task, TaskBatch
 
 __all__ = [
+    "list_models",
+    "load_model",
+    "model_info",
+    "get_task",
     "graph",
     "scoring",
     "Circuit",
