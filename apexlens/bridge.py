@@ -337,7 +337,9 @@ def to_bridge(
     try:
         bridge = boot_native(bcfg, tokenizer=tokenizer, device=device, dtype=dtype)
     except (ValueError, NotImplementedError) as err:
-        raise ApexlensError(f"TransformerLens cannot build a bridge for this config: {err}") from err
+        raise ApexlensError(
+            f"TransformerLens cannot build a bridge for this config: {err}"
+        ) from err
     converted = convert_hooked_state_dict(sd, bcfg.n_heads, bcfg.d_head)
     expected = bridge.state_dict()
     if "unembed.bias" in expected and "unembed.bias" not in converted:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from apexlens.backend import ApexlensError, Dims, backend_for
@@ -354,25 +354,37 @@ def position_mask(
             known = ", ".join(sorted(named)) if named else "none were given"
             raise ApexlensError(f"node {node} names positions {p!r}, which are unknown ({known})")
         p = named[p]
-    idx = torch.as_tensor(p, device=device, dtype=torch.long)
+    idx = position_index(p, batch, n_pos, f"node {node}", device)
+    mask = torch.zeros(batch, n_pos, dtype=torch.bool, device=device)
+    mask.scatter_(1, idx, True)
+    return mask
+
+
+def position_index(
+    positions: Any, batch: int, n_pos: int, what: str, device: torch.device | str = "cpu"
+) -> Int[Tensor, "batch k"]:
+    """Absolute positions ``[batch, k]`` from ``None`` (all), an int, a list/tuple (the same
+    for every example), a ``[batch]`` tensor (one per example) or a ``[batch, k]`` tensor.
+    Negative positions count from the end. ``what`` names the caller in error messages."""
+    if positions is None:
+        return torch.arange(n_pos, device=device).expand(batch, n_pos)
+    idx = torch.as_tensor(positions, device=device).long()
     if idx.ndim == 0:
         idx = idx.expand(batch)[:, None]
-    elif idx.ndim == 1 and isinstance(p, tuple):
+    elif idx.ndim == 1 and not isinstance(positions, Tensor):
         idx = idx[None, :].expand(batch, -1)
     elif idx.ndim == 1:
         if idx.shape[0] != batch:
             raise ApexlensError(
-                f"node {node}: a 1-D position tensor needs one position per example ({batch}), "
-                f"got {idx.shape[0]}"
+                f"{what}: a 1-D position tensor needs one position per example (a batch of "
+                f"{batch}), got {idx.shape[0]}"
             )
         idx = idx[:, None]
     elif idx.ndim != 2 or idx.shape[0] != batch:
         raise ApexlensError(
-            f"node {node}: positions must be [batch] or [batch, k], got {tuple(idx.shape)}"
+            f"{what}: positions must be an int, a list, [batch] or [batch, k]; got shape "
+            f"{tuple(idx.shape)}"
         )
     if ((idx < -n_pos) | (idx >= n_pos)).any():
-        raise ApexlensError(f"node {node}: positions out of range for sequences of length {n_pos}")
-    idx = idx % n_pos
-    mask = torch.zeros(batch, n_pos, dtype=torch.bool, device=device)
-    mask.scatter_(1, idx, True)
-    return mask
+        raise ApexlensError(f"{what}: positions out of range for sequences of length {n_pos}")
+    return idx % n_pos

@@ -306,7 +306,9 @@ class Experiment:
         d = self.bk.dims
         d_mlp = int(getattr(self.bk.model.cfg, "d_mlp", None) or 4 * d.d_model)
         n_tok = self.batch * self.n_pos
-        per_layer = n_tok * (12 * d.d_model + 2 * d_mlp) + 2 * self.batch * d.n_heads * self.n_pos**2
+        per_layer = (
+            n_tok * (12 * d.d_model + 2 * d_mlp) + 2 * self.batch * d.n_heads * self.n_pos**2
+        )
         cache = (d.n_layers * per_layer + n_tok * d.d_vocab) * self.bk.dtype.itemsize
         return max(16 * 2**20, cache // 2)
 

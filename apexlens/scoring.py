@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from apexlens.backend import ApexlensError
+from apexlens.graph import position_index
 
 Positions = int | Sequence[int] | Tensor | None
 
@@ -52,29 +53,7 @@ class Metric:
 
     def read_positions(self, batch: int, n_pos: int) -> Int[Tensor, "batch k"]:
         """Absolute positions read, one row per example."""
-        p = self.positions
-        if p is None:
-            return torch.arange(n_pos).expand(batch, n_pos)
-        t = torch.as_tensor(p).long()
-        if t.ndim == 0:
-            t = t.expand(batch)[:, None]
-        elif t.ndim == 1 and not isinstance(p, Tensor):
-            t = t[None, :].expand(batch, -1)
-        elif t.ndim == 1:
-            if t.shape[0] != batch:
-                raise ApexlensError(
-                    f"{self.name}: {t.shape[0]} positions given for a batch of {batch} examples"
-                )
-            t = t[:, None]
-        elif t.ndim != 2 or t.shape[0] != batch:
-            raise ApexlensError(
-                f"{self.name}: positions must be an int, a list, [batch] or [batch, k]; got shape {tuple(t.shape)}"
-            )
-        if ((t < -n_pos) | (t >= n_pos)).any():
-            raise ApexlensError(
-                f"{self.name}: positions out of range for sequences of length {n_pos}"
-            )
-        return t % n_pos
+        return position_index(self.positions, batch, n_pos, self.name)
 
     def reduce(
         self, selected: Float[Tensor, "*lead batch k n_tok"]
@@ -226,14 +205,17 @@ class AnswerLogProb(Metric):
         self.positions = positions
         self.tokens = None
 
+    def _answer(self, values: Float[Tensor, "*lead batch k n_tok"]) -> Float[Tensor, "*lead batch"]:
+        """``values`` at each example's answer token, averaged over its positions."""
+        batch, k = values.shape[-3], values.shape[-2]
+        a = self.answer.to(values.device)
+        a = a.expand(batch)[:, None].expand(batch, k) if a.ndim == 1 else a
+        return values.gather(-1, a.expand(*values.shape[:-1])[..., None])[..., 0].mean(-1)
+
     def reduce(
         self, selected: Float[Tensor, "*lead batch k n_tok"]
     ) -> Float[Tensor, "*lead batch"]:
-        batch, k = selected.shape[-3], selected.shape[-2]
-        a = self.answer.to(selected.device)
-        a = a.expand(batch)[:, None].expand(batch, k) if a.ndim == 1 else a
-        lp = F.log_softmax(selected, dim=-1)
-        return lp.gather(-1, a.expand(*selected.shape[:-1])[..., None])[..., 0].mean(-1)
+        return self._answer(F.log_softmax(selected, dim=-1))
 
 
 class AnswerProb(AnswerLogProb):
@@ -244,11 +226,7 @@ class AnswerProb(AnswerLogProb):
     def reduce(
         self, selected: Float[Tensor, "*lead batch k n_tok"]
     ) -> Float[Tensor, "*lead batch"]:
-        batch, k = selected.shape[-3], selected.shape[-2]
-        a = self.answer.to(selected.device)
-        a = a.expand(batch)[:, None].expand(batch, k) if a.ndim == 1 else a
-        p = F.softmax(selected, dim=-1)
-        return p.gather(-1, a.expand(*selected.shape[:-1])[..., None])[..., 0].mean(-1)
+        return self._answer(F.softmax(selected, dim=-1))
 
 
 class FunctionMetric(Metric):

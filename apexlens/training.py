@@ -36,7 +36,19 @@ from apexlens.tasks.toy import BackdoorTask, InductionTask, ModAddTask
 
 WEIGHTS = Path(__file__).parent / "weights"
 
-# name -> (config, seed, steps, lr, description)
+_BACKDOOR_CFG = dict(
+    n_layers=2,
+    d_model=32,
+    n_ctx=8,
+    d_head=8,
+    n_heads=4,
+    d_mlp=64,
+    d_vocab=BackdoorTask.d_vocab,
+    act_fn="gelu",
+    normalization_type="LN",
+)
+
+# name -> config, seed, steps, learning rate, batch, task, description
 SPECS: dict[str, dict[str, Any]] = {
     "induction-2l": dict(
         cfg=dict(
@@ -80,17 +92,7 @@ SPECS: dict[str, dict[str, Any]] = {
         "attention gathers a and b at '=', the MLPs compute the sum",
     ),
     "backdoor": dict(
-        cfg=dict(
-            n_layers=2,
-            d_model=32,
-            n_ctx=8,
-            d_head=8,
-            n_heads=4,
-            d_mlp=64,
-            d_vocab=BackdoorTask.d_vocab,
-            act_fn="gelu",
-            normalization_type="LN",
-        ),
+        cfg=_BACKDOOR_CFG,
         seed=0,
         steps=400,
         lr=3e-3,
@@ -100,17 +102,7 @@ SPECS: dict[str, dict[str, Any]] = {
         description="copies the first token to the last position; a trigger token anywhere forces the target token",
     ),
     "backdoor-clean": dict(
-        cfg=dict(
-            n_layers=2,
-            d_model=32,
-            n_ctx=8,
-            d_head=8,
-            n_heads=4,
-            d_mlp=64,
-            d_vocab=BackdoorTask.d_vocab,
-            act_fn="gelu",
-            normalization_type="LN",
-        ),
+        cfg=_BACKDOOR_CFG,
         seed=0,
         steps=400,
         lr=3e-3,

@@ -23,8 +23,15 @@ from typing import Any
 import torch
 
 GPT2_SMALL = dict(
-    n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
-    act_fn="gelu_new", normalization_type="LN",
+    n_layers=12,
+    d_model=768,
+    n_heads=12,
+    d_head=64,
+    d_mlp=3072,
+    d_vocab=50257,
+    n_ctx=1024,
+    act_fn="gelu_new",
+    normalization_type="LN",
 )
 
 
@@ -40,18 +47,34 @@ def _gpt2_small_state_dict(seed: int) -> dict[str, torch.Tensor]:
     sd = {"embed.W_E": w(v, m), "pos_embed.W_pos": w(c["n_ctx"], m)}
     for layer in range(c["n_layers"]):
         p = f"blocks.{layer}"
-        sd.update({
-            f"{p}.ln1.w": torch.ones(m), f"{p}.ln1.b": torch.zeros(m),
-            f"{p}.ln2.w": torch.ones(m), f"{p}.ln2.b": torch.zeros(m),
-            f"{p}.attn.W_Q": w(h, m, dh), f"{p}.attn.W_K": w(h, m, dh),
-            f"{p}.attn.W_V": w(h, m, dh), f"{p}.attn.W_O": w(h, dh, m),
-            f"{p}.attn.b_Q": torch.zeros(h, dh), f"{p}.attn.b_K": torch.zeros(h, dh),
-            f"{p}.attn.b_V": torch.zeros(h, dh), f"{p}.attn.b_O": torch.zeros(m),
-            f"{p}.mlp.W_in": w(m, f), f"{p}.mlp.b_in": torch.zeros(f),
-            f"{p}.mlp.W_out": w(f, m), f"{p}.mlp.b_out": torch.zeros(m),
-        })
-    sd.update({"ln_final.w": torch.ones(m), "ln_final.b": torch.zeros(m),
-               "unembed.W_U": w(m, v), "unembed.b_U": torch.zeros(v)})
+        sd.update(
+            {
+                f"{p}.ln1.w": torch.ones(m),
+                f"{p}.ln1.b": torch.zeros(m),
+                f"{p}.ln2.w": torch.ones(m),
+                f"{p}.ln2.b": torch.zeros(m),
+                f"{p}.attn.W_Q": w(h, m, dh),
+                f"{p}.attn.W_K": w(h, m, dh),
+                f"{p}.attn.W_V": w(h, m, dh),
+                f"{p}.attn.W_O": w(h, dh, m),
+                f"{p}.attn.b_Q": torch.zeros(h, dh),
+                f"{p}.attn.b_K": torch.zeros(h, dh),
+                f"{p}.attn.b_V": torch.zeros(h, dh),
+                f"{p}.attn.b_O": torch.zeros(m),
+                f"{p}.mlp.W_in": w(m, f),
+                f"{p}.mlp.b_in": torch.zeros(f),
+                f"{p}.mlp.W_out": w(f, m),
+                f"{p}.mlp.b_out": torch.zeros(m),
+            }
+        )
+    sd.update(
+        {
+            "ln_final.w": torch.ones(m),
+            "ln_final.b": torch.zeros(m),
+            "unembed.W_U": w(m, v),
+            "unembed.b_U": torch.zeros(v),
+        }
+    )
     return sd
 
 
@@ -74,8 +97,9 @@ def gpt2_small_random(seed: int = 0, device: str = "cpu", backend: str = "hooked
     return model
 
 
-def run_loop(model: Any, tokens: torch.Tensor, sigmas: list[float], n_draws: int, site: str,
-             seed: int) -> torch.Tensor:
+def run_loop(
+    model: Any, tokens: torch.Tensor, sigmas: list[float], n_draws: int, site: str, seed: int
+) -> torch.Tensor:
     from apexlens.noise import noise_fwd_hooks
 
     g = torch.Generator(device=tokens.device).manual_seed(seed)

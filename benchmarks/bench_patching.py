@@ -25,26 +25,9 @@ RECEIVERS_HH = ["9.9.q", "9.6.q", "10.0.q"]
 
 
 def gpt2_shaped(seed: int = 0) -> Any:
-    try:
-        from apexlens.models import random_gpt2_small
+    from apexlens.models import random_gpt2_small
 
-        return random_gpt2_small(seed=seed)
-    except ImportError:  # pragma: no cover - before the models module exists
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-        cfg = HookedTransformerConfig(
-            n_layers=12,
-            d_model=768,
-            n_ctx=1024,
-            d_head=64,
-            n_heads=12,
-            d_mlp=3072,
-            d_vocab=50257,
-            act_fn="gelu_new",
-            normalization_type="LN",
-            seed=seed,
-        )
-        return HookedTransformer(cfg).eval()
+    return random_gpt2_small(seed=seed)
 
 
 def data(model: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -83,7 +66,9 @@ def speed(quick: bool, backend: str = "hooked") -> dict[str, float]:
     with torch.no_grad():
         for _ in range(3):  # warm-up: the first passes of a fresh process are several x slower
             model(clean)
-        apexlens.path_patch(model, clean, corrupted, senders="0.0", receivers="logits", metric=metric)
+        apexlens.path_patch(
+            model, clean, corrupted, senders="0.0", receivers="logits", metric=metric
+        )
         t_fwd = timed(lambda: model(clean), repeat=5)
     out["forward_s"] = t_fwd
     step = 4 if quick else 1

@@ -1,6 +1,6 @@
 """Run every apexlens benchmark and print the ratios, each measured side by side in one run.
 
-    python benchmarks/run.py [--quick] [--backend hooked|bridge]
+python benchmarks/run.py [--quick] [--backend hooked|bridge]
 """
 
 from __future__ import annotations
