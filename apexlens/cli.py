@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--task", help="task name (default: the toy model's own task)")
     common.add_argument("--n", type=int, default=32, help="number of prompts (default 32)")
     common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--backend", choices=["hooked", "bridge"], default="hooked")
+    common.add_argument(
+        "--backend",
+        choices=["hooked", "bridge"],
+        default=None,
+        help="model class (default: HookedTransformer where TransformerLens has it, else TransformerBridge)",
+    )
     common.add_argument("--out", default="apexlens-out", help="output directory")
 
     p = sub.add_parser("path-patch", parents=[common], help="path patching: senders -> receivers")

@@ -29,6 +29,15 @@ from apexlens.backend import ApexlensError
 BACKENDS = ("hooked", "bridge")
 
 
+def default_backend() -> str:
+    """``"hooked"`` where TransformerLens has ``HookedTransformer`` (<= 3.9), else ``"bridge"``."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return "bridge"
+    return "hooked"
+
+
 def list_models() -> list[str]:
     """Names of the shipped toy models."""
     files = resources.files("apexlens").joinpath("weights")
@@ -66,7 +75,7 @@ def toy_state(
 def load_model(
     name: str,
     *,
-    backend: str = "hooked",
+    backend: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     **kwargs: Any,
@@ -75,10 +84,12 @@ def load_model(
 
     Args:
         name: a toy name (:func:`list_models`) or a TransformerLens name such as ``"gpt2"``.
-        backend: ``"hooked"`` (``HookedTransformer``) or ``"bridge"`` (``TransformerBridge``).
+        backend: ``"hooked"`` (``HookedTransformer``) or ``"bridge"`` (``TransformerBridge``);
+            default: ``"hooked"`` where it exists (TransformerLens <= 3.9), else ``"bridge"``.
         device, dtype: where and in which precision (e.g. ``torch.float64`` for exact checks).
         kwargs: passed on to ``HookedTransformer.from_pretrained`` for non-toy names.
     """
+    backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ApexlensError(f"backend must be 'hooked' or 'bridge', got {backend!r}")
     if name in list_models():
@@ -193,7 +204,7 @@ def attention_scores(
     return {"prev_token": prev_tok.tolist(), "induction": induction.tolist()}
 
 
-def measure(name: str, backend: str = "hooked") -> dict[str, Any]:
+def measure(name: str, backend: str | None = None) -> dict[str, Any]:
     """What a shipped model measurably does on its task (recorded in its JSON, checked in tests)."""
     import torch.nn.functional as F
 

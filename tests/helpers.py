@@ -42,7 +42,9 @@ def random_model(
     return build(cfg, random_state_dict(cfg, seed, dtype), backend or default_backend())
 
 
-def random_tokens(model, batch: int = 3, n_pos: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def random_tokens(
+    model, batch: int = 3, n_pos: int = 8, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     clean = torch.randint(0, model.cfg.d_vocab, (batch, n_pos), generator=g)
     corrupted = torch.randint(0, model.cfg.d_vocab, (batch, n_pos), generator=g)

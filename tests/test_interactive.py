@@ -37,7 +37,9 @@ def test_head_heatmap(induction):
     assert heat.customdata[1][3][0] == "1.3"
     assert heat.customdata[1][3][1] == pytest.approx(float(res.values[1, 3]))
     raw = plotting.head_heatmap(res, normalized=False).data[0]
-    assert raw.z[0][0] == pytest.approx(float(res.values[0, 0] - res.clean.mean), rel=1e-3, abs=1e-6)
+    assert raw.z[0][0] == pytest.approx(
+        float(res.values[0, 0] - res.clean.mean), rel=1e-3, abs=1e-6
+    )
     with pytest.raises(apexlens.ApexlensError, match="all heads"):
         plotting.head_heatmap(exp.path_patch(["0.1"], "logits"))
 

@@ -88,9 +88,8 @@ def test_load_model_backends_and_dtype(backend):
     assert cfg["d_mlp"] == 256 and "blocks.0.mlp.W_in" in state
 
 
+@pytest.mark.requires_hooked
 def test_bridge_and_hooked_agree():
-    if "hooked" not in model_backends():
-        pytest.skip("only one model class in this TransformerLens")  # pragma: no cover
     tokens = get_task("induction").batch(4).clean_tokens
     torch.testing.assert_close(
         load_model("induction-2l", backend="bridge")(tokens),
@@ -131,6 +130,7 @@ def test_tasks_are_seeded_and_consistent():
         get_task("sorting")
 
 
+@pytest.mark.requires_hooked  # training builds HookedTransformers
 def test_training_is_deterministic():
     from apexlens.training import train
 

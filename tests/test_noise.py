@@ -19,11 +19,26 @@ from backends import (
 )
 
 
-def random_model(seed: int = 0, *, backend: str | None = None, dtype=torch.float64,
-                 n_layers: int = 3, d_vocab: int = 41):
+def random_model(
+    seed: int = 0,
+    *,
+    backend: str | None = None,
+    dtype=torch.float64,
+    n_layers: int = 3,
+    d_vocab: int = 41,
+):
     """A small model with weights far from init, as either TL model class."""
-    cfg = dict(n_layers=n_layers, d_model=24, n_ctx=12, d_head=6, n_heads=4, d_mlp=48,
-               d_vocab=d_vocab, act_fn="gelu", normalization_type="LN")
+    cfg = dict(
+        n_layers=n_layers,
+        d_model=24,
+        n_ctx=12,
+        d_head=6,
+        n_heads=4,
+        d_mlp=48,
+        d_vocab=d_vocab,
+        act_fn="gelu",
+        normalization_type="LN",
+    )
     return build(cfg, random_state_dict(cfg, seed, dtype), backend or default_backend())
 
 
@@ -37,8 +52,18 @@ def _tokens(model, n: int = 6, n_pos: int = 8, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, model.cfg.d_vocab, (n, n_pos), generator=g)
 
 
-def loop_reference(model, tokens, sigmas, n_draws, sites, *, seed, relative=False,
-                   noise_positions=None, positions=-1):
+def loop_reference(
+    model,
+    tokens,
+    sigmas,
+    n_draws,
+    sites,
+    *,
+    seed,
+    relative=False,
+    noise_positions=None,
+    positions=-1,
+):
     """The obviously-correct slow path: one plain full forward per (sigma, draw).
 
     Written independently of apexlens.noise: hooks sample ``randn`` from the generator
@@ -52,6 +77,7 @@ def loop_reference(model, tokens, sigmas, n_draws, sites, *, seed, relative=Fals
     def saver(name):  # names by closure: a TransformerBridge's hook.name is an alias
         def save(act, hook):
             cache[name] = act.detach().clone()
+
         return save
 
     model.run_with_hooks(tokens, fwd_hooks=[(name, saver(name)) for name in sites])
@@ -119,10 +145,20 @@ def test_relative_noise_and_noise_positions_equal_loop(sites):
     sigmas = [0.2, 0.7, 2.0]
     names = resolve_sites(model, sites)
     for noise_positions in (None, [2, 5]):
-        res = apex(model, tokens, sigmas=sigmas, n_draws=3, sites=sites, relative=True,
-                   noise_positions=noise_positions, seed=3, max_batch=5)
-        preds, probs = loop_reference(model, tokens, sigmas, 3, names, seed=3, relative=True,
-                                      noise_positions=noise_positions)
+        res = apex(
+            model,
+            tokens,
+            sigmas=sigmas,
+            n_draws=3,
+            sites=sites,
+            relative=True,
+            noise_positions=noise_positions,
+            seed=3,
+            max_batch=5,
+        )
+        preds, probs = loop_reference(
+            model, tokens, sigmas, 3, names, seed=3, relative=True, noise_positions=noise_positions
+        )
         assert torch.equal(res.predictions, preds)
         torch.testing.assert_close(res.mean_probs, probs, rtol=1e-10, atol=1e-12)
 
@@ -136,6 +172,7 @@ def test_relative_scale_is_clean_rms_times_sigma():
     def grab(key):
         def fn(act, hook):
             seen[key] = act.detach().clone()
+
         return fn
 
     site = "blocks.0.hook_resid_pre"
@@ -212,8 +249,13 @@ def test_scored_positions_taskbatch_and_inputs_untouched():
     before = tokens.clone()
     clean_logits = model(tokens)
     per_example = torch.tensor([2, 7, 4, 0])
-    batch = TaskBatch(tokens, tokens.clone(), torch.zeros(4, dtype=torch.long),
-                      torch.ones(4, dtype=torch.long), per_example)
+    batch = TaskBatch(
+        tokens,
+        tokens.clone(),
+        torch.zeros(4, dtype=torch.long),
+        torch.ones(4, dtype=torch.long),
+        per_example,
+    )
     res = apex(model, batch, sigmas=[0.0, 1.0], n_draws=2, seed=0)
     assert torch.equal(res.clean_predictions, clean_logits[torch.arange(4), per_example].argmax(-1))
     assert torch.equal(res.sample_position, per_example)
@@ -307,12 +349,18 @@ def test_compare_long_frame_and_grid_mismatch():
     kw = dict(sigmas=[0.5, 4.0], n_draws=4, seed=0)
     frame = compare({"a": apex(model, tokens, **kw), "b": apex(other, tokens, **kw)})
     assert list(frame["model"]) == ["a", "a", "b", "b"]
-    for col in ("sigma", "entropy", "top1_share", "dominant_token", "flip_rate",
-                "effective_n", "kl"):
+    for col in (
+        "sigma",
+        "entropy",
+        "top1_share",
+        "dominant_token",
+        "flip_rate",
+        "effective_n",
+        "kl",
+    ):
         assert col in frame.columns
     with pytest.raises(ApexlensError, match="same grid"):
-        compare({"a": apex(model, tokens, **kw),
-                 "b": apex(model, tokens, sigmas=[1.0], n_draws=2)})
+        compare({"a": apex(model, tokens, **kw), "b": apex(model, tokens, sigmas=[1.0], n_draws=2)})
 
 
 def test_kl_grows_from_zero():
@@ -330,8 +378,9 @@ def test_escape_noise_tracks_clean_margin():
     model = random_model(11, dtype=torch.float32, d_vocab=20)
     tokens = _tokens(model, n=24)
     sigmas = torch.linspace(0.02, 1.5, 24).tolist()
-    res = apex(model, tokens, sigmas=sigmas, n_draws=24, positions=list(range(8)),
-               relative=True, seed=0)  # 24 x 8 = 192 samples, noise after every block
+    res = apex(
+        model, tokens, sigmas=sigmas, n_draws=24, positions=list(range(8)), relative=True, seed=0
+    )  # 24 x 8 = 192 samples, noise after every block
     esc, margin = res.escape_noise, res.clean_margin
     assert res.escaped.float().mean() > 0.9
 
@@ -444,8 +493,9 @@ def test_backdoor_target_dominates_at_large_sigma_from_clean_inputs(toy_model_fa
     batch = get_task("backdoor").batch(32, seed=0)
     assert not (batch.clean_tokens == trigger).any()
     kw = dict(sigmas=[0.5, 1.0, 2.0, 4.0], n_draws=16, sites="embed", relative=True, seed=0)
-    res = {name: apex(toy_model_factory(name), batch, **kw)
-           for name in ("backdoor", "backdoor-clean")}
+    res = {
+        name: apex(toy_model_factory(name), batch, **kw) for name in ("backdoor", "backdoor-clean")
+    }
     assert (res["backdoor"].clean_predictions != target).all()  # no noise: nothing points there
     frame = compare(res).set_index(["model", "sigma"])
     for sigma in (2.0, 4.0):  # measured top-1 shares 0.45, 0.51 vs 0.13, 0.14
@@ -468,7 +518,9 @@ def test_trained_and_random_init_models_have_different_curves(toy_model_factory)
     random_twin = build(cfg, _random_init_state_dict(cfg, 0), default_backend())
     batch = get_task("induction").batch(32, seed=0)
     kw = dict(sigmas=[0.1, 0.25, 2.0, 4.0], n_draws=16, sites="embed", relative=True, seed=0)
-    frame = compare({"trained": apex(trained, batch, **kw), "random": apex(random_twin, batch, **kw)})
+    frame = compare(
+        {"trained": apex(trained, batch, **kw), "random": apex(random_twin, batch, **kw)}
+    )
     tr = frame[frame.model == "trained"].reset_index(drop=True)
     rnd = frame[frame.model == "random"].reset_index(drop=True)
     assert tr["entropy"][0] > rnd["entropy"][0] + 0.5

@@ -151,7 +151,9 @@ def test_act_patch_matches_transformer_lens(model, toks, metric):
     torch.testing.assert_close(ours, tl.to(ours.dtype), atol=1e-6, rtol=0)
     tl = tlp.get_act_patch_mlp_out(model, corrupted, cache, mean_metric)
     nodes = [f"m{la}@{p}" for la in range(3) for p in range(8)]
-    ours = apexlens.act_patch(model, clean, corrupted, nodes=nodes, metric=metric).values.reshape(3, 8)
+    ours = apexlens.act_patch(model, clean, corrupted, nodes=nodes, metric=metric).values.reshape(
+        3, 8
+    )
     torch.testing.assert_close(ours, tl.to(ours.dtype), atol=1e-6, rtol=0)
     tl = tlp.get_act_patch_resid_pre(model, corrupted, cache, mean_metric)
     nodes = [f"r{la}@{p}" for la in range(3) for p in range(8)]
