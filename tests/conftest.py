@@ -66,3 +66,13 @@ def toy_model_factory() -> Callable[..., Any]:
         return cache[key]
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer() -> Any:
+    """GPT-2's real tokenizer, built offline from tests/data/gpt2-tokenizer (BPE files + LICENSE)."""
+    from pathlib import Path
+
+    from apexlens.tokenizer import gpt2_tokenizer as build
+
+    return build(Path(__file__).parent / "data" / "gpt2-tokenizer")

@@ -16,9 +16,9 @@ DATA = Path(__file__).parent / "data" / "gpt2-tokenizer"
 BOS = 50256
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return gpt2_tokenizer(DATA)
+@pytest.fixture
+def tok(gpt2_tokenizer):
+    return gpt2_tokenizer  # the session fixture in conftest.py
 
 
 def test_tokenizer_is_gpt2s(tok):
