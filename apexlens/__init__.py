@@ -2,25 +2,44 @@
 
 Public API (one screen):
 
-* graph      -- node vocabulary ``"embed"``, ``"9.9"``, ``"9.9.q"``, ``"m3"``, ``"logits"``
-* patching   -- :func:`path_patch`, :func:`evaluate_circuit`, :func:`act_patch`, :func:`patched`
-* noise      -- :func:`apex` (APEX sweeps), :func:`noise_hooks`
+* where      -- node vocabulary ``"embed"``, ``"9.9"``, ``"9.9.q"``, ``"m3"``, ``"r5"``,
+                ``"logits"`` (:mod:`apexlens.graph`), also the APEX noise sites
+* questions  -- :func:`path_patch`, :func:`act_patch`, :func:`evaluate_circuit`,
+                :class:`Experiment` (many questions on one cached clean/corrupted pair),
+                :func:`patched` (any forward pass under :class:`Paths` or a :class:`Circuit`),
+                :func:`apex` (APEX noise sweeps), :func:`noise_hooks`
+* answers    -- :class:`PathPatchResult`, :class:`ActPatchResult`, :class:`CircuitResult`,
+                :class:`ApexResult`: ``to_frame()`` / ``summary()`` DataFrames
 * scoring    -- :class:`LogitDiff`, :class:`LogitDiffRecovery`, :class:`KLDivergence`,
-                :class:`AnswerProb`, :class:`Scores`
+                :class:`AnswerProb`, :class:`AnswerLogProb`, :class:`Scores`
 * models     -- :func:`load_model` (shipped toy models offline, or any TL pretrained name),
-                :func:`to_bridge` (a HookedTransformer-format model as a TransformerBridge)
-* tasks      -- :func:`get_task`, :class:`TaskBatch`
-* plotting   -- plotly figures for every result
+                :func:`random_gpt2_small`, :func:`to_bridge`; tasks: :func:`get_task`
+* plotting   -- plotly figures for every result (:mod:`apexlens.plotting`)
+* errors     -- one type, :class:`ApexlensError`, whose message names the fix
 """
 
 from apexlens import graph, scoring
-from apexlens.backend import ApexlensError
 from apexlens.bridge import to_bridge
-from apexlens.circuits import Circuit, CircuitResult, Paths, evaluate_circuit, patched
+from apexlens.errors import ApexlensError
+from apexlens.experiment import (
+    Circuit,
+    Experiment,
+    Paths,
+    act_patch,
+    evaluate_circuit,
+    patched,
+    path_patch,
+)
 from apexlens.graph import Node, all_heads, all_mlps, full_graph, heads_of_layer, parse_node
-from apexlens.models import list_models, load_model, model_info
-from apexlens.noise import ApexResult, apex, compare, noise_hooks
-from apexlens.patching import Experiment, PathPatchResult, act_patch, path_patch
+from apexlens.models import list_models, load_model, model_info, random_gpt2_small
+from apexlens.noise import apex, noise_hooks
+from apexlens.results import (
+    ActPatchResult,
+    ApexResult,
+    CircuitResult,
+    PathPatchResult,
+    compare,
+)
 from apexlens.scoring import (
     AnswerLogProb,
     AnswerProb,
@@ -38,6 +57,7 @@ __all__ = [
     "list_models",
     "load_model",
     "model_info",
+    "random_gpt2_small",
     "get_task",
     "graph",
     "scoring",
@@ -54,6 +74,7 @@ __all__ = [
     "parse_node",
     "Experiment",
     "PathPatchResult",
+    "ActPatchResult",
     "act_patch",
     "path_patch",
     "AnswerLogProb",

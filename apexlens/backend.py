@@ -25,11 +25,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from apexlens import edits
+from apexlens.errors import ApexlensError
 from apexlens.hooks import HookFn, attached
 
-
-class ApexlensError(ValueError):
-    """Bad input to an apexlens function; the message names the problem."""
+__all__ = ["ApexlensError", "Backend", "Dims", "backend_for"]
 
 
 @dataclass(frozen=True)
@@ -201,14 +201,33 @@ class Backend:
         return torch.einsum("...m,hmd->...hd", x, W) + b
 
     def heads_input(
-        self, layer: int, channel: str, resid: Float[Tensor, "... head d_model"]
+        self,
+        layer: int,
+        channel: str,
+        resid: Float[Tensor, "... head d_model"],
+        heads: Tensor | list[int] | None = None,
     ) -> Float[Tensor, "... head d_head"]:
-        """``hook_q/k/v`` values when every head reads its own residual stream ``resid[..., h, :]``."""
-        x = self.ln1(layer, resid)
-        return (
-            torch.einsum("...hm,hmd->...hd", x, self.W_in(channel)[layer])
-            + self.b_in(channel)[layer]
-        )
+        """``hook_q/k/v`` values when every head (of ``heads``, in that order) reads its own
+        residual stream ``resid[..., h, :]``."""
+        W = self.W_in(channel)[layer]
+        b = self.b_in(channel)[layer]
+        if heads is not None:
+            W, b = W[heads], b[heads]
+        return torch.einsum("...hm,hmd->...hd", self.ln1(layer, resid), W) + b
+
+    def head_outputs(
+        self,
+        layer: int,
+        z: Float[Tensor, "... head d_head"],
+        heads: Tensor | list[int] | None = None,
+    ) -> Float[Tensor, "head ... d_model"]:
+        """What each head of ``layer`` writes to the residual stream given its ``hook_z``
+        values: ``z[..., h, :] @ W_O[h]``, heads first. With ``heads``, ``z`` holds only
+        those heads (in that order)."""
+        W_O = self.W_O_stacked[layer]
+        if heads is not None:
+            W_O = W_O[heads]
+        return torch.einsum("...hk,hkd->h...d", z, W_O)
 
     def unembed(
         self, resid_final: Float[Tensor, "... d_model"], tokens: Int[Tensor, " n_tok"] | None = None
@@ -251,17 +270,17 @@ class Backend:
         holds what the rest of the network saw.
         """
         cache: dict[str, Tensor] = {}
+        hooks = [*fwd_hooks, *((n, edits.save(cache, n)) for n in dict.fromkeys(names))]
+        return self._forward(tokens, hooks, logits), cache
 
-        def save(act: Tensor, hook: Any) -> None:
-            cache[hook.name] = act.detach().clone()
-
-        hooks = list(fwd_hooks) + [(name, save) for name in dict.fromkeys(names)]
+    def _forward(
+        self, tokens: Int[Tensor, "batch pos"], hooks: list[tuple[str, HookFn]], logits: bool
+    ) -> Tensor:
+        """One whole forward pass under ``hooks``: logits, or the final residual stream."""
         with attached(self.model, hooks):
             if logits:
-                out = self.model(tokens)
-            else:
-                out = self.model(tokens, stop_at_layer=self.dims.n_layers)
-        return out, cache
+                return self.model(tokens)
+            return self.model(tokens, stop_at_layer=self.dims.n_layers)
 
 
 def _apply_norm(module: Any, x: Tensor) -> Tensor:

@@ -50,8 +50,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from apexlens.backend import ApexlensError, Backend
-from apexlens.hooks import HookFn, attached, inference_mode
+from apexlens.backend import Backend
+from apexlens.errors import ApexlensError
+from apexlens.hooks import HookFn, attached, inference_mode, model_lock
 
 __all__ = [
     "BridgeBackend",
@@ -413,7 +414,7 @@ def _inference(model: torch.nn.Module) -> Iterator[None]:
         with inference_mode(model):
             yield
     else:
-        with torch.no_grad():
+        with model_lock(model), torch.no_grad():
             yield
 
 
@@ -538,29 +539,12 @@ class BridgeBackend(Backend):
                 resid = out[0] if isinstance(out, tuple) else out
         return resid
 
-    def run_with_cache(
-        self,
-        tokens: Int[Tensor, "batch pos"],
-        names: Iterable[str],
-        fwd_hooks: Iterable[tuple[str, HookFn]] = (),
-        logits: bool = True,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Logits and the activations at ``names`` (detached clones), with optional hooks.
-
-        With ``logits=False`` the run stops where ``ln_final`` would start and returns the
-        final residual stream ``[batch, pos, d_model]`` (the bridge's ``stop_at_layer`` cannot
-        do this: on TL 4.3 ``stop_at_layer=n_layers`` returns logits). The cache is keyed by
-        the names asked for.
-        """
-        cache: dict[str, Tensor] = {}
-
-        def saver(name: str) -> HookFn:
-            def save(act: Tensor, hook: Any) -> None:
-                cache[name] = act.detach().clone()
-
-            return save
-
-        hooks = list(fwd_hooks) + [(name, saver(name)) for name in dict.fromkeys(names)]
+    def _forward(
+        self, tokens: Int[Tensor, "batch pos"], hooks: list[tuple[str, HookFn]], logits: bool
+    ) -> Tensor:
+        """One whole forward pass under ``hooks``. For the final residual stream the pass
+        stops where ``ln_final`` would start (the bridge's ``stop_at_layer`` cannot do this:
+        on TL 4.3 ``stop_at_layer=n_layers`` returns logits)."""
         final: list[Tensor] = []
         if not logits:
 
@@ -568,13 +552,12 @@ class BridgeBackend(Backend):
                 final.append(act)
                 raise _ReachedFinalResidual
 
-            hooks.append(("ln_final.hook_in", stop))
+            hooks = [*hooks, ("ln_final.hook_in", stop)]
         with _inference(self.model), attached(self.model, _named_hooks(hooks)):
             try:
-                out = self.model(tokens)
+                return self.model(tokens)
             except _ReachedFinalResidual:
-                out = final[0]
-        return out, cache
+                return final[0]
 
 
 class _ReachedFinalResidual(Exception):

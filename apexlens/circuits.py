@@ -20,26 +20,28 @@ explained* ``1 - AUE/ATE`` (Goldowsky-Dill et al. 2023), where AUE is the mean K
 from the clean outputs to the hypothesis' outputs, ATE the same to the fully ablated
 outputs (it can go below 0).
 
-The same hooks power :func:`patched`: ``with apexlens.patched(model, Circuit(edges), corrupted):``
+The same hooks (:func:`circuit_hooks`) power ``apexlens.patched(model, Circuit(edges), ...)``:
 any forward pass of the model inside the block runs under the hypothesis.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 
-from apexlens.backend import ApexlensError, Backend, backend_for
-from apexlens.graph import Node, NodeSpec, as_receivers, parse_node, validate
-from apexlens.hooks import HookFn, attached, inference_mode
-from apexlens.patching import Experiment, MLPMode, Run, cached_run, patched_paths
+from apexlens import edits
+from apexlens.backend import Backend
+from apexlens.errors import ApexlensError
+from apexlens.graph import Node, as_receivers, parse_node, validate
+from apexlens.hooks import HookFn
+from apexlens.results import CircuitResult
+from apexlens.runs import Readout, Run, Runs, run_tokens
 from apexlens.scoring import Scores
 
 Ablation = Literal["resample", "mean", "zero"]
@@ -160,295 +162,166 @@ def ablation_values(
 def circuit_hooks(
     bk: Backend, index: EdgeIndex, keep: Bool[Tensor, "sender receiver"], abl: AblationValues
 ) -> list[tuple[str, HookFn]]:
-    """Hooks that make any forward pass of the model run under the circuit ``keep``."""
+    """Hooks that make any forward pass of the model run under the circuit ``keep``.
+
+    The run keeps ``D[s] = out_s - ablated_s`` for every sender computed so far; each
+    receiver reads ``resid - sum over excluded senders D[s]``.
+    """
     d = bk.dims
     excluded = (index.valid & ~keep).to(bk.device)
-    state: dict[str, Any] = {}
+    state: dict[str, Tensor] = {}
 
-    def D(n_up: int) -> Tensor:
-        return state["D"][:n_up]
+    def excluded_sum(ex: Tensor, pattern: str) -> Tensor:
+        """``sum_s ex[s, ...] * D[s]`` over the senders computed before the receiver."""
+        return torch.einsum(pattern, state["D"][: ex.shape[0]], ex.to(state["D"].dtype))
 
     def embed_hook(act: Tensor, hook: Any) -> None:
-        S = len(index.senders)
-        state["D"] = act.new_zeros(S, *act.shape)
+        state["D"] = act.new_zeros(len(index.senders), *act.shape)
         state["D"][0] = act - abl.embed
         state[bk.resid_pre(0)] = act
 
-    def saver(name: str) -> HookFn:
-        def save(act: Tensor, hook: Any) -> None:
-            state[name] = act
-
-        return save
-
-    W_O = bk.W_O_stacked
     hooks: list[tuple[str, HookFn]] = [(bk.resid_pre(0), embed_hook)]
     for layer in range(d.n_layers):
-        n_up_attn = index.head_sender[layer].start
         if layer > 0:
-            hooks.append((bk.resid_pre(layer), saver(bk.resid_pre(layer))))
+            hooks.append((bk.resid_pre(layer), edits.save(state, bk.resid_pre(layer), clone=False)))
+        n_up = index.head_sender[layer].start
         for ch in "qkv":
-            sl = index.head_receiver[(layer, ch)]
-            ex = excluded[:n_up_attn, sl]
-            if not ex.any():
-                continue
-            heads = ex.any(0).nonzero().flatten()
-
-            def qkv_hook(
-                act: Tensor,
-                hook: Any,
-                layer: int = layer,
-                ch: str = ch,
-                ex: Tensor = ex,
-                heads: Tensor = heads,
-            ) -> Tensor:
-                delta = torch.einsum("sbpd,sh->bphd", D(ex.shape[0]), ex[:, heads].to(act.dtype))
-                resid = state[bk.resid_pre(layer)][:, :, None, :] - delta
-                W = bk.W_in(ch)[layer, heads]
-                b = bk.b_in(ch)[layer, heads]
-                new = torch.einsum("bphm,hmd->bphd", bk.ln1(layer, resid), W) + b
-                act = act.clone()
-                act[:, :, heads] = new
-                return act
-
-            hooks.append((bk.qkv(layer, ch), qkv_hook))
-
-        def z_hook(act: Tensor, hook: Any, layer: int = layer) -> None:
-            sl = index.head_sender[layer]
-            state["D"][sl] = torch.einsum("bphk,hkd->hbpd", act - abl.z[layer], W_O[layer])
-
-        hooks.append((bk.z(layer), z_hook))
+            ex = excluded[:n_up, index.head_receiver[(layer, ch)]]
+            if ex.any():
+                heads = ex.any(0).nonzero().flatten()
+                hooks.append(
+                    (
+                        bk.qkv(layer, ch),
+                        edits.set_heads(
+                            heads,
+                            _qkv_value(bk, state, excluded_sum, layer, ch, ex[:, heads], heads),
+                        ),
+                    )
+                )
+        hooks.append((bk.z(layer), _record_heads(bk, state, index, abl, layer)))
         if d.has_mlps:
-            hooks.append((bk.resid_mid(layer), saver(bk.resid_mid(layer))))
-            i_mlp = index.mlp_sender[layer]
-            ex_m = excluded[:i_mlp, index.mlp_receiver[layer]]
-
-            def mlp_hook(
-                act: Tensor, hook: Any, layer: int = layer, i_mlp: int = i_mlp, ex_m: Tensor = ex_m
-            ) -> Tensor:
-                if ex_m.any():
-                    delta = torch.einsum("sbpd,s->bpd", D(i_mlp), ex_m.to(act.dtype))
-                    act = bk.mlp_from_resid(layer, state[bk.resid_mid(layer)] - delta)
-                state["D"][i_mlp] = act - abl.mlp_out[layer]
-                return act
-
-            hooks.append((bk.mlp_out(layer), mlp_hook))
+            hooks.append((bk.resid_mid(layer), edits.save(state, bk.resid_mid(layer), clone=False)))
+            hooks.append(
+                (bk.mlp_out(layer), _mlp_hook(bk, state, excluded_sum, index, excluded, abl, layer))
+            )
     ex_l = excluded[:, index.logits]
     if ex_l.any():
-
-        def logits_hook(act: Tensor, hook: Any) -> Tensor:
-            return act - torch.einsum("sbpd,s->bpd", state["D"], ex_l.to(act.dtype))
-
-        hooks.append((bk.resid_post(d.n_layers - 1), logits_hook))
+        hooks.append(
+            (
+                bk.resid_post(d.n_layers - 1),
+                edits.add(lambda act: -excluded_sum(ex_l, "sbpd,s->bpd")),
+            )
+        )
     return hooks
 
 
+def _qkv_value(
+    bk: Backend,
+    state: dict[str, Tensor],
+    excluded_sum: Any,
+    layer: int,
+    ch: str,
+    ex: Tensor,
+    heads: Tensor,
+) -> Any:
+    """The q/k/v input of ``heads`` recomputed from ``resid - excluded senders``."""
+
+    def value(act: Tensor) -> Tensor:
+        resid = state[bk.resid_pre(layer)][:, :, None, :] - excluded_sum(ex, "sbpd,sh->bphd")
+        return bk.heads_input(layer, ch, resid, heads)
+
+    return value
+
+
+def _record_heads(
+    bk: Backend, state: dict[str, Tensor], index: EdgeIndex, abl: AblationValues, layer: int
+) -> HookFn:
+    def hook(act: Tensor, hook: Any) -> None:
+        state["D"][index.head_sender[layer]] = bk.head_outputs(layer, act - abl.z[layer])
+
+    return hook
+
+
+def _mlp_hook(
+    bk: Backend,
+    state: dict[str, Tensor],
+    excluded_sum: Any,
+    index: EdgeIndex,
+    excluded: Tensor,
+    abl: AblationValues,
+    layer: int,
+) -> HookFn:
+    i_mlp = index.mlp_sender[layer]
+    ex_m = excluded[:i_mlp, index.mlp_receiver[layer]]
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        if ex_m.any():
+            act = bk.mlp_from_resid(
+                layer, state[bk.resid_mid(layer)] - excluded_sum(ex_m, "sbpd,s->bpd")
+            )
+        state["D"][i_mlp] = act - abl.mlp_out[layer]
+        return act
+
+    return hook
+
+
 # ============================================================================ evaluation
-@dataclass
-class CircuitResult:
-    """The metric under a circuit hypothesis, with its recovery and proportion explained."""
-
-    edges: list[tuple[str, str]]
-    scores: Scores
-    clean: Scores
-    corrupted: Scores
-    """The metric with every edge ablated (for resample ablation: the corrupted run)."""
-    recovery: float
-    proportion_explained: float
-    aue: float
-    ate: float
-    ablation: str = "resample"
-
-    def summary(self) -> dict[str, float]:
-        return {
-            "n_edges": float(len(self.edges)),
-            "metric": float(self.scores.mean),
-            "clean": float(self.clean.mean),
-            "ablated": float(self.corrupted.mean),
-            "recovery": self.recovery,
-            "proportion_explained": self.proportion_explained,
-            "aue": self.aue,
-            "ate": self.ate,
-        }
+def circuit_final(
+    runs: Runs,
+    tokens: Tensor,
+    index: EdgeIndex,
+    keep: Bool[Tensor, "sender receiver"],
+    abl: AblationValues,
+) -> Float[Tensor, "batch pos d_model"]:
+    """The final residual stream of ``tokens`` under the circuit ``keep``."""
+    return run_tokens(runs.bk, tokens, circuit_hooks(runs.bk, index, keep, abl))
 
 
-def _kl(clean_resid: Tensor, resid: Tensor, exp: Experiment) -> Float[Tensor, " batch"]:
-    lp_c = F.log_softmax(exp.bk.unembed(exp.readout.gather(clean_resid)), -1)
-    lp = F.log_softmax(exp.bk.unembed(exp.readout.gather(resid)), -1)
+def _kl(readout: Readout, clean: Tensor, other: Tensor) -> Float[Tensor, " batch"]:
+    """``KL(clean || other)`` of the next-token distributions at the positions the metric
+    reads, mean over those positions."""
+    lp_c = F.log_softmax(readout.bk.unembed(readout.gather(clean)), -1)
+    lp = F.log_softmax(readout.bk.unembed(readout.gather(other)), -1)
     return (lp_c.exp() * (lp_c - lp)).sum(-1).mean(-1)
 
 
-def run_circuit(
-    exp: Experiment,
-    keep: Bool[Tensor, "sender receiver"],
-    ablation: Ablation = "resample",
-    reference_tokens: Int[Tensor, "batch pos"] | None = None,
-) -> Float[Tensor, "batch pos d_model"]:
-    """The final residual stream of the clean input under the circuit ``keep``."""
-    bk = exp.bk
-    index = _index(exp)
-    abl = _ablation(exp, ablation, reference_tokens)
-    with inference_mode(exp.model):
-        final, _ = bk.run_with_cache(
-            exp.clean_tokens.to(bk.device),
-            [],
-            fwd_hooks=circuit_hooks(bk, index, keep, abl),
-            logits=False,
-        )
-    return final
-
-
-def _index(exp: Experiment) -> EdgeIndex:
-    if not hasattr(exp, "_edge_index"):
-        exp._edge_index = EdgeIndex(exp.bk)  # type: ignore[attr-defined]
-    return exp._edge_index  # type: ignore[attr-defined]
-
-
-def _ablation(
-    exp: Experiment, ablation: Ablation, reference_tokens: Tensor | None
-) -> AblationValues:
-    reference = None
-    if reference_tokens is not None:
-        if reference_tokens.ndim != 2 or reference_tokens.shape[1] != exp.n_pos:
-            raise ApexlensError(
-                f"reference tokens must be [n, {exp.n_pos}] like the clean tokens, got "
-                f"{tuple(reference_tokens.shape)}"
-            )
-        with inference_mode(exp.model):
-            reference = cached_run(exp.bk, reference_tokens)
-    return ablation_values(exp.bk, ablation, exp.corrupted, reference)
-
-
-def evaluate_edges(
-    exp: Experiment,
-    edges: EdgeSpec,
-    *,
-    ablation: Ablation = "resample",
-    reference_tokens: Tensor | None = None,
-) -> CircuitResult:
-    """Evaluate a circuit on an :class:`~apexlens.patching.Experiment` (cached runs reused)."""
-    with inference_mode(exp.model):
-        return _evaluate_edges(exp, list(edges), ablation, reference_tokens)
-
-
-def _evaluate_edges(
-    exp: Experiment,
+def evaluate(
+    runs: Runs,
+    readout: Readout,
+    tokens: Tensor,
+    index: EdgeIndex,
     edge_list: list[tuple[Any, Any]],
+    abl: AblationValues,
     ablation: Ablation,
-    reference_tokens: Tensor | None,
+    empty_is_corrupted: bool,
 ) -> CircuitResult:
-    index = _index(exp)
+    """Evaluate one hypothesis on the clean ``tokens`` (the KL columns lazily)."""
     keep = index.mask(edge_list)
-    final = run_circuit(exp, keep, ablation, reference_tokens)
-    values = exp.readout(exp.readout.gather(final))
-    if ablation == "resample" and reference_tokens is None:
-        empty_final, empty_values = exp.corrupted.final, exp.corrupted_values
+    final = circuit_final(runs, tokens, index, keep, abl)
+    values = readout(readout.gather(final))
+    if empty_is_corrupted and runs.corrupted is not None:
+        empty_final = runs.corrupted.final
     else:
-        empty_final = run_circuit(exp, torch.zeros_like(keep), ablation, reference_tokens)
-        empty_values = exp.readout(exp.readout.gather(empty_final))
-    aue = float(_kl(exp.clean.final, final, exp).mean())
-    ate = float(_kl(exp.clean.final, empty_final, exp).mean())
-    gap = float(exp.clean_values.mean() - empty_values.mean())
+        empty_final = circuit_final(runs, tokens, index, torch.zeros_like(keep), abl)
+    empty_values = readout(readout.gather(empty_final))
+    clean_values = readout(readout.gather(runs.clean.final))
+    gap = float(clean_values.mean() - empty_values.mean())
     if gap == 0:
         raise ApexlensError("clean and fully ablated metrics are equal: recovery is undefined")
+    clean_final = runs.clean.final
+
+    def kls() -> tuple[float, float]:
+        with torch.no_grad():
+            aue = float(_kl(readout, clean_final, final).mean())
+            ate = float(_kl(readout, clean_final, empty_final).mean())
+        return aue, ate
+
     return CircuitResult(
         edges=[(str(parse_node(s)), str(parse_node(r))) for s, r in edge_list],
         scores=Scores(values),
-        clean=Scores(exp.clean_values),
+        clean=Scores(clean_values),
         corrupted=Scores(empty_values),
         recovery=float((values.mean() - empty_values.mean()) / gap),
-        proportion_explained=1.0 - aue / ate if ate > 0 else float("nan"),
-        aue=aue,
-        ate=ate,
         ablation=ablation,
+        _kl=kls,
     )
-
-
-def evaluate_circuit(
-    model: Any,
-    clean_tokens: Int[Tensor, "batch pos"],
-    corrupted_tokens: Int[Tensor, "batch pos"],
-    edges: EdgeSpec,
-    *,
-    metric: Any,
-    ablation: Ablation = "resample",
-    reference_tokens: Int[Tensor, "n pos"] | None = None,
-    positions: Mapping[str, Any] | None = None,
-) -> CircuitResult:
-    """Evaluate a circuit hypothesis given as ``(sender, receiver)`` edges.
-
-    Every edge outside the set carries its ablated value (``"resample"``: the corrupted run;
-    ``"mean"``: the mean over ``reference_tokens``, default the corrupted tokens; ``"zero"``),
-    every edge inside carries the value computed from the circuit. Use
-    :func:`apexlens.graph.full_graph` for all edges of a model. For many hypotheses on the
-    same data, build an :class:`~apexlens.patching.Experiment` once and call its
-    ``evaluate_circuit``.
-    """
-    exp = Experiment(model, clean_tokens, corrupted_tokens, metric=metric, positions=positions)
-    return evaluate_edges(exp, edges, ablation=ablation, reference_tokens=reference_tokens)
-
-
-# ============================================================================ interactive
-@dataclass(frozen=True)
-class Paths:
-    """A path-patching spec for :func:`patched`: senders patched jointly along their paths."""
-
-    senders: NodeSpec
-    receivers: NodeSpec = "logits"
-    mlps: MLPMode = "live"
-
-
-@dataclass(frozen=True)
-class Circuit:
-    """A circuit-hypothesis spec for :func:`patched`."""
-
-    edges: tuple[tuple[Any, Any], ...]
-    ablation: Ablation = "resample"
-
-    def __init__(self, edges: EdgeSpec, ablation: Ablation = "resample"):
-        object.__setattr__(self, "edges", tuple(tuple(e) for e in edges))
-        object.__setattr__(self, "ablation", ablation)
-
-
-@contextmanager
-def patched(
-    model: Any,
-    spec: Paths | Circuit,
-    corrupted_tokens: Int[Tensor, "batch pos"],
-    *,
-    positions: Mapping[str, Any] | None = None,
-    reference_tokens: Tensor | None = None,
-) -> Iterator[Any]:
-    """Attach a path patch or a circuit hypothesis to the model's hook points.
-
-    Inside the block any run of the model -- your own metric, ``run_with_cache``,
-    generation -- happens under the patch::
-
-        with apexlens.patched(model, apexlens.Paths("0.1", "1.2.k"), corrupted):
-            logits = model(clean_tokens)
-
-    The hooks are removed when the block ends, also after an exception.
-    """
-    bk = backend_for(model)
-    if isinstance(spec, Paths):
-        with patched_paths(
-            model,
-            corrupted_tokens,
-            senders=spec.senders,
-            receivers=spec.receivers,
-            mlps=spec.mlps,
-            positions=positions,
-        ):
-            yield model
-        return
-    if not isinstance(spec, Circuit):
-        raise ApexlensError(
-            f"patched() takes apexlens.Paths or apexlens.Circuit, got {type(spec).__name__}"
-        )
-    index = EdgeIndex(bk)
-    keep = index.mask(spec.edges)
-    with inference_mode(model):
-        corrupted = cached_run(bk, corrupted_tokens)
-        reference = cached_run(bk, reference_tokens) if reference_tokens is not None else None
-    abl = ablation_values(bk, spec.ablation, corrupted, reference)
-    with attached(model, circuit_hooks(bk, index, keep, abl)):
-        yield model

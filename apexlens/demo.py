@@ -16,15 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from apexlens import plotting
-from apexlens.circuits import evaluate_edges
+from apexlens.experiment import Experiment
 from apexlens.models import load_model, model_info
 from apexlens.noise import apex, compare
-from apexlens.patching import Experiment
 from apexlens.report import write_report
 from apexlens.tasks import get_task
 
@@ -68,7 +66,7 @@ def run_demo(
             (f"1.{h}", "logits"),
         ]
     edges.append(("embed", "logits"))
-    circuit = evaluate_edges(exp, edges)
+    circuit = exp.evaluate_circuit(edges)
     bar.update()
 
     # 3. APEX on the backdoored model and its clean twin
@@ -103,7 +101,7 @@ def run_demo(
     apex_rows = table[table["sigma"] == big][
         ["model", "sigma", "dominant_token", "top1_share", "entropy"]
     ]
-    circuit_frame = pd.DataFrame([circuit.summary()])
+    circuit_frame = circuit.to_frame()
     lines = [
         "apexlens demo (shipped toy models, offline)",
         "",

@@ -14,7 +14,14 @@ spelling       node                                          role
 ``"m3"``       MLP 3 (also ``"mlp3"``): output / input       sender / receiver
 ``"logits"``   the final residual stream, read through       receiver
                ``ln_final`` and the unembedding
+``"r5"``       the residual stream entering block 5          activation patching,
+               (``"rN"``, N = n_layers: the final one)       noise site
 =============  ============================================  ==========================
+
+The same vocabulary names the *sites* where APEX adds noise (:func:`parse_sites`): a node
+(``"embed"`` = ``blocks.0.hook_resid_pre``, ``"r5"``, ``"m3"`` = ``hook_mlp_out``), a preset
+over layers (``"resid_post"``, ``"resid_pre:6"``, ``"z:0,1"``...), or a raw hook name.
+:meth:`Node.hook` is where each node lives in the model.
 
 Any node can be restricted to positions with ``"@"``: ``"9.9.q@-1"``, ``"0.1@3,4"``, or a
 name such as ``"9.9.q@end"`` looked up in the ``positions`` mapping handed to the engine
@@ -37,7 +44,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from apexlens.backend import ApexlensError, Dims, backend_for
+from apexlens.backend import Backend, Dims, backend_for
+from apexlens.errors import ApexlensError
 
 Kind = Literal["embed", "head", "mlp", "logits", "resid"]
 Channel = Literal["q", "k", "v"]
@@ -45,9 +53,11 @@ PositionSpec = int | Sequence[int] | Tensor | str | None
 
 _HEAD = re.compile(r"^(\d+)\.(\d+)(?:\.([qkv]))?$")
 _MLP = re.compile(r"^(?:m|mlp)(\d+)$")
+_RESID = re.compile(r"^(?:r|resid|resid_pre)(\d+)$")
 _SYNTAX = (
     "expected 'embed', 'logits', 'L.H' (head H of layer L), 'L.H.q' / '.k' / '.v' (a head's "
-    "input), 'mL' or 'mlpL' (MLP L), optionally followed by '@positions'"
+    "input), 'mL' or 'mlpL' (MLP L), 'rL' (the residual stream entering block L), optionally "
+    "followed by '@positions'"
 )
 
 
@@ -75,6 +85,8 @@ class Node:
             return "logits"
         if self.kind == "mlp":
             return f"m{self.layer}"
+        if self.kind == "resid":
+            return f"r{self.layer}"
         base = f"{self.layer}.{self.head}"
         return f"{base}.{self.channel}" if self.channel else base
 
@@ -92,9 +104,12 @@ class Node:
 
     # ------------------------------------------------------------------ order
     def order(self, n_layers: int) -> int:
-        """Where the node acts: embed 0, attention of layer L 2L+1, MLP L 2L+2, logits last."""
+        """Where the node acts: embed 0, attention of layer L 2L+1, MLP L 2L+2, logits last
+        (a residual stream ``rL`` is read before block L: 2L)."""
         if self.kind == "embed":
             return 0
+        if self.kind == "resid":
+            return 2 * self.layer
         if self.kind == "head":
             return 2 * self.layer + 1
         if self.kind == "mlp":
@@ -108,7 +123,22 @@ class Node:
 
     def at(self, positions: PositionSpec) -> Node:
         """This node restricted to ``positions``."""
-        return replace(self, positions=_normalise_positions(positions))
+        return replace(self, positions=_position_tuple(positions))
+
+    def hook(self, bk: Backend) -> str:
+        """The hook point holding this node's activation: a head's ``hook_z`` (its channel:
+        ``hook_q/k/v``), an MLP's ``hook_mlp_out``, ``embed`` and ``rL``: ``hook_resid_pre``
+        (the final residual: the last block's ``hook_resid_post``)."""
+        n = bk.dims.n_layers
+        if self.kind == "head":
+            return bk.qkv(self.layer, self.channel) if self.channel else bk.z(self.layer)
+        if self.kind == "mlp":
+            return bk.mlp_out(self.layer)
+        if self.kind == "embed":
+            return bk.resid_pre(0)
+        if self.kind == "resid" and self.layer < n:
+            return bk.resid_pre(self.layer)
+        return bk.resid_post(n - 1)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Node):
@@ -132,7 +162,7 @@ def _positions_key(p: Any) -> Any:
     return p
 
 
-def _normalise_positions(positions: PositionSpec) -> Any:
+def _position_tuple(positions: PositionSpec) -> Any:
     if positions is None or isinstance(positions, (str, Tensor)):
         return positions
     if isinstance(positions, int):
@@ -175,6 +205,9 @@ def parse_node(spec: str | Node) -> Node:
     m = _MLP.match(text)
     if m:
         return Node("mlp", int(m.group(1)), positions=pos)
+    m = _RESID.match(text)
+    if m:
+        return Node("resid", int(m.group(1)), positions=pos)
     raise ApexlensError(f"unknown node {spec!r}: {_SYNTAX}")
 
 
@@ -186,8 +219,13 @@ def parse_nodes(spec: NodeSpec, dims: Dims) -> list[Node]:
     ``"all-mlps"``), and check each against the model's shape."""
     if isinstance(spec, (str, Node)):
         items: list[str | Node] = [spec]
-    else:
+    elif isinstance(spec, Iterable) and not isinstance(spec, (bytes, Tensor)):
         items = list(spec)
+    else:
+        raise ApexlensError(
+            f"nodes are given as a string ('9.9', 'all-heads'), a Node, or a list of them; got "
+            f"{spec!r}"
+        )
     out: list[Node] = []
     for item in items:
         if isinstance(item, str) and _set_name(item) is not None:
@@ -241,6 +279,11 @@ def validate(node: Node, dims: Dims) -> Node:
                 f"head {node} is out of range: the model has {dims.n_heads} heads per layer "
                 f"(0..{dims.n_heads - 1})"
             )
+    if node.kind == "resid" and not 0 <= node.layer <= dims.n_layers:
+        raise ApexlensError(
+            f"residual node {node} is out of range: 0..{dims.n_layers} for this model "
+            f"(r{dims.n_layers} is the final residual stream)"
+        )
     if node.kind == "mlp" and not dims.has_mlps:
         raise ApexlensError(f"node {node} names an MLP, but the model is attention-only")
     return node
@@ -281,6 +324,11 @@ def as_senders(nodes: Sequence[Node]) -> list[Node]:
             raise ApexlensError(
                 "'logits' cannot be a sender: it reads the residual stream, it writes nothing"
             )
+        if n.kind == "resid":
+            raise ApexlensError(
+                f"{n} is a residual stream, the sum of many senders; path-patch its parts "
+                "(embed, heads, MLPs) or use act_patch"
+            )
         if n.kind == "head" and n.channel is not None:
             raise ApexlensError(
                 f"sender {n} names a head's {n.channel} input; a sender is the head's output: use "
@@ -289,7 +337,17 @@ def as_senders(nodes: Sequence[Node]) -> list[Node]:
         out.append(n)
     if not out:
         raise ApexlensError("the sender set is empty")
-    return out
+    return unique(out, "sender")
+
+
+def unique(nodes: Sequence[Node], role: str) -> list[Node]:
+    """``nodes`` unchanged, after checking that none is given twice (each gets one row)."""
+    seen: set[Node] = set()
+    for n in nodes:
+        if n in seen:
+            raise ApexlensError(f"{role} {n} is given twice; each {role} gets one row")
+        seen.add(n)
+    return list(nodes)
 
 
 def as_receivers(nodes: Sequence[Node]) -> list[Node]:
@@ -299,6 +357,11 @@ def as_receivers(nodes: Sequence[Node]) -> list[Node]:
         if n.kind == "embed":
             raise ApexlensError(
                 "'embed' cannot be a receiver: it reads tokens, not the residual stream"
+            )
+        if n.kind == "resid":
+            raise ApexlensError(
+                f"{n} is a residual stream, not a reader of one; receivers are q/k/v inputs, "
+                "MLPs or logits"
             )
         if n.kind == "head" and n.channel is None:
             out.extend(replace(n, channel=c) for c in ("q", "k", "v"))  # type: ignore[misc]
@@ -388,3 +451,89 @@ def position_index(
     if ((idx < -n_pos) | (idx >= n_pos)).any():
         raise ApexlensError(f"{what}: positions out of range for sequences of length {n_pos}")
     return idx % n_pos
+
+
+# ---------------------------------------------------------------------- sites
+SITE_PRESETS: dict[str, Any] = {
+    "resid_post": Backend.resid_post,
+    "resid_pre": Backend.resid_pre,
+    "resid_mid": Backend.resid_mid,
+    "attn_out": Backend.attn_out,
+    "mlp_out": Backend.mlp_out,
+    "z": Backend.z,
+}
+"""Site preset -> hook name of layer ``l``; ``"preset:3,5"`` restricts it to layers."""
+
+
+def parse_sites(spec: str | Sequence[str], n_layers: int) -> list[str]:
+    """Hook names of a site spec: presets (optionally ``":layers"``), nodes (``"embed"``,
+    ``"rL"``, ``"mL"``) or raw hook names, de-duplicated in order."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    if not items:
+        raise ApexlensError("sites is empty: name at least one hook point or preset")
+    names: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ApexlensError(f"sites must be strings (hook names or presets), got {item!r}")
+        kind, colon, layers = item.partition(":")
+        if kind in SITE_PRESETS:
+            chosen = _site_layers(layers, n_layers, item) if colon else range(n_layers)
+            names.extend(SITE_PRESETS[kind](layer) for layer in chosen)
+            continue
+        node = None
+        if not colon and "." not in item:
+            try:
+                node = parse_node(item)
+            except ApexlensError:
+                node = None
+        if node is not None and node.kind in ("embed", "resid", "mlp") and node.positions is None:
+            if node.kind == "resid" and not 0 <= node.layer <= n_layers:
+                raise ApexlensError(
+                    f"site {item!r}: layer out of range for a {n_layers}-layer model"
+                )
+            if node.kind == "mlp" and not 0 <= node.layer < n_layers:
+                raise ApexlensError(
+                    f"site {item!r}: layer out of range for a {n_layers}-layer model"
+                )
+            if node.kind == "embed" or (node.kind == "resid" and node.layer < n_layers):
+                names.append(Backend.resid_pre(0 if node.kind == "embed" else node.layer))
+            elif node.kind == "resid":
+                names.append(Backend.resid_post(n_layers - 1))
+            else:
+                names.append(Backend.mlp_out(node.layer))
+            continue
+        names.append(item)
+    return list(dict.fromkeys(names))
+
+
+def _site_layers(spec: str, n_layers: int, item: str) -> list[int]:
+    layers: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            layer = int(part)
+        except ValueError:
+            raise ApexlensError(
+                f"site {item!r}: expected comma-separated layer numbers after ':', got {part!r}"
+            ) from None
+        if not -n_layers <= layer < n_layers:
+            raise ApexlensError(
+                f"site {item!r}: layer {layer} out of range for a {n_layers}-layer model"
+            )
+        layers.append(layer % n_layers)
+    return layers
+
+
+def shared_positions(positions: Any, n_pos: int, what: str) -> Int[Tensor, " k"]:
+    """Sorted, de-duplicated absolute positions that are the same for every example (ints,
+    negative from the end), via :func:`position_index`."""
+    raw = [positions] if isinstance(positions, int) else positions
+    if isinstance(raw, Tensor):
+        raw = raw.tolist() if raw.ndim <= 1 and not raw.is_floating_point() else raw
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ApexlensError(f"{what} must be an int or a non-empty list of ints, got {positions!r}")
+    for p in raw:
+        if isinstance(p, bool) or not isinstance(p, int):
+            raise ApexlensError(f"{what} must be integers, got {p!r}")
+    idx = position_index(list(raw), 1, n_pos, what)[0]
+    return torch.unique(idx)

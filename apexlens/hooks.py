@@ -1,4 +1,4 @@
-"""Attaching hooks to a model without leaving a trace.
+"""Attaching hooks to a model without leaving a trace, one caller at a time.
 
 Every apexlens feature that changes a forward pass does it through TransformerLens hook
 points, and every such change goes through :func:`attached`. It adds the hooks in a new
@@ -6,12 +6,22 @@ hook *context level*, and removes exactly those hooks when the ``with`` block en
 normally, on an exception, or on ``KeyboardInterrupt``. Hooks the user attached
 themselves (at any level, permanent or not) are never removed or reordered.
 
+**Threads.** Hooks live on the model, so two threads patching one model would see each
+other's hooks. Every apexlens entry point holds the model's lock (:func:`model_lock`, a
+re-entrant lock per model) while it runs: concurrent calls on one model are serialised and
+each gets exactly the numbers it would get alone. Calls on different models run in parallel.
+A forward pass *you* run in another thread, outside apexlens, is not covered: inside a
+``with apexlens.patched(...)`` block, or while another thread is inside an apexlens call,
+run your own forward passes in that block or wait for the call.
+
 :func:`inference_mode` puts the model in eval mode without gradients for the duration of
 a call and then restores whatever training flag the user had.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,10 +31,25 @@ import torch
 HookFn = Callable[..., Any]
 """A TransformerLens hook: ``fn(activation, hook) -> activation | None``."""
 
+Hooks = Sequence[tuple[str, HookFn]]
+"""``(hook_name, fn)`` pairs, TransformerLens' ``fwd_hooks``."""
+
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: Any) -> threading.RLock:
+    """The re-entrant lock apexlens holds on ``model`` while it attaches hooks or runs it."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
 
 @contextmanager
-def attached(model: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[Any]:
-    """Attach ``fwd_hooks`` (``(hook_name, fn)`` pairs) for the duration of a with-block.
+def attached(model: Any, fwd_hooks: Hooks) -> Iterator[Any]:
+    """Attach ``fwd_hooks`` for the duration of a with-block, holding the model's lock.
 
     Unknown hook names raise a ``KeyError`` naming the hook before anything is attached.
     """
@@ -33,17 +58,21 @@ def attached(model: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[An
         for name, _ in fwd_hooks:
             if name not in hook_dict:
                 raise KeyError(f"the model has no hook point named {name!r}")
-    with model.hooks(fwd_hooks=list(fwd_hooks)):
+    with model_lock(model), model.hooks(fwd_hooks=list(fwd_hooks)):
         yield model
 
 
 @contextmanager
 def inference_mode(model: Any) -> Iterator[Any]:
-    """Eval mode and no gradients for the block; the user's training flag comes back after."""
-    was_training = bool(getattr(model, "training", False))
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
+    """Eval mode, no gradients and the model's lock for the block; the training flag comes
+    back after, also on an exception."""
+    with model_lock(model):
+        was_training = bool(getattr(model, "training", False))
+        try:
+            if was_training or any(m.training for m in model.modules()):
+                model.eval()
+            with torch.no_grad():
+                yield model
+        finally:
+            if was_training:
+                model.train(True)

@@ -15,6 +15,12 @@ Path patching, per sender ``s`` (Wang et al. 2022, appendix B; ARENA's loop):
 2. *patch pass*: run the clean input normally, except that each receiver reads the
    recorded values (at its positions); the final residual stream of a ``logits`` receiver
    gets the recorded direct-path change added.
+
+Activation patching: one full corrupted forward per node (:func:`naive_act_patch`).
+APEX: one full forward per (sigma, draw) (:func:`naive_apex`).
+
+Nothing here uses apexlens' engines, runs or edits: only whole forward passes with plain
+TransformerLens hooks, so a bug in the shared machinery cannot hide in both sides.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from apexlens.backend import ApexlensError, backend_for
+from apexlens.backend import backend_for
+from apexlens.errors import ApexlensError
 from apexlens.graph import Node, NodeSpec, as_receivers, as_senders, parse_nodes, position_mask
 from apexlens.hooks import HookFn, inference_mode
 
@@ -212,3 +219,68 @@ def naive_act_patch(
             with model.hooks(fwd_hooks=[(name, hook)]):
                 out.append(metric(model(corrupted_tokens)))
     return torch.stack(out)
+
+
+def naive_apex(
+    model: Any,
+    tokens: Tensor,
+    sigmas: Sequence[float],
+    n_draws: int,
+    sites: Sequence[str],
+    *,
+    seed: int,
+    relative: bool = False,
+    noise_positions: Any = None,
+    positions: Any = -1,
+) -> tuple[Tensor, Tensor]:
+    """APEX the slow way: one plain full forward per (sigma, draw).
+
+    ``sites`` are hook names. Hooks sample ``randn`` from a generator seeded with ``seed``
+    when they fire; draw ``d`` re-uses its noise at every sigma (the generator state is
+    rewound), so the stream is consumed draw by draw, site by site in firing order.
+    Relative noise uses the RMS (last axis) of the clean activation at the site.
+    Returns the predictions ``[n_sigma, n_draws, batch]`` at ``positions`` and the mean
+    softmax ``[n_sigma, d_vocab]``.
+    """
+    g = torch.Generator(device=tokens.device).manual_seed(seed)
+    cache: dict[str, Tensor] = {}
+
+    def saver(name: str) -> HookFn:  # names by closure: a TransformerBridge's hook.name is an alias
+        def save(act: Tensor, hook: Any) -> None:
+            cache[name] = act.detach().clone()
+
+        return save
+
+    with inference_mode(model):
+        model.run_with_hooks(tokens, fwd_hooks=[(name, saver(name)) for name in sites])
+        n = tokens.shape[0]
+        preds = torch.empty(len(sigmas), n_draws, n, dtype=torch.long)
+        probs = torch.zeros(len(sigmas), model.cfg.d_vocab, dtype=torch.float64)
+        for d in range(n_draws):
+            state = g.get_state()
+            for s, sigma in enumerate(sigmas):
+                g.set_state(state)
+
+                def noiser(name: str, sigma: float) -> HookFn:
+                    def add_noise(act: Tensor, hook: Any) -> Tensor:
+                        idx = slice(None) if noise_positions is None else noise_positions
+                        target = act[:, idx]
+                        xi = torch.randn(
+                            target.shape, generator=g, dtype=act.dtype, device=act.device
+                        )
+                        scale: Any = sigma
+                        if relative:
+                            scale = sigma * cache[name][:, idx].pow(2).mean(-1, keepdim=True).sqrt()
+                        out = act.clone()
+                        out[:, idx] = target + scale * xi
+                        return out
+
+                    return add_noise
+
+                logits = model.run_with_hooks(
+                    tokens, fwd_hooks=[(name, noiser(name, sigma)) for name in sites]
+                )
+                at = logits[:, positions].double()
+                preds[s, d] = at.argmax(-1)
+                probs[s] += at.softmax(-1).sum(0)
+    return preds, probs / (n_draws * n)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from apexlens.backend import ApexlensError
+from apexlens.errors import ApexlensError
 from apexlens.graph import position_index
 
 Positions = int | Sequence[int] | Tensor | None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from apexlens.backend import ApexlensError
+from apexlens.errors import ApexlensError
 
 EOT = "<|endoftext|>"
 

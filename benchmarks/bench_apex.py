@@ -5,7 +5,7 @@ of a random-init GPT-2-small-shaped model (12 layers, d_model 768, 12 heads, d_m
 vocab 50257), a batch of 8 prompts x 16 tokens, the last position scored.
 
 * **loop**: what one would write by hand -- one full ``model.run_with_hooks`` forward per
-  (sigma, draw) with a noise hook (:func:`apexlens.noise_fwd_hooks`), argmax at the last
+  (sigma, draw) with a noise hook (:func:`apexlens.reference.naive_apex`), argmax at the last
   position. Draw ``d`` rewinds the generator so it reuses its noise at every sigma, exactly
   the stream apex consumes, so the two give the same predictions up to float rounding.
 * **apex**: all (sigma, draw) copies stacked along the batch, starting from the cached clean
@@ -100,18 +100,11 @@ def gpt2_small_random(seed: int = 0, device: str = "cpu", backend: str = "hooked
 def run_loop(
     model: Any, tokens: torch.Tensor, sigmas: list[float], n_draws: int, site: str, seed: int
 ) -> torch.Tensor:
-    from apexlens.noise import noise_fwd_hooks
+    """The per-draw loop of :func:`apexlens.reference.naive_apex` (one forward per draw)."""
+    from apexlens.noise import resolve_sites
+    from apexlens.reference import naive_apex
 
-    g = torch.Generator(device=tokens.device).manual_seed(seed)
-    preds = torch.empty(len(sigmas), n_draws, tokens.shape[0], dtype=torch.long)
-    with torch.no_grad():
-        for d in range(n_draws):
-            state = g.get_state()
-            for s, sigma in enumerate(sigmas):
-                g.set_state(state)
-                hooks = noise_fwd_hooks(model, sigma, sites=site, generator=g)
-                logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
-                preds[s, d] = logits[:, -1].argmax(-1).cpu()
+    preds, _ = naive_apex(model, tokens, sigmas, n_draws, resolve_sites(model, site), seed=seed)
     return preds
 
 

@@ -9,6 +9,7 @@ import torch
 
 from apexlens.backend import ApexlensError
 from apexlens.noise import ApexResult, apex, compare, noise_hooks, resolve_sites
+from apexlens.reference import naive_apex
 
 from backends import (
     build,
@@ -52,64 +53,7 @@ def _tokens(model, n: int = 6, n_pos: int = 8, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, model.cfg.d_vocab, (n, n_pos), generator=g)
 
 
-def loop_reference(
-    model,
-    tokens,
-    sigmas,
-    n_draws,
-    sites,
-    *,
-    seed,
-    relative=False,
-    noise_positions=None,
-    positions=-1,
-):
-    """The obviously-correct slow path: one plain full forward per (sigma, draw).
-
-    Written independently of apexlens.noise: hooks sample ``randn`` from the generator
-    when they fire; draw ``d`` re-uses its noise at every sigma (the generator state is
-    rewound), so the stream is consumed draw by draw, site by site in firing order.
-    Relative noise uses the RMS (last axis) of the clean activation at the site.
-    """
-    g = torch.Generator().manual_seed(seed)
-    cache = {}
-
-    def saver(name):  # names by closure: a TransformerBridge's hook.name is an alias
-        def save(act, hook):
-            cache[name] = act.detach().clone()
-
-        return save
-
-    model.run_with_hooks(tokens, fwd_hooks=[(name, saver(name)) for name in sites])
-    n = tokens.shape[0]
-    preds = torch.empty(len(sigmas), n_draws, n, dtype=torch.long)
-    probs = torch.zeros(len(sigmas), model.cfg.d_vocab, dtype=torch.float64)
-    for d in range(n_draws):
-        state = g.get_state()
-        for s, sigma in enumerate(sigmas):
-            g.set_state(state)
-
-            def noiser(name, sigma):
-                return lambda act, hook: add_noise(act, name, sigma)
-
-            def add_noise(act, name, sigma):
-                idx = slice(None) if noise_positions is None else noise_positions
-                target = act[:, idx]
-                xi = torch.randn(target.shape, generator=g, dtype=act.dtype)
-                scale = sigma
-                if relative:
-                    clean = cache[name][:, idx]
-                    scale = sigma * clean.pow(2).mean(-1, keepdim=True).sqrt()
-                out = act.clone()
-                out[:, idx] = target + scale * xi
-                return out
-
-            hooks = [(name, noiser(name, sigma)) for name in sites]
-            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
-            at = logits[:, positions].double()
-            preds[s, d] = at.argmax(-1)
-            probs[s] += at.softmax(-1).sum(0)
-    return preds, probs / (n_draws * n)
+loop_reference = naive_apex  # the slow loop lives in apexlens.reference
 
 
 SITE_CASES = [

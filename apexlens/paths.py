@@ -1,0 +1,369 @@
+"""The path-patching engine: cached runs + senders + receivers -> per-row metric values.
+
+**Path patching** (Wang et al. 2022, appendix B; Goldowsky-Dill et al. 2023) asks how much
+of a behaviour flows along the paths from a *sender* to a set of *receivers*. In the
+clean run, the sender's output is replaced by its value on the corrupted run *only along
+the paths into the receivers*: every other attention head is frozen at its clean output on
+the way, MLPs on the way recompute (``mlps="live"``, the IOI/ARENA default) or are frozen
+too (``mlps="frozen"``, the strict direct edge). The receivers' inputs are replaced by what
+they received along those paths, and their changed outputs flow through the rest of the
+network normally to the logits.
+
+**The mechanism.** Everything is a *residual delta*: a sender ``s`` adds
+``delta_s = out_s(corrupted) - out_s(clean)`` to the residual stream where it writes. With
+attention frozen, a delta never moves between positions; only MLPs change it, position by
+position. So, on top of the cached clean and corrupted runs (:class:`~apexlens.runs.Runs`):
+
+1. every sender's delta is one row; rows are chunked to a memory budget and walked through
+   the layers, recomputing only the MLPs (:func:`propagate`, *frozen propagation*), only at
+   the positions that matter (with ``logits`` as the only receiver: those the metric reads);
+2. each receiver's new input is computed from ``resid_clean + delta`` (a head's q/k/v
+   through ``ln1`` and ``W_Q``/``W_K``/``W_V``; an MLP's output; the final residual);
+3. the network runs normally from the first receiver's layer with the receivers' inputs
+   substituted (:func:`substitutions`, :mod:`apexlens.edits`), and the metric is read.
+
+Multi-hop paths ``s -> m -> r`` (``via=[m]``, treeified semantics of Goldowsky-Dill et al.)
+reuse step 1: the change of ``m``'s output, caused only by ``s``'s delta arriving at
+``m``'s input, becomes the delta that travels on to ``r``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from apexlens import edits
+from apexlens.errors import ApexlensError
+from apexlens.graph import Node, as_receivers
+from apexlens.hooks import Hooks
+from apexlens.runs import Readout, Runs, row_chunks, run_rows, stack_rows
+
+MLPMode = Literal["live", "frozen"]
+SenderGroup = Sequence[Node]
+Gather = Callable[[Tensor], Tensor]
+
+
+# ============================================================================ entry point
+def path_patch_rows(
+    runs: Runs,
+    readout: Readout,
+    groups: Sequence[SenderGroup],
+    receivers: Sequence[Node],
+    *,
+    via: Sequence[Sequence[Node]] = (),
+    mlps: MLPMode = "live",
+    progress: bool = False,
+) -> Float[Tensor, "group batch"]:
+    """Per-example metric when each group of senders is patched (jointly) to the receivers.
+
+    A group with no path to the receivers keeps the clean metric.
+    """
+    if mlps not in ("live", "frozen"):
+        raise ApexlensError(f"mlps must be 'live' or 'frozen', got {mlps!r}")
+    n_layers = runs.bk.dims.n_layers
+    order = lambda n: n.order(n_layers)  # noqa: E731
+    recv = as_receivers(receivers)
+    hops = [as_receivers(h) for h in via]
+    _check_chain(hops, recv, order)
+    first_targets = hops[0] if hops else recv
+    last_target = max(order(r) for r in first_targets)
+    has_path = [bool(g) and min(order(s) for s in g) < last_target for g in groups]
+    if not any(has_path):
+        names = [str(s) for g in groups for s in g]
+        raise ApexlensError(
+            f"no sender has a path to the receivers: receiver(s) {[str(r) for r in first_targets]}"
+            f" come before (or in the same layer as) sender(s) {names[:6]}"
+            f"{'...' if len(names) > 6 else ''}"
+        )
+    clean_values = readout(readout.gather(runs.clean.final))
+    out = clean_values.expand(len(groups), -1).clone()
+    active = [i for i, ok in enumerate(has_path) if ok]
+    # sorted by where each group's first delta enters, so the started rows form a prefix
+    active.sort(key=lambda i: min(order(s) for s in groups[i]))
+    only_logits = not hops and all(r.kind == "logits" for r in recv) and readout.fast
+    n_tok = runs.batch * (readout.idx.shape[1] if only_logits else runs.n_pos)
+    chunk = runs.rows_per_chunk(len(active), n_tok, attention=not only_logits)
+    for rows in row_chunks(active, chunk, desc="path patching", progress=progress):
+        out[list(rows)] = _patch_chunk(
+            runs, readout, [groups[i] for i in rows], recv, hops, mlps, only_logits
+        )
+    return out
+
+
+def _check_chain(hops: list[list[Node]], recv: list[Node], order: Callable[[Node], int]) -> None:
+    for hop in hops:
+        comps = {(n.kind, n.layer, n.head) for n in hop}
+        if len(comps) != 1 or hop[0].kind not in ("head", "mlp"):
+            raise ApexlensError(
+                "each 'via' hop must be one head (or one of its q/k/v inputs) or one MLP, got "
+                f"{[str(n) for n in hop]}"
+            )
+    prev_out = None
+    for hop in hops:
+        if prev_out is not None and prev_out >= order(hop[0]):
+            raise ApexlensError(
+                "the 'via' nodes must be in forward order (each after the previous)"
+            )
+        prev_out = order(hop[0].as_sender)
+    if prev_out is not None and all(prev_out >= order(r) for r in recv):
+        raise ApexlensError(
+            f"receivers {[str(r) for r in recv]} come before the last 'via' node: no path"
+        )
+
+
+def _patch_chunk(
+    runs: Runs,
+    readout: Readout,
+    groups: list[SenderGroup],
+    recv: list[Node],
+    hops: list[list[Node]],
+    mlps: MLPMode,
+    only_logits: bool,
+) -> Float[Tensor, "chunk batch"]:
+    n_layers = runs.bk.dims.n_layers
+    gather: Gather = readout.gather if only_logits else (lambda x: x)
+    entries: list[tuple[int, int, Tensor]] = []  # (order, row, delta)
+    for row, g in enumerate(groups):
+        for s in g:
+            entries.append((s.order(n_layers), row, gather(sender_delta(runs, s))))
+    for hop in hops:
+        new = propagate(runs, entries, len(groups), hop, mlps, gather)
+        delta = _hop_output(runs, hop, new)
+        order = hop[0].as_sender.order(n_layers)
+        entries = [(order, row, delta[row]) for row in range(len(groups))]
+    new = propagate(runs, entries, len(groups), recv, mlps, gather)
+    return _finish(runs, readout, recv, new, len(groups), gathered=only_logits)
+
+
+# ============================================================================ pieces
+def sender_delta(runs: Runs, node: Node) -> Float[Tensor, "batch pos d_model"]:
+    """``out(corrupted) - out(clean)`` of a sender, zero outside its positions."""
+    bk, c, k = runs.bk, runs.clean, runs.corrupted
+    assert k is not None, "path patching needs a corrupted run"
+    if node.kind == "embed":
+        d = k[bk.resid_pre(0)] - c[bk.resid_pre(0)]
+    elif node.kind == "head":
+        z = bk.z(node.layer)
+        dz = k[z][:, :, node.head] - c[z][:, :, node.head]
+        d = bk.head_outputs(node.layer, dz[:, :, None], [int(node.head or 0)])[0]
+    else:
+        d = k[bk.mlp_out(node.layer)] - c[bk.mlp_out(node.layer)]
+    m = runs.mask(node)
+    return d if m is None else d * m[..., None].to(d.dtype)
+
+
+def propagate(
+    runs: Runs,
+    entries: list[tuple[int, int, Tensor]],
+    n_rows: int,
+    targets: list[Node],
+    mlps: MLPMode,
+    gather: Gather,
+) -> dict[Node, Tensor]:
+    """Frozen propagation: walk the deltas to every target and return its new input.
+
+    ``entries`` are ``(order, row, delta)``: ``delta`` enters the residual stream of row
+    ``row`` where a node of that order writes. Returns, per target: a head channel -> its
+    new ``hook_q/k/v`` values ``[rows, batch, pos, d_head]``; an MLP -> its new output
+    ``[rows, batch, pos, d_model]``; ``logits`` -> the delta of the final residual stream.
+    """
+    bk, c = runs.bk, runs.clean
+    n_layers = bk.dims.n_layers
+    last = max(t.order(n_layers) for t in targets)
+    ref = entries[0][2]
+    acc = torch.zeros(n_rows, *ref.shape, dtype=ref.dtype, device=ref.device)
+    starts = torch.full((n_rows,), 10**9)
+    by_order: dict[int, list[tuple[int, Tensor]]] = {}
+    for o, row, d in entries:
+        starts[row] = min(int(starts[row]), o)
+        by_order.setdefault(o, []).append((row, d))
+    out: dict[Node, Tensor] = {}
+
+    def add(o: int) -> None:
+        for row, d in by_order.get(o, []):
+            acc[row] += d
+
+    add(0)
+    for layer in range(n_layers):
+        o_attn, o_mlp = 2 * layer + 1, 2 * layer + 2
+        if o_attn > last:
+            break
+        heads_here = [t for t in targets if t.kind == "head" and t.layer == layer]
+        if heads_here:
+            resid = gather(c[bk.resid_pre(layer)]) + acc
+            for ch in "qkv":
+                ts = [t for t in heads_here if t.channel == ch]
+                if ts:
+                    vals = bk.head_input(layer, ch, resid, [int(t.head or 0) for t in ts])
+                    for i, t in enumerate(ts):
+                        out[t] = vals[..., i, :]
+        add(o_attn)
+        if o_mlp > last or not bk.dims.has_mlps:
+            continue
+        mlp_target = [t for t in targets if t.kind == "mlp" and t.layer == layer]
+        clean_out = gather(c[bk.mlp_out(layer)])
+        n_started = int((starts < o_mlp).sum())
+        if n_started == 0:
+            for t in mlp_target:
+                out[t] = clean_out.expand(n_rows, *acc.shape[1:]).clone()
+        elif mlps == "live" or mlp_target:
+            new_out = bk.mlp_from_resid(layer, gather(c[bk.resid_mid(layer)]) + acc[:n_started])
+            if mlp_target:
+                full = clean_out.expand(n_rows, *new_out.shape[1:]).clone()
+                full[:n_started] = new_out
+                out[mlp_target[0]] = full
+            if mlps == "live":
+                acc[:n_started] += new_out - clean_out
+        add(o_mlp)
+    for t in targets:
+        if t.kind == "logits":
+            out[t] = acc
+    return out
+
+
+def _hop_output(
+    runs: Runs, hop: list[Node], new: dict[Node, Tensor]
+) -> Float[Tensor, "rows batch pos d_model"]:
+    """How much an intermediate node's output changes when only its patched input changes."""
+    bk, c = runs.bk, runs.clean
+    node = hop[0]
+    layer = node.layer
+    if node.kind == "mlp":
+        change = new[node] - c[bk.mlp_out(layer)]
+        m = runs.mask(node)
+        return change if m is None else change * m[..., None].to(change.dtype)
+    rows = next(iter(new.values())).shape[0]
+    z_new: dict[str, Tensor] = {}
+    hooks = [
+        *substitutions(runs, {t: new[t] for t in hop}, rows),
+        (bk.z(layer), edits.save(z_new, "z", clone=False)),
+    ]
+    resid = c[bk.resid_pre(layer)].expand(rows, *c[bk.resid_pre(layer)].shape)
+    run_rows(bk, resid, layer, hooks, stop=layer + 1)
+    z = z_new["z"][:, :, node.head].reshape(rows, runs.batch, runs.n_pos, -1)
+    dz = z - c[bk.z(layer)][:, :, node.head]
+    return bk.head_outputs(layer, dz[..., None, :], [int(node.head or 0)])[0]
+
+
+def substitutions(runs: Runs, new: Mapping[Node, Tensor], rows: int) -> list[tuple[str, Any]]:
+    """Hook edits that put each receiver's new input in place (only at its positions).
+
+    ``new[t]`` is ``[rows, batch, pos, ...]``; the hooks act on rows stacked along the batch.
+    """
+    bk = runs.bk
+    hooks: list[tuple[str, Any]] = []
+    by_site: dict[str, list[Node]] = {}
+    for t in new:
+        if t.kind in ("head", "mlp"):
+            by_site.setdefault(t.hook(bk), []).append(t)
+    for site, ts in by_site.items():
+        masks = [runs.mask(t) for t in ts]
+        if ts[0].kind == "head":
+            heads = [int(t.head or 0) for t in ts]
+            vals = stack_rows(torch.stack([new[t] for t in ts], dim=-2))  # rows*batch pos h d
+            where = None
+            if any(m is not None for m in masks):
+                full = torch.ones(runs.batch, runs.n_pos, dtype=torch.bool, device=bk.device)
+                where = torch.stack([full if m is None else m for m in masks], -1).repeat(
+                    rows, 1, 1
+                )
+            hooks.append((site, edits.set_heads(heads, vals, where)))
+        else:
+            m = masks[0]
+            where = None if m is None else m.repeat(rows, 1)[..., None]
+            hooks.append((site, edits.replace_where(where, stack_rows(new[ts[0]]))))
+    return hooks
+
+
+def logits_delta(runs: Runs, node: Node, acc: Tensor) -> Tensor:
+    """The final-residual delta of a ``logits`` receiver, zero outside its positions."""
+    m = runs.mask(node)
+    return acc if m is None else acc * m[..., None].to(acc.dtype)
+
+
+def _finish(
+    runs: Runs,
+    readout: Readout,
+    recv: list[Node],
+    new: dict[Node, Tensor],
+    rows: int,
+    gathered: bool,
+) -> Float[Tensor, "rows batch"]:
+    """The metric of every row once its receivers read their new inputs. ``gathered``:
+    the deltas hold only the positions the metric reads (a logits-only receiver set)."""
+    bk, c = runs.bk, runs.clean
+    logits_nodes = [r for r in recv if r.kind == "logits"]
+    others = [r for r in recv if r.kind != "logits"]
+    if not others:
+        acc = new[logits_nodes[0]]
+        m = runs.mask(logits_nodes[0])
+        if m is not None:
+            mm = m[..., None].to(acc.dtype)
+            acc = acc * (readout.gather(mm) if gathered else mm)
+        base = readout.gather(c.final) if gathered else c.final
+        final = base + acc
+        return readout(final if gathered else readout.gather(final))
+    hooks: Hooks = substitutions(runs, {r: new[r] for r in others}, rows)
+    if logits_nodes:
+        acc = stack_rows(logits_delta(runs, logits_nodes[0], new[logits_nodes[0]]))
+        hooks = [*hooks, (bk.resid_post(bk.dims.n_layers - 1), edits.add(acc))]
+    start = min(r.layer for r in others)
+    resid = c[bk.resid_pre(start)].expand(rows, *c[bk.resid_pre(start)].shape)
+    final = run_rows(bk, resid, start, hooks)
+    return readout(readout.gather(final))
+
+
+# ============================================================================ interactive
+def live_path_hooks(
+    bk: Any,
+    runs_for: Callable[[Tensor], Runs],
+    senders: Sequence[Node],
+    receivers: Sequence[Node],
+    mlps: MLPMode,
+) -> list[tuple[str, Any]]:
+    """Hooks under which *any* forward pass of the model runs with ``senders`` (jointly)
+    path-patched into ``receivers``.
+
+    ``runs_for(resid0)`` makes the :class:`Runs` of the pass being run (its clean run from
+    the residual stream entering block 0, plus the cached corrupted run); it is called when
+    the pass enters block 0, before any receiver fires.
+    """
+    recv = as_receivers(receivers)
+    state: dict[str, Any] = {"busy": False}
+
+    def prepare(act: Tensor, hook: Any) -> None:
+        if state["busy"]:
+            return
+        state["busy"] = True
+        try:
+            runs = runs_for(act.detach())
+            n_layers = runs.bk.dims.n_layers
+            entries = [(s.order(n_layers), 0, sender_delta(runs, s)) for s in senders]
+            if min(o for o, _, _ in entries) >= max(r.order(n_layers) for r in recv):
+                raise ApexlensError("no sender has a path to the receivers")
+            state["runs"], state["new"] = runs, propagate(runs, entries, 1, recv, mlps, lambda x: x)
+        finally:
+            state["busy"] = False
+
+    def substitute(t: Node) -> Any:
+        def hook(act: Tensor, hook: Any) -> Tensor | None:
+            if state["busy"] or "new" not in state:
+                return None
+            return substitutions(state["runs"], {t: state["new"][t]}, 1)[0][1](act, hook)
+
+        return hook
+
+    def add_logits(act: Tensor, hook: Any) -> Tensor | None:
+        if state["busy"] or "new" not in state:
+            return None
+        t = next(r for r in recv if r.kind == "logits")
+        return act + logits_delta(state["runs"], t, state["new"][t][0])
+
+    hooks: list[tuple[str, Any]] = [(bk.resid_pre(0), prepare)]
+    for t in recv:
+        hooks.append((t.hook(bk), add_logits if t.kind == "logits" else substitute(t)))
+    return hooks
