@@ -130,7 +130,7 @@ class Experiment:
     def _scores(self) -> tuple[Scores, Scores]:
         return Scores(self.clean_values), Scores(self.corrupted_values)
 
-    def _grid(self, nodes: Sequence[Node]) -> tuple[int, int] | None:
+    def _grid(self, nodes: Sequence[Node]) -> tuple[int, ...] | None:
         d = self.bk.dims
         every_head = [(la, h) for la in range(d.n_layers) for h in range(d.n_heads)]
         ok = [(n.layer, n.head) for n in nodes if n.kind == "head" and n.positions is None]
@@ -187,10 +187,25 @@ class Experiment:
             )
 
     # ------------------------------------------------------------------ activation patching
-    def act_patch(self, nodes: NodeSpec = "all-heads", *, progress: bool = False) -> ActPatchResult:
+    def act_patch(
+        self, nodes: NodeSpec = "all-heads", *, per_position: bool = False, progress: bool = False
+    ) -> ActPatchResult:
         """Activation patching: run the corrupted input, put each node's clean activation
         back; see :func:`act_patch`."""
         node_list = actpatch.check_nodes(self.nodes(nodes))
+        grid = self._grid(node_list)
+        if per_position:
+            if any(n.positions is not None for n in node_list):
+                raise ApexlensError("per_position=True patches every position: give nodes without '@'")
+            if grid is not None:  # TransformerLens' by_pos layout: [layer, pos, head]
+                layers, heads = grid
+                node_list = [
+                    Node("head", la, h).at(p) for la in range(layers) for p in range(self.n_pos) for h in range(heads)
+                ]
+                grid = (layers, self.n_pos, heads)
+            else:
+                node_list = [n.at(p) for n in node_list for p in range(self.n_pos)]
+                grid = (len(node_list) // self.n_pos, self.n_pos)
         clean, corrupted = self._scores()
         return ActPatchResult(
             senders=[str(n) for n in node_list],
@@ -198,7 +213,7 @@ class Experiment:
             per_example=self.act_patch_values(node_list, progress=progress),
             clean=clean,
             corrupted=corrupted,
-            grid=self._grid(node_list),
+            grid=grid,
             metric_name=self.readout.name,
         )
 
@@ -292,6 +307,7 @@ def act_patch(
     *,
     nodes: NodeSpec = "all-heads",
     metric: MetricFn,
+    per_position: bool = False,
     positions: Mapping[str, Any] | None = None,
     memory_budget: int | None = None,
     progress: bool = False,
@@ -301,7 +317,9 @@ def act_patch(
     ``"rL"``: the residual stream entering block L; ``"embed"``), one node at a time.
 
     ``nodes="all-heads"`` gives the numbers of ``get_act_patch_attn_head_out_all_pos``;
-    ``"L.H@p"`` nodes patch single positions (``get_act_patch_attn_head_out_by_pos``).
+    ``per_position=True`` patches every node at every position on its own; for all heads
+    ``.values`` is ``[n_layers, n_pos, n_heads]``, the numbers of
+    ``get_act_patch_attn_head_out_by_pos``. ``"L.H@p"`` nodes patch chosen positions.
     ``.normalized()`` is 0 where nothing is restored and 1 where the clean metric is.
     """
     exp = Experiment(
@@ -312,7 +330,7 @@ def act_patch(
         positions=positions,
         memory_budget=memory_budget,
     )
-    return exp.act_patch(nodes, progress=progress)
+    return exp.act_patch(nodes, per_position=per_position, progress=progress)
 
 
 def evaluate_circuit(

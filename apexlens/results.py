@@ -22,6 +22,7 @@ Every result has
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -63,7 +64,7 @@ class PathPatchResult:
     per_example: Float[Tensor, "sender batch"]
     clean: Scores
     corrupted: Scores
-    grid: tuple[int, int] | None = None
+    grid: tuple[int, ...] | None = None
     metric_name: str = "metric"
     via: list[str] = field(default_factory=list)
     kind: ClassVar[str] = "path_patch"
@@ -191,7 +192,17 @@ class CircuitResult:
     @property
     def proportion_explained(self) -> float:
         aue, ate = self._kls()
-        return 1.0 - aue / ate if ate > 0 else float("nan")
+        if ate > 0:
+            return 1.0 - aue / ate
+        warnings.warn(
+            "proportion explained is undefined (NaN): ATE, the mean KL divergence from the clean "
+            "outputs to the fully ablated ones, is 0 -- a single output (d_vocab_out = 1) has no "
+            "next-token distribution, or ablation leaves the distribution unchanged. Use recovery "
+            "with a metric that reads the output, e.g. apexlens.scoring.OutputSquaredError",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return float("nan")
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame(

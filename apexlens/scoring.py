@@ -195,6 +195,36 @@ class KLDivergence(Metric):
         return (ref.exp() * (ref - lp)).sum(-1).mean(-1)
 
 
+class OutputSquaredError(Metric):
+    """Squared distance of the outputs from the clean run's at ``positions``, per example
+    (mean over positions and output columns). 0 on the clean run, larger = further away.
+
+    The metric for models without a next-token distribution -- a single-logit output
+    (``d_vocab_out = 1``, regression heads) -- where KL divergence is always 0.
+    ``clean_logits``: ``[batch, pos, d_vocab_out]`` outputs of the clean run.
+    """
+
+    name = "output_squared_error"
+
+    def __init__(self, clean_logits: Float[Tensor, "batch pos vocab"], positions: Positions = -1):
+        if clean_logits.ndim != 3:
+            raise ApexlensError(
+                f"clean_logits must be [batch, pos, vocab], got {tuple(clean_logits.shape)}"
+            )
+        self.positions = positions
+        self.tokens = None
+        idx = self.read_positions(clean_logits.shape[0], clean_logits.shape[1])
+        self.clean = clean_logits.detach().gather(1, idx[..., None].expand(-1, -1, clean_logits.shape[-1]))
+
+    def reduce(self, selected: Float[Tensor, "*lead batch k n_tok"]) -> Float[Tensor, "*lead batch"]:
+        ref = self.clean.to(selected)
+        if ref.shape != selected.shape[-3:]:
+            raise ApexlensError(
+                f"{self.name}: outputs {tuple(selected.shape[-3:])} do not match the clean run {tuple(ref.shape)}"
+            )
+        return (selected - ref).pow(2).mean(-1).mean(-1)
+
+
 class AnswerLogProb(Metric):
     """Log-probability of the answer token at ``positions``, per example."""
 

@@ -1,0 +1,221 @@
+"""No silent failures: threads, overflowing noise, empty input, odd metrics, odd outputs.
+
+Each test here failed before the fix it guards (issue 12): it returned a wrong number or a
+raw error from deep inside torch/TransformerLens instead of one clear ApexlensError.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import apexlens
+from apexlens import ApexlensError
+from apexlens.reference import naive_act_patch
+
+from backends import build, model_backends, random_state_dict
+from helpers import hook_count, random_config, random_model, random_tokens
+
+E = ApexlensError
+
+
+def _metric(model, clean):
+    answers = clean[:, -1] % model.cfg.d_vocab
+    wrong = (answers + 1) % model.cfg.d_vocab
+    return apexlens.LogitDiff(answers, wrong)
+
+
+# ------------------------------------------------------------------------------ threads
+@pytest.mark.parametrize("backend", model_backends())
+def test_concurrent_calls_on_one_model_are_each_exact(backend):
+    model = random_model(3, backend=backend)
+    clean, corrupted = random_tokens(model, batch=3, n_pos=6)
+    metric = _metric(model, clean)
+    expected = {
+        recv: apexlens.path_patch(model, clean, corrupted, senders="all-heads", receivers=recv, metric=metric).per_example
+        for recv in ("logits", "2.1.q")
+    }
+    results: list[tuple[str, torch.Tensor | BaseException]] = []
+
+    def work(recv: str) -> None:
+        for _ in range(5):
+            try:
+                res = apexlens.path_patch(model, clean, corrupted, senders="all-heads", receivers=recv, metric=metric)
+                results.append((recv, res.per_example))
+            except BaseException as err:  # noqa: BLE001 - recorded and asserted below
+                results.append((recv, err))
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in ("logits", "2.1.q", "logits", "2.1.q")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 20
+    for recv, value in results:
+        assert isinstance(value, torch.Tensor), f"{recv}: {value!r}"
+        torch.testing.assert_close(value, expected[recv], atol=0, rtol=0)
+    assert hook_count(model) == 0
+
+
+# ------------------------------------------------------------------------------ APEX
+def test_apex_reports_overflowing_noise_instead_of_counting_nan_as_predictions():
+    model = random_model(4, dtype=torch.float32)
+    clean, _ = random_tokens(model, batch=4, n_pos=6)
+    with pytest.warns(RuntimeWarning, match="NaN/inf"):
+        res = apexlens.apex(model, clean, sigmas=[0.1, 1e38], n_draws=4, sites="resid_post")
+    frame = res.summary()
+    assert res.nonfinite is not None
+    assert int(res.nonfinite[0]) == 0 and int(res.nonfinite[1]) == 4 * 4
+    assert frame["nonfinite"].tolist() == [0.0, 1.0]
+    row = frame.iloc[1]
+    assert row["dominant_token"] == -1
+    assert all(pd_isnan(row[c]) for c in ("entropy", "top1_share", "kl", "flip_rate", "escaped"))
+    assert (res.predictions[1] == -1).all()
+    assert frame.iloc[0]["top1_share"] <= 1.0 and not pd_isnan(frame.iloc[0]["entropy"])
+
+
+def pd_isnan(x) -> bool:
+    return bool(x != x)
+
+
+# ------------------------------------------------------------------------------ input
+@pytest.mark.parametrize("backend", model_backends())
+def test_empty_and_odd_tokens_get_one_clear_error(backend):
+    model = random_model(5, backend=backend)
+    clean, corrupted = random_tokens(model, batch=3, n_pos=6)
+    metric = _metric(model, clean)
+
+    def custom(logits):
+        return logits[:, -1, 0]
+
+    for m in (metric, custom):
+        with pytest.raises(E, match="no rows"):
+            apexlens.path_patch(model, clean[:0], corrupted[:0], senders="all-heads", metric=m)
+        with pytest.raises(E, match="no positions"):
+            apexlens.path_patch(model, clean[:, :0], corrupted[:, :0], senders="all-heads", metric=m)
+    for dtype in (torch.uint8, torch.bool):
+        with pytest.raises(E, match="integer tensor"):
+            apexlens.path_patch(model, clean.to(dtype), corrupted.to(dtype), senders="all-heads", metric=metric)
+    with pytest.raises(E, match="no rows"):
+        apexlens.apex(model, clean[:0], sigmas=[1.0], n_draws=1)
+    with pytest.raises(E, match="no positions"):
+        apexlens.apex(model, clean[:, :0], sigmas=[1.0], n_draws=1)
+    assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("backend", model_backends())
+def test_sender_sets_are_checked(backend):
+    model = random_model(6, backend=backend)
+    clean, corrupted = random_tokens(model, batch=2, n_pos=5)
+    metric = _metric(model, clean)
+    with pytest.raises(E, match="given twice"):
+        apexlens.path_patch(model, clean, corrupted, senders=["0.1", "0.1"], metric=metric)
+    with pytest.raises(E, match="nodes are given as a string"):
+        apexlens.path_patch(model, clean, corrupted, senders=3, metric=metric)  # type: ignore[arg-type]
+    with pytest.raises(E, match="given twice"):
+        apexlens.act_patch(model, clean, corrupted, nodes=["m1", "m1"], metric=metric)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda lg: lg[:, -1, :2], r"shape \(3, 2\).*one value per example"),
+        (lambda lg: lg[:, -1, 0].mean(), "drop the .mean"),
+        (lambda lg: 1.5, "returned float"),
+        (lambda lg: None, "returned NoneType"),
+        (lambda lg: "good", "returned str"),
+    ],
+)
+def test_metric_of_the_wrong_kind_gets_one_clear_error(bad, match):
+    model = random_model(7)
+    clean, corrupted = random_tokens(model, batch=3, n_pos=5)
+    with pytest.raises(E, match=match):
+        apexlens.path_patch(model, clean, corrupted, senders="heads:0", metric=bad)
+    assert hook_count(model) == 0
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_plain_function_metric_runs_all_rows_at_once_with_the_same_numbers():
+    model = random_model(8)
+    clean, corrupted = random_tokens(model, batch=3, n_pos=6)
+    metric = _metric(model, clean)
+    calls = {"n": 0}
+
+    def fn(logits):  # written with ... so it accepts a leading axis of runs
+        calls["n"] += 1
+        a, w = metric.answer.to(logits.device), metric.wrong.to(logits.device)
+        last = logits[..., -1, :]
+        return last.gather(-1, a.expand(*last.shape[:-2], -1)[..., None])[..., 0] - last.gather(
+            -1, w.expand(*last.shape[:-2], -1)[..., None]
+        )[..., 0]
+
+    fast = apexlens.path_patch(model, clean, corrupted, senders="all-heads", receivers="2.0.q", metric=fn)
+    ref = apexlens.path_patch(model, clean, corrupted, senders="all-heads", receivers="2.0.q", metric=metric)
+    torch.testing.assert_close(fast.per_example, ref.per_example, atol=1e-10, rtol=0)
+    assert calls["n"] < 12  # not one call per sender (12 senders): all rows at once
+
+    def per_example_only(logits):  # indexes the batch axis explicitly: must fall back
+        return logits[torch.arange(logits.shape[0]), -1, metric.answer] - logits[
+            torch.arange(logits.shape[0]), -1, metric.wrong
+        ]
+
+    slow = apexlens.path_patch(model, clean, corrupted, senders="all-heads", receivers="2.0.q", metric=per_example_only)
+    torch.testing.assert_close(slow.per_example, ref.per_example, atol=1e-10, rtol=0)
+
+
+@pytest.mark.requires_hooked
+def test_single_logit_output_says_why_proportion_explained_is_undefined():
+    cfg = random_config(d_vocab=7)
+    cfg["d_vocab_out"] = 1
+    model = build(cfg, random_state_dict(cfg, 9, torch.float64), "hooked")
+    clean, corrupted = random_tokens(model, batch=4, n_pos=5)
+    metric = apexlens.scoring.OutputSquaredError(model(clean))
+    exp = apexlens.Experiment(model, clean, corrupted, metric=metric)
+    res = exp.evaluate_circuit([("embed", "logits")])
+    with pytest.warns(RuntimeWarning, match="single output"):
+        assert res.proportion_explained != res.proportion_explained  # NaN, with the reason
+    assert res.recovery == res.recovery  # recovery works with the squared-error metric
+    assert float(exp.clean_values.abs().max()) == 0.0
+
+
+# ------------------------------------------------------------------------------ results
+@pytest.mark.parametrize("backend", model_backends())
+def test_act_patch_normalises_as_restoration(backend):
+    model = random_model(10, backend=backend)
+    clean, corrupted = random_tokens(model, batch=3, n_pos=5)
+    metric = _metric(model, clean)
+    res = apexlens.act_patch(model, clean, corrupted, nodes=["r0", "r3", "0.0"], metric=metric)
+    assert isinstance(res, apexlens.ActPatchResult)
+    norm = res.normalized()
+    torch.testing.assert_close(norm[:2], torch.ones(2, dtype=norm.dtype), atol=1e-9, rtol=0)
+    assert res.kind == "act_patch"
+
+
+@pytest.mark.requires_hooked
+def test_act_patch_per_position_matches_transformerlens_by_pos():
+    from transformer_lens import patching as tl_patching
+
+    model = random_model(11, backend="hooked")
+    clean, corrupted = random_tokens(model, batch=2, n_pos=5)
+    metric = _metric(model, clean)
+    res = apexlens.act_patch(model, clean, corrupted, nodes="all-heads", metric=metric, per_position=True)
+    _, cache = model.run_with_cache(clean)
+    tl = tl_patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, lambda lg: metric(lg).mean())
+    assert res.values.shape == tl.shape  # [layer, pos, head]
+    # TransformerLens stores its sweep in float32: compare at float32 resolution
+    torch.testing.assert_close(res.values, tl.to(res.values.dtype), atol=1e-6, rtol=0)
+    one = naive_act_patch(model, clean, corrupted, nodes=[("blocks.1.attn.hook_z", 2)], metric=metric)
+    assert one.shape == (1, 2)
+
+
+def test_circuit_result_reads_well():
+    model = random_model(12)
+    clean, corrupted = random_tokens(model, batch=3, n_pos=5)
+    res = apexlens.evaluate_circuit(model, clean, corrupted, [("embed", "logits")], metric=_metric(model, clean))
+    text = repr(res)
+    assert "tensor(" not in text and "recovery" in text and len(text) < 300
+    summary = res.summary()
+    assert summary["n_edges"].dtype.kind == "i" and int(summary["n_edges"].iloc[0]) == 1
+    assert set(res.to_frame().columns) >= {"metric", "clean", "ablated", "recovery", "aue", "ate"}
