@@ -44,7 +44,10 @@ class Dims:
 
 
 class Backend:
-    """The model-class adapter. Build one with :func:`backend_for`."""
+    """The model-class adapter. Build one with :func:`backend_for`.
+
+    Longer than most classes on purpose: it is the one place that knows the model class, so
+    every hook name, weight and forward piece the engines use is a short method here."""
 
     def __init__(self, model: Any) -> None:
         self.model = model

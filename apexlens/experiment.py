@@ -69,6 +69,9 @@ class Experiment:
     other callable is called on many runs at once (``[runs, batch, pos, vocab]``) when it
     gives the same values that way -- index with ``...`` (``logits[..., -1, :]``) and it
     will -- else one run at a time.
+
+    Longer than most classes on purpose: it is the façade, one short method per question
+    (path patching, activation patching, circuits), each delegating to its engine.
     """
 
     def __init__(

@@ -249,6 +249,9 @@ class ApexResult:
     were finite; a noisy pass with NaN/inf logits predicts nothing (``-1`` in
     ``predictions``) and is counted in ``nonfinite``. ``to_frame()`` / ``summary()``: one
     row per sigma, columns defined in :meth:`to_frame`.
+
+    Longer than most classes on purpose: it is the one home of the APEX statistics (per
+    sample, per sigma, histograms, escape noise), each a short property or method.
     """
 
     sigmas: Float[Tensor, "n_sigma"]
