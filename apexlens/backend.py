@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from apexlens import edits
 from apexlens.errors import ApexlensError
-from apexlens.hooks import HookFn, attached
+from apexlens.hooks import HookFn, attached, silenced
 
 __all__ = ["ApexlensError", "Backend", "Dims", "backend_for"]
 
@@ -177,9 +178,17 @@ class Backend:
         return _apply_norm(getattr(self.model, "ln_final", None), x)
 
     def mlp(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        """MLP ``layer`` applied to an already-normalised input, position by position."""
+        """MLP ``layer`` applied to an already-normalised input, position by position.
+
+        TransformerLens' plain MLP with a pointwise activation is computed here with torch's
+        fused activation (the same function; TL's ``gelu_new`` makes five passes over the
+        hidden layer); any other MLP module is called with its hook points silenced."""
+        module = self.model.blocks[layer].mlp
+        act = _fused_activation(module, self.model.cfg)
+        if act is not None:
+            return act(x @ module.W_in + module.b_in) @ module.W_out + module.b_out
         shape = x.shape
-        out = self.model.blocks[layer].mlp(x.reshape(1, -1, shape[-1]))
+        out = _apply_norm(module, x.reshape(1, -1, shape[-1]))
         return out.reshape(shape)
 
     def mlp_from_resid(
@@ -287,9 +296,29 @@ class Backend:
 
 
 def _apply_norm(module: Any, x: Tensor) -> Tensor:
+    """``module(x)`` with the module's hook points silenced (identity if there is none)."""
     if module is None:
         return x
-    return module(x)
+    with silenced(module):
+        return module(x)
+
+
+_FUSED = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def _fused_activation(module: Any, cfg: Any) -> Any:
+    """The fused activation of a plain TransformerLens ``MLP`` (None for anything else)."""
+    if type(module).__name__ != "MLP" or type(module).__module__.split(".")[0] != "transformer_lens":
+        return None
+    if getattr(cfg, "gated_mlp", False) or not hasattr(module, "W_in"):
+        return None
+    return _FUSED.get(str(getattr(cfg, "act_fn", "")))
 
 
 def backend_for(model: Any) -> Backend:

@@ -41,7 +41,6 @@ so supporting the bridge means two things, both in this module:
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -52,7 +51,7 @@ from torch import Tensor
 
 from apexlens.backend import Backend
 from apexlens.errors import ApexlensError
-from apexlens.hooks import HookFn, attached, inference_mode, model_lock
+from apexlens.hooks import HookFn, attached, inference_mode, model_lock, silenced
 
 __all__ = [
     "BridgeBackend",
@@ -382,28 +381,6 @@ def is_bridge(model: Any) -> bool:
 
 
 @contextmanager
-def _silenced(module: torch.nn.Module) -> Iterator[None]:
-    """Run ``module`` with the forward hooks of its hook points switched off.
-
-    Each hook point's registry of PyTorch forward hooks is swapped for an empty one and the
-    *same* registry object is put back afterwards (also on exceptions), so the user's hooks
-    come back unchanged and in order; nothing is added or removed.
-    """
-    from transformer_lens.hook_points import HookPoint
-
-    saved: list[tuple[torch.nn.Module, Any]] = []
-    try:
-        for sub in module.modules():
-            if isinstance(sub, HookPoint) and len(sub._forward_hooks) > 0:
-                saved.append((sub, sub._forward_hooks))
-                sub._forward_hooks = OrderedDict()
-        yield
-    finally:
-        for sub, hooks in saved:
-            sub._forward_hooks = hooks
-
-
-@contextmanager
 def _inference(model: torch.nn.Module) -> Iterator[None]:
     """:func:`apexlens.hooks.inference_mode`, skipped when nothing is in training mode.
 
@@ -482,7 +459,7 @@ class BridgeBackend(Backend):
     def _call(self, module: Any, x: Tensor) -> Tensor:
         if module is None:
             return x
-        with _inference(self.model), _silenced(module):
+        with _inference(self.model), silenced(module):
             return module(x)
 
     def ln1(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:

@@ -129,7 +129,7 @@ def _patch_chunk(
     entries: list[tuple[int, int, Tensor]] = []  # (order, row, delta)
     for row, g in enumerate(groups):
         for s in g:
-            entries.append((s.order(n_layers), row, gather(sender_delta(runs, s))))
+            entries.append((s.order(n_layers), row, sender_delta(runs, s, gather)))
     for hop in hops:
         new = propagate(runs, entries, len(groups), hop, mlps, gather)
         delta = _hop_output(runs, hop, new)
@@ -140,20 +140,23 @@ def _patch_chunk(
 
 
 # ============================================================================ pieces
-def sender_delta(runs: Runs, node: Node) -> Float[Tensor, "batch pos d_model"]:
-    """``out(corrupted) - out(clean)`` of a sender, zero outside its positions."""
+def sender_delta(
+    runs: Runs, node: Node, gather: Gather = lambda x: x
+) -> Float[Tensor, "batch pos d_model"]:
+    """``out(corrupted) - out(clean)`` of a sender, zero outside its positions (only at the
+    positions ``gather`` keeps: a head's ``z`` is gathered before ``W_O``)."""
     bk, c, k = runs.bk, runs.clean, runs.corrupted
     assert k is not None, "path patching needs a corrupted run"
     if node.kind == "embed":
-        d = k[bk.resid_pre(0)] - c[bk.resid_pre(0)]
+        d = gather(k[bk.resid_pre(0)] - c[bk.resid_pre(0)])
     elif node.kind == "head":
         z = bk.z(node.layer)
-        dz = k[z][:, :, node.head] - c[z][:, :, node.head]
+        dz = gather(k[z][:, :, node.head] - c[z][:, :, node.head])
         d = bk.head_outputs(node.layer, dz[:, :, None], [int(node.head or 0)])[0]
     else:
-        d = k[bk.mlp_out(node.layer)] - c[bk.mlp_out(node.layer)]
+        d = gather(k[bk.mlp_out(node.layer)] - c[bk.mlp_out(node.layer)])
     m = runs.mask(node)
-    return d if m is None else d * m[..., None].to(d.dtype)
+    return d if m is None else d * gather(m[..., None].to(d.dtype))
 
 
 def propagate(

@@ -219,3 +219,24 @@ def test_circuit_result_reads_well():
     summary = res.summary()
     assert summary["n_edges"].dtype.kind == "i" and int(summary["n_edges"].iloc[0]) == 1
     assert set(res.to_frame().columns) >= {"metric", "clean", "ablated", "recovery", "aue", "ate"}
+
+
+@pytest.mark.requires_hooked
+@pytest.mark.parametrize("act_fn", ["gelu_new", "gelu", "relu", "silu", "gelu_pytorch_tanh", "gelu_fast"])
+def test_backend_mlp_equals_the_model_module(act_fn):
+    """The engine's MLP (fused activations for TL's plain MLP) is the model's own function,
+    and calling it fires none of the user's hooks."""
+    from apexlens.backend import backend_for
+
+    cfg = random_config()
+    cfg["act_fn"] = act_fn
+    model = build(cfg, random_state_dict(cfg, 13, torch.float64), "hooked")
+    bk = backend_for(model)
+    x = torch.randn(2, 3, 5, cfg["d_model"], dtype=torch.float64)
+    fired = []
+    model.blocks[1].mlp.hook_post.add_hook(lambda act, hook: fired.append(act.shape))
+    expected = torch.stack([model.blocks[1].mlp(row) for row in x])
+    fired.clear()
+    torch.testing.assert_close(bk.mlp(1, x), expected, atol=1e-12, rtol=0)
+    assert fired == []
+    model.reset_hooks()
