@@ -205,7 +205,8 @@ def path_graph(
             if _is_path(parse_node(edges.senders[i]), parse_node(r))
         ]
         target = ", ".join(ends) + (f" (then on to {', '.join(receivers)})" if via else "")
-        title = title or f"top {len(order)} paths to {target}"
+        joint = " (one joint effect per sender)" if len(ends) > 1 else ""
+        title = title or f"top {len(order)} paths to {target}{joint}"
         red = "red: negative effect (patching the path lowers the metric: it carries the behaviour)"
         blue = "blue: positive effect (patching the path raises the metric)"
     elif hasattr(edges, "edges") and hasattr(edges, "recovery"):  # CircuitResult
