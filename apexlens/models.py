@@ -97,10 +97,13 @@ def load_model(
         device, dtype: where and in which precision (e.g. ``torch.float64`` for exact checks).
         kwargs: passed on to ``HookedTransformer.from_pretrained`` for non-toy names.
     """
-    backend = backend or default_backend()
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise ApexlensError(f"backend must be 'hooked' or 'bridge', got {backend!r}")
-    if name in list_models():
+    toy = name in list_models()
+    if not toy:
+        _check_hub(name)  # before anything imports TransformerLens, which alone takes seconds
+    backend = backend or default_backend()
+    if toy:
         cfg, state = toy_state(name, dtype)
         if backend == "bridge":
             from apexlens.bridge import to_bridge
@@ -112,7 +115,6 @@ def load_model(
             model = model.to(device)
         model.eval()
         return model
-    _check_hub(name)
     return _pretrained(name, backend, device, dtype, **kwargs)
 
 

@@ -47,3 +47,33 @@ def test_load_model_does_not_block_on_a_cached_model(monkeypatch):
     sentinel = object()
     monkeypatch.setattr(models, "_pretrained", lambda *a, **k: sentinel)
     assert load_model("gpt2") is sentinel and calls == []
+
+
+def test_load_model_fails_fast_in_a_fresh_process(tmp_path):
+    """In a fresh interpreter (TransformerLens not imported yet, which alone takes seconds)
+    loading a hub model with the hub unreachable fails in one line within 2 s."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import time, apexlens\n"
+        "t = time.perf_counter()\n"
+        "try:\n"
+        "    apexlens.load_model('gpt2')\n"
+        "except apexlens.ApexlensError as e:\n"
+        "    print(f'{time.perf_counter() - t:.3f}')\n"
+        "    print(e)\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: unreachable, on any machine
+    env["HF_HOME"] = str(tmp_path)  # an empty cache
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    seconds, message = r.stdout.splitlines()
+    assert float(seconds) < 2.0, r.stdout
+    assert "127.0.0.1:9" in message and "induction-2l" in message
+    assert "transformer_lens" not in r.stderr
