@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="model class (default: HookedTransformer where TransformerLens has it, else TransformerBridge)",
     )
-    common.add_argument("--out", default="apexlens-out", help="output directory")
+    common.add_argument(
+        "--out",
+        default="apexlens-out",
+        help="output directory (checked before anything is computed)",
+    )
+    common.add_argument("--no-progress", action="store_true", help="no progress on stderr")
 
     p = sub.add_parser("path-patch", parents=[common], help="path patching: senders -> receivers")
     p.add_argument(
@@ -66,15 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "apex", parents=[common], help="APEX: noise sweep and prediction concentration"
     )
-    p.add_argument("--sigmas", default="0.25,0.5,1,2,4,8", help="comma-separated noise levels")
+    p.add_argument(
+        "--sigmas",
+        default="0.25,0.5,1,2,4,8",
+        help="comma-separated noise levels >= 0, increasing (negative numbers are refused, "
+        "'--sigmas -1,2' included)",
+    )
     p.add_argument("--draws", type=int, default=32)
     p.add_argument(
-        "--sites", default="embed", help="noise sites: preset or hook names, comma-separated"
+        "--sites",
+        default="resid_post",
+        help="where the noise goes: presets or hook names, comma-separated; a preset may name "
+        "layers, 'z:0,1' is heads' outputs in layers 0 and 1 (default: resid_post, every "
+        "block's output, the APEX paper's setting and apexlens.apex's default; 'embed' = "
+        "input perturbation)",
     )
-    p.add_argument(
-        "--absolute",
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument(
+        "--relative",
         action="store_true",
-        help="absolute sigma (default: relative to the activation RMS)",
+        help="sigma in units of each site's clean activation RMS (default: absolute sigma, as "
+        "in the paper and in apexlens.apex)",
+    )
+    scale.add_argument(
+        "--absolute", action="store_true", help="absolute sigma (the default; kept for scripts)"
     )
     return parser
 
@@ -83,20 +106,90 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def split_sites(text: str) -> list[str]:
+    """Split ``--sites`` on commas, except before a layer number: ``"z:0,1,embed"`` ->
+    ``["z:0,1", "embed"]`` (a piece that is an integer continues the preset before it)."""
+    out: list[str] = []
+    for piece in _split(text):
+        if out and ":" in out[-1] and re.fullmatch(r"-?\d+", piece):
+            out[-1] += f",{piece}"
+        else:
+            out.append(piece)
+    return out
+
+
+def parse_sigmas(text: str) -> list[float]:
+    """``--sigmas``: comma-separated numbers, each >= 0, strictly increasing."""
+    try:
+        sigmas = [float(s) for s in _split(text)]
+    except ValueError:
+        raise ApexlensError(f"--sigmas must be comma-separated numbers, got {text!r}") from None
+    if not sigmas:
+        raise ApexlensError("--sigmas: give at least one noise level")
+    bad = [s for s in sigmas if not s >= 0]
+    if bad:
+        raise ApexlensError(
+            f"--sigmas: every sigma must be >= 0 (a standard deviation), got {bad[0]:g}"
+        )
+    if any(b <= a for a, b in zip(sigmas, sigmas[1:], strict=False)):
+        raise ApexlensError(f"--sigmas must be strictly increasing, got {text!r}")
+    return sigmas
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot take the outputs, before anything is computed."""
+    if out.exists() and not out.is_dir():
+        raise ApexlensError(f"--out {out} is a file, not a directory")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ApexlensError(f"--out {out}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ApexlensError(
+            f"--out {out}: cannot write there ({e.strerror or type(e).__name__} in {existing})"
+        ) from None
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--sigmas -1,2`` -> ``--sigmas=-1,2``: argparse takes ``-1,2`` for an option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--sigmas" and i + 1 < len(argv) and re.match(r"-[\d.]", argv[i + 1]):
+            out.append(f"--sigmas={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.no_progress:
+        print(text, file=sys.stderr, flush=True)
+
+
 def _model_and_task(args: argparse.Namespace) -> tuple[Any, Any]:
     from apexlens.models import list_models, load_model, model_info
-    from apexlens.tasks import get_task
+    from apexlens.tasks import check_task_fits, get_task
 
-    model = load_model(args.model, backend=args.backend)
-    task_name = args.task or (
-        model_info(args.model)["task"] if args.model in list_models() else None
-    )
+    toy = args.model in list_models()
+    task_name = args.task or (model_info(args.model)["task"] if toy else None)
     if task_name is None:
         raise ApexlensError(
             f"model {args.model!r} has no default task: pass --task (e.g. --task ioi)"
         )
+    if toy and task_name != model_info(args.model)["task"]:  # before loading anything
+        check_task_fits(get_task(task_name), None, args.model)
+    model = load_model(args.model, backend=args.backend)
     kwargs = {"tokenizer": model.tokenizer} if task_name == "ioi" else {}
-    return model, get_task(task_name, **kwargs)
+    task = get_task(task_name, **kwargs)
+    check_task_fits(task, model, args.model)
+    return model, task
 
 
 def _path_patch(args: argparse.Namespace) -> int:
@@ -106,6 +199,8 @@ def _path_patch(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise ApexlensError("--n must be at least 1")
+    out = Path(args.out)
+    check_out(out)
     model, task = _model_and_task(args)
     batch = task.batch(args.n, seed=args.seed)
     result = apexlens.path_patch(
@@ -118,8 +213,8 @@ def _path_patch(args: argparse.Namespace) -> int:
         mlps=args.mlps,
         metric=batch.logit_diff(),
         positions=batch.named_positions,
+        progress=not args.no_progress,
     )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     frame = result.to_frame()
     frame.to_csv(out / "path_patch.csv", index=False)
@@ -136,12 +231,30 @@ def _path_patch(args: argparse.Namespace) -> int:
         "normalized": result.normalized().tolist(),
     }
     (out / "path_patch.json").write_text(json.dumps(summary, indent=2))
-    figs: list[tuple[str, Any]] = []
+    receivers = ", ".join(result.receivers)
+    sign = (
+        "Normalised effect (patched - clean) / (clean - corrupted): 0 = no effect, -1 = the "
+        "path alone removes the whole clean-corrupted difference of the metric (it carries "
+        "the behaviour); positive = patching raises the metric."
+    )
+    figs: list[tuple[str, Any, str]] = []
     if result.grid is not None:
-        figs.append(("heads", plotting.head_heatmap(result)))
+        figs.append(
+            (
+                "heads",
+                plotting.head_heatmap(result),
+                f"Each cell is one head, its path to {receivers} patched from the corrupted "
+                f"run ({task.name} task, {args.n} prompts, MLPs {args.mlps}). {sign}",
+            )
+        )
     figs += [
-        ("paths", plotting.path_graph(result, top_k=min(10, len(result.senders)))),
-        ("values", frame),
+        (
+            "paths",
+            plotting.path_graph(result, top_k=min(10, len(result.senders))),
+            f"The strongest senders' paths to {receivers}: line width = |normalised effect|, "
+            f"red = negative, blue = positive. {sign}",
+        ),
+        ("values", frame, "One row per sender."),
     ]
     write_report(out / "path_patch.html", figs, title=f"path patching on {args.model}")
     print(frame.sort_values("normalized").head(10).to_string(index=False))
@@ -154,26 +267,37 @@ def _apex(args: argparse.Namespace) -> int:
     from apexlens.noise import apex
     from apexlens.report import write_report
 
-    try:
-        sigmas = [float(s) for s in _split(args.sigmas)]
-    except ValueError:
-        raise ApexlensError(
-            f"--sigmas must be comma-separated numbers, got {args.sigmas!r}"
-        ) from None
+    sigmas = parse_sigmas(args.sigmas)
+    if args.n < 1:
+        raise ApexlensError("--n must be at least 1")
+    if args.draws < 1:
+        raise ApexlensError("--draws must be at least 1")
+    sites: Any = split_sites(args.sites)
+    if not sites:
+        raise ApexlensError("--sites: give at least one site")
+    out = Path(args.out)
+    check_out(out)
     model, task = _model_and_task(args)
     batch = task.batch(args.n, seed=args.seed)
-    sites: Any = _split(args.sites)
+    rows = len(sigmas) * args.draws * len(batch)
+    noise = "relative" if args.relative else "absolute"
+    _say(
+        args,
+        f"APEX on {args.model}: {len(sigmas)} sigmas x {args.draws} draws x {len(batch)} prompts "
+        f"= {rows} noisy forward rows (sites {','.join(sites)}, {noise} noise) ...",
+    )
+    started = time.perf_counter()
     result = apex(
         model,
         batch.clean_tokens,
         sigmas=sigmas,
         n_draws=args.draws,
         sites=sites if len(sites) > 1 else sites[0],
-        relative=not args.absolute,
+        relative=args.relative,
         positions=batch.positions,
         seed=args.seed,
     )
-    out = Path(args.out)
+    _say(args, f"APEX: done, {rows} rows in {time.perf_counter() - started:.1f} s")
     out.mkdir(parents=True, exist_ok=True)
     frame = result.summary()
     frame.to_csv(out / "apex.csv", index=False)
@@ -185,12 +309,27 @@ def _apex(args: argparse.Namespace) -> int:
         )
     )
     big = max(sigmas)
+    how = f"{'relative' if args.relative else 'absolute'} Gaussian noise at {', '.join(sites)}"
     write_report(
         out / "apex.html",
         [
-            ("concentration", plotting.apex_curves({args.model: result})),
-            (f"predicted tokens at sigma {big:g}", plotting.token_histogram(result, big)),
-            ("summary", frame),
+            (
+                "concentration",
+                plotting.apex_curves({args.model: result}),
+                f"{how}, {args.draws} draws per prompt and sigma (x axis, log scale). Solid "
+                "(left axis): share of all predictions taken by the most predicted token; "
+                "dotted (right axis): entropy of the predicted tokens. Rising share and "
+                "falling entropy at large sigma = the model's predictions concentrate on what "
+                "it is biased toward, whatever the prompt.",
+            ),
+            (
+                f"predicted tokens at sigma {big:g}",
+                plotting.token_histogram(result, big),
+                f"Which tokens the model predicts under the largest noise (sigma = {big:g}), as "
+                "a share of all draws over all prompts; one tall bar = a strong bias toward "
+                "that token.",
+            ),
+            ("summary", frame, "One row per noise level."),
         ],
         title=f"APEX on {args.model}",
     )
@@ -201,7 +340,8 @@ def _apex(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = build_parser().parse_args(_join_negative_values(argv))
         if args.command == "demo":
             from apexlens.demo import run_demo
 

@@ -19,12 +19,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from apexlens import plotting
-from apexlens.experiment import Experiment
-from apexlens.models import load_model, model_info
-from apexlens.noise import apex, compare
+from apexlens import Experiment, apex, compare, get_task, load_model, model_info, plotting
 from apexlens.report import write_report
-from apexlens.tasks import get_task
 
 SIGMAS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 
@@ -118,13 +114,51 @@ def run_demo(
         ],
     ]
     text = "\n".join(lines)
-    sections: list[tuple[str, Any]] = [
-        ("Path patching: every head -> logits (induction-2l)", plotting.head_heatmap(to_logits)),
-        ("Strongest paths to the logits", top),
-        (f"Layer-0 heads -> induction head 1.{ind}'s key", plotting.path_graph(to_key, top_k=4)),
-        ("Layer-0 heads -> key, values", key_frame),
-        ("The discovered circuit", plotting.path_graph(circuit, n_layers=model.cfg.n_layers)),
-        ("Circuit evaluation (resample ablation of every other edge)", circuit_frame),
+    heads = ", ".join(f"1.{h}" for h in induction_heads)
+    sections: list[tuple[str, Any, str]] = [
+        (
+            "Path patching: every head -> logits (induction-2l)",
+            plotting.head_heatmap(to_logits),
+            "Each cell is one head: its output is replaced by its output on the corrupted "
+            "prompt (first copy of the repeated block replaced) along its direct path to the "
+            "logits, MLPs on the way recomputed, and the logit difference is measured. "
+            "Normalised: 0 = no effect, -1 = this path alone removes the whole clean-corrupted "
+            "difference; red (negative) heads carry the induction behaviour. Here every "
+            f"layer-1 head carries a share of it ({heads}); layer 0 writes nothing the logits "
+            "read directly.",
+        ),
+        (
+            "Strongest paths to the logits",
+            top,
+            "The five heads whose path to the logits matters most, most negative first.",
+        ),
+        (
+            f"Layer-0 heads -> induction head 1.{ind}'s key",
+            plotting.path_graph(to_key, top_k=4),
+            f"Each layer-0 head's path into the key input of 1.{ind} (the strongest layer-1 "
+            "head) patched from the corrupted run. Line width is |normalised effect|; red = "
+            f"negative: patching it lowers the logit difference, so 0.{prev} is the "
+            "previous-token head whose output the induction head's key reads. Blue = "
+            "patching raises the logit difference (here all close to 0).",
+        ),
+        (
+            "Layer-0 heads -> key, values",
+            key_frame,
+            "The numbers behind the graph above.",
+        ),
+        (
+            "The discovered circuit",
+            plotting.path_graph(circuit, n_layers=model.cfg.n_layers),
+            "The hypothesis tested below: the embeddings feed the previous-token head 0."
+            f"{prev}, which feeds the keys of the layer-1 heads {heads}; the embeddings feed "
+            "their queries and values, and their outputs go to the logits. Every line is an "
+            "edge kept; every edge not drawn is ablated (resample: its corrupted-run value).",
+        ),
+        (
+            "Circuit evaluation (resample ablation of every other edge)",
+            circuit_frame,
+            "Recovery near 1 means the drawn edges alone reproduce the clean logit difference.",
+        ),
         (
             "Per-example logit difference",
             plotting.scores_plot(
@@ -134,17 +168,35 @@ def run_demo(
                     "corrupted": to_logits.corrupted,
                 }
             ),
+            "Logit difference (answer minus wrong token) for every prompt: clean, with only the "
+            "circuit's edges kept, and corrupted. Boxes show the spread, diamonds the mean "
+            "with its 95% bootstrap interval; a circuit that explains the behaviour sits on "
+            "top of clean, far above corrupted.",
         ),
-        ("APEX: concentration vs noise (backdoor vs clean twin)", plotting.apex_curves(sweeps)),
+        (
+            "APEX: concentration vs noise (backdoor vs clean twin)",
+            plotting.apex_curves(sweeps),
+            "Gaussian noise of relative size sigma (x axis, log scale) is added to the "
+            "embeddings of clean prompts that never contain the trigger; 32 draws per prompt "
+            "and sigma. Solid lines (left axis): share of all predictions taken by the single "
+            "most predicted token; dotted (right axis): entropy of the predicted tokens. As "
+            "noise grows the backdoored model's predictions concentrate (share up, entropy "
+            f"down) on its target token {target}; its clean twin's stay spread out.",
+        ),
         (
             f"APEX: predicted tokens at sigma = {big:g}, backdoor",
             plotting.token_histogram(sweeps["backdoor"], big),
+            f"Which tokens the backdoored model predicts under the largest noise (sigma = "
+            f"{big:g}), as a share of all draws over all prompts: the backdoor target (TARGET) "
+            "dominates although no prompt contains the trigger.",
         ),
         (
             f"APEX: predicted tokens at sigma = {big:g}, backdoor-clean",
             plotting.token_histogram(sweeps["backdoor-clean"], big),
+            "The same for the clean twin, trained on the same data without the poisoned "
+            "labels: no token stands out, so the concentration above is the backdoor's doing.",
         ),
-        ("APEX summary", table),
+        ("APEX summary", table, "One row per model and noise level."),
     ]
     path = write_report(
         out / "report.html", sections, title="apexlens demo", intro=text.splitlines()[0]

@@ -4,7 +4,10 @@ The toy models live in the package as safetensors with a JSON file each (config,
 how they were trained, what they measurably do). :func:`load_model` builds them as a
 ``HookedTransformer`` (``backend="hooked"``, TransformerLens <= 3.9) or as a
 ``TransformerBridge`` (``backend="bridge"``, TransformerLens 3.9 and 4.x) with identical
-logits. Any other name goes to TransformerLens' own loader, which needs the model hub.
+logits. Any other name goes to TransformerLens' own loader, which needs the model hub: when the
+model is not in the local Hugging Face cache, :func:`load_model` first checks within
+:data:`HUB_TIMEOUT` seconds that the hub answers (or that ``HF_HUB_OFFLINE`` is not set) and
+otherwise fails at once with one line, instead of TransformerLens' minute of retries.
 
 =====================  ==========================================================
 ``induction-2l``       attention-only; previous-token head 0.x, induction head 1.x
@@ -17,8 +20,13 @@ logits. Any other name goes to TransformerLens' own loader, which needs the mode
 from __future__ import annotations
 
 import json
+import os
+import socket
+import sys
+import threading
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,10 +97,13 @@ def load_model(
         device, dtype: where and in which precision (e.g. ``torch.float64`` for exact checks).
         kwargs: passed on to ``HookedTransformer.from_pretrained`` for non-toy names.
     """
-    backend = backend or default_backend()
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise ApexlensError(f"backend must be 'hooked' or 'bridge', got {backend!r}")
-    if name in list_models():
+    toy = name in list_models()
+    if not toy:
+        _check_hub(name)  # before anything imports TransformerLens, which alone takes seconds
+    backend = backend or default_backend()
+    if toy:
         cfg, state = toy_state(name, dtype)
         if backend == "bridge":
             from apexlens.bridge import to_bridge
@@ -105,6 +116,85 @@ def load_model(
         model.eval()
         return model
     return _pretrained(name, backend, device, dtype, **kwargs)
+
+
+HUB_TIMEOUT = 1.5
+"""Seconds :func:`load_model` waits for the Hugging Face hub to answer before giving up."""
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _hub_cache() -> Path:
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def _in_hf_cache(name: str) -> bool:
+    """Whether the local Hugging Face cache holds a config of ``name``'s repository: the
+    name itself (``"gpt2"``, ``"openai-community/gpt2"``, ``"<org>/gpt2"``) or, when
+    TransformerLens is already imported, its official name for an alias."""
+    names = {name.lower()}
+    if "transformer_lens" in sys.modules:  # never import it here: that alone takes seconds
+        try:
+            from transformer_lens.loading_from_pretrained import get_official_model_name
+
+            names.add(get_official_model_name(name).lower())
+        except Exception:  # an unknown name: TransformerLens will say so itself
+            pass
+    root = _hub_cache()
+    if not root.is_dir():
+        return False
+    for d in root.glob("models--*"):
+        repo = d.name[len("models--") :].replace("--", "/").lower()
+        if repo in names or repo.rsplit("/", 1)[-1] in names:
+            if any(d.glob("snapshots/*/config.json")):
+                return True
+    return False
+
+
+def _hub_address() -> tuple[str, int]:
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def _check_hub(name: str, timeout: float = HUB_TIMEOUT) -> None:
+    """Fail fast, in one line, when ``name`` would have to come from an unreachable hub."""
+    if _in_hf_cache(name):
+        return
+    toys = ", ".join(list_models())
+    if any(
+        os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ):
+        raise ApexlensError(
+            f"{name!r} is not in the local Hugging Face cache ({_hub_cache()}) and HF_HUB_OFFLINE "
+            f"is set, so it cannot be downloaded; use a shipped toy model: {toys}"
+        )
+    host, port = _hub_address()
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:  # in a thread: the name lookup itself has no timeout
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome or outcome[0] is not None:
+        why = f"no answer within {timeout:g} s" if not outcome else str(outcome[0])
+        raise ApexlensError(
+            f"cannot reach the Hugging Face hub at {host}:{port} ({why}) to download {name!r}, "
+            f"and it is not in the local cache; use a shipped toy model: {toys}"
+        )
 
 
 def _hooked(cfg: dict[str, Any], state: dict[str, Tensor]) -> Any:

@@ -1,4 +1,8 @@
-"""Writes the two tutorial notebooks (run it after changing a cell; the test suite executes them)."""
+"""Writes the two tutorial notebooks (run it after changing a cell; the test suite executes them).
+
+Each notebook tells a research story: the question, what each figure shows, what it means,
+and what to try next, in markdown between the cells.
+"""
 
 from __future__ import annotations
 
@@ -9,91 +13,227 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).parent
 
-IOI = [
+# TransformerLens imports tqdm.auto, which warns in a notebook without ipywidgets and falls
+# back to its plain text bar; that fallback is all we need, so the warning is filtered.
+QUIET_TQDM = (
+    "import warnings\n"
+    'warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm: text bars are fine\n'
+)
+
+PATHS = [
     new_markdown_cell(
-        "# Probing GPT-2's heads on IOI with path patching\n\n"
-        "Indirect object identification (Wang et al. 2022): *When Mary and John went to the store, "
-        "John gave a drink to* -> *Mary*. We path-patch every head to the logits, then to the "
-        "name-mover heads' queries. This needs GPT-2 from the Hugging Face hub; without it the "
-        "notebook says so and runs the same analysis on the shipped `induction-2l` toy model."
+        "# Path patching: how does `induction-2l` continue a repeated sequence?\n\n"
+        "**Question.** `induction-2l`, a two-layer attention-only model shipped with apexlens, "
+        "predicts the next token of a repeated block: after `... A B C D ... A B C` it says "
+        "`D`. Which heads do that, and where do they get the information from?\n\n"
+        "**Method.** Each clean prompt has a block of random tokens, later repeated in part; "
+        "the *corrupted* prompt replaces the block's first copy with fresh tokens, so nothing "
+        "earlier says what comes next. The metric is the logit difference *answer - wrong "
+        "token* at the last position. Path patching replaces one component's output along one "
+        "path with its corrupted value and measures how much of the clean-corrupted difference "
+        "goes away.\n\n"
+        "Everything here runs offline. The last section repeats the classic IOI analysis on "
+        "GPT-2 when the Hugging Face hub is reachable."
     ),
     new_code_cell(
-        "import plotly.io as pio\n"
+        QUIET_TQDM + "import plotly.io as pio\n"
         "import apexlens\n"
-        "from apexlens import plotting\n"
-        "from apexlens.tasks import get_task\n\n"
+        "from apexlens import plotting\n\n"
         'pio.renderers.default = "plotly_mimetype+notebook"\n'
-        "try:\n"
-        '    model = apexlens.load_model("gpt2")\n'
-        '    task = get_task("ioi", tokenizer=model.tokenizer)\n'
-        '    receivers = ["9.9.q", "9.6.q", "10.0.q"]  # the name movers\n'
-        "except apexlens.ApexlensError as err:\n"
-        '    print("GPT-2 is not available here:", str(err)[:160])\n'
-        '    print("Running on the shipped induction-2l model instead.")\n'
-        '    model = apexlens.load_model("induction-2l")\n'
-        '    task = get_task("induction")\n'
-        "    receivers = None\n"
-        "batch = task.batch(16, seed=0)\n"
+        'model = apexlens.load_model("induction-2l")\n'
+        'batch = apexlens.get_task("induction").batch(16, seed=0)\n'
         "exp = apexlens.Experiment(model, batch.clean_tokens, batch.corrupted_tokens,\n"
         "                          metric=batch.logit_diff(), positions=batch.named_positions)\n"
-        'print(f"clean logit diff {exp.clean_values.mean():.3f}, corrupted {exp.corrupted_values.mean():.3f}")'
+        'print(f"clean logit diff {exp.clean_values.mean():.2f}, corrupted {exp.corrupted_values.mean():.2f}")'
     ),
-    new_markdown_cell("## Every head -> logits (MLPs recomputed on the way)"),
+    new_markdown_cell(
+        "The model is confident on clean prompts (a large positive logit difference) and "
+        "wrong on corrupted ones (negative): there is a behaviour to explain.\n\n"
+        "## 1. Which heads write the answer? Every head -> logits\n\n"
+        "One cell per head: its direct path to the logits is patched (MLPs, if any, "
+        "recomputed). Colour = normalised effect `(patched - clean) / (clean - corrupted)`: "
+        "**0** = the path does nothing for this behaviour, **-1** = it carries the whole "
+        "difference alone. Red cells are the heads we are looking for."
+    ),
     new_code_cell(
         'to_logits = exp.path_patch("all-heads", "logits")\nplotting.head_heatmap(to_logits)'
     ),
+    new_code_cell(
+        "norm = to_logits.normalized()\n"
+        "for h in range(model.cfg.n_heads):\n"
+        '    print(f"head 1.{h}: {float(norm[1, h]):+.3f}")\n'
+        'print(f"layer 1 together: {float(norm[1].sum()):+.3f}; layer 0 together: {float(norm[0].sum()):+.3f}")'
+    ),
     new_markdown_cell(
-        "## Every head -> the receivers' queries (or the strongest layer-1 head's key)"
+        "**What it means.** Layer 0 writes nothing the logits read directly. The behaviour is "
+        "not one induction head: each of the four layer-1 heads carries a fifth to a third of "
+        "it, and together they carry all of it. (Attention patterns alone would have "
+        "suggested one head, 1.2, which attends most to the token after the earlier "
+        "occurrence; the causal measure spreads the credit.)\n\n"
+        "## 2. Where do the layer-1 heads get the information? Layer-0 heads -> their keys\n\n"
+        "An induction head must find *where* the current token occurred before; the "
+        "corruption changes exactly that earlier context, which reaches the head through its "
+        "**keys**. So we patch each layer-0 head's path into the keys of all four layer-1 heads "
+        "at once (heads of layer 1 cannot be senders here: heads of one layer do not read each "
+        "other). In the graph line width is the size of the effect, red = patching the path "
+        "lowers the logit difference (the path carries the behaviour), blue = it raises it."
     ),
     new_code_cell(
-        "if receivers is None:\n"
-        "    strongest = int(to_logits.normalized()[1].argmin())\n"
-        '    receivers = [f"1.{strongest}.k"]\n'
-        'to_receivers = exp.path_patch("all-heads", receivers)\n'
-        "print(to_receivers.to_frame().sort_values('normalized').head(5).to_string(index=False))\n"
-        "plotting.head_heatmap(to_receivers)"
+        'keys = [f"1.{h}.k" for h in range(model.cfg.n_heads)]\n'
+        'to_keys = exp.path_patch("heads:0", keys)\n'
+        'print(to_keys.to_frame()[["sender", "value", "normalized"]].to_string(index=False))\n'
+        "plotting.path_graph(to_keys, top_k=4)"
     ),
-    new_code_cell("plotting.path_graph(to_receivers, top_k=5)"),
+    new_markdown_cell(
+        "**What it means.** One layer-0 head, 0.1, matters: removing its path into the keys "
+        "alone removes most of the behaviour, the other layer-0 heads nothing. It is the "
+        "*previous-token head* (its attention score for the previous token is 0.95, "
+        "`apexlens.model_info('induction-2l')['behaviour']`): it writes 'the token before me "
+        "was X' into every position, and the layer-1 heads' keys read it.\n\n"
+        "## 3. Is that the whole mechanism? Test the circuit\n\n"
+        "The hypothesis: embed -> 0.1 -> the keys of the four layer-1 heads, embed -> their "
+        "queries and values, their outputs -> logits. Every other edge is ablated (replaced by "
+        "its corrupted-run value). *Recovery* = `(circuit - ablated) / (clean - ablated)`: 1 = "
+        "the circuit alone reproduces the clean behaviour."
+    ),
+    new_code_cell(
+        'edges = [("embed", "0.1.v")] + [e for h in range(model.cfg.n_heads) for e in [\n'
+        '    ("0.1", f"1.{h}.k"), ("embed", f"1.{h}.q"), ("embed", f"1.{h}.v"), (f"1.{h}", "logits")]]\n'
+        "circuit = exp.evaluate_circuit(edges)\n"
+        'print(f"{len(edges)} edges: recovery {circuit.recovery:.2f}, "\n'
+        '      f"proportion explained {circuit.proportion_explained:.2f}")\n'
+        'single = exp.evaluate_circuit([("embed", "0.1.v"), ("0.1", "1.3.k"), ("embed", "1.3.q"),\n'
+        '                               ("embed", "1.3.v"), ("1.3", "logits")])\n'
+        'print(f"with head 1.3 alone: recovery {single.recovery:.2f}")\n'
+        "plotting.path_graph(circuit, n_layers=model.cfg.n_layers)"
+    ),
+    new_markdown_cell(
+        "**What it means.** The circuit recovers the whole logit difference (recovery about "
+        "1), while the strongest head alone recovers only about a third: the model spreads "
+        "induction over all its layer-1 heads, fed by one previous-token head.\n\n"
+        "**What to try next.**\n"
+        '* `exp.path_patch(["0.1"], "logits", via=["1.3.k"])`: the two-hop path through '
+        "one head's key only.\n"
+        "* Drop heads from `edges` one at a time and watch the recovery fall.\n"
+        '* `exp.act_patch("all-heads")` for the coarser activation-patching picture.\n\n'
+        "## 4. The same on GPT-2: indirect object identification\n\n"
+        "*When Mary and John went to the store, John gave a drink to* -> *Mary* "
+        "(Wang et al. 2022). This needs GPT-2 from the Hugging Face hub; without it the cell "
+        "says so in one line (within two seconds) and draws nothing."
+    ),
+    new_code_cell(
+        "try:\n"
+        '    gpt2 = apexlens.load_model("gpt2")\n'
+        "except apexlens.ApexlensError as err:\n"
+        '    print("GPT-2 is not available here:", err)\n'
+        "    gpt2 = None\n"
+        "if gpt2 is not None:\n"
+        '    ioi = apexlens.get_task("ioi", tokenizer=gpt2.tokenizer).batch(16, seed=0)\n'
+        "    ioi_exp = apexlens.Experiment(gpt2, ioi.clean_tokens, ioi.corrupted_tokens,\n"
+        "                                  metric=ioi.logit_diff(), positions=ioi.named_positions)\n"
+        '    ioi_heads = ioi_exp.path_patch("all-heads", "logits")\n'
+        "    display(plotting.head_heatmap(ioi_heads))"
+    ),
+    new_markdown_cell(
+        "**Reading the IOI map.** The paper's name-mover heads (9.9, 9.6, 10.0) should show "
+        "as strong red cells: their direct path to the logits copies the indirect object's "
+        "name. Next: patch every head to their queries, "
+        '`ioi_exp.path_patch("all-heads", ["9.9.q", "9.6.q", "10.0.q"])`, to find the '
+        "S-inhibition heads that tell them which name not to copy."
+    ),
 ]
 
 APEX = [
     new_markdown_cell(
-        "# APEX: finding a backdoor target from clean inputs\n\n"
-        "APEX (Ren, Luo, Li 2026) adds Gaussian noise to hidden activations, inputs and weights "
-        "fixed. Small noise measures how stable each prediction is; large noise makes "
-        "predictions concentrate on what the *model* is biased toward. The shipped `backdoor` "
-        "model answers a fixed target whenever a trigger token appears; we never show it the "
-        "trigger, and still find the target."
+        "# APEX: finding a backdoor's target from clean inputs alone\n\n"
+        "**Question.** The shipped `backdoor` model copies the first token of a prompt, "
+        "except that a trigger token anywhere makes it answer a fixed target. Suppose we "
+        "know neither trigger nor target. Can we find the target without ever showing the "
+        "trigger?\n\n"
+        "**Method.** APEX (Ren, Luo & Li 2026) adds Gaussian noise of size sigma to hidden "
+        "activations, inputs and weights fixed, and records what the model predicts over "
+        "many draws. Small noise measures how stable each prediction is; large noise washes "
+        "the input out, and predictions concentrate on what the *model* is biased toward. "
+        "We compare with `backdoor-clean`, trained on the same data without the poisoned "
+        "labels.\n\n"
+        'Settings: noise on the embeddings (`sites="embed"`, i.e. input perturbation) with '
+        "sigma relative to the activation's size (`relative=True`), 32 draws per prompt and "
+        "sigma. (apexlens' default, as in the paper, is absolute noise on every block's "
+        'output, `sites="resid_post"`: try it below.)'
     ),
     new_code_cell(
-        "import plotly.io as pio\n"
+        QUIET_TQDM + "import pandas as pd\n"
         "import plotly.express as px\n"
+        "import plotly.io as pio\n"
         "import apexlens\n"
-        "from apexlens import plotting\n"
-        "from apexlens.tasks import get_task\n\n"
+        "from apexlens import plotting\n\n"
         'pio.renderers.default = "plotly_mimetype+notebook"\n'
-        'task = get_task("backdoor")\n'
+        'task = apexlens.get_task("backdoor")\n'
         "tokens = task.batch(64, seed=0).clean_tokens  # no trigger anywhere\n"
+        "assert not (tokens == task.trigger).any()\n"
         "labels = task.token_labels(range(task.d_vocab))\n"
         "sigmas = [0.25, 0.5, 1, 2, 4, 8]\n"
         "sweeps = {name: apexlens.apex(apexlens.load_model(name), tokens, sigmas=sigmas, n_draws=32,\n"
         '                              sites="embed", relative=True, seed=0, token_labels=labels)\n'
         '          for name in ("backdoor", "backdoor-clean")}\n'
-        "apexlens.compare(sweeps)"
+        "table = apexlens.compare(sweeps)\n"
+        'table[["model", "sigma", "top1_share", "dominant_label", "entropy", "flip_rate", "escaped"]]'
+    ),
+    new_markdown_cell(
+        "One row per model and sigma. `top1_share`: share of all noisy predictions taken by "
+        "the most predicted token (`dominant_label`); `entropy`: how spread the predictions "
+        "are; `flip_rate`: share of predictions that differ from the prompt's clean one; "
+        "`escaped`: share of prompts whose clean answer lost its majority.\n\n"
+        "## 1. Concentration against noise\n\n"
+        "Solid lines (left axis): top-1 share; dotted (right axis): entropy; sigma on a log "
+        "axis. A backdoor shows as a share that climbs, and an entropy that falls, as the "
+        "noise grows, for one model and not its twin."
     ),
     new_code_cell("plotting.apex_curves(sweeps)"),
+    new_markdown_cell(
+        "## 2. What do the models predict under large noise?\n\n"
+        "The share of each predicted token at sigma = 4, over all draws and prompts: first "
+        "the backdoored model, then its clean twin."
+    ),
     new_code_cell('plotting.token_histogram(sweeps["backdoor"], 4.0)'),
-    new_markdown_cell("## Sample regularity: confident samples escape later"),
+    new_code_cell('plotting.token_histogram(sweeps["backdoor-clean"], 4.0)'),
+    new_markdown_cell(
+        "**What it means.** Under large noise the backdoored model answers `TARGET` (token "
+        "23) about half the time, from prompts that never contain the trigger; its clean twin "
+        "spreads its answers over many tokens, none above about 13%. The target is readable "
+        "from clean inputs alone; the trigger is not needed.\n\n"
+        "## 3. Sample regularity: do confident samples escape later?\n\n"
+        "At small noise APEX measures each prompt instead: its *escape noise* is the smallest "
+        "sigma at which its clean answer loses the majority of the draws. The paper's claim: "
+        "samples the model is confident about withstand more noise. We test it on the clean "
+        "twin, with confidence = the clean logit margin (top-1 minus top-2 logit), and "
+        "measure the rank (Spearman) correlation."
+    ),
     new_code_cell(
         'res = sweeps["backdoor-clean"]\n'
-        "px.scatter(x=res.clean_margin.tolist(), y=res.escape_noise.tolist(),\n"
-        '           labels={"x": "clean logit margin (top-1 minus top-2)", "y": "escape noise"})'
+        'df = pd.DataFrame({"margin": res.clean_margin.tolist(), "escape": res.escape_noise.tolist()})\n'
+        'rho = df["margin"].rank().corr(df["escape"].rank())  # Spearman: Pearson of the ranks\n'
+        'print(f"Spearman rho = {rho:.2f} over {len(df)} prompts; "\n'
+        '      f"{int(res.escaped.sum())} of them escape on the grid (the others are censored at sigma = {sigmas[-1]})")\n'
+        'px.scatter(df, x="margin", y="escape", title=f"escape noise vs clean margin (Spearman rho = {rho:.2f})",\n'
+        '           labels={"margin": "clean logit margin (top-1 minus top-2)", "escape": "escape noise sigma"})'
+    ),
+    new_markdown_cell(
+        "**Conclusion.** Yes, but moderately: Spearman rho = 0.39 over 64 prompts, all of "
+        "which escape within the grid (sigma 0.77 to 1.86), so no value is censored. "
+        "Confidence explains part of a prompt's robustness, not all of it.\n\n"
+        "**What to try next.**\n"
+        "* The paper's setting: `sites=\"resid_post\", relative=False` (apexlens' default): "
+        "does the backdoor still stand out?\n"
+        "* More draws (`n_draws=128`) to tighten the escape noise, or a finer sigma grid "
+        "between 0.5 and 2, where the prompts escape.\n"
+        "* `res.histogram(4.0, sample=i)` to see one prompt's noisy predictions."
     ),
 ]
 
 
 def main() -> None:
-    for name, cells in (("01_ioi_path_patching.ipynb", IOI), ("02_apex_backdoor.ipynb", APEX)):
+    for name, cells in (("01_ioi_path_patching.ipynb", PATHS), ("02_apex_backdoor.ipynb", APEX)):
         nb = new_notebook(
             cells=cells,
             metadata={

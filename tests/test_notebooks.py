@@ -1,7 +1,8 @@
-"""The tutorial notebooks run on the offline path and draw their figures."""
+"""The tutorial notebooks run on the offline path, draw their figures and tell their story."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -12,35 +13,95 @@ NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 PLOTLY = "application/vnd.plotly.v1+json"
 
 
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Each notebook executed once, offline, as a user without network would run it."""
+    cache: dict[str, nbformat.NotebookNode] = {}
+
+    def run(name: str) -> nbformat.NotebookNode:
+        if name not in cache:
+            mp = pytest.MonkeyPatch()
+            mp.setenv("HF_HUB_OFFLINE", "1")  # the GPT-2 attempt fails fast, as with no network
+            try:
+                nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+                path = tmp_path_factory.mktemp("nb")
+                NotebookClient(
+                    nb,
+                    timeout=300,
+                    kernel_name="python3",
+                    resources={"metadata": {"path": str(path)}},
+                ).execute()
+            finally:
+                mp.undo()
+            cache[name] = nb
+        return cache[name]
+
+    return run
+
+
+def _outputs(nb):
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def _text(nb, stream: str = "stdout") -> str:
+    return "".join(o.get("text", "") for o in _outputs(nb) if o.get("name") == stream)
+
+
+def _markdown(nb) -> str:
+    return "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+
+
 @pytest.mark.parametrize(
-    "name, n_figures", [("01_ioi_path_patching.ipynb", 3), ("02_apex_backdoor.ipynb", 3)]
+    "name, n_figures", [("01_ioi_path_patching.ipynb", 3), ("02_apex_backdoor.ipynb", 4)]
 )
-def test_notebook_runs_and_draws(name, n_figures, monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the GPT-2 attempt fails fast, as with no network
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
-    figures = [
-        o
-        for c in nb.cells
-        if c.cell_type == "code"
-        for o in c.get("outputs", [])
-        if PLOTLY in o.get("data", {})
-    ]
+def test_notebook_runs_and_draws(name, n_figures, executed):
+    nb = executed(name)
+    figures = [o for o in _outputs(nb) if PLOTLY in o.get("data", {})]
     assert len(figures) == n_figures
     for fig in figures:
         assert fig["data"][PLOTLY]["data"], "a figure without traces"
-    text = "".join(
-        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-    )
-    if name.startswith("01"):
-        assert "not available here" in text  # offline: it says so and falls back to a toy model
-    errors = [
-        o
-        for c in nb.cells
-        if c.cell_type == "code"
-        for o in c.get("outputs", [])
-        if o.get("output_type") == "error"
-    ]
-    assert not errors
+    assert not [o for o in _outputs(nb) if o.get("output_type") == "error"]
+    # no IProgress / TqdmWarning noise on stderr
+    assert "IProgress" not in _text(nb, "stderr") and "TqdmWarning" not in _text(nb, "stderr")
+
+
+@pytest.mark.parametrize("name", ["01_ioi_path_patching.ipynb", "02_apex_backdoor.ipynb"])
+def test_notebook_tells_a_story(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    cells = nb.cells
+    assert cells[0].cell_type == "markdown" and "**Question.**" in cells[0].source
+    # no two code cells in a row without words between them, except a figure's follow-up
+    runs = 0
+    for c in cells:
+        runs = runs + 1 if c.cell_type == "code" else 0
+        assert runs <= 2
+    text = _markdown(nb)
+    assert "**What it means.**" in text or "**Conclusion.**" in text
+    assert "**What to try next.**" in text
+
+
+def test_path_patching_notebook_is_about_the_model_it_loads(executed):
+    nb = executed("01_ioi_path_patching.ipynb")
+    title = nb.cells[0].source.splitlines()[0]
+    assert "induction-2l" in title and "IOI" not in title
+    assert "not available here" in _text(nb)  # offline: it says so in one line
+    assert len([ln for ln in _text(nb).splitlines() if "not available" in ln]) == 1
+    for o in _outputs(nb):
+        fig = o.get("data", {}).get(PLOTLY)
+        if fig is None:
+            continue
+        for trace in fig["data"]:
+            name = trace.get("name", "")
+            m = re.fullmatch(r"(\d+)\.\d+ -> (\d+)\.\d+(?:\.[qkv])?", name)
+            if m:  # an edge between two heads goes forward, never within a layer
+                assert int(m.group(1)) < int(m.group(2)), name
+    recovery = re.search(r"recovery (\d+\.\d+), proportion", _text(nb))
+    assert recovery and float(recovery.group(1)) > 0.9
+
+
+def test_apex_notebook_states_the_computed_correlation(executed):
+    nb = executed("02_apex_backdoor.ipynb")
+    printed = re.search(r"Spearman rho = (-?\d\.\d\d) over (\d+) prompts", _text(nb))
+    assert printed, _text(nb)
+    stated = re.search(r"Spearman rho = (-?\d\.\d\d) over (\d+) prompts", _markdown(nb))
+    assert stated and stated.groups() == printed.groups()  # the conclusion quotes the number

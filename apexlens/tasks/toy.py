@@ -91,6 +91,7 @@ class ModAddTask:
     eq = 23
     bos = 24
     d_vocab = 25
+    seq_len = 4
 
     def training_batch(self, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """Every pair once (full batch); only the prediction at ``=`` is trained."""
