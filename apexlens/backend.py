@@ -329,8 +329,17 @@ def backend_for(model: Any) -> Backend:
         raise ApexlensError(
             f"expected a TransformerLens HookedTransformer or TransformerBridge, got {type(model).__name__}"
         )
-    from apexlens.bridge import BridgeBackend, is_bridge  # late: apexlens.bridge imports us
-
-    if is_bridge(model):
-        return BridgeBackend(model)
+    for matches, backend_class in _ADAPTERS:
+        if matches(model):
+            return backend_class(model)
     return Backend(model)
+
+
+_ADAPTERS: list[tuple[Any, type[Backend]]] = []
+"""``(predicate, Backend subclass)`` pairs for other model classes; ``apexlens.bridge``
+registers the ``TransformerBridge`` adapter when the package is imported."""
+
+
+def register_adapter(matches: Any, backend_class: type[Backend]) -> None:
+    """Use ``backend_class`` for every model for which ``matches(model)`` is true."""
+    _ADAPTERS.append((matches, backend_class))

@@ -49,7 +49,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from apexlens.backend import Backend
+from apexlens.backend import Backend, register_adapter
 from apexlens.errors import ApexlensError
 from apexlens.hooks import HookFn, attached, inference_mode, model_lock, silenced
 
@@ -568,3 +568,6 @@ def _named_hooks(fwd_hooks: Iterable[tuple[str, HookFn]]) -> list[tuple[str, Hoo
         return hook
 
     return [(name, named(name, fn)) for name, fn in fwd_hooks]
+
+
+register_adapter(is_bridge, BridgeBackend)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from apexlens.backend import ApexlensError
+from apexlens.errors import ApexlensError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,8 +174,8 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def _model_and_task(args: argparse.Namespace) -> tuple[Any, Any]:
-    from apexlens.models import list_models, load_model, model_info
-    from apexlens.tasks import check_task_fits, get_task
+    from apexlens.models import check_task_fits, list_models, load_model, model_info
+    from apexlens.tasks import get_task
 
     toy = args.model in list_models()
     task_name = args.task or (model_info(args.model)["task"] if toy else None)

@@ -15,7 +15,7 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
-from apexlens.backend import ApexlensError
+from apexlens.errors import ApexlensError
 from apexlens.graph import Node, parse_node
 
 _KINDS: dict[str, dict[str, str]] = {

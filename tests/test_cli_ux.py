@@ -84,7 +84,7 @@ def test_cli_refuses_a_task_the_model_does_not_fit(model, task, capsys, tmp_path
 
 
 def test_check_task_fits():
-    from apexlens.tasks import check_task_fits
+    from apexlens.models import check_task_fits
 
     model = load_model("induction-2l")
     check_task_fits(get_task("induction"), model, "induction-2l")  # fits: no error

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from apexlens.backend import ApexlensError
+from apexlens.errors import ApexlensError
 from apexlens.tasks.base import TaskBatch
 
 # The templates of the IOI paper's dataset ([A] = IO, [B] = S); the prompt stops before the
