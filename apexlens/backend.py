@@ -221,11 +221,21 @@ class Backend:
     ) -> Float[Tensor, "... head d_head"]:
         """``hook_q/k/v`` values when every head (of ``heads``, in that order) reads its own
         residual stream ``resid[..., h, :]``."""
+        return self.project_heads(layer, channel, self.ln1(layer, resid), heads)
+
+    def project_heads(
+        self,
+        layer: int,
+        channel: str,
+        normed: Float[Tensor, "... head d_model"],
+        heads: Tensor | list[int] | None = None,
+    ) -> Float[Tensor, "... head d_head"]:
+        """``hook_q/k/v`` values of ``heads`` from inputs already through ``ln1``, one per head."""
         W = self.W_in(channel)[layer]
         b = self.b_in(channel)[layer]
         if heads is not None:
             W, b = W[heads], b[heads]
-        return torch.einsum("...hm,hmd->...hd", self.ln1(layer, resid), W) + b
+        return torch.einsum("...hm,hmd->...hd", normed, W) + b
 
     def head_outputs(
         self,
@@ -296,11 +306,35 @@ class Backend:
 
 
 def _apply_norm(module: Any, x: Tensor) -> Tensor:
-    """``module(x)`` with the module's hook points silenced (identity if there is none)."""
+    """``module(x)`` with the module's hook points silenced (identity if there is none);
+    TransformerLens' LayerNorm / RMSNorm (and their ``Pre`` forms) in float32/float64 are
+    computed with torch's fused kernels (the same function)."""
     if module is None:
         return x
+    fused = _fused_norm(module)
+    if fused is not None:
+        return fused(x)
     with silenced(module):
         return module(x)
+
+
+def _fused_norm(module: Any) -> Any:
+    kind = type(module).__name__
+    if type(module).__module__.split(".")[0] != "transformer_lens":
+        return None
+    cfg = getattr(module, "cfg", None)
+    if getattr(cfg, "dtype", None) not in (torch.float32, torch.float64):
+        return None
+    eps = float(getattr(module, "eps", 1e-5))
+    if kind == "LayerNorm":
+        return lambda x: F.layer_norm(x, (x.shape[-1],), module.w, module.b, eps)
+    if kind == "LayerNormPre":
+        return lambda x: F.layer_norm(x, (x.shape[-1],), None, None, eps)
+    if kind == "RMSNorm":
+        return lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * module.w
+    if kind == "RMSNormPre":
+        return lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return None
 
 
 _FUSED = {
@@ -314,7 +348,10 @@ _FUSED = {
 
 def _fused_activation(module: Any, cfg: Any) -> Any:
     """The fused activation of a plain TransformerLens ``MLP`` (None for anything else)."""
-    if type(module).__name__ != "MLP" or type(module).__module__.split(".")[0] != "transformer_lens":
+    if (
+        type(module).__name__ != "MLP"
+        or type(module).__module__.split(".")[0] != "transformer_lens"
+    ):
         return None
     if getattr(cfg, "gated_mlp", False) or not hasattr(module, "W_in"):
         return None

@@ -159,25 +159,62 @@ def ablation_values(
 
 
 # ============================================================================ the hooks
+class SenderBuffer:
+    """``D[s] = out_s - ablated_s`` for every sender computed so far in one forward pass, and
+    their running total, so that a receiver's input ``resid - sum_{s excluded} D[s]`` costs
+    one matrix product over the senders that differ from "all excluded" or "all kept"."""
+
+    def __init__(self, n_senders: int) -> None:
+        self.n_senders = n_senders
+        self.filled = 0
+
+    def start(self, first: Float[Tensor, "batch pos d_model"]) -> None:
+        self.D = first.new_zeros(self.n_senders, *first.shape)
+        self.total = torch.zeros_like(first)
+        self.filled = 0
+        self.put(slice(0, 1), first[None])
+
+    def put(self, rows: slice, values: Float[Tensor, "s batch pos d_model"]) -> None:
+        assert rows.start == self.filled, "senders are recorded in forward order"
+        self.D[rows] = values
+        self.total += values.sum(0)
+        self.filled = rows.stop
+
+    def read(
+        self, resid: Float[Tensor, "batch pos d_model"], ex: Bool[Tensor, "s u"]
+    ) -> Float[Tensor, "u batch pos d_model"]:
+        """``resid - sum_s ex[s, u] * D[s]`` for every column ``u`` (``s`` = all senders
+        recorded so far): through the excluded senders, or through the kept ones and the
+        running total, whichever involves fewer senders."""
+        assert ex.shape[0] == self.filled, "a receiver reads every sender before it"
+        shape = resid.shape
+        flat = self.D[: ex.shape[0]].reshape(ex.shape[0], -1)
+        rows_ex, rows_kept = ex.any(1), (~ex).any(1)
+        if int(rows_kept.sum()) < int(rows_ex.sum()):
+            kept = (~ex)[rows_kept].T.to(flat.dtype)
+            out = (resid - self.total).reshape(1, -1) + kept @ flat[rows_kept]
+        else:
+            excl = ex[rows_ex].T.to(flat.dtype)
+            out = resid.reshape(1, -1) - excl @ flat[rows_ex]
+        return out.reshape(ex.shape[1], *shape)
+
+
 def circuit_hooks(
     bk: Backend, index: EdgeIndex, keep: Bool[Tensor, "sender receiver"], abl: AblationValues
 ) -> list[tuple[str, HookFn]]:
     """Hooks that make any forward pass of the model run under the circuit ``keep``.
 
-    The run keeps ``D[s] = out_s - ablated_s`` for every sender computed so far; each
-    receiver reads ``resid - sum over excluded senders D[s]``.
+    The run keeps ``D[s] = out_s - ablated_s`` for every sender computed so far
+    (:class:`SenderBuffer`); each receiver reads ``resid - sum over excluded senders D[s]``.
+    Heads whose receivers exclude the same senders share one normalisation.
     """
     d = bk.dims
     excluded = (index.valid & ~keep).to(bk.device)
+    buf = SenderBuffer(len(index.senders))
     state: dict[str, Tensor] = {}
 
-    def excluded_sum(ex: Tensor, pattern: str) -> Tensor:
-        """``sum_s ex[s, ...] * D[s]`` over the senders computed before the receiver."""
-        return torch.einsum(pattern, state["D"][: ex.shape[0]], ex.to(state["D"].dtype))
-
     def embed_hook(act: Tensor, hook: Any) -> None:
-        state["D"] = act.new_zeros(len(index.senders), *act.shape)
-        state["D"][0] = act - abl.embed
+        buf.start(act - abl.embed.to(act))
         state[bk.resid_pre(0)] = act
 
     hooks: list[tuple[str, HookFn]] = [(bk.resid_pre(0), embed_hook)]
@@ -189,27 +226,20 @@ def circuit_hooks(
             ex = excluded[:n_up, index.head_receiver[(layer, ch)]]
             if ex.any():
                 heads = ex.any(0).nonzero().flatten()
-                hooks.append(
-                    (
-                        bk.qkv(layer, ch),
-                        edits.set_heads(
-                            heads,
-                            _qkv_value(bk, state, excluded_sum, layer, ch, ex[:, heads], heads),
-                        ),
-                    )
-                )
-        hooks.append((bk.z(layer), _record_heads(bk, state, index, abl, layer)))
+                value = _qkv_value(bk, buf, state, layer, ch, ex[:, heads], heads)
+                hooks.append((bk.qkv(layer, ch), edits.set_heads(heads, value)))
+        hooks.append((bk.z(layer), _record_heads(bk, buf, index, abl, layer)))
         if d.has_mlps:
             hooks.append((bk.resid_mid(layer), edits.save(state, bk.resid_mid(layer), clone=False)))
             hooks.append(
-                (bk.mlp_out(layer), _mlp_hook(bk, state, excluded_sum, index, excluded, abl, layer))
+                (bk.mlp_out(layer), _mlp_hook(bk, buf, state, index, excluded, abl, layer))
             )
     ex_l = excluded[:, index.logits]
     if ex_l.any():
         hooks.append(
             (
                 bk.resid_post(d.n_layers - 1),
-                edits.add(lambda act: -excluded_sum(ex_l, "sbpd,s->bpd")),
+                edits.replace(lambda act: buf.read(act, ex_l[:, None])[0]),
             )
         )
     return hooks
@@ -217,35 +247,37 @@ def circuit_hooks(
 
 def _qkv_value(
     bk: Backend,
+    buf: SenderBuffer,
     state: dict[str, Tensor],
-    excluded_sum: Any,
     layer: int,
     ch: str,
-    ex: Tensor,
+    ex: Bool[Tensor, "s h"],
     heads: Tensor,
 ) -> Any:
     """The q/k/v input of ``heads`` recomputed from ``resid - excluded senders``."""
+    columns, which = torch.unique(ex, dim=1, return_inverse=True)
 
     def value(act: Tensor) -> Tensor:
-        resid = state[bk.resid_pre(layer)][:, :, None, :] - excluded_sum(ex, "sbpd,sh->bphd")
-        return bk.heads_input(layer, ch, resid, heads)
+        normed = bk.ln1(layer, buf.read(state[bk.resid_pre(layer)], columns))  # [u, b, p, d]
+        per_head = normed[which].permute(1, 2, 0, 3)  # [b, p, h, d]
+        return bk.project_heads(layer, ch, per_head, heads)
 
     return value
 
 
 def _record_heads(
-    bk: Backend, state: dict[str, Tensor], index: EdgeIndex, abl: AblationValues, layer: int
+    bk: Backend, buf: SenderBuffer, index: EdgeIndex, abl: AblationValues, layer: int
 ) -> HookFn:
     def hook(act: Tensor, hook: Any) -> None:
-        state["D"][index.head_sender[layer]] = bk.head_outputs(layer, act - abl.z[layer])
+        buf.put(index.head_sender[layer], bk.head_outputs(layer, act - abl.z[layer].to(act)))
 
     return hook
 
 
 def _mlp_hook(
     bk: Backend,
+    buf: SenderBuffer,
     state: dict[str, Tensor],
-    excluded_sum: Any,
     index: EdgeIndex,
     excluded: Tensor,
     abl: AblationValues,
@@ -256,10 +288,8 @@ def _mlp_hook(
 
     def hook(act: Tensor, hook: Any) -> Tensor:
         if ex_m.any():
-            act = bk.mlp_from_resid(
-                layer, state[bk.resid_mid(layer)] - excluded_sum(ex_m, "sbpd,s->bpd")
-            )
-        state["D"][i_mlp] = act - abl.mlp_out[layer]
+            act = bk.mlp_from_resid(layer, buf.read(state[bk.resid_mid(layer)], ex_m[:, None])[0])
+        buf.put(slice(i_mlp, i_mlp + 1), (act - abl.mlp_out[layer].to(act))[None])
         return act
 
     return hook
