@@ -122,6 +122,13 @@ class AblationValues:
     z: list[Float[Tensor, "batch pos head d_head"]]
     mlp_out: list[Float[Tensor, "batch pos d_model"]]
 
+    def rows(self, sl: slice) -> AblationValues:
+        """The values for examples ``sl`` (values shared by every example stay as they are)."""
+        pick = lambda t: t[sl] if t.shape[0] > 1 else t  # noqa: E731
+        return AblationValues(
+            pick(self.embed), [pick(z) for z in self.z], [pick(m) for m in self.mlp_out]
+        )
+
 
 def ablation_values(
     bk: Backend, ablation: Ablation, corrupted: Run | None, reference: Run | None
@@ -189,13 +196,19 @@ class SenderBuffer:
         assert ex.shape[0] == self.filled, "a receiver reads every sender before it"
         shape = resid.shape
         flat = self.D[: ex.shape[0]].reshape(ex.shape[0], -1)
-        rows_ex, rows_kept = ex.any(1), (~ex).any(1)
-        if int(rows_kept.sum()) < int(rows_ex.sum()):
-            kept = (~ex)[rows_kept].T.to(flat.dtype)
-            out = (resid - self.total).reshape(1, -1) + kept @ flat[rows_kept]
+        kept = ~ex
+        rows_ex, rows_kept = ex.any(1), kept.any(1)
+        use_kept = int(rows_kept.sum()) < int(rows_ex.sum())
+        mask, rows = (kept, rows_kept) if use_kept else (ex, rows_ex)
+        if 4 * int(rows.sum()) < ex.shape[0]:  # few senders: copy just those rows
+            idx = rows.nonzero().flatten()
+            summed = mask[idx].T.to(flat.dtype) @ flat.index_select(0, idx)
+        else:  # many: one product over the whole buffer (no copy of it)
+            summed = mask.T.to(flat.dtype) @ flat
+        if use_kept:
+            out = (resid - self.total).reshape(1, -1) + summed
         else:
-            excl = ex[rows_ex].T.to(flat.dtype)
-            out = resid.reshape(1, -1) - excl @ flat[rows_ex]
+            out = resid.reshape(1, -1) - summed
         return out.reshape(ex.shape[1], *shape)
 
 
@@ -303,8 +316,19 @@ def circuit_final(
     keep: Bool[Tensor, "sender receiver"],
     abl: AblationValues,
 ) -> Float[Tensor, "batch pos d_model"]:
-    """The final residual stream of ``tokens`` under the circuit ``keep``."""
-    return run_tokens(runs.bk, tokens, circuit_hooks(runs.bk, index, keep, abl))
+    """The final residual stream of ``tokens`` under the circuit ``keep``.
+
+    The run holds every sender's output change at once (``[senders, batch, pos, d_model]``),
+    so examples run in chunks that keep that buffer within the memory budget."""
+    bk = runs.bk
+    per_example = len(index.senders) * tokens.shape[1] * bk.dims.d_model * bk.dtype.itemsize
+    size = max(1, runs.memory_budget // max(per_example, 1))
+    finals = []
+    for start in range(0, tokens.shape[0], size):
+        sl = slice(start, start + size)
+        hooks = circuit_hooks(bk, index, keep, abl.rows(sl))
+        finals.append(run_tokens(bk, tokens[sl], hooks))
+    return torch.cat(finals)
 
 
 def _kl(readout: Readout, clean: Tensor, other: Tensor) -> Float[Tensor, " batch"]:

@@ -255,3 +255,17 @@ def test_backend_norms_equal_the_model_modules(norm):
     torch.testing.assert_close(bk.ln1(1, x), model.blocks[1].ln1(x), atol=1e-12, rtol=0)
     torch.testing.assert_close(bk.ln2(2, x), model.blocks[2].ln2(x), atol=1e-12, rtol=0)
     torch.testing.assert_close(bk.ln_final(x), model.ln_final(x), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("ablation", ["resample", "mean", "zero"])
+def test_circuits_in_example_chunks_equal_one_pass(ablation):
+    """A tiny memory budget runs the circuit one example at a time: same numbers."""
+    model = random_model(15)
+    clean, corrupted = random_tokens(model, batch=4, n_pos=5)
+    metric = _metric(model, clean)
+    edges = apexlens.full_graph(model)[::3]
+    one = apexlens.Experiment(model, clean, corrupted, metric=metric).evaluate_circuit(edges, ablation=ablation)
+    tiny = apexlens.Experiment(model, clean, corrupted, metric=metric, memory_budget=1)
+    chunked = tiny.evaluate_circuit(edges, ablation=ablation)
+    torch.testing.assert_close(chunked.scores.values, one.scores.values, atol=1e-12, rtol=0)
+    torch.testing.assert_close(chunked.corrupted.values, one.corrupted.values, atol=1e-12, rtol=0)
