@@ -3,7 +3,7 @@
 1. Path patching on ``induction-2l``: every head -> logits, which singles out the induction
    heads of layer 1; then every layer-0 head -> the strongest induction head's key, which
    singles out the previous-token head.
-2. The discovered circuit (embed -> previous-token head -> induction heads' keys, embed ->
+2. A circuit hypothesis (embed -> previous-token head -> induction heads' keys, embed ->
    their queries and values, induction heads -> logits) evaluated with resample ablation of
    every other edge: recovery and proportion explained.
 3. APEX on ``backdoor`` and its clean twin: noise on the embeddings of clean prompts (no
@@ -52,7 +52,7 @@ def run_demo(
     prev = int(to_key.normalized().argmin())
     bar.update()
 
-    # 2. the discovered circuit
+    # 2. a circuit hypothesis
     edges: list[tuple[str, str]] = [("embed", f"0.{prev}.{c}") for c in "qkv"]
     for h in induction_heads:
         edges += [
@@ -147,7 +147,7 @@ def run_demo(
             "The numbers behind the graph above.",
         ),
         (
-            "The discovered circuit",
+            "The circuit hypothesis",
             plotting.path_graph(circuit, n_layers=model.cfg.n_layers),
             "The hypothesis tested below: the embeddings feed the previous-token head 0."
             f"{prev}, which feeds the keys of the layer-1 heads {heads}; the embeddings feed "

@@ -99,11 +99,12 @@ _RED, _BLUE = "#b2182b", "#2166ac"
 _MLP_ROW = -1.5
 
 
-def _node_xy(node: Node, n_layers: int) -> tuple[float, float]:
+def _node_xy(node: Node, n_layers: int, n_heads: int = 1) -> tuple[float, float]:
+    middle = (n_heads - 1) / 2  # embed and logits sit level with the middle head
     if node.kind == "embed":
-        return -1.0, 0.0
+        return -1.0, middle
     if node.kind == "logits":
-        return float(n_layers), 0.0
+        return float(n_layers), middle
     if node.kind == "mlp":
         return node.layer + 0.5, _MLP_ROW
     return float(node.layer), float(node.head or 0)
@@ -230,7 +231,9 @@ def path_graph(
             nodes.setdefault(base, Node(node.kind, node.layer, node.head))
     layers = [n.layer for n in nodes.values() if n.kind in ("head", "mlp")]
     n_layers = n_layers if n_layers is not None else (max(layers) + 1 if layers else 1)
-    pos = {name: _node_xy(n, n_layers) for name, n in nodes.items()}
+    heads = [int(n.head or 0) for n in nodes.values() if n.kind == "head"]
+    n_heads = max(heads) + 1 if heads else 1
+    pos = {name: _node_xy(n, n_layers, n_heads) for name, n in nodes.items()}
     wmax = max((abs(x) for x in w), default=1.0) or 1.0
     fig = go.Figure()
     for (s, r), weight in zip(pairs, w, strict=True):
@@ -299,6 +302,8 @@ def apex_curves(
     if not results:
         raise ApexlensError("apex_curves needs at least one result")
     fig = go.Figure()
+    palette = ["#2166ac", "#b2182b", "#1b7837", "#762a83", "#e08214", "#35978f"]
+    colour = {name: palette[i % len(palette)] for i, name in enumerate(results)}
     for j, metric in enumerate(metrics):
         for name, res in results.items():
             df = res.summary()
@@ -313,7 +318,8 @@ def apex_curves(
                     mode="lines+markers",
                     name=f"{name}: {metric}",
                     yaxis="y" if j == 0 else "y2",
-                    line={"dash": "solid" if j == 0 else "dot"},
+                    line={"dash": "solid" if j == 0 else "dot", "color": colour[name]},
+                    marker={"color": colour[name]},
                     customdata=df["dominant_token"].tolist() if "dominant_token" in df else None,
                     hovertemplate=f"{name}<br>sigma %{{x}}<br>{metric} %{{y:.3f}}<br>dominant token %{{customdata}}<extra></extra>",
                 )
