@@ -166,11 +166,8 @@ def recovery(patched: Tensor, clean: Tensor | float, corrupted: Tensor | float) 
     return (patched - corr_t) / gap
 
 
-class KLDivergence(Metric):
-    """``KL(clean || patched)`` of the next-token distribution at ``positions``, per example
-    (mean over positions). ``clean_logits``: ``[batch, pos, vocab]`` logits of the clean run."""
-
-    name = "kl_divergence"
+class _AgainstClean(Metric):
+    """A metric comparing the logits with the clean run's at ``positions``."""
 
     def __init__(self, clean_logits: Float[Tensor, "batch pos vocab"], positions: Positions = -1):
         if clean_logits.ndim != 3:
@@ -180,22 +177,35 @@ class KLDivergence(Metric):
         self.positions = positions
         self.tokens = None
         idx = self.read_positions(clean_logits.shape[0], clean_logits.shape[1])
-        sel = clean_logits.detach().gather(1, idx[..., None].expand(-1, -1, clean_logits.shape[-1]))
-        self.clean_logprobs = F.log_softmax(sel, dim=-1)
+        self.clean = clean_logits.detach().gather(
+            1, idx[..., None].expand(-1, -1, clean_logits.shape[-1])
+        )
+
+    def _clean_like(self, selected: Tensor) -> Tensor:
+        ref = self.clean.to(selected)
+        if ref.shape != selected.shape[-3:]:
+            raise ApexlensError(
+                f"{self.name}: logits {tuple(selected.shape[-3:])} do not match the clean run "
+                f"{tuple(ref.shape)}"
+            )
+        return ref
+
+
+class KLDivergence(_AgainstClean):
+    """``KL(clean || patched)`` of the next-token distribution at ``positions``, per example
+    (mean over positions). ``clean_logits``: ``[batch, pos, vocab]`` logits of the clean run."""
+
+    name = "kl_divergence"
 
     def reduce(
         self, selected: Float[Tensor, "*lead batch k n_tok"]
     ) -> Float[Tensor, "*lead batch"]:
-        ref = self.clean_logprobs.to(selected)
-        if ref.shape != selected.shape[-3:]:
-            raise ApexlensError(
-                f"{self.name}: logits {tuple(selected.shape[-3:])} do not match the clean run {tuple(ref.shape)}"
-            )
+        ref = F.log_softmax(self._clean_like(selected), dim=-1)
         lp = F.log_softmax(selected, dim=-1)
         return (ref.exp() * (ref - lp)).sum(-1).mean(-1)
 
 
-class OutputSquaredError(Metric):
+class OutputSquaredError(_AgainstClean):
     """Squared distance of the outputs from the clean run's at ``positions``, per example
     (mean over positions and output columns). 0 on the clean run, larger = further away.
 
@@ -206,23 +216,10 @@ class OutputSquaredError(Metric):
 
     name = "output_squared_error"
 
-    def __init__(self, clean_logits: Float[Tensor, "batch pos vocab"], positions: Positions = -1):
-        if clean_logits.ndim != 3:
-            raise ApexlensError(
-                f"clean_logits must be [batch, pos, vocab], got {tuple(clean_logits.shape)}"
-            )
-        self.positions = positions
-        self.tokens = None
-        idx = self.read_positions(clean_logits.shape[0], clean_logits.shape[1])
-        self.clean = clean_logits.detach().gather(1, idx[..., None].expand(-1, -1, clean_logits.shape[-1]))
-
-    def reduce(self, selected: Float[Tensor, "*lead batch k n_tok"]) -> Float[Tensor, "*lead batch"]:
-        ref = self.clean.to(selected)
-        if ref.shape != selected.shape[-3:]:
-            raise ApexlensError(
-                f"{self.name}: outputs {tuple(selected.shape[-3:])} do not match the clean run {tuple(ref.shape)}"
-            )
-        return (selected - ref).pow(2).mean(-1).mean(-1)
+    def reduce(
+        self, selected: Float[Tensor, "*lead batch k n_tok"]
+    ) -> Float[Tensor, "*lead batch"]:
+        return (selected - self._clean_like(selected)).pow(2).mean(-1).mean(-1)
 
 
 class AnswerLogProb(Metric):
