@@ -46,7 +46,7 @@ def act_patch_rows(
     by_layer: dict[int, list[int]] = {}
     for i, n in enumerate(nodes):
         by_layer.setdefault(0 if n.kind == "embed" else n.layer, []).append(i)
-    chunk = runs.rows_per_chunk(len(nodes), runs.batch * runs.n_pos, attention=True)
+    chunk = runs.rows_per_chunk(len(nodes), runs.batch * runs.n_pos, attention=True, readout=readout)
     work = [
         (layer, idx[j : j + chunk])
         for layer, idx in sorted(by_layer.items())

@@ -86,7 +86,7 @@ def path_patch_rows(
     active.sort(key=lambda i: min(order(s) for s in groups[i]))
     only_logits = not hops and all(r.kind == "logits" for r in recv) and readout.fast
     n_tok = runs.batch * (readout.idx.shape[1] if only_logits else runs.n_pos)
-    chunk = runs.rows_per_chunk(len(active), n_tok, attention=not only_logits)
+    chunk = runs.rows_per_chunk(len(active), n_tok, attention=not only_logits, readout=readout)
     for rows in row_chunks(active, chunk, desc="path patching", progress=progress):
         out[list(rows)] = _patch_chunk(
             runs, readout, [groups[i] for i in rows], recv, hops, mlps, only_logits

@@ -157,14 +157,20 @@ class Runs:
         """Where ``node`` acts (``None``: every position)."""
         return position_mask(node, self.batch, self.n_pos, self.named_positions, self.bk.device)
 
-    def rows_per_chunk(self, n_rows: int, n_tok: int, attention: bool) -> int:
+    def rows_per_chunk(
+        self, n_rows: int, n_tok: int, attention: bool, readout: Readout | None = None
+    ) -> int:
         """Rows per chunk so one chunk's working set stays within the memory budget.
 
         ``n_tok`` is the number of token positions a row carries; ``attention`` whether the
-        rows run through attention (its scores grow with the square of the sequence).
+        rows run through attention (its scores grow with the square of the sequence); a
+        ``readout`` of a plain function metric adds full-vocabulary logits per row.
         """
+        extra = 0
+        if readout is not None and not readout.fast:
+            extra = 2 * self.batch * self.n_pos * self.bk.dims.d_vocab * self.bk.dtype.itemsize
         return rows_per_chunk(
-            self.bk, self.memory_budget, n_rows, self.batch, self.n_pos, n_tok, attention
+            self.bk, self.memory_budget, n_rows, self.batch, self.n_pos, n_tok, attention, extra
         )
 
 
