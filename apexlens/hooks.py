@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -76,3 +77,26 @@ def inference_mode(model: Any) -> Iterator[Any]:
         finally:
             if was_training:
                 model.train(True)
+
+
+@contextmanager
+def silenced(module: torch.nn.Module) -> Iterator[None]:
+    """Run ``module`` with the forward hooks of its hook points switched off.
+
+    Each hook point's registry of PyTorch forward hooks is swapped for an empty one and the
+    *same* registry object is put back afterwards (also on exceptions), so the user's hooks
+    come back unchanged and in order; nothing is added or removed. Hooks attached inside the
+    block go to the empty registries and are gone with them.
+    """
+    from transformer_lens.hook_points import HookPoint
+
+    saved: list[tuple[torch.nn.Module, Any]] = []
+    try:
+        for sub in module.modules():
+            if isinstance(sub, HookPoint):
+                saved.append((sub, sub._forward_hooks))
+                sub._forward_hooks = OrderedDict()
+        yield
+    finally:
+        for sub, hooks in saved:
+            sub._forward_hooks = hooks
