@@ -225,6 +225,7 @@ def circuit_hooks(
         hooks.append((bk.z(layer), _record_heads(bk, state, index, abl, layer)))
         if d.has_mlps and not bk.mlp_reads_resid_pre:
             hooks.append((bk.resid_mid(layer), edits.save(state, bk.resid_mid(layer), clone=False)))
+        if d.has_mlps:
             hooks.append(
                 (bk.mlp_out(layer), _mlp_hook(bk, state, excluded_sum, index, excluded, abl, layer))
             )

@@ -331,7 +331,10 @@ def input_edits(
                 where = torch.stack([full if m is None else m for m in masks], -1).repeat(
                     rows, 1, 1
                 )
-            vals = lambda act, ts=ts: stack_rows(torch.stack([value(t) for t in ts], dim=-2))
+
+            def vals(act: Tensor, ts: list[Node] = ts) -> Tensor:
+                return stack_rows(torch.stack([value(t) for t in ts], dim=-2))
+
             hooks.append((site, edits.set_heads(slots, vals, where)))
         else:
             m = masks[0]

@@ -53,7 +53,7 @@ def ungrouped_copy(model: Any) -> Any:
     cfg.ungroup_grouped_query_attention = True
     twin = HookedTransformer(cfg, tokenizer=model.tokenizer)
     twin.load_state_dict(model.state_dict(), strict=True)
-    return twin.to(model.cfg.device).eval()
+    return twin.to(model.W_U.device).eval()
 
 
 def naive_path_patch(
