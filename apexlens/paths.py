@@ -339,9 +339,11 @@ def input_edits(
         else:
             m = masks[0]
             where = None if m is None else m.repeat(rows, 1)[..., None]
-            hooks.append(
-                (site, edits.replace_where(where, lambda act, t=ts[0]: stack_rows(value(t))))
-            )
+
+            def out(act: Tensor, t: Node = ts[0]) -> Tensor:
+                return stack_rows(value(t))
+
+            hooks.append((site, edits.replace_where(where, out)))
     for layer, ts in grouped.items():
 
         def kv_values(
