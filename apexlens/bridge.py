@@ -260,6 +260,7 @@ _SUFFIX_MAP: tuple[tuple[str, str, _Convert], ...] = (
     (".w", ".weight", _same),
     (".b", ".bias", _same),
 )
+_GATED_BIASES = (".mlp.in.bias", ".mlp.out.bias")
 # Buffers a HookedTransformer carries that are not weights (causal mask, -inf sentinel).
 _DROPPED_SUFFIXES = (".attn.mask", ".attn.IGNORE")
 
@@ -342,6 +343,15 @@ def to_bridge(
         ) from err
     converted = convert_hooked_state_dict(sd, bcfg.n_heads, bcfg.d_head)
     expected = bridge.state_dict()
+    if bcfg.gated_mlp:  # the native gated MLP has no biases: only all-zero ones can go
+        for key in [k for k in converted if k not in expected and k.endswith(_GATED_BIASES)]:
+            if bool(converted[key].any()):
+                raise ApexlensError(
+                    f"gated_mlp=True with a nonzero MLP bias ({key}) is not implemented by "
+                    "TransformerLens' native bridge model (its gated MLP has no biases); build the "
+                    "bridge over the Hugging Face model instead"
+                )
+            del converted[key]
     if "unembed.bias" in expected and "unembed.bias" not in converted:
         converted["unembed.bias"] = torch.zeros_like(expected["unembed.bias"])
     missing = sorted(set(expected) - set(converted))

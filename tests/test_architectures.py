@@ -322,6 +322,42 @@ def test_to_bridge_native_model():
         check_engines(model, TOL)
 
 
+def test_to_bridge_gated_mlp_and_what_it_refuses():
+    """to_bridge maps gated MLPs (the native bridge's has no biases: zero ones are dropped,
+    others refused by name); rotary and grouped-query attention are refused by name."""
+    from apexlens.bridge import to_bridge
+    from backends import random_state_dict
+
+    cfg = {**BASE, "n_layers": 2, "act_fn": "silu", "gated_mlp": True}
+    sd = random_state_dict({**cfg, "gated_mlp": False}, 0)
+    g = torch.Generator().manual_seed(2)
+    for la in range(2):
+        sd[f"blocks.{la}.mlp.W_gate"] = 0.4 * torch.randn(16, 32, generator=g, dtype=torch.float64)
+        sd[f"blocks.{la}.mlp.b_in"] = torch.zeros(32, dtype=torch.float64)
+        sd[f"blocks.{la}.mlp.b_out"] = torch.zeros(16, dtype=torch.float64)
+    model = to_bridge(cfg, sd)
+    result = apexlens.check(model, data()[0])
+    assert result.ok, result.first_failure
+    try:
+        from backends import build
+
+        twin = build(cfg, sd, "hooked")  # the same function as a HookedTransformer (TL 3.9)
+    except ImportError:
+        twin = None
+    if twin is not None:
+        with torch.no_grad():
+            torch.testing.assert_close(model(data()[0]), twin(data()[0]), atol=1e-10, rtol=0)
+    sd["blocks.1.mlp.b_in"] = sd["blocks.1.mlp.b_in"] + 0.1
+    with pytest.raises(apexlens.ApexlensError, match="gated_mlp=True with a nonzero MLP bias"):
+        to_bridge(cfg, sd)
+    for opts, name in (
+        (dict(n_key_value_heads=2), "n_key_value_heads=2"),
+        (dict(positional_embedding_type="rotary", rotary_dim=4), "positional_embedding_type='rotary'"),
+    ):
+        with pytest.raises(apexlens.ApexlensError, match=name):
+            to_bridge({**BASE, **opts}, random_state_dict(BASE, 0))
+
+
 # ---------------------------------------------------------------------------- refusals
 @pytest.mark.requires_hooked
 def test_olmo2_post_norm_is_refused_by_name():
