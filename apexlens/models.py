@@ -119,7 +119,9 @@ def official_name(name: str) -> str:
     try:
         from transformer_lens.loading_from_pretrained import get_official_model_name
     except ImportError:  # TransformerLens 4.x
-        from transformer_lens.supported_models import get_official_model_name
+        from transformer_lens.supported_models import (  # type: ignore[attr-defined,no-redef]
+            get_official_model_name,
+        )
     try:
         return str(get_official_model_name(name))
     except (ValueError, KeyError) as err:

@@ -326,6 +326,7 @@ def test_to_bridge_gated_mlp_and_what_it_refuses():
     """to_bridge maps gated MLPs (the native bridge's has no biases: zero ones are dropped,
     others refused by name); rotary and grouped-query attention are refused by name."""
     from apexlens.bridge import to_bridge
+
     from backends import random_state_dict
 
     cfg = {**BASE, "n_layers": 2, "act_fn": "silu", "gated_mlp": True}
