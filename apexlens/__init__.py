@@ -15,11 +15,13 @@ Public API (one screen):
 * models     -- :func:`load_model` (shipped toy models offline, or any TL pretrained name),
                 :func:`random_gpt2_small`, :func:`to_bridge`; tasks: :func:`get_task`
 * plotting   -- plotly figures for every result (:mod:`apexlens.plotting`)
+* self-check -- :func:`check` (does apexlens compute this model exactly? ``.ok``)
 * errors     -- one type, :class:`ApexlensError`, whose message names the fix
 """
 
 from apexlens import graph, scoring
 from apexlens.bridge import to_bridge
+from apexlens.check import CheckResult, check
 from apexlens.errors import ApexlensError
 from apexlens.experiment import (
     Circuit,
@@ -93,5 +95,7 @@ __all__ = [
     "compare",
     "noise_hooks",
     "to_bridge",
+    "check",
+    "CheckResult",
 ]
 __version__ = "0.1.0"

@@ -27,7 +27,7 @@ def check_nodes(nodes: Sequence[Node]) -> list[Node]:
     """Nodes activation patching can patch: outputs (heads, MLPs, embed, residual streams)."""
     out = list(nodes)
     for n in out:
-        if n.kind == "logits" or (n.kind == "head" and n.channel is not None):
+        if n.kind in ("logits", "kv") or (n.kind == "head" and n.channel is not None):
             raise ApexlensError(f"activation patching patches outputs; {n} is not one")
     if not out:
         raise ApexlensError("the node set is empty")

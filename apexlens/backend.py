@@ -42,31 +42,111 @@ class Dims:
     d_vocab: int
     n_ctx: int
     has_mlps: bool
+    n_kv_heads: int = -1
+    """Key/value slots of ``hook_k``/``hook_v`` per layer (``n_heads`` unless grouped-query)."""
+    parallel: bool = False
+    """Parallel attention and MLP: MLP L reads the residual stream entering block L."""
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value slot (1 without grouped-query attention)."""
+        return self.n_heads // self.kv_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads > 0 else self.n_heads
+
+
+class _StopAtZ(Exception):
+    """Raised by a hook to end a one-block run once the block's ``hook_z`` is known."""
+
+
+def _post_norm_architectures() -> tuple[str, ...]:
+    try:
+        from transformer_lens.components.transformer_block import (  # type: ignore[attr-defined]
+            POST_NORM_ARCHITECTURES,
+        )
+    except ImportError:  # TL 4.x has no HookedTransformer components
+        return ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+    return tuple(POST_NORM_ARCHITECTURES)
+
+
+def refuse_unsupported(cfg: Any) -> None:
+    """One :class:`ApexlensError` naming a config option apexlens cannot handle exactly."""
+    arch = getattr(cfg, "original_architecture", None)
+    if arch is not None and str(arch) in _post_norm_architectures():
+        raise ApexlensError(
+            f"OLMo-2-style post-norm models ({arch}) are not supported: their norms sit after "
+            "attention and the MLP, and their q/k norms mix heads, so a single head's q/k "
+            "input is not defined"
+        )
 
 
 class Backend:
     """The model-class adapter. Build one with :func:`backend_for`.
 
     Longer than most classes on purpose: it is the one place that knows the model class, so
-    every hook name, weight and forward piece the engines use is a short method here."""
+    every hook name, weight and forward piece the engines use is a short method here.
+
+    Architecture knowledge lives here (and in :class:`~apexlens.bridge.BridgeBackend`):
+    grouped-query attention (:meth:`slot`, :meth:`attn_z`), shortformer positional
+    embeddings (added to the q/k inputs, passed to every block), norms after attention and
+    the MLP (:meth:`head_delta`, :meth:`mlp_from_resid`), parallel attention and MLP
+    (:attr:`mlp_reads_resid_pre`), the output-logit soft cap (:meth:`unembed`). Everything
+    else that changes a forward pass (rotary, attention soft caps, local windows, qk-norm,
+    ALiBi, gated MLPs, norm types) acts after ``hook_q/k/v`` or inside modules called here,
+    so the engines are exact on it without knowing about it.
+    """
 
     def __init__(self, model: Any) -> None:
         self.model = model
         cfg = model.cfg
+        refuse_unsupported(cfg)
+        n_heads = int(cfg.n_heads)
+        n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+        if getattr(cfg, "ungroup_grouped_query_attention", False):
+            n_kv = n_heads
         self.dims = Dims(
             n_layers=int(cfg.n_layers),
-            n_heads=int(cfg.n_heads),
+            n_heads=n_heads,
             d_model=int(cfg.d_model),
             d_head=int(cfg.d_head),
             d_vocab=int(cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) > 0 else cfg.d_vocab),
             n_ctx=int(cfg.n_ctx),
             has_mlps=not bool(getattr(cfg, "attn_only", False)),
+            n_kv_heads=n_kv,
+            parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
         )
-        if getattr(cfg, "parallel_attn_mlp", False):
-            raise ApexlensError(
-                "models with parallel attention and MLP (parallel_attn_mlp=True) are not supported:"
-                " their MLPs read resid_pre, so 'heads before the MLP of the same layer' is undefined"
-            )
+        if n_heads % n_kv:
+            raise ApexlensError(f"n_heads={n_heads} is not a multiple of n_key_value_heads={n_kv}")
+        self.shortformer = getattr(cfg, "positional_embedding_type", "standard") == "shortformer"
+        cap = float(getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0)
+        self.logit_soft_cap = cap if cap > 0 else None
+
+    # ------------------------------------------------------------------ architecture
+    @property
+    def mlp_reads_resid_pre(self) -> bool:
+        """Parallel attention and MLP (GPT-J, GPT-NeoX): MLP L reads the residual stream
+        entering block L, so it never sees the heads of its own layer."""
+        return self.dims.parallel
+
+    @property
+    def post_norms(self) -> bool:
+        """Norms after attention and after the MLP (Gemma-2): a head's output reaches the
+        residual stream only through the norm of its layer's summed attention output."""
+        return bool(getattr(self.model.cfg, "use_normalization_before_and_after", False))
+
+    def slot(self, head: int, channel: str | None) -> int:
+        """The index in ``hook_q``/``hook_k``/``hook_v`` that query head ``head`` reads for
+        ``channel``: the head itself for q, its key/value head for k and v."""
+        if channel in ("k", "v"):
+            return head // self.dims.group
+        return head
+
+    def group_heads(self, kv: int) -> list[int]:
+        """The query heads that read key/value head ``kv``."""
+        g = self.dims.group
+        return list(range(kv * g, (kv + 1) * g))
 
     # ------------------------------------------------------------------ hook names
     @staticmethod
@@ -102,6 +182,10 @@ class Backend:
     def pattern(layer: int) -> str:
         return f"blocks.{layer}.attn.hook_pattern"
 
+    def mlp_in_resid(self, layer: int) -> str:
+        """The hook holding the residual stream MLP ``layer`` reads (before its norm)."""
+        return self.resid_pre(layer) if self.mlp_reads_resid_pre else self.resid_mid(layer)
+
     # ------------------------------------------------------------------ weights
     @property
     def dtype(self) -> torch.dtype:
@@ -111,17 +195,25 @@ class Backend:
     def device(self) -> torch.device:
         return self.W_U.device
 
+    def _attn(self, layer: int) -> Any:
+        return self.model.blocks[layer].attn
+
+    def _stack(self, name: str) -> Tensor:
+        """``name`` of every layer's attention, in ``hook_q/k/v`` slot layout, stacked."""
+        return torch.stack([getattr(self._attn(la), name) for la in range(self.dims.n_layers)])
+
     @property
     def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
         return self.model.W_Q
 
     @property
-    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self.model.W_K
+    def W_K(self) -> Float[Tensor, "layer kv d_model d_head"]:
+        """Per ``hook_k`` slot: ``[layer, n_kv_heads, ...]`` under grouped-query attention."""
+        return self._stack("_W_K") if self.dims.group > 1 else self.model.W_K
 
     @property
-    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self.model.W_V
+    def W_V(self) -> Float[Tensor, "layer kv d_model d_head"]:
+        return self._stack("_W_V") if self.dims.group > 1 else self.model.W_V
 
     @property
     def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
@@ -132,12 +224,16 @@ class Backend:
         return self.model.b_Q
 
     @property
-    def b_K(self) -> Float[Tensor, "layer head d_head"]:
-        return self.model.b_K
+    def b_K(self) -> Float[Tensor, "layer kv d_head"]:
+        return self._stack("_b_K") if self.dims.group > 1 else self.model.b_K
 
     @property
-    def b_V(self) -> Float[Tensor, "layer head d_head"]:
-        return self.model.b_V
+    def b_V(self) -> Float[Tensor, "layer kv d_head"]:
+        return self._stack("_b_V") if self.dims.group > 1 else self.model.b_V
+
+    @property
+    def b_O(self) -> Float[Tensor, "layer d_model"]:
+        return self.model.b_O
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
@@ -147,11 +243,11 @@ class Backend:
     def b_U(self) -> Float[Tensor, " d_vocab"]:
         return self.model.b_U
 
-    def W_in(self, channel: str) -> Float[Tensor, "layer head d_model d_head"]:
-        """``W_Q``, ``W_K`` or ``W_V``, read once per Backend (stacking layers is not free)."""
+    def W_in(self, channel: str) -> Float[Tensor, "layer slot d_model d_head"]:
+        """``W_Q``, ``W_K`` or ``W_V`` per ``hook_q/k/v`` slot, read once per Backend."""
         return self._memo(("W", channel), lambda: getattr(self, f"W_{channel.upper()}"))
 
-    def b_in(self, channel: str) -> Float[Tensor, "layer head d_head"]:
+    def b_in(self, channel: str) -> Float[Tensor, "layer slot d_head"]:
         return self._memo(("b", channel), lambda: getattr(self, f"b_{channel.upper()}"))
 
     @property
@@ -159,20 +255,44 @@ class Backend:
         """``W_O``, read once per Backend."""
         return self._memo(("W", "O"), lambda: self.W_O)
 
+    @property
+    def b_O_stacked(self) -> Float[Tensor, "layer d_model"]:
+        return self._memo(("b", "O"), lambda: self.b_O)
+
     def _memo(self, key: tuple[str, str], make: Any) -> Tensor:
         memo = self.__dict__.setdefault("_weights", {})
         if key not in memo:
             memo[key] = make()
         return memo[key]
 
+    def pos_embed_rows(self, n_pos: int) -> Float[Tensor, "pos d_model"] | None:
+        """Shortformer: the positional embedding added to every block's q/k input."""
+        if not self.shortformer:
+            return None
+        return self.model.pos_embed.W_pos[:n_pos]
+
     # ------------------------------------------------------------------ forward pieces
+    def _module(self, layer: int, name: str) -> Any:
+        return getattr(self.model.blocks[layer], name, None)
+
+    def _norm(self, module: Any, x: Tensor) -> Tensor:
+        return _apply_norm(module, x)
+
     def ln1(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The normalisation in front of attention in block ``layer`` (identity if none)."""
-        return _apply_norm(self.model.blocks[layer].ln1, x)
+        return self._norm(self._module(layer, "ln1"), x)
 
     def ln2(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The normalisation in front of the MLP in block ``layer`` (identity if none)."""
-        return _apply_norm(self.model.blocks[layer].ln2, x)
+        return self._norm(self._module(layer, "ln2"), x)
+
+    def ln1_post(self, layer: int, x: Tensor) -> Tensor:
+        """The norm after attention (identity unless :attr:`post_norms`)."""
+        return self._norm(self._module(layer, "ln1_post") if self.post_norms else None, x)
+
+    def ln2_post(self, layer: int, x: Tensor) -> Tensor:
+        """The norm after the MLP (identity unless :attr:`post_norms`)."""
+        return self._norm(self._module(layer, "ln2_post") if self.post_norms else None, x)
 
     def ln_final(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         return _apply_norm(getattr(self.model, "ln_final", None), x)
@@ -192,50 +312,59 @@ class Backend:
         return out.reshape(shape)
 
     def mlp_from_resid(
-        self, layer: int, resid_mid: Float[Tensor, "... d_model"]
+        self, layer: int, resid: Float[Tensor, "... d_model"]
     ) -> Float[Tensor, "... d_model"]:
-        """MLP ``layer``'s output when its residual input is ``resid_mid``."""
-        return self.mlp(layer, self.ln2(layer, resid_mid))
+        """What MLP ``layer`` adds to the residual stream when it reads ``resid``
+        (:meth:`mlp_in_resid`): ``ln2_post(mlp(ln2(resid)))``."""
+        return self.ln2_post(layer, self.mlp(layer, self.ln2(layer, resid)))
+
+    def _with_pos(self, channel: str, x: Tensor, pos_axis: int) -> Tensor:
+        pe = self.pos_embed_rows(x.shape[pos_axis]) if channel in ("q", "k") else None
+        if pe is None:
+            return x
+        return x + pe.view(pe.shape[0], *([1] * (-pos_axis - 2)), pe.shape[1]).to(x.dtype)
 
     def head_input(
         self,
         layer: int,
         channel: str,
-        resid: Float[Tensor, "... d_model"],
-        heads: Tensor | list[int] | None = None,
-    ) -> Float[Tensor, "... head d_head"]:
-        """``hook_q/k/v`` values of ``heads`` in ``layer`` when the block's input is ``resid``."""
+        resid: Float[Tensor, "... pos d_model"],
+        slots: Tensor | list[int] | None = None,
+    ) -> Float[Tensor, "... pos slot d_head"]:
+        """``hook_q/k/v`` values at ``slots`` (see :meth:`slot`; all if ``None``) of
+        ``layer`` when the block's input is ``resid`` (positions on axis -2)."""
         W = self.W_in(channel)[layer]
         b = self.b_in(channel)[layer]
-        if heads is not None:
-            W, b = W[heads], b[heads]
-        x = self.ln1(layer, resid)
+        if slots is not None:
+            W, b = W[slots], b[slots]
+        x = self._with_pos(channel, self.ln1(layer, resid), -2)
         return torch.einsum("...m,hmd->...hd", x, W) + b
 
     def heads_input(
         self,
         layer: int,
         channel: str,
-        resid: Float[Tensor, "... head d_model"],
-        heads: Tensor | list[int] | None = None,
-    ) -> Float[Tensor, "... head d_head"]:
-        """``hook_q/k/v`` values when every head (of ``heads``, in that order) reads its own
-        residual stream ``resid[..., h, :]``."""
-        return self.project_heads(layer, channel, self.ln1(layer, resid), heads)
+        resid: Float[Tensor, "... pos head d_model"],
+        slots: Tensor | list[int] | None = None,
+    ) -> Float[Tensor, "... pos head d_head"]:
+        """Like :meth:`head_input`, but entry ``i`` of axis -2 reads its own residual stream
+        ``resid[..., i, :]`` through slot ``slots[i]`` (positions on axis -3)."""
+        return self.project_heads(layer, channel, self.ln1(layer, resid), slots)
 
     def project_heads(
         self,
         layer: int,
         channel: str,
-        normed: Float[Tensor, "... head d_model"],
-        heads: Tensor | list[int] | None = None,
-    ) -> Float[Tensor, "... head d_head"]:
-        """``hook_q/k/v`` values of ``heads`` from inputs already through ``ln1``, one per head."""
+        normed: Float[Tensor, "... pos head d_model"],
+        slots: Tensor | list[int] | None = None,
+    ) -> Float[Tensor, "... pos head d_head"]:
+        """:meth:`heads_input` from inputs already through ``ln1`` (positions on axis -3)."""
         W = self.W_in(channel)[layer]
         b = self.b_in(channel)[layer]
-        if heads is not None:
-            W, b = W[heads], b[heads]
-        return torch.einsum("...hm,hmd->...hd", normed, W) + b
+        if slots is not None:
+            W, b = W[slots], b[slots]
+        x = self._with_pos(channel, normed, -3)
+        return torch.einsum("...hm,hmd->...hd", x, W) + b
 
     def head_outputs(
         self,
@@ -243,22 +372,86 @@ class Backend:
         z: Float[Tensor, "... head d_head"],
         heads: Tensor | list[int] | None = None,
     ) -> Float[Tensor, "head ... d_model"]:
-        """What each head of ``layer`` writes to the residual stream given its ``hook_z``
-        values: ``z[..., h, :] @ W_O[h]``, heads first. With ``heads``, ``z`` holds only
-        those heads (in that order)."""
+        """``z[..., h, :] @ W_O[h]`` per head, heads first (before any post-attention norm:
+        additive contributions only without :attr:`post_norms`)."""
         W_O = self.W_O_stacked[layer]
         if heads is not None:
             W_O = W_O[heads]
         return torch.einsum("...hk,hkd->h...d", z, W_O)
 
+    def attn_output(
+        self, layer: int, z: Float[Tensor, "... head d_head"]
+    ) -> Float[Tensor, "... d_model"]:
+        """What attention ``layer`` adds to the residual stream given every head's ``hook_z``:
+        ``ln1_post(sum_h z_h W_O[h] + b_O)``."""
+        a = torch.einsum("...hk,hkd->...d", z, self.W_O_stacked[layer]) + self.b_O_stacked[layer]
+        return self.ln1_post(layer, a)
+
+    def head_delta(
+        self,
+        layer: int,
+        z: Float[Tensor, "... head d_head"],
+        dz: Float[Tensor, "... k d_head"],
+        heads: list[int],
+    ) -> Float[Tensor, "... d_model"]:
+        """The change of the residual stream when heads ``heads`` of ``layer`` change their
+        ``hook_z`` by ``dz`` (together) and the others keep ``z``: ``sum dz W_O`` -- or, after
+        a post-attention norm, ``ln1_post(A + sum dz W_O) - ln1_post(A)``."""
+        d = torch.einsum("...hk,hkd->...d", dz, self.W_O_stacked[layer][heads])
+        if not self.post_norms:
+            return d
+        a = torch.einsum("...hk,hkd->...d", z, self.W_O_stacked[layer]) + self.b_O_stacked[layer]
+        return self.ln1_post(layer, a + d) - self.ln1_post(layer, a)
+
+    def attn_z(
+        self,
+        layer: int,
+        resid: Float[Tensor, "batch pos d_model"],
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """``hook_z`` of block ``layer`` when its input is ``resid`` and its ``hook_q/k/v``
+        hold ``q``, ``k``, ``v``: the block's own attention (rotary, soft caps, windows,
+        qk-norm... all included), run with every hook point of the block silenced.
+
+        This is how a query head of a grouped-query layer reads a key or value of its own:
+        its shadow ``z`` is taken from a call where its key/value slot holds that input.
+        """
+        out: dict[str, Tensor] = {}
+
+        def stop(act: Tensor, hook: Any) -> None:
+            out["z"] = act
+            raise _StopAtZ
+
+        hooks = [
+            (self.qkv(layer, "q"), edits.replace(q)),
+            (self.qkv(layer, "k"), edits.replace(k)),
+            (self.qkv(layer, "v"), edits.replace(v)),
+            (self.z(layer), stop),
+        ]
+        with silenced(self.model.blocks[layer]):
+            try:
+                self._run_blocks(resid, layer, layer + 1, hooks)
+            except _StopAtZ:
+                pass
+        return out["z"]
+
     def unembed(
         self, resid_final: Float[Tensor, "... d_model"], tokens: Int[Tensor, " n_tok"] | None = None
     ) -> Float[Tensor, "... n_tok"]:
-        """Logits (all of the vocabulary, or only the columns ``tokens``) of a final residual."""
+        """Logits (all of the vocabulary, or only the columns ``tokens``) of a final residual,
+        soft-capped (``cap * tanh(x / cap)``) where the model does."""
         x = self.ln_final(resid_final)
         if tokens is None:
-            return x @ self.W_U + self.b_U
-        return x @ self.W_U[:, tokens] + self.b_U[tokens]
+            logits = x @ self.W_U + self.b_U
+        else:
+            logits = x @ self.W_U[:, tokens] + self.b_U[tokens]
+        return self._cap(logits)
+
+    def _cap(self, logits: Tensor) -> Tensor:
+        cap = self.logit_soft_cap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def run_layers(
         self,
@@ -274,8 +467,17 @@ class Backend:
         stop = self.dims.n_layers if stop is None else stop
         if start >= stop:
             return resid
-        with attached(self.model, list(fwd_hooks)):
-            return self.model(resid, start_at_layer=start, stop_at_layer=stop)
+        return self._run_blocks(resid, start, stop, list(fwd_hooks))
+
+    def _run_blocks(
+        self, resid: Tensor, start: int, stop: int, hooks: list[tuple[str, HookFn]]
+    ) -> Tensor:
+        extra: dict[str, Any] = {}
+        pe = self.pos_embed_rows(resid.shape[1])
+        if pe is not None:
+            extra["shortformer_pos_embed"] = pe.expand(resid.shape[0], *pe.shape)
+        with attached(self.model, hooks):
+            return self.model(resid, start_at_layer=start, stop_at_layer=stop, **extra)
 
     def run_with_cache(
         self,

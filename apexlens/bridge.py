@@ -260,6 +260,7 @@ _SUFFIX_MAP: tuple[tuple[str, str, _Convert], ...] = (
     (".w", ".weight", _same),
     (".b", ".bias", _same),
 )
+_GATED_BIASES = (".mlp.in.bias", ".mlp.out.bias")
 # Buffers a HookedTransformer carries that are not weights (causal mask, -inf sentinel).
 _DROPPED_SUFFIXES = (".attn.mask", ".attn.IGNORE")
 
@@ -342,6 +343,15 @@ def to_bridge(
         ) from err
     converted = convert_hooked_state_dict(sd, bcfg.n_heads, bcfg.d_head)
     expected = bridge.state_dict()
+    if bcfg.gated_mlp:  # the native gated MLP has no biases: only all-zero ones can go
+        for key in [k for k in converted if k not in expected and k.endswith(_GATED_BIASES)]:
+            if bool(converted[key].any()):
+                raise ApexlensError(
+                    f"gated_mlp=True with a nonzero MLP bias ({key}) is not implemented by "
+                    "TransformerLens' native bridge model (its gated MLP has no biases); build the "
+                    "bridge over the Hugging Face model instead"
+                )
+            del converted[key]
     if "unembed.bias" in expected and "unembed.bias" not in converted:
         converted["unembed.bias"] = torch.zeros_like(expected["unembed.bias"])
     missing = sorted(set(expected) - set(converted))
@@ -396,56 +406,69 @@ def _inference(model: torch.nn.Module) -> Iterator[None]:
 
 
 class BridgeBackend(Backend):
-    """:class:`~apexlens.backend.Backend` for a ``TransformerBridge`` in compatibility mode.
+    """:class:`~apexlens.backend.Backend` for a ``TransformerBridge``, with or without
+    compatibility mode.
 
     Same method names and meanings as for a ``HookedTransformer``; see the module docstring
-    for what it does differently underneath and why.
+    for what it does differently underneath and why. A bridge over a Hugging Face model
+    (GPT-2, GPT-NeoX, Llama, Qwen2, Gemma-2, ...) exposes the HookedTransformer hook names
+    without compatibility mode, its HF weights per head (``W_K``/``W_V`` per key/value
+    head), and no bias where the model has none (zeros here).
     """
 
-    def __init__(self, model: Any) -> None:
-        if not getattr(model, "compatibility_mode", False):
-            raise ApexlensError(
-                "this TransformerBridge is not in compatibility mode, so it has no"
-                " HookedTransformer hook names (blocks.L.hook_resid_pre, attn.hook_z, ...):"
-                " call bridge.enable_compatibility_mode() first"
-            )
-        super().__init__(model)
-        if getattr(model.cfg, "positional_embedding_type", "standard") not in ("standard", None):
-            raise ApexlensError(
-                "only bridges with learned absolute positional embeddings are supported,"
-                f" got positional_embedding_type={model.cfg.positional_embedding_type!r}"
-            )
+    # ------------------------------------------------------------------ architecture
+    @property
+    def post_norms(self) -> bool:
+        return hasattr(self.model.blocks[0], "ln1_post") or super().post_norms
 
     # ------------------------------------------------------------------ weights
     # The bridge assembles these from its modules on each access; detach so a no-grad caller
     # never holds an autograd graph over the model's parameters.
+    def _weight(self, name: str, shape: tuple[int, ...] | None = None) -> Tensor:
+        try:
+            w = getattr(self.model, name)
+        except (AttributeError, TypeError, RuntimeError):
+            w = None
+        if w is None:
+            if shape is None:
+                raise ApexlensError(f"this TransformerBridge exposes no {name}")
+            return torch.zeros(shape, dtype=self.W_U.dtype, device=self.W_U.device)
+        return w.detach()
+
+    def _bias_shape(self, slots: int) -> tuple[int, ...]:
+        return (self.dims.n_layers, slots, self.dims.d_head)
+
     @property
     def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self.model.W_Q.detach()
+        return self._weight("W_Q")
 
     @property
-    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self.model.W_K.detach()
+    def W_K(self) -> Float[Tensor, "layer kv d_model d_head"]:
+        return self._weight("W_K")
 
     @property
-    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self.model.W_V.detach()
+    def W_V(self) -> Float[Tensor, "layer kv d_model d_head"]:
+        return self._weight("W_V")
 
     @property
     def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
-        return self.model.W_O.detach()
+        return self._weight("W_O")
 
     @property
     def b_Q(self) -> Float[Tensor, "layer head d_head"]:
-        return self.model.b_Q.detach()
+        return self._weight("b_Q", self._bias_shape(self.dims.n_heads))
 
     @property
-    def b_K(self) -> Float[Tensor, "layer head d_head"]:
-        return self.model.b_K.detach()
+    def b_K(self) -> Float[Tensor, "layer kv d_head"]:
+        return self._weight("b_K", self._bias_shape(self.dims.kv_heads))
 
     @property
-    def b_V(self) -> Float[Tensor, "layer head d_head"]:
-        return self.model.b_V.detach()
+    def b_V(self) -> Float[Tensor, "layer kv d_head"]:
+        return self._weight("b_V", self._bias_shape(self.dims.kv_heads))
+
+    @property
+    def b_O(self) -> Float[Tensor, "layer d_model"]:
+        return self._weight("b_O", (self.dims.n_layers, self.dims.d_model))
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
@@ -453,7 +476,12 @@ class BridgeBackend(Backend):
 
     @property
     def b_U(self) -> Float[Tensor, " d_vocab"]:
-        return self.model.b_U.detach()
+        try:
+            b = self.model.b_U
+        except (AttributeError, TypeError, RuntimeError):
+            b = None
+        W_U = self.W_U
+        return torch.zeros(W_U.shape[-1], dtype=W_U.dtype, device=W_U.device) if b is None else b.detach()
 
     # ------------------------------------------------------------------ forward pieces
     def _call(self, module: Any, x: Tensor) -> Tensor:
@@ -462,13 +490,14 @@ class BridgeBackend(Backend):
         with _inference(self.model), silenced(module):
             return module(x)
 
-    def ln1(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        """The normalisation in front of attention in block ``layer`` (identity if none)."""
-        return self._call(getattr(self.model.blocks[layer], "ln1", None), x)
+    def _norm(self, module: Any, x: Tensor) -> Tensor:
+        return self._call(module, x)
 
-    def ln2(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        """The normalisation in front of the MLP in block ``layer`` (identity if none)."""
-        return self._call(getattr(self.model.blocks[layer], "ln2", None), x)
+    def ln1_post(self, layer: int, x: Tensor) -> Tensor:
+        return self._call(getattr(self.model.blocks[layer], "ln1_post", None), x)
+
+    def ln2_post(self, layer: int, x: Tensor) -> Tensor:
+        return self._call(getattr(self.model.blocks[layer], "ln2_post", None), x)
 
     def ln_final(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         return self._call(getattr(self.model, "ln_final", None), x)
@@ -487,8 +516,8 @@ class BridgeBackend(Backend):
         """Logits (all of the vocabulary, or only the columns ``tokens``) of a final residual."""
         x = self.ln_final(resid_final)
         if tokens is None:
-            return self._call(self.model.unembed, x)
-        return x @ self.W_U[:, tokens] + self.b_U[tokens]
+            return self._cap(self._call(self.model.unembed, x))
+        return self._cap(x @ self.W_U[:, tokens] + self.b_U[tokens])
 
     def run_layers(
         self,
@@ -500,8 +529,9 @@ class BridgeBackend(Backend):
         """Run blocks ``start..stop-1`` on the residual stream entering block ``start``.
 
         The blocks are called one after the other (the bridge's own ``start_at_layer`` would
-        also run, and fire the hooks of, blocks ``0..start-1``). Hooks of blocks outside
-        ``start..stop-1`` do not fire.
+        also run, and fire the hooks of, blocks ``0..start-1``), each with the extra inputs
+        the model's own forward hands it (attention mask, rotary embeddings, ...; see
+        :meth:`_block_inputs`). Hooks of blocks outside ``start..stop-1`` do not fire.
         """
         stop = self.dims.n_layers if stop is None else stop
         if not 0 <= start <= self.dims.n_layers or not 0 <= stop <= self.dims.n_layers:
@@ -510,11 +540,53 @@ class BridgeBackend(Backend):
             )
         if start >= stop:
             return resid
-        with _inference(self.model), attached(self.model, _named_hooks(fwd_hooks)):
+        return self._run_blocks(resid, start, stop, list(fwd_hooks))
+
+    def _run_blocks(
+        self, resid: Tensor, start: int, stop: int, hooks: list[tuple[str, HookFn]]
+    ) -> Tensor:
+        inputs = self._block_inputs(resid.shape[1])
+        n = resid.shape[0]
+        with _inference(self.model), attached(self.model, _named_hooks(hooks)):
             for layer in range(start, stop):
-                out = self.model.blocks[layer](resid)
+                args, kwargs = inputs[layer]
+                out = self.model.blocks[layer](
+                    resid, *(_for_rows(a, n) for a in args), **{k: _for_rows(v, n) for k, v in kwargs.items()}
+                )
                 resid = out[0] if isinstance(out, tuple) else out
         return resid
+
+    def _block_inputs(self, n_pos: int) -> dict[int, tuple[tuple[Any, ...], dict[str, Any]]]:
+        """What the model's own forward hands every block besides the residual stream, for
+        sequences of ``n_pos`` tokens, recorded once (a silent forward pass of two identical
+        rows, every hook point switched off). Key/value caches are dropped; tensors with a
+        batch axis are later expanded to the rows being run (:func:`_for_rows`)."""
+        memo = self.__dict__.setdefault("_inputs", {})
+        if n_pos in memo:
+            return memo[n_pos]
+        record: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+        def grab(layer: int) -> Any:
+            def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                record.setdefault(layer, (tuple(args[1:]), dict(kwargs)))
+
+            return pre
+
+        tok = getattr(getattr(self.model, "tokenizer", None), "pad_token_id", None)
+        fill = 1 if tok is None else (int(tok) + 1) % int(self.model.cfg.d_vocab)
+        tokens = torch.full((2, n_pos), fill, dtype=torch.long, device=self.device)
+        handles = [
+            block.register_forward_pre_hook(grab(i), with_kwargs=True)
+            for i, block in enumerate(self.model.blocks)
+        ]
+        try:
+            with _inference(self.model), silenced(self.model):
+                self.model(tokens)
+        finally:
+            for h in handles:
+                h.remove()
+        memo[n_pos] = {la: (_strip(a), _strip(k)) for la, (a, k) in record.items()}
+        return memo[n_pos]
 
     def _forward(
         self, tokens: Int[Tensor, "batch pos"], hooks: list[tuple[str, HookFn]], logits: bool
@@ -535,6 +607,28 @@ class BridgeBackend(Backend):
                 return self.model(tokens)
             except _ReachedFinalResidual:
                 return final[0]
+
+
+def _strip(value: Any) -> Any:
+    """A recorded block input without key/value caches (they would grow on every call)."""
+    if isinstance(value, dict):
+        return {k: (False if k == "use_cache" else _strip(v)) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_strip(v) for v in value)
+    if "Cache" in type(value).__name__:
+        return None
+    return value
+
+
+def _for_rows(value: Any, n: int) -> Any:
+    """A recorded block input (from a batch of two identical rows) for a batch of ``n``."""
+    if isinstance(value, Tensor):
+        if value.ndim >= 2 and value.shape[0] == 2:
+            return value[:1].expand(n, *value.shape[1:])
+        return value
+    if isinstance(value, tuple):
+        return tuple(_for_rows(v, n) for v in value)
+    return value
 
 
 class _ReachedFinalResidual(Exception):

@@ -38,10 +38,10 @@ from torch import Tensor
 from apexlens import edits
 from apexlens.backend import Backend
 from apexlens.errors import ApexlensError
-from apexlens.graph import Node, as_receivers, parse_node, validate
+from apexlens.graph import Node, as_receivers, has_edge, parse_node, validate
 from apexlens.hooks import HookFn
 from apexlens.results import CircuitResult
-from apexlens.runs import Readout, Run, Runs, run_tokens
+from apexlens.runs import Readout, Run, Runs, grouped_kv_hooks, run_tokens
 from apexlens.scoring import Scores
 
 Ablation = Literal["resample", "mean", "zero"]
@@ -79,9 +79,21 @@ class EdgeIndex:
         self.receivers.append(Node("logits"))
         self._s = {self._key(n): i for i, n in enumerate(self.senders)}
         self._r = {self._key(n): i for i, n in enumerate(self.receivers)}
-        so = torch.tensor([n.order(d.n_layers) for n in self.senders])
-        ro = torch.tensor([n.order(d.n_layers) for n in self.receivers])
-        self.valid: Bool[Tensor, "sender receiver"] = so[:, None] < ro[None, :]
+        self.valid: Bool[Tensor, "sender receiver"] = torch.tensor(
+            [[has_edge(d, s, r) for r in self.receivers] for s in self.senders], dtype=torch.bool
+        )
+
+    def _query_heads(self, nodes: list[Node]) -> list[Node]:
+        """A KV head's k/v input, as the same input of every query head of its group."""
+        out: list[Node] = []
+        g = self.dims.group
+        for n in nodes:
+            if n.kind == "kv":
+                j = int(n.head or 0)
+                out += [Node("head", n.layer, h, n.channel) for h in range(j * g, (j + 1) * g)]
+            else:
+                out.append(n)
+        return out
 
     @staticmethod
     def _key(n: Node) -> tuple:
@@ -100,14 +112,16 @@ class EdgeIndex:
                 raise ApexlensError(f"edge {s} -> {r_spec}: circuit edges act on all positions")
             if s.kind == "logits" or (s.kind == "head" and s.channel is not None):
                 raise ApexlensError(f"edge {s} -> {r_spec}: {s} cannot send")
-            for r in as_receivers([validate(parse_node(r_spec), self.dims)]):
+            for r in self._query_heads(as_receivers([validate(parse_node(r_spec), self.dims)])):
                 if r.positions is not None:
                     raise ApexlensError(f"edge {s} -> {r}: circuit edges act on all positions")
                 i, j = self._s[self._key(s)], self._r[self._key(r)]
                 if not self.valid[i, j]:
+                    same = " (parallel attention and MLP: MLP L reads before the heads of layer L write)"
                     raise ApexlensError(
                         f"edge {s} -> {r} goes backwards: receiver {r} comes before (or in the same "
                         f"layer as) sender {s}"
+                        + (same if self.dims.parallel and r.kind == "mlp" else "")
                     )
                 keep[i, j] = True
         return keep
@@ -222,6 +236,12 @@ def circuit_hooks(
     Heads whose receivers exclude the same senders share one normalisation.
     """
     d = bk.dims
+    if bk.post_norms:
+        raise ApexlensError(
+            "circuit evaluation on models with norms after attention and the MLP "
+            "(use_normalization_before_and_after, Gemma-2) is not supported: head outputs "
+            "are not additive there, so an edge from one head is not defined"
+        )
     excluded = (index.valid & ~keep).to(bk.device)
     buf = SenderBuffer(len(index.senders))
     state: dict[str, Tensor] = {}
@@ -235,15 +255,27 @@ def circuit_hooks(
         if layer > 0:
             hooks.append((bk.resid_pre(layer), edits.save(state, bk.resid_pre(layer), clone=False)))
         n_up = index.head_sender[layer].start
+        own: dict[str, list[int]] = {}  # grouped-query heads that need a k/v of their own
         for ch in "qkv":
             ex = excluded[:n_up, index.head_receiver[(layer, ch)]]
-            if ex.any():
-                heads = ex.any(0).nonzero().flatten()
-                value = _qkv_value(bk, buf, state, layer, ch, ex[:, heads], heads)
-                hooks.append((bk.qkv(layer, ch), edits.set_heads(heads, value)))
+            if not ex.any():
+                continue
+            heads = ex.any(0).nonzero().flatten().tolist()
+            if ch in "kv" and d.group > 1:
+                heads, own[ch] = _kv_heads(bk, ex)
+            if heads:
+                slots = [bk.slot(h, ch) for h in heads]
+                value = _qkv_value(bk, buf, state, layer, ch, ex[:, heads], slots)
+                hooks.append((bk.qkv(layer, ch), edits.set_heads(slots, value)))
+        if any(own.values()):
+            items = [(h, ch) for ch, hs in own.items() for h in hs]
+            hooks += grouped_kv_hooks(
+                bk, layer, items, _own_kv(bk, buf, state, layer, own, excluded[:n_up], index)
+            )
         hooks.append((bk.z(layer), _record_heads(bk, buf, index, abl, layer)))
-        if d.has_mlps:
+        if d.has_mlps and not bk.mlp_reads_resid_pre:
             hooks.append((bk.resid_mid(layer), edits.save(state, bk.resid_mid(layer), clone=False)))
+        if d.has_mlps:
             hooks.append(
                 (bk.mlp_out(layer), _mlp_hook(bk, buf, state, index, excluded, abl, layer))
             )
@@ -265,17 +297,60 @@ def _qkv_value(
     layer: int,
     ch: str,
     ex: Bool[Tensor, "s h"],
-    heads: Tensor,
+    slots: list[int],
 ) -> Any:
-    """The q/k/v input of ``heads`` recomputed from ``resid - excluded senders``."""
+    """The q/k/v input of ``slots`` recomputed from ``resid - excluded senders`` (column
+    ``i`` of ``ex``: the senders excluded from slot ``i``); slots that exclude the same
+    senders share one normalisation."""
     columns, which = torch.unique(ex, dim=1, return_inverse=True)
 
     def value(act: Tensor) -> Tensor:
         normed = bk.ln1(layer, buf.read(state[bk.resid_pre(layer)], columns))  # [u, b, p, d]
-        per_head = normed[which].permute(1, 2, 0, 3)  # [b, p, h, d]
-        return bk.project_heads(layer, ch, per_head, heads)
+        per_slot = normed[which].permute(1, 2, 0, 3)  # [b, p, slot, d]
+        return bk.project_heads(layer, ch, per_slot, slots)
 
     return value
+
+
+def _kv_heads(bk: Backend, ex: Tensor) -> tuple[list[int], list[int]]:
+    """Grouped-query k/v receivers: a representative head per key/value slot whose query
+    heads all exclude the same senders (the slot itself is recomputed), and the heads of the
+    other slots that exclude something (each gets a k/v of its own)."""
+    shared, own = [], []
+    for j in range(bk.dims.kv_heads):
+        group = bk.group_heads(j)
+        cols = ex[:, group]
+        if not cols.any():
+            continue
+        if bool((cols == cols[:, :1]).all()):
+            shared.append(group[0])
+        else:
+            own += [h for i, h in enumerate(group) if bool(cols[:, i].any())]
+    return shared, own
+
+
+def _own_kv(
+    bk: Backend,
+    buf: SenderBuffer,
+    state: dict[str, Tensor],
+    layer: int,
+    own: dict[str, list[int]],
+    excluded: Tensor,
+    index: EdgeIndex,
+) -> Any:
+    def values(store: Any) -> dict[tuple[int, str], Tensor]:
+        out: dict[tuple[int, str], Tensor] = {}
+        for ch, heads in own.items():
+            if not heads:
+                continue
+            ex = excluded[:, index.head_receiver[(layer, ch)]][:, heads]
+            slots = [bk.slot(h, ch) for h in heads]
+            new = _qkv_value(bk, buf, state, layer, ch, ex, slots)(store[ch])
+            for i, h in enumerate(heads):
+                out[(h, ch)] = new[:, :, i]
+        return out
+
+    return values
 
 
 def _record_heads(
@@ -301,7 +376,7 @@ def _mlp_hook(
 
     def hook(act: Tensor, hook: Any) -> Tensor:
         if ex_m.any():
-            act = bk.mlp_from_resid(layer, buf.read(state[bk.resid_mid(layer)], ex_m[:, None])[0])
+            act = bk.mlp_from_resid(layer, buf.read(state[bk.mlp_in_resid(layer)], ex_m[:, None])[0])
         buf.put(slice(i_mlp, i_mlp + 1), (act - abl.mlp_out[layer].to(act))[None])
         return act
 

@@ -25,7 +25,7 @@ from apexlens import actpatch, circuits, paths
 from apexlens.backend import backend_for
 from apexlens.circuits import Ablation, EdgeIndex, EdgeSpec
 from apexlens.errors import ApexlensError
-from apexlens.graph import Node, NodeSpec, as_receivers, as_senders, parse_nodes
+from apexlens.graph import Node, NodeSpec, as_receivers, as_senders, parse_nodes, position_mask
 from apexlens.hooks import attached, inference_mode
 from apexlens.paths import MLPMode
 from apexlens.results import ActPatchResult, CircuitResult, PathPatchResult
@@ -436,6 +436,15 @@ def patched(
                 clean = run_from(bk, resid0, cache_names(bk))
                 return Runs(bk, clean, corrupted, shape[0], shape[1], dict(positions or {}))
 
-            hooks = paths.live_path_hooks(bk, runs_for, senders, receivers, spec.mlps)
+            named = dict(positions or {})
+            hooks = paths.live_path_hooks(
+                bk,
+                runs_for,
+                senders,
+                receivers,
+                spec.mlps,
+                lambda n: position_mask(n, shape[0], shape[1], named, bk.device),
+                (int(shape[0]), int(shape[1])),
+            )
     with attached(model, hooks):
         yield model

@@ -47,16 +47,18 @@ from torch import Tensor
 from apexlens.backend import Backend, Dims, backend_for
 from apexlens.errors import ApexlensError
 
-Kind = Literal["embed", "head", "mlp", "logits", "resid"]
+Kind = Literal["embed", "head", "kv", "mlp", "logits", "resid"]
 Channel = Literal["q", "k", "v"]
 PositionSpec = int | Sequence[int] | Tensor | str | None
 
 _HEAD = re.compile(r"^(\d+)\.(\d+)(?:\.([qkv]))?$")
+_KV = re.compile(r"^(\d+)\.kv(\d+)(?:\.([qkv]))?$")
 _MLP = re.compile(r"^(?:m|mlp)(\d+)$")
 _RESID = re.compile(r"^(?:r|resid|resid_pre)(\d+)$")
 _SYNTAX = (
     "expected 'embed', 'logits', 'L.H' (head H of layer L), 'L.H.q' / '.k' / '.v' (a head's "
-    "input), 'mL' or 'mlpL' (MLP L), 'rL' (the residual stream entering block L), optionally "
+    "input), 'L.kvJ' / 'L.kvJ.k' / 'L.kvJ.v' (key/value head J, shared by its query group), "
+    "'mL' or 'mlpL' (MLP L), 'rL' (the residual stream entering block L), optionally "
     "followed by '@positions'"
 )
 
@@ -87,7 +89,7 @@ class Node:
             return f"m{self.layer}"
         if self.kind == "resid":
             return f"r{self.layer}"
-        base = f"{self.layer}.{self.head}"
+        base = f"{self.layer}.kv{self.head}" if self.kind == "kv" else f"{self.layer}.{self.head}"
         return f"{base}.{self.channel}" if self.channel else base
 
     def __str__(self) -> str:
@@ -110,7 +112,7 @@ class Node:
             return 0
         if self.kind == "resid":
             return 2 * self.layer
-        if self.kind == "head":
+        if self.kind in ("head", "kv"):
             return 2 * self.layer + 1
         if self.kind == "mlp":
             return 2 * self.layer + 2
@@ -132,6 +134,8 @@ class Node:
         n = bk.dims.n_layers
         if self.kind == "head":
             return bk.qkv(self.layer, self.channel) if self.channel else bk.z(self.layer)
+        if self.kind == "kv":
+            return bk.qkv(self.layer, self.channel or "k")
         if self.kind == "mlp":
             return bk.mlp_out(self.layer)
         if self.kind == "embed":
@@ -198,6 +202,15 @@ def parse_node(spec: str | Node) -> Node:
         return Node("embed", positions=pos)
     if text in ("logits", "unembed", "resid_final"):
         return Node("logits", positions=pos)
+    m = _KV.match(text)
+    if m:
+        ch = m.group(3)
+        if ch == "q":
+            raise ApexlensError(
+                f"{spec!r}: a KV head has no query input; spell the query head "
+                f"'{m.group(1)}.H.q'"
+            )
+        return Node("kv", int(m.group(1)), int(m.group(2)), ch, pos)  # type: ignore[arg-type]
     m = _HEAD.match(text)
     if m:
         ch = m.group(3)
@@ -272,6 +285,18 @@ def validate(node: Node, dims: Dims) -> Node:
                 f"layer {node.layer} of node {node} is out of range: the model has "
                 f"{dims.n_layers} layers (0..{dims.n_layers - 1})"
             )
+    if node.kind == "kv":
+        assert node.head is not None
+        if not 0 <= node.layer < dims.n_layers:
+            raise ApexlensError(
+                f"layer {node.layer} of node {node} is out of range: the model has "
+                f"{dims.n_layers} layers (0..{dims.n_layers - 1})"
+            )
+        if not 0 <= node.head < dims.kv_heads:
+            raise ApexlensError(
+                f"KV head {node} is out of range: the model has {dims.kv_heads} key/value heads "
+                f"per layer (0..{dims.kv_heads - 1})"
+            )
     if node.kind == "head":
         assert node.head is not None
         if not 0 <= node.head < dims.n_heads:
@@ -329,6 +354,11 @@ def as_senders(nodes: Sequence[Node]) -> list[Node]:
                 f"{n} is a residual stream, the sum of many senders; path-patch its parts "
                 "(embed, heads, MLPs) or use act_patch"
             )
+        if n.kind == "kv":
+            raise ApexlensError(
+                f"{n} is a key/value head, a receiver only; a sender is a query head's output "
+                f"'{n.layer}.H'"
+            )
         if n.kind == "head" and n.channel is not None:
             raise ApexlensError(
                 f"sender {n} names a head's {n.channel} input; a sender is the head's output: use "
@@ -365,6 +395,8 @@ def as_receivers(nodes: Sequence[Node]) -> list[Node]:
             )
         if n.kind == "head" and n.channel is None:
             out.extend(replace(n, channel=c) for c in ("q", "k", "v"))  # type: ignore[misc]
+        elif n.kind == "kv" and n.channel is None:
+            out.extend(replace(n, channel=c) for c in ("k", "v"))  # type: ignore[misc]
         else:
             out.append(n)
     if not out:
@@ -387,8 +419,16 @@ def full_graph(model: Any) -> list[tuple[Node, Node]]:
         if d.has_mlps:
             receivers.append(Node("mlp", layer))
     receivers.append(Node("logits"))
+    return [(s, r) for s in senders for r in receivers if has_edge(d, s, r)]
+
+
+def has_edge(d: Dims, s: Node, r: Node) -> bool:
+    """Whether sender ``s`` writes to the residual stream before receiver ``r`` reads it
+    (with parallel attention and MLP, MLP L does not read the heads of layer L)."""
     n = d.n_layers
-    return [(s, r) for s in senders for r in receivers if s.order(n) < r.order(n)]
+    if d.parallel and s.kind == "head" and r.kind == "mlp" and s.layer == r.layer:
+        return False
+    return s.order(n) < r.order(n)
 
 
 def _interleaved(d: Dims) -> list[Node]:

@@ -84,17 +84,19 @@ def silenced(module: torch.nn.Module) -> Iterator[None]:
     """Run ``module`` with the forward hooks of its hook points switched off (call it
     while holding the model's lock: the engines do).
 
-    apexlens calls pieces of the model (a norm, an MLP) on stacked rows of its own; the user's
-    hooks on those pieces must not see them. Each hook point's registry of PyTorch forward
-    hooks is swapped for an empty one and the *same* registry object is put back afterwards
-    (also on exceptions), so the user's hooks come back unchanged and in order.
+    apexlens calls pieces of the model (a norm, an MLP, a block's attention) on stacked rows
+    of its own; the user's hooks on those pieces must not see them. Each hook point's
+    registry of PyTorch forward hooks is swapped for an empty one and the *same* registry
+    object is put back afterwards (also on exceptions), so the user's hooks come back
+    unchanged and in order; nothing is added or removed. Hooks attached inside the block go
+    to the empty registries and are gone with them.
     """
     from transformer_lens.hook_points import HookPoint
 
     saved: list[tuple[torch.nn.Module, Any]] = []
     try:
         for sub in module.modules():
-            if isinstance(sub, HookPoint) and len(sub._forward_hooks) > 0:
+            if isinstance(sub, HookPoint):
                 saved.append((sub, sub._forward_hooks))
                 sub._forward_hooks = OrderedDict()
         yield

@@ -91,7 +91,12 @@ def load_model(
     """A shipped toy model (offline) or any TransformerLens pretrained model by name.
 
     Args:
-        name: a toy name (:func:`list_models`) or a TransformerLens name such as ``"gpt2"``.
+        name: a toy name (:func:`list_models`) or a name from TransformerLens' list of
+            pretrained models (``OFFICIAL_MODEL_NAMES`` and its aliases: ``"gpt2"`` and the GPT-2
+            family, ``"EleutherAI/pythia-70m"``..., Llama, Qwen, Gemma ...), loaded from the
+            hub; an unknown name fails at once, before any download, and an unreachable hub in
+            one line. A pretrained model is self-checked with :func:`apexlens.check` before it
+            is returned (one :class:`ApexlensError` naming the first disagreeing hook).
         backend: ``"hooked"`` (``HookedTransformer``) or ``"bridge"`` (``TransformerBridge``);
             default: ``"hooked"`` where it exists (TransformerLens <= 3.9), else ``"bridge"``.
         device, dtype: where and in which precision (e.g. ``torch.float64`` for exact checks).
@@ -115,7 +120,41 @@ def load_model(
             model = model.to(device)
         model.eval()
         return model
-    return _pretrained(name, backend, device, dtype, **kwargs)
+    return _checked_pretrained(name, backend, device, dtype, **kwargs)
+
+
+def official_name(name: str) -> str:
+    """TransformerLens' official name for ``name`` (a name or an alias from its list of
+    supported pretrained models: the GPT-2 family, Pythia, Llama, Qwen, Gemma, ...), or one
+    :class:`ApexlensError` saying the name is neither that nor a shipped toy model."""
+    try:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    except ImportError:  # TransformerLens 4.x
+        from transformer_lens.supported_models import (  # type: ignore[attr-defined,no-redef]
+            get_official_model_name,
+        )
+    try:
+        return str(get_official_model_name(name))
+    except (ValueError, KeyError) as err:
+        raise ApexlensError(
+            f"unknown model {name!r}: not a shipped toy model ({', '.join(list_models())}) and "
+            "not in TransformerLens' list of pretrained models (e.g. 'gpt2', "
+            "'EleutherAI/pythia-70m', 'meta-llama/Llama-3.2-1B', 'Qwen/Qwen2-0.5B', "
+            "'google/gemma-2-2b')"
+        ) from err
+
+
+def _checked_pretrained(
+    name: str, backend: str, device: Any, dtype: torch.dtype | None, **kwargs: Any
+) -> Any:
+    """A pretrained model by its TransformerLens name, after :func:`apexlens.check` (a few
+    tokens, one forward pass and a null patch) has confirmed apexlens computes it exactly."""
+    from apexlens.check import check
+
+    official_name(name)
+    model = _pretrained(name, backend, device, dtype, **kwargs)
+    check(model).raise_if_failed()
+    return model
 
 
 HUB_TIMEOUT = 1.5
@@ -223,7 +262,6 @@ def _pretrained(
             from transformer_lens.model_bridge import TransformerBridge
 
             model = TransformerBridge.boot_transformers(name, **kwargs)
-            model.enable_compatibility_mode()
         else:
             try:
                 from transformer_lens import HookedTransformer

@@ -40,7 +40,7 @@ from apexlens import edits
 from apexlens.errors import ApexlensError
 from apexlens.graph import Node, as_receivers
 from apexlens.hooks import Hooks
-from apexlens.runs import Readout, Runs, row_chunks, run_rows, stack_rows
+from apexlens.runs import Readout, Runs, grouped_kv_hooks, row_chunks, run_rows, stack_rows
 
 MLPMode = Literal["live", "frozen"]
 SenderGroup = Sequence[Node]
@@ -128,8 +128,8 @@ def _patch_chunk(
     gather: Gather = readout.gather if only_logits else (lambda x: x)
     entries: list[tuple[int, int, Tensor]] = []  # (order, row, delta)
     for row, g in enumerate(groups):
-        for s in g:
-            entries.append((s.order(n_layers), row, sender_delta(runs, s, gather)))
+        for order, delta in group_deltas(runs, g, gather):
+            entries.append((order, row, delta))
     for hop in hops:
         new = propagate(runs, entries, len(groups), hop, mlps, gather)
         delta = _hop_output(runs, hop, new)
@@ -137,6 +137,48 @@ def _patch_chunk(
         entries = [(order, row, delta[row]) for row in range(len(groups))]
     new = propagate(runs, entries, len(groups), recv, mlps, gather)
     return _finish(runs, readout, recv, new, len(groups), gathered=only_logits)
+
+
+def group_deltas(
+    runs: Runs, group: Sequence[Node], gather: Gather = lambda x: x
+) -> list[tuple[int, Tensor]]:
+    """``(order, delta)`` of a group of senders patched together: one entry per embed or
+    MLP sender, one per layer for its heads (after a post-attention norm, heads of one layer
+    change the residual stream only together). Only at the positions ``gather`` keeps."""
+    n_layers = runs.bk.dims.n_layers
+    out: list[tuple[int, Tensor]] = []
+    heads: dict[int, list[Node]] = {}
+    for s in group:
+        if s.kind == "head":
+            heads.setdefault(s.layer, []).append(s)
+        else:
+            out.append((s.order(n_layers), sender_delta(runs, s, gather)))
+    for layer, nodes in heads.items():
+        out.append((nodes[0].order(n_layers), _heads_delta(runs, layer, nodes, gather)))
+    return out
+
+
+def _heads_delta(
+    runs: Runs, layer: int, nodes: Sequence[Node], gather: Gather = lambda x: x
+) -> Tensor:
+    """The residual change of ``nodes`` (heads of ``layer``) patched together, computed only
+    at the positions ``gather`` keeps (``z`` is gathered before ``W_O`` and any post-norm:
+    both act position by position)."""
+    bk, c, k = runs.bk, runs.clean, runs.corrupted
+    assert k is not None, "path patching needs a corrupted run"
+    z_c, z_k = c[bk.z(layer)], k[bk.z(layer)]
+    dz = []
+    for n in nodes:
+        d = z_k[:, :, n.head] - z_c[:, :, n.head]
+        m = runs.mask(n)
+        dz.append(d if m is None else d * m[..., None].to(d.dtype))
+
+    def at(t: Tensor) -> Tensor:  # gather positions of a [batch, pos, head, d_head] tensor
+        b, p, h, dh = t.shape
+        return gather(t.reshape(b, p, h * dh)).reshape(b, -1, h, dh)
+
+    heads = [int(n.head or 0) for n in nodes]
+    return bk.head_delta(layer, at(z_c), at(torch.stack(dz, dim=-2)), heads)
 
 
 # ============================================================================ pieces
@@ -147,12 +189,10 @@ def sender_delta(
     positions ``gather`` keeps: a head's ``z`` is gathered before ``W_O``)."""
     bk, c, k = runs.bk, runs.clean, runs.corrupted
     assert k is not None, "path patching needs a corrupted run"
+    if node.kind == "head":
+        return _heads_delta(runs, node.layer, [node], gather)
     if node.kind == "embed":
         d = gather(k[bk.resid_pre(0)] - c[bk.resid_pre(0)])
-    elif node.kind == "head":
-        z = bk.z(node.layer)
-        dz = gather(k[z][:, :, node.head] - c[z][:, :, node.head])
-        d = bk.head_outputs(node.layer, dz[:, :, None], [int(node.head or 0)])[0]
     else:
         d = gather(k[bk.mlp_out(node.layer)] - c[bk.mlp_out(node.layer)])
     m = runs.mask(node)
@@ -191,36 +231,44 @@ def propagate(
             acc[row] += d
 
     add(0)
-    for layer in range(n_layers):
-        o_attn, o_mlp = 2 * layer + 1, 2 * layer + 2
-        if o_attn > last:
-            break
-        heads_here = [t for t in targets if t.kind == "head" and t.layer == layer]
-        if heads_here:
-            resid = gather(c[bk.resid_pre(layer)]) + acc
-            for ch in "qkv":
-                ts = [t for t in heads_here if t.channel == ch]
-                if ts:
-                    vals = bk.head_input(layer, ch, resid, [int(t.head or 0) for t in ts])
-                    for i, t in enumerate(ts):
-                        out[t] = vals[..., i, :]
-        add(o_attn)
-        if o_mlp > last or not bk.dims.has_mlps:
-            continue
+
+    def mlp_step(layer: int, before: int) -> None:
+        """MLP ``layer`` reads the deltas entered before order ``before``."""
         mlp_target = [t for t in targets if t.kind == "mlp" and t.layer == layer]
         clean_out = gather(c[bk.mlp_out(layer)])
-        n_started = int((starts < o_mlp).sum())
+        n_started = int((starts < before).sum())
         if n_started == 0:
             for t in mlp_target:
                 out[t] = clean_out.expand(n_rows, *acc.shape[1:]).clone()
         elif mlps == "live" or mlp_target:
-            new_out = bk.mlp_from_resid(layer, gather(c[bk.resid_mid(layer)]) + acc[:n_started])
+            resid = gather(c[bk.mlp_in_resid(layer)]) + acc[:n_started]
+            new_out = bk.mlp_from_resid(layer, resid)
             if mlp_target:
                 full = clean_out.expand(n_rows, *new_out.shape[1:]).clone()
                 full[:n_started] = new_out
                 out[mlp_target[0]] = full
             if mlps == "live":
                 acc[:n_started] += new_out - clean_out
+
+    for layer in range(n_layers):
+        o_attn, o_mlp = 2 * layer + 1, 2 * layer + 2
+        if o_attn > last:
+            break
+        heads_here = [t for t in targets if t.kind in ("head", "kv") and t.layer == layer]
+        if heads_here:
+            resid = gather(c[bk.resid_pre(layer)]) + acc
+            for ch in "qkv":
+                ts = [t for t in heads_here if t.channel == ch]
+                if ts:
+                    vals = bk.head_input(layer, ch, resid, [slot_of(bk, t) for t in ts])
+                    for i, t in enumerate(ts):
+                        out[t] = vals[..., i, :]
+        use_mlp = o_mlp <= last and bk.dims.has_mlps
+        if use_mlp and bk.mlp_reads_resid_pre:
+            mlp_step(layer, o_attn)  # parallel block: the MLP does not see this layer's heads
+        add(o_attn)
+        if use_mlp and not bk.mlp_reads_resid_pre:
+            mlp_step(layer, o_mlp)
         add(o_mlp)
     for t in targets:
         if t.kind == "logits":
@@ -249,7 +297,12 @@ def _hop_output(
     run_rows(bk, resid, layer, hooks, stop=layer + 1)
     z = z_new["z"][:, :, node.head].reshape(rows, runs.batch, runs.n_pos, -1)
     dz = z - c[bk.z(layer)][:, :, node.head]
-    return bk.head_outputs(layer, dz[..., None, :], [int(node.head or 0)])[0]
+    return bk.head_delta(layer, c[bk.z(layer)], dz[..., None, :], [int(node.head or 0)])
+
+
+def slot_of(bk: Any, t: Node) -> int:
+    """The ``hook_q/k/v`` slot a receiver reads (a KV head is its own slot)."""
+    return int(t.head or 0) if t.kind == "kv" else bk.slot(int(t.head or 0), t.channel)
 
 
 def substitutions(runs: Runs, new: Mapping[Node, Tensor], rows: int) -> list[tuple[str, Any]]:
@@ -257,28 +310,75 @@ def substitutions(runs: Runs, new: Mapping[Node, Tensor], rows: int) -> list[tup
 
     ``new[t]`` is ``[rows, batch, pos, ...]``; the hooks act on rows stacked along the batch.
     """
-    bk = runs.bk
+    return input_edits(runs.bk, list(new), new.__getitem__, runs.mask, rows, runs.batch, runs.n_pos)
+
+
+def input_edits(
+    bk: Any,
+    targets: Sequence[Node],
+    value: Callable[[Node], Tensor],
+    mask: Callable[[Node], Tensor | None],
+    rows: int,
+    batch: int,
+    n_pos: int,
+) -> list[tuple[str, Any]]:
+    """:func:`substitutions` with values read when the hooks fire (``value(t)``).
+
+    A q input, a KV head's k/v input (``"L.kvJ.k"``) and, without grouped-query attention,
+    every k/v input is one slot of ``hook_q/k/v``. Under grouped-query attention, a query
+    head's own k/v input (``"L.H.k"``) changes only that head's attention
+    (:func:`~apexlens.runs.grouped_kv_hooks`), attached after the slot edits.
+    """
     hooks: list[tuple[str, Any]] = []
+    grouped: dict[int, list[Node]] = {}
     by_site: dict[str, list[Node]] = {}
-    for t in new:
-        if t.kind in ("head", "mlp"):
+    for t in targets:
+        if t.kind == "head" and t.channel in ("k", "v") and bk.dims.group > 1:
+            grouped.setdefault(t.layer, []).append(t)
+        elif t.kind in ("head", "kv", "mlp"):
             by_site.setdefault(t.hook(bk), []).append(t)
+    full = torch.ones(batch, n_pos, dtype=torch.bool, device=bk.device)
     for site, ts in by_site.items():
-        masks = [runs.mask(t) for t in ts]
-        if ts[0].kind == "head":
-            heads = [int(t.head or 0) for t in ts]
-            vals = stack_rows(torch.stack([new[t] for t in ts], dim=-2))  # rows*batch pos h d
+        masks = [mask(t) for t in ts]
+        if ts[0].kind in ("head", "kv"):
+            slots = [slot_of(bk, t) for t in ts]
             where = None
             if any(m is not None for m in masks):
-                full = torch.ones(runs.batch, runs.n_pos, dtype=torch.bool, device=bk.device)
                 where = torch.stack([full if m is None else m for m in masks], -1).repeat(
                     rows, 1, 1
                 )
-            hooks.append((site, edits.set_heads(heads, vals, where)))
+
+            def vals(act: Tensor, ts: list[Node] = ts) -> Tensor:
+                return stack_rows(torch.stack([value(t) for t in ts], dim=-2))
+
+            hooks.append((site, edits.set_heads(slots, vals, where)))
         else:
             m = masks[0]
             where = None if m is None else m.repeat(rows, 1)[..., None]
-            hooks.append((site, edits.replace_where(where, stack_rows(new[ts[0]]))))
+
+            def out(act: Tensor, t: Node = ts[0]) -> Tensor:
+                return stack_rows(value(t))
+
+            hooks.append((site, edits.replace_where(where, out)))
+    for layer, ts in grouped.items():
+
+        def kv_values(
+            store: Mapping[str, Tensor], ts: list[Node] = ts
+        ) -> dict[tuple[int, str], Tensor]:
+            vals: dict[tuple[int, str], Tensor] = {}
+            for t in ts:
+                assert t.channel is not None
+                h = int(t.head or 0)
+                new = stack_rows(value(t))
+                m = mask(t)
+                if m is not None:
+                    old = store[t.channel][:, :, bk.slot(h, t.channel)]
+                    new = torch.where(m.repeat(rows, 1)[..., None], new.to(old.dtype), old)
+                vals[(h, t.channel)] = new
+            return vals
+
+        items = [(int(t.head or 0), str(t.channel)) for t in ts]
+        hooks += grouped_kv_hooks(bk, layer, items, kv_values)
     return hooks
 
 
@@ -327,13 +427,16 @@ def live_path_hooks(
     senders: Sequence[Node],
     receivers: Sequence[Node],
     mlps: MLPMode,
+    mask: Callable[[Node], Tensor | None],
+    shape: tuple[int, int],
 ) -> list[tuple[str, Any]]:
     """Hooks under which *any* forward pass of the model runs with ``senders`` (jointly)
     path-patched into ``receivers``.
 
     ``runs_for(resid0)`` makes the :class:`Runs` of the pass being run (its clean run from
     the residual stream entering block 0, plus the cached corrupted run); it is called when
-    the pass enters block 0, before any receiver fires.
+    the pass enters block 0, before any receiver fires. ``mask(node)`` gives a node's
+    positions for inputs of ``shape`` ``(batch, pos)``.
     """
     recv = as_receivers(receivers)
     state: dict[str, Any] = {"busy": False}
@@ -345,28 +448,29 @@ def live_path_hooks(
         try:
             runs = runs_for(act.detach())
             n_layers = runs.bk.dims.n_layers
-            entries = [(s.order(n_layers), 0, sender_delta(runs, s)) for s in senders]
+            entries = [(o, 0, d) for o, d in group_deltas(runs, senders)]
             if min(o for o, _, _ in entries) >= max(r.order(n_layers) for r in recv):
                 raise ApexlensError("no sender has a path to the receivers")
             state["runs"], state["new"] = runs, propagate(runs, entries, 1, recv, mlps, lambda x: x)
         finally:
             state["busy"] = False
 
-    def substitute(t: Node) -> Any:
+    def gated(fn: Any) -> Any:
         def hook(act: Tensor, hook: Any) -> Tensor | None:
             if state["busy"] or "new" not in state:
                 return None
-            return substitutions(state["runs"], {t: state["new"][t]}, 1)[0][1](act, hook)
+            return fn(act, hook)
 
         return hook
 
     def add_logits(act: Tensor, hook: Any) -> Tensor | None:
-        if state["busy"] or "new" not in state:
-            return None
         t = next(r for r in recv if r.kind == "logits")
         return act + logits_delta(state["runs"], t, state["new"][t][0])
 
+    others = [t for t in recv if t.kind != "logits"]
+    edit_hooks = input_edits(bk, others, lambda t: state["new"][t], mask, 1, *shape)
     hooks: list[tuple[str, Any]] = [(bk.resid_pre(0), prepare)]
-    for t in recv:
-        hooks.append((t.hook(bk), add_logits if t.kind == "logits" else substitute(t)))
+    hooks += [(name, gated(fn)) for name, fn in edit_hooks]
+    if len(others) < len(recv):
+        hooks.append((bk.resid_post(bk.dims.n_layers - 1), gated(add_logits)))
     return hooks

@@ -25,6 +25,7 @@ TransformerLens hooks, so a bug in the shared machinery cannot hide in both side
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,8 +38,22 @@ from apexlens.graph import Node, NodeSpec, as_receivers, as_senders, parse_nodes
 from apexlens.hooks import HookFn, inference_mode
 
 
-def _mlp_in_hook(layer: int) -> str:
-    return f"blocks.{layer}.ln2.hook_normalized"
+def ungrouped_copy(model: Any) -> Any:
+    """A deep copy of a grouped-query ``HookedTransformer`` with one key/value slot per query
+    head (TransformerLens' own ``ungroup_grouped_query_attention``): the same function, and
+    ``hook_k``/``hook_v`` indexed by query head. The model handed in is not touched."""
+    from transformer_lens import HookedTransformer
+
+    if not isinstance(model, HookedTransformer):
+        raise ApexlensError(
+            "the reference loop needs an ungrouped copy of a grouped-query TransformerBridge: "
+            "pass ungrouped=<the same model with one key/value head per query head>"
+        )
+    cfg = copy.deepcopy(model.cfg)
+    cfg.ungroup_grouped_query_attention = True
+    twin = HookedTransformer(cfg, tokenizer=model.tokenizer)
+    twin.load_state_dict(model.state_dict(), strict=True)
+    return twin.to(model.W_U.device).eval()
 
 
 def naive_path_patch(
@@ -52,24 +67,41 @@ def naive_path_patch(
     mlps: str = "live",
     via: Sequence[NodeSpec] = (),
     positions: Mapping[str, Any] | None = None,
+    ungrouped: Any = None,
 ) -> Tensor:
-    """Per-example metric ``[n_senders, batch]``, one sender at a time, whole forward passes."""
-    bk = backend_for(model)
-    dims = bk.dims
+    """Per-example metric ``[n_senders, batch]``, one sender at a time, whole forward passes.
+
+    Receivers are read and set where the model has them: a head's ``hook_q/k/v`` slot, an
+    MLP's output ``hook_mlp_out`` (recorded with that MLP computing, frozen or not), the final
+    residual stream. A grouped-query model runs as its ungrouped copy (:func:`ungrouped_copy`
+    for a ``HookedTransformer``; pass ``ungrouped`` for a bridge), where query head ``H``'s
+    key is slot ``H`` of ``hook_k``, and KV head ``J``'s key is every slot of its group.
+    """
+    dims = backend_for(model).dims
     n_layers = dims.n_layers
     sender_nodes = as_senders(parse_nodes(senders, dims))
     recv = as_receivers(parse_nodes(receivers, dims))
     hops = [as_receivers(parse_nodes(h, dims)) for h in via]
+    group = dims.group
+    if group > 1:
+        model = ungrouped if ungrouped is not None else ungrouped_copy(model)
+    bk = backend_for(model)
+    assert bk.dims.group == 1
     batch, n_pos = clean_tokens.shape
 
     def mask(node: Node) -> Tensor | None:
         return position_mask(node, batch, n_pos, positions, bk.device)
 
+    def slots(t: Node) -> list[int]:
+        """The (ungrouped) hook_k/v slots a receiver reads."""
+        h = int(t.head or 0)
+        return list(range(h * group, (h + 1) * group)) if t.kind == "kv" else [h]
+
     all_names = []
     for layer in range(n_layers):
         all_names += [bk.z(layer), *(bk.qkv(layer, c) for c in "qkv")]
         if dims.has_mlps:
-            all_names += [bk.mlp_out(layer), _mlp_in_hook(layer)]
+            all_names += [bk.mlp_out(layer)]
     all_names += [bk.resid_pre(0), bk.resid_post(n_layers - 1)]
 
     with inference_mode(model):
@@ -77,8 +109,11 @@ def naive_path_patch(
         _, corr = bk.run_with_cache(corrupted_tokens, all_names)
         clean_value = metric(clean_logits)
 
-        def freeze_hooks(active: Node | None) -> list[tuple[str, HookFn]]:
-            """Every head frozen at its clean z (and MLPs too if frozen), except ``active``."""
+        def freeze_hooks(
+            active: Node | None, seen: dict[int, Tensor] | None = None
+        ) -> list[tuple[str, HookFn]]:
+            """Every head frozen at its clean z (and MLPs too if frozen), except ``active``.
+            A frozen MLP's own output is kept in ``seen`` before it is frozen."""
             hooks: list[tuple[str, HookFn]] = []
             for layer in range(n_layers):
 
@@ -92,6 +127,8 @@ def naive_path_patch(
                 if dims.has_mlps and mlps == "frozen":
 
                     def fm(act: Tensor, hook: Any, layer: int = layer) -> Tensor:
+                        if seen is not None:
+                            seen[layer] = act.clone()
                         if active is not None and active.kind == "mlp" and active.layer == layer:
                             return act
                         return clean[bk.mlp_out(layer)]
@@ -120,21 +157,33 @@ def naive_path_patch(
                 return [(bk.z(s.layer), put(bk.z(s.layer), s.head))]
             return [(bk.mlp_out(s.layer), put(bk.mlp_out(s.layer)))]
 
-        def record(targets: list[Node], hooks: list[tuple[str, HookFn]]) -> dict[Node, Tensor]:
-            names = []
-            for t in targets:
-                if t.kind == "head":
-                    assert t.channel is not None
-                    names.append(bk.qkv(t.layer, t.channel))
-                elif t.kind == "mlp":
-                    names.append(_mlp_in_hook(t.layer))
-                else:
-                    names.append(bk.resid_post(n_layers - 1))
+        def site(t: Node) -> str:
+            if t.kind in ("head", "kv"):
+                assert t.channel is not None
+                return bk.qkv(t.layer, t.channel)
+            if t.kind == "mlp":
+                return bk.mlp_out(t.layer)
+            return bk.resid_post(n_layers - 1)
+
+        def record(
+            targets: list[Node], active: Node, hooks: list[tuple[str, HookFn]]
+        ) -> dict[Node, Tensor]:
+            """What each target reads in a clean run with everything frozen but ``active``
+            (and ``hooks``); a frozen MLP target: what it computes before it is frozen."""
+            names = [site(t) for t in targets]
+            seen: dict[int, Tensor] = {}
             # record after the freeze hooks have run
-            _, cache = bk.run_with_cache(clean_tokens, names, fwd_hooks=hooks)
+            _, cache = bk.run_with_cache(
+                clean_tokens, names, fwd_hooks=freeze_hooks(active, seen) + hooks
+            )
             out: dict[Node, Tensor] = {}
             for t, name in zip(targets, names, strict=True):
-                out[t] = cache[name][:, :, t.head] if t.kind == "head" else cache[name]
+                if t.kind in ("head", "kv"):
+                    out[t] = cache[name][:, :, slots(t)[0]]
+                elif t.kind == "mlp" and mlps == "frozen":
+                    out[t] = seen[t.layer]
+                else:
+                    out[t] = cache[name]
             return out
 
         def input_hooks(values: Mapping[Node, Tensor]) -> list[tuple[str, HookFn]]:
@@ -146,9 +195,10 @@ def naive_path_patch(
                     act: Tensor, hook: Any, t: Node = t, v: Tensor = v, m: Tensor | None = m
                 ) -> Tensor:
                     act = act.clone()
-                    if t.kind == "head":
+                    if t.kind in ("head", "kv"):
                         mm = torch.ones(batch, n_pos, dtype=torch.bool) if m is None else m
-                        act[:, :, t.head] = torch.where(mm[..., None], v, act[:, :, t.head])
+                        for h in slots(t):
+                            act[:, :, h] = torch.where(mm[..., None], v, act[:, :, h])
                         return act
                     if t.kind == "mlp":
                         return v if m is None else torch.where(m[..., None], v, act)
@@ -157,13 +207,7 @@ def naive_path_patch(
                         delta = delta * m[..., None]
                     return act + delta
 
-                if t.kind == "head":
-                    assert t.channel is not None
-                    hooks.append((bk.qkv(t.layer, t.channel), sub))
-                elif t.kind == "mlp":
-                    hooks.append((_mlp_in_hook(t.layer), sub))
-                else:
-                    hooks.append((bk.resid_post(n_layers - 1), sub))
+                hooks.append((site(t), sub))
             return hooks
 
         results = []
@@ -177,11 +221,10 @@ def naive_path_patch(
                 with model.hooks(fwd_hooks=freeze_hooks(s) + sender_hooks(s)):
                     results.append(metric(model(clean_tokens)))
                 continue
-            values = record(first, freeze_hooks(s) + sender_hooks(s))
+            values = record(first, s, sender_hooks(s))
             for i, hop in enumerate(hops):
                 nxt = hops[i + 1] if i + 1 < len(hops) else recv
-                node = hop[0].as_sender
-                values = record(nxt, freeze_hooks(node) + input_hooks(values))
+                values = record(nxt, hop[0].as_sender, input_hooks(values))
             with model.hooks(fwd_hooks=input_hooks(values)):
                 logits = model(clean_tokens)
             results.append(metric(logits))

@@ -99,7 +99,7 @@ def cache_names(bk: Backend) -> list[str]:
     for layer in range(bk.dims.n_layers):
         names += [bk.resid_pre(layer), bk.z(layer), *(bk.qkv(layer, c) for c in "qkv")]
         if bk.dims.has_mlps:
-            names += [bk.resid_mid(layer), bk.mlp_out(layer)]
+            names += [bk.mlp_in_resid(layer), bk.mlp_out(layer)]
     return list(dict.fromkeys(names))
 
 
@@ -239,6 +239,55 @@ def run_rows(
     rows, batch = resid.shape[:2]
     out = bk.run_layers(stack_rows(resid), start, stop, hooks)
     return out.reshape(rows, batch, *out.shape[1:])
+
+
+def grouped_kv_hooks(
+    bk: Backend,
+    layer: int,
+    items: Sequence[tuple[int, str]],
+    values: Callable[[Mapping[str, Tensor]], Mapping[tuple[int, str], Tensor]],
+) -> list[tuple[str, Any]]:
+    """Hook edits giving query heads of a grouped-query layer key/value inputs of their own.
+
+    ``items`` are ``(query head, "k" | "v")``; ``values(store)`` returns, when ``hook_z``
+    fires, each item's new ``hook_k``/``hook_v`` slot value ``[n, pos, d_head]`` (``store``
+    holds this run's ``"resid"``, ``"q"``, ``"k"``, ``"v"`` of the layer, after every
+    earlier edit). Only those heads' ``hook_z`` change: head ``h``'s new ``z`` is the one
+    :meth:`~apexlens.backend.Backend.attn_z` computes with its key/value slot holding its own
+    input (query heads sharing a slot take turns, one call each) -- exactly an ungrouped
+    copy of the layer with only head ``h``'s slice of ``hook_k``/``hook_v`` changed.
+    Attach these after every other edit of the layer's ``hook_q/k/v``.
+    """
+    store: dict[str, Tensor] = {}
+    heads = sorted({h for h, _ in items})
+    rounds: list[list[int]] = []
+    used: dict[int, int] = {}
+    for h in heads:
+        r = used.get(bk.slot(h, "k"), 0)
+        used[bk.slot(h, "k")] = r + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(h)
+
+    def z_value(z: Tensor) -> Tensor:
+        new = values(store)
+        out: dict[int, Tensor] = {}
+        for heads_now in rounds:
+            kv = {"k": store["k"].clone(), "v": store["v"].clone()}
+            for h in heads_now:
+                for ch in ("k", "v"):
+                    if (h, ch) in new:
+                        kv[ch][:, :, bk.slot(h, ch)] = new[(h, ch)].to(kv[ch].dtype)
+            z_new = bk.attn_z(layer, store["resid"], store["q"], kv["k"], kv["v"])
+            for h in heads_now:
+                out[h] = z_new[:, :, h]
+        return torch.stack([out[h] for h in heads], dim=2)
+
+    return [
+        (bk.resid_pre(layer), edits.save(store, "resid", clone=False)),
+        *((bk.qkv(layer, ch), edits.save(store, ch, clone=False)) for ch in "qkv"),
+        (bk.z(layer), edits.set_heads(heads, z_value)),
+    ]
 
 
 def run_tokens(

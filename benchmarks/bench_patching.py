@@ -2,9 +2,12 @@
 
 Random-init GPT-2-small-shaped model (12 layers, d_model 768, 12 heads, vocab 50257),
 batch 8 x 16 tokens, float32, CPU. Every ratio is measured in this one run.
+``--arch llama``: the same width, Llama-shaped (grouped-query attention with 4 KV heads,
+rotary, RMSNorm, gated SiLU MLP with d_mlp 2048).
 
-    python benchmarks/bench_patching.py            # everything (a few minutes)
-    python benchmarks/bench_patching.py --quick    # naive loops on every 4th sender, scaled
+    python benchmarks/bench_patching.py                 # everything (a few minutes)
+    python benchmarks/bench_patching.py --quick         # naive loops on every 4th sender, scaled
+    python benchmarks/bench_patching.py --quick --arch llama
 """
 
 from __future__ import annotations
@@ -30,6 +33,35 @@ def gpt2_shaped(seed: int = 0) -> Any:
     return random_gpt2_small(seed=seed)
 
 
+def llama_shaped(seed: int = 0) -> Any:
+    """GPT-2-small width, Llama architecture: GQA (12 query / 4 KV heads), rotary, RMS, gated MLP."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=12,
+        d_model=768,
+        n_ctx=1024,
+        d_head=64,
+        n_heads=12,
+        n_key_value_heads=4,
+        d_mlp=2048,
+        d_vocab=50257,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        final_rms=True,
+        positional_embedding_type="rotary",
+        rotary_dim=64,
+        seed=seed,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    return HookedTransformer(cfg).eval()
+
+
+ARCHS = {"gpt2": gpt2_shaped, "llama": llama_shaped}
+
+
 def data(model: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
     from apexlens.scoring import LogitDiff
 
@@ -50,13 +82,13 @@ def timed(fn: Callable[[], Any], repeat: int = 1) -> float:
     return statistics.median(times)
 
 
-def speed(quick: bool, backend: str = "hooked") -> dict[str, float]:
+def speed(quick: bool, backend: str = "hooked", arch: str = "gpt2") -> dict[str, float]:
     from transformer_lens import patching as tl_patching
 
     import apexlens
     from apexlens.reference import naive_act_patch, naive_path_patch
 
-    model = gpt2_shaped()
+    model = ARCHS[arch]()
     if backend == "bridge":
         from apexlens.bridge import to_bridge
 
@@ -187,7 +219,7 @@ def speed(quick: bool, backend: str = "hooked") -> dict[str, float]:
 MEM_SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, "benchmarks")
-from bench_patching import gpt2_shaped, data, RECEIVERS_HH
+from bench_patching import ARCHS, data, RECEIVERS_HH
 import apexlens
 def rss():
     for line in open("/proc/self/status"):
@@ -195,7 +227,7 @@ def rss():
 def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"): return int(line.split()[1]) * 1024
-model = gpt2_shaped(); clean, corrupted, metric = data(model)
+model = ARCHS[sys.argv[2]](); clean, corrupted, metric = data(model)
 with torch.no_grad(): model(clean)
 base = rss(); open("/proc/self/clear_refs", "w").write("5")
 if sys.argv[1] == "cache":
@@ -206,11 +238,14 @@ print(json.dumps(hwm() - base))
 """
 
 
-def memory() -> dict[str, float]:
+def memory(arch: str = "gpt2") -> dict[str, float]:
     res = {}
     for what in ("cache", "hh"):
         p = subprocess.run(
-            [sys.executable, "-c", MEM_SCRIPT, what], capture_output=True, text=True, check=True
+            [sys.executable, "-c", MEM_SCRIPT, what, arch],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         res[what] = json.loads(p.stdout.strip().splitlines()[-1])
     return {
@@ -226,12 +261,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "--quick", action="store_true", help="naive loops on every 4th sender, scaled up"
     )
     parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
+    parser.add_argument("--arch", default="gpt2", choices=list(ARCHS))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    r = speed(args.quick, args.backend)
-    r.update(memory())
+    r = speed(args.quick, args.backend, args.arch)
+    r.update(memory(args.arch))
+    shape = "GPT-2-small" if args.arch == "gpt2" else "Llama (GQA 12/4, rotary, RMS, gated MLP) GPT-2-small-width"
     print(
-        f"\npath patching on a random GPT-2-small-shaped model ({args.backend}), batch {BATCH} x {N_POS}"
+        f"\npath patching on a random {shape}-shaped model ({args.backend}), batch {BATCH} x {N_POS}"
     )
     print(f"  one plain forward                         {r['forward_s'] * 1e3:8.1f} ms")
     print(

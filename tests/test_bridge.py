@@ -141,17 +141,23 @@ def test_bad_configs_and_state_dicts_raise_one_clear_error():
         to_bridge(build(cfg, sd, "bridge"))
 
 
-def test_backend_for_a_bridge_needs_compatibility_mode():
+def test_a_bridge_without_compatibility_mode_is_used_as_it_is():
+    """No compatibility-mode refusal and no silent switch: the backend reads what it needs."""
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
+
+    import apexlens
 
     raw = TransformerBridge.boot_native(
         TransformerBridgeConfig(
             d_model=8, d_head=4, n_heads=2, n_layers=1, n_ctx=4, d_vocab=7, act_fn="relu"
         )
     )
-    with pytest.raises(ApexlensError, match="enable_compatibility_mode"):
-        backend_for(raw)
+    before = getattr(raw, "compatibility_mode", False)
+    assert isinstance(backend_for(raw), BridgeBackend)
+    result = apexlens.check(raw, torch.tensor([[1, 2, 3, 4]]))
+    assert result.ok, result.first_failure
+    assert getattr(raw, "compatibility_mode", False) == before
 
 
 # ------------------------------------------------------------------ BridgeBackend
@@ -219,7 +225,7 @@ def test_bridge_backend_pieces_agree_with_its_own_forward(bridge64):
                 bk.head_input(L, ch, c[bk.resid_pre(L)]), c[bk.qkv(L, ch)], **tol
             )
             torch.testing.assert_close(
-                bk.head_input(L, ch, c[bk.resid_pre(L)], heads=[3, 1]),
+                bk.head_input(L, ch, c[bk.resid_pre(L)], slots=[3, 1]),
                 c[bk.qkv(L, ch)][:, :, [3, 1]],
                 **tol,
             )

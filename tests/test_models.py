@@ -139,3 +139,52 @@ def test_training_is_deterministic():
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
     assert os.environ.get("APEXLENS_NEVER_SET") is None
+
+
+# ------------------------------------------------------------------ pretrained names (issue 10)
+@pytest.mark.parametrize(
+    "name",
+    ["gpt2", "gpt2-medium", "distilgpt2", "pythia-70m", "EleutherAI/pythia-160m", "Qwen/Qwen2-0.5B",
+     "google/gemma-2-2b"],
+)
+def test_load_model_knows_the_pretrained_names_it_is_meant_for(name):
+    from apexlens.models import official_name
+
+    assert official_name(name)  # a name or alias from TransformerLens' official list
+
+
+def test_unknown_name_fails_in_one_line_before_any_download(monkeypatch):
+    import apexlens.models as models
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub must not be asked about an unknown name")
+
+    monkeypatch.setattr(models, "_pretrained", no_hub)
+    with pytest.raises(apexlens.ApexlensError, match="unknown model 'gpt-7'") as err:
+        load_model("gpt-7")
+    assert "\n" not in str(err.value)
+
+
+def test_pretrained_models_are_self_checked_after_loading(monkeypatch, toy_model_factory):
+    import apexlens.models as models
+
+    good = toy_model_factory("modadd-2l")
+    monkeypatch.setattr(models, "_pretrained", lambda *a, **k: good)
+    assert load_model("gpt2") is good
+
+    bad = toy_model_factory("modadd-2l", dtype=torch.float64)
+    import sys
+
+    check_mod = sys.modules["apexlens.check"]
+
+    real = check_mod.check
+
+    def broken_check(model, *a, **k):
+        res = real(model, *a, **k)
+        res.checks.insert(0, ("blocks.0.hook_mlp_out", 0.5, 1e-7))
+        return res
+
+    monkeypatch.setattr(models, "_pretrained", lambda *a, **k: bad)
+    monkeypatch.setattr(check_mod, "check", broken_check)
+    with pytest.raises(apexlens.ApexlensError, match="blocks.0.hook_mlp_out disagrees"):
+        load_model("gpt2")
