@@ -106,6 +106,8 @@ def load_model(
         raise ApexlensError(f"backend must be 'hooked' or 'bridge', got {backend!r}")
     toy = name in list_models()
     if not toy:
+        if "transformer_lens" in sys.modules:  # the name list is at hand: an unknown name
+            official_name(name)  # fails first, with the names that would work
         _check_hub(name)  # before anything imports TransformerLens, which alone takes seconds
     backend = backend or default_backend()
     if toy:

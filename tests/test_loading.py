@@ -44,7 +44,9 @@ def test_load_model_does_not_block_on_a_cached_model(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "_in_hf_cache", lambda name: True)
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: calls.append(a))
-    sentinel = object()
+    from helpers import random_model
+
+    sentinel = random_model(0)  # a real model: load_model self-checks what it loaded
     monkeypatch.setattr(models, "_pretrained", lambda *a, **k: sentinel)
     assert load_model("gpt2") is sentinel and calls == []
 
