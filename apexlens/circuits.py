@@ -26,7 +26,7 @@ any forward pass of the model inside the block runs under the hypothesis.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,12 +50,19 @@ EdgeSpec = Iterable[tuple[Any, Any]]
 
 # ============================================================================ edge index
 class EdgeIndex:
-    """Numbering of a model's senders and receivers, and edge sets as boolean matrices."""
+    """Numbering of a model's senders and receivers, and edge sets as boolean matrices.
 
-    def __init__(self, bk: Backend):
+    With ``split_embed`` the first senders are ``tok_embed`` and ``pos_embed`` (the token and
+    the positional embedding, ``hook_embed`` / ``hook_pos_embed``) instead of ``embed``.
+    """
+
+    def __init__(self, bk: Backend, split_embed: bool = False):
         d = bk.dims
         self.dims = d
-        self.senders: list[Node] = [Node("embed")]
+        self.split_embed = split_embed
+        self.senders: list[Node] = (
+            [Node("tok_embed"), Node("pos_embed")] if split_embed else [Node("embed")]
+        )
         self.receivers: list[Node] = []
         self.head_sender: dict[int, slice] = {}
         self.mlp_sender: dict[int, int] = {}
@@ -88,29 +95,146 @@ class EdgeIndex:
         return (n.kind, n.layer, n.head, n.channel)
 
     def mask(self, edges: EdgeSpec) -> Bool[Tensor, "sender receiver"]:
-        """The circuit's edges as a ``[n_senders, n_receivers]`` matrix."""
+        """The circuit's edges as a ``[n_senders, n_receivers]`` matrix (no positions)."""
+        keep = self.keep(edges)
+        assert keep.ndim == 2
+        return keep
+
+    def keep(
+        self,
+        edges: EdgeSpec,
+        n_pos: int | None = None,
+        named: Mapping[str, Any] | None = None,
+    ) -> Bool[Tensor, "sender receiver"] | Bool[Tensor, "sender receiver pos"]:
+        """The circuit's edges as a ``[n_senders, n_receivers]`` matrix, or, when an edge names
+        positions, a ``[n_senders, n_receivers, n_pos]`` one (see :func:`edge_positions`)."""
         keep = torch.zeros_like(self.valid)
+        per_pos: list[tuple[int, int, tuple[int, ...]]] = []
         for pair in edges:
             try:
                 s_spec, r_spec = pair
             except (TypeError, ValueError):
                 raise ApexlensError(f"an edge is a (sender, receiver) pair, got {pair!r}") from None
             s = validate(parse_node(s_spec), self.dims)
-            if s.positions is not None:
-                raise ApexlensError(f"edge {s} -> {r_spec}: circuit edges act on all positions")
-            if s.kind == "logits" or (s.kind == "head" and s.channel is not None):
+            if s.kind == "logits" or s.kind == "resid" or (s.kind == "head" and s.channel is not None):
                 raise ApexlensError(f"edge {s} -> {r_spec}: {s} cannot send")
             for r in as_receivers([validate(parse_node(r_spec), self.dims)]):
-                if r.positions is not None:
-                    raise ApexlensError(f"edge {s} -> {r}: circuit edges act on all positions")
-                i, j = self._s[self._key(s)], self._r[self._key(r)]
+                i, j = self.sender_id(s), self.receiver_id(r)
                 if not self.valid[i, j]:
                     raise ApexlensError(
                         f"edge {s} -> {r} goes backwards: receiver {r} comes before (or in the same "
                         f"layer as) sender {s}"
                     )
-                keep[i, j] = True
-        return keep
+                pos = edge_positions(s, r, n_pos, named)
+                if pos is None:
+                    keep[i, j] = True
+                else:
+                    per_pos.append((i, j, pos))
+        if not per_pos:
+            return keep
+        assert n_pos is not None
+        out = keep[:, :, None].expand(*keep.shape, n_pos).clone()
+        for i, j, pos in per_pos:
+            out[i, j, list(pos)] = True
+        return out
+
+    def sender_id(self, s: Node) -> int:
+        """The row of sender ``s`` (positions ignored)."""
+        key = self._key(s)
+        if key not in self._s:
+            split = s.kind in ("tok_embed", "pos_embed")
+            if s.kind == "embed" or split:
+                raise ApexlensError(
+                    f"sender {s.name}: this edge graph "
+                    + (
+                        "splits 'embed' into 'tok_embed' and 'pos_embed'"
+                        if self.split_embed
+                        else "has one 'embed' sender; use split_embed=True for tok_embed/pos_embed"
+                    )
+                )
+            raise ApexlensError(f"{s} is not a sender of this model's edge graph")
+        return self._s[key]
+
+    def receiver_id(self, r: Node) -> int:
+        """The column of receiver ``r`` (positions ignored)."""
+        return self._r[self._key(r)]
+
+    def edge_list(self) -> list[tuple[Node, Node]]:
+        """Every edge of the graph, sender-major (the order of ``valid.nonzero()``)."""
+        return [(self.senders[i], self.receivers[j]) for i, j in self.valid.nonzero().tolist()]
+
+
+def uses_split_embed(edges: Iterable[tuple[Any, Any]]) -> bool:
+    """Whether an edge list names ``tok_embed`` / ``pos_embed`` (the split embedding)."""
+    for pair in edges:
+        try:
+            s_spec = pair[0]
+        except (TypeError, IndexError, KeyError):
+            continue
+        try:
+            if parse_node(s_spec).kind in ("tok_embed", "pos_embed"):
+                return True
+        except ApexlensError:
+            continue
+    return False
+
+
+def edge_positions(
+    s: Node, r: Node, n_pos: int | None, named: Mapping[str, Any] | None = None
+) -> tuple[int, ...] | None:
+    """The positions a (possibly position-aware) edge ``s -> r`` acts at; ``None``: all.
+
+    **Semantics.** A sender writes its output at position ``p`` into the residual stream at
+    ``p``; a receiver (a head's q/k/v input, an MLP, the logits) reads the residual stream at
+    its own position ``q``. So a direct edge connects ``s@p`` to ``r@q`` only when ``p == q``:
+    the edge ``"0.1@3" -> "1.3.k@3"`` carries what head 0.1 wrote at position 3 into the key
+    of head 1.3 at position 3. Moving information between positions is what attention does
+    *inside* a head (its k/v at ``p`` -> its output at ``q >= p``), which is not an edge.
+    Positions given on one side apply to both; given on both sides they must be the same
+    set. Negative positions count from the end; a name must resolve to the same positions
+    for every example.
+    """
+    ps, pr = s.positions, r.positions
+    if ps is None and pr is None:
+        return None
+    if n_pos is None:
+        raise ApexlensError(
+            f"edge {s} -> {r} names positions; evaluate it on tokens (evaluate_circuit / an "
+            "Experiment), where the sequence length is known"
+        )
+    sides = [_abs_positions(p, n_pos, named, f"edge {s} -> {r}") for p in (ps, pr) if p is not None]
+    if len(sides) == 2 and sides[0] != sides[1]:
+        raise ApexlensError(
+            f"edge {s} -> {r} joins different positions: a sender's output at position p reaches a "
+            "receiver's input only at the same position p (the residual stream is per position; "
+            "moving between positions happens inside an attention head, not along an edge). "
+            f"Write the edge at one position, e.g. {s.name}@{sides[1][0]} -> {r.name}@{sides[1][0]}"
+        )
+    return sides[0]
+
+
+def _abs_positions(
+    p: Any, n_pos: int, named: Mapping[str, Any] | None, what: str
+) -> tuple[int, ...]:
+    if isinstance(p, str):
+        if named is None or p not in named:
+            known = ", ".join(sorted(named)) if named else "none were given"
+            raise ApexlensError(f"{what}: unknown position name {p!r} ({known})")
+        p = named[p]
+    per_example = isinstance(p, Tensor) and p.ndim >= 1
+    t = torch.as_tensor(p).long().cpu()
+    if per_example:  # [batch] or [batch, k]: one row per example, all rows the same
+        rows = t.reshape(t.shape[0], -1)
+        if not bool((rows == rows[:1]).all()):
+            raise ApexlensError(
+                f"{what}: position-aware edges need the same positions for every example; "
+                "the named positions differ between examples"
+            )
+        t = rows[0]
+    vals = t.flatten().tolist()
+    if any(not -n_pos <= x < n_pos for x in vals):
+        raise ApexlensError(f"{what}: positions {vals} out of range for sequences of length {n_pos}")
+    return tuple(sorted({x % n_pos for x in vals}))
 
 
 # ============================================================================ ablation values
@@ -121,9 +245,38 @@ class AblationValues:
     embed: Float[Tensor, "batch pos d_model"]
     z: list[Float[Tensor, "batch pos head d_head"]]
     mlp_out: list[Float[Tensor, "batch pos d_model"]]
+    tok: Float[Tensor, "batch pos d_model"] | None = None
+    """``hook_embed`` / ``hook_pos_embed`` values, for edge graphs that split ``embed``."""
+    pos: Float[Tensor, "batch pos d_model"] | None = None
+
+    def tiled(self, rows: int) -> AblationValues:
+        """The same values for ``rows`` copies of the batch stacked along the batch axis."""
+        t = lambda x: x if x is None or x.shape[0] == 1 else x.repeat(rows, *([1] * (x.ndim - 1)))
+        return AblationValues(
+            t(self.embed), [t(z) for z in self.z], [t(m) for m in self.mlp_out], t(self.tok),
+            t(self.pos),
+        )
 
 
 def ablation_values(
+    bk: Backend, ablation: Ablation, corrupted: Run | None, reference: Run | None
+) -> AblationValues:
+    """The ablated sender outputs, with ``tok`` / ``pos`` where the runs recorded the split
+    embedding (``hook_embed`` / ``hook_pos_embed``)."""
+    out = _ablation_values(bk, ablation, corrupted, reference)
+    ref = corrupted if ablation == "resample" else reference if reference is not None else corrupted
+    if ref is not None and "hook_embed" in ref.acts and "hook_pos_embed" in ref.acts:
+        tok = ref["hook_embed"]
+        pos = ref["hook_pos_embed"].expand_as(tok)
+        if ablation == "mean":
+            tok, pos = tok.mean(0, keepdim=True), pos.mean(0, keepdim=True)
+        elif ablation == "zero":
+            tok, pos = torch.zeros_like(tok[:1]), torch.zeros_like(pos[:1])
+        out.tok, out.pos = tok, pos
+    return out
+
+
+def _ablation_values(
     bk: Backend, ablation: Ablation, corrupted: Run | None, reference: Run | None
 ) -> AblationValues:
     n = bk.dims.n_layers
@@ -160,27 +313,57 @@ def ablation_values(
 
 # ============================================================================ the hooks
 def circuit_hooks(
-    bk: Backend, index: EdgeIndex, keep: Bool[Tensor, "sender receiver"], abl: AblationValues
+    bk: Backend,
+    index: EdgeIndex,
+    keep: Bool[Tensor, "sender receiver"]
+    | Bool[Tensor, "sender receiver pos"]
+    | Bool[Tensor, "sender receiver rows pos"],
+    abl: AblationValues,
 ) -> list[tuple[str, HookFn]]:
     """Hooks that make any forward pass of the model run under the circuit ``keep``.
 
     The run keeps ``D[s] = out_s - ablated_s`` for every sender computed so far; each
     receiver reads ``resid - sum over excluded senders D[s]``.
+
+    ``keep`` is ``[sender, receiver]`` (edges at every position), ``[sender, receiver, pos]``
+    (position-aware edges) or ``[sender, receiver, rows, pos or 1]``: one circuit per row,
+    the forward pass then runs ``rows`` copies of the batch stacked along the batch axis
+    (``abl`` tiled to match, :meth:`AblationValues.tiled`).
     """
     d = bk.dims
-    excluded = (index.valid & ~keep).to(bk.device)
+    valid = index.valid.to(bk.device)
+    keep = keep.to(bk.device)
+    if keep.ndim == 3:
+        keep = keep[:, :, None, :]
+    if keep.ndim == 4:
+        valid = valid[:, :, None, None]
+    excluded = valid & ~keep
     state: dict[str, Tensor] = {}
 
     def excluded_sum(ex: Tensor, pattern: str) -> Tensor:
         """``sum_s ex[s, ...] * D[s]`` over the senders computed before the receiver."""
-        return torch.einsum(pattern, state["D"][: ex.shape[0]], ex.to(state["D"].dtype))
+        if ex.ndim <= 2:
+            return torch.einsum(pattern, state["D"][: ex.shape[0]], ex.to(state["D"].dtype))
+        return _rows_sum(state["D"][: ex.shape[0]], ex)
+
+    n_emb = 2 if index.split_embed else 1
 
     def embed_hook(act: Tensor, hook: Any) -> None:
         state["D"] = act.new_zeros(len(index.senders), *act.shape)
-        state["D"][0] = act - abl.embed
+        if index.split_embed:
+            assert abl.tok is not None and abl.pos is not None, "split embed needs tok/pos values"
+            state["D"][0] = state["tok"] - abl.tok
+            state["D"][1] = state["pos"].expand_as(act) - abl.pos
+        else:
+            state["D"][0] = act - abl.embed
         state[bk.resid_pre(0)] = act
 
     hooks: list[tuple[str, HookFn]] = [(bk.resid_pre(0), embed_hook)]
+    if n_emb == 2:
+        hooks[:0] = [
+            ("hook_embed", edits.save(state, "tok", clone=False)),
+            ("hook_pos_embed", edits.save(state, "pos", clone=False)),
+        ]
     for layer in range(d.n_layers):
         if layer > 0:
             hooks.append((bk.resid_pre(layer), edits.save(state, bk.resid_pre(layer), clone=False)))
@@ -188,7 +371,7 @@ def circuit_hooks(
         for ch in "qkv":
             ex = excluded[:n_up, index.head_receiver[(layer, ch)]]
             if ex.any():
-                heads = ex.any(0).nonzero().flatten()
+                heads = _any_but_dim1(ex).nonzero().flatten()
                 hooks.append(
                     (
                         bk.qkv(layer, ch),
@@ -265,12 +448,41 @@ def _mlp_hook(
     return hook
 
 
+def _any_but_dim1(ex: Tensor) -> Tensor:
+    """``ex.any(0)`` of ``[sender, head]``, also for ``[sender, head, rows, pos]``."""
+    return ex.transpose(0, 1).reshape(ex.shape[1], -1).any(-1)
+
+
+def _rows_sum(
+    D: Float[Tensor, "sender n pos d_model"],
+    ex: Bool[Tensor, "sender *heads rows p"],
+) -> Tensor:
+    """``sum_s ex[s, h, row, p] * D[s, (row, b), p]`` for rows stacked along the batch:
+    ``[n, pos, head, d]`` (with a head axis) or ``[n, pos, d]``; ``p`` is ``pos`` or 1."""
+    S, n, n_pos, dm = D.shape
+    rows = ex.shape[-2]
+    Dr = D.reshape(S, rows, n // rows, n_pos, dm)
+    w = ex.to(D.dtype)
+    if ex.shape[-1] == 1:
+        w = w[..., 0]
+        if ex.ndim == 4:
+            out = torch.einsum("srbpd,shr->rbphd", Dr, w)
+        else:
+            out = torch.einsum("srbpd,sr->rbpd", Dr, w)
+    else:
+        if ex.ndim == 4:
+            out = torch.einsum("srbpd,shrp->rbphd", Dr, w)
+        else:
+            out = torch.einsum("srbpd,srp->rbpd", Dr, w)
+    return out.reshape(n, *out.shape[2:])
+
+
 # ============================================================================ evaluation
 def circuit_final(
     runs: Runs,
     tokens: Tensor,
     index: EdgeIndex,
-    keep: Bool[Tensor, "sender receiver"],
+    keep: Tensor,
     abl: AblationValues,
 ) -> Float[Tensor, "batch pos d_model"]:
     """The final residual stream of ``tokens`` under the circuit ``keep``."""
@@ -296,7 +508,7 @@ def evaluate(
     empty_is_corrupted: bool,
 ) -> CircuitResult:
     """Evaluate one hypothesis on the clean ``tokens`` (the KL columns lazily)."""
-    keep = index.mask(edge_list)
+    keep = index.keep(edge_list, runs.n_pos, runs.named_positions)
     final = circuit_final(runs, tokens, index, keep, abl)
     values = readout(readout.gather(final))
     if empty_is_corrupted and runs.corrupted is not None:

@@ -102,7 +102,7 @@ class Experiment:
             )
             self.clean_values = self.readout(self.readout.gather(self.runs.clean.final))
             self.corrupted_values = self.readout(self.readout.gather(corrupted.final))
-        self._index: EdgeIndex | None = None
+        self._index: dict[bool, EdgeIndex] = {}
 
     # ------------------------------------------------------------------ state
     @property
@@ -224,6 +224,12 @@ class Experiment:
             return actpatch.act_patch_rows(self.runs, self.readout, nodes, progress=progress)
 
     # ------------------------------------------------------------------ circuits
+    def edge_index(self, split_embed: bool = False) -> EdgeIndex:
+        """The model's edge graph (``split_embed``: ``tok_embed`` and ``pos_embed`` senders)."""
+        if split_embed not in self._index:
+            self._index[split_embed] = EdgeIndex(self.bk, split_embed)
+        return self._index[split_embed]
+
     def evaluate_circuit(
         self,
         edges: EdgeSpec,
@@ -232,8 +238,8 @@ class Experiment:
         reference_tokens: Int[Tensor, "n pos"] | None = None,
     ) -> CircuitResult:
         """Evaluate a circuit hypothesis on the cached runs; see :func:`evaluate_circuit`."""
-        if self._index is None:
-            self._index = EdgeIndex(self.bk)
+        edges = list(edges)
+        index = self.edge_index(circuits.uses_split_embed(edges))
         with inference_mode(self.model):
             reference = None
             if reference_tokens is not None:
@@ -249,8 +255,8 @@ class Experiment:
                 self.runs,
                 self.readout,
                 self.clean_tokens,
-                self._index,
-                list(edges),
+                index,
+                edges,
                 abl,
                 ablation,
                 empty_is_corrupted=ablation == "resample" and reference_tokens is None,
@@ -410,8 +416,8 @@ def patched(
     with inference_mode(model):
         corrupted = cached_run(bk, corrupted_tokens)
         if isinstance(spec, Circuit):
-            index = EdgeIndex(bk)
-            keep = index.mask(spec.edges)
+            index = EdgeIndex(bk, circuits.uses_split_embed(spec.edges))
+            keep = index.keep(spec.edges, corrupted_tokens.shape[1], dict(positions or {}))
             reference = None
             if reference_tokens is not None:
                 reference = cached_run(bk, check_tokens(bk, reference_tokens, "reference_tokens"))

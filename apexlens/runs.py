@@ -95,7 +95,7 @@ def check_pair(
 # ============================================================================ runs
 def cache_names(bk: Backend) -> list[str]:
     """The activations every engine reads from a cached run."""
-    names = [bk.resid_pre(0)]
+    names = [bk.resid_pre(0), "hook_embed", "hook_pos_embed"]
     for layer in range(bk.dims.n_layers):
         names += [bk.resid_pre(layer), bk.z(layer), *(bk.qkv(layer, c) for c in "qkv")]
         if bk.dims.has_mlps:
