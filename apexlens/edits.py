@@ -94,3 +94,22 @@ def set_heads(
         return out
 
     return hook
+
+
+def scatter_heads(
+    rows: Int[Tensor, " k"],
+    heads: Int[Tensor, " k"],
+    values: Tensor,
+    n_rows: int,
+) -> HookFn:
+    """For rows stacked along the batch (``n_rows`` copies), head ``heads[i]`` of row
+    ``rows[i]`` becomes ``values[i]`` (``[batch, pos, d_head]``); every other head and row
+    keeps its activation. Pairs must be distinct."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        out = act.clone()
+        view = out.view(n_rows, act.shape[0] // n_rows, *act.shape[1:])
+        view[rows, :, :, heads] = values.to(act.dtype)
+        return out
+
+    return hook
