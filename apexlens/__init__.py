@@ -15,11 +15,15 @@ Public API (one screen):
 * models     -- :func:`load_model` (shipped toy models offline, or any TL pretrained name),
                 :func:`random_gpt2_small`, :func:`to_bridge`; tasks: :func:`get_task`
 * plotting   -- plotly figures for every result (:mod:`apexlens.plotting`)
+* discovery  -- :func:`attribute_edges` (exact / EAP / EAP-IG edge scores, :class:`EdgeScores`),
+                :func:`faithfulness` (MIB curve, CPR, CMD), :func:`edge_auc`, :func:`discover`
+                (greedy exact pruning, :class:`DiscoveryResult`)
 * errors     -- one type, :class:`ApexlensError`, whose message names the fix
 """
 
 from apexlens import graph, scoring
 from apexlens.bridge import to_bridge
+from apexlens.discovery import attribute_edges, discover, faithfulness
 from apexlens.errors import ApexlensError
 from apexlens.experiment import (
     Circuit,
@@ -34,11 +38,17 @@ from apexlens.graph import Node, all_heads, all_mlps, full_graph, heads_of_layer
 from apexlens.models import list_models, load_model, model_info, random_gpt2_small
 from apexlens.noise import apex, noise_hooks
 from apexlens.results import (
+    MIB_FRACTIONS,
     ActPatchResult,
     ApexResult,
     CircuitResult,
+    DiscoveryResult,
+    EdgeAudit,
+    EdgeScores,
+    FaithfulnessResult,
     PathPatchResult,
     compare,
+    edge_auc,
 )
 from apexlens.scoring import (
     AnswerLogProb,
@@ -93,5 +103,14 @@ __all__ = [
     "compare",
     "noise_hooks",
     "to_bridge",
+    "attribute_edges",
+    "discover",
+    "faithfulness",
+    "edge_auc",
+    "EdgeScores",
+    "EdgeAudit",
+    "FaithfulnessResult",
+    "DiscoveryResult",
+    "MIB_FRACTIONS",
 ]
 __version__ = "0.1.0"

@@ -383,8 +383,14 @@ def naive_edge_attribution(
                     def recompute_mlp(
                         act: Tensor, hook: Any, e: Tensor = e, block: Any = block,
                         store: dict[str, Tensor] = store2,
-                    ) -> Tensor:
-                        return block.mlp(block.ln2(store["mid"] + e))
+                    ) -> Tensor | None:
+                        if store.get("busy") is not None:  # a bridge's MLP fires its own
+                            return None  # hook_mlp_out inside this recomputation
+                        store["busy"] = e
+                        try:
+                            return block.mlp(block.ln2(store["mid"] + e))
+                        finally:
+                            del store["busy"]
 
                     hooks += [(bk.resid_mid(r.layer), grab_mid), (bk.mlp_out(r.layer), recompute_mlp)]
                 else:
