@@ -98,8 +98,8 @@ class _Setup:
     def __init__(
         self,
         model: Any,
-        clean_tokens: Tensor,
-        corrupted_tokens: Tensor,
+        clean_tokens: Tensor | None,
+        corrupted_tokens: Tensor | None,
         metric: MetricFn,
         *,
         ablation: Ablation = "resample",
@@ -109,7 +109,16 @@ class _Setup:
         memory_budget: int | None = None,
     ) -> None:
         if isinstance(model, Experiment):
+            if metric is not model.readout.metric:
+                raise ApexlensError(
+                    "an Experiment brings its own metric: pass metric=exp.readout.metric (or the "
+                    "model instead of the Experiment)"
+                )
             self.exp = model
+        elif clean_tokens is None or corrupted_tokens is None:
+            raise ApexlensError(
+                "give clean and corrupted tokens (or an apexlens.Experiment instead of the model)"
+            )
         else:
             self.exp = Experiment(
                 model,
@@ -523,8 +532,8 @@ def _exact_chunk(
 # ============================================================================ public: scores
 def attribute_edges(
     model: Any,
-    clean_tokens: Tensor,
-    corrupted_tokens: Tensor,
+    clean_tokens: Tensor | None,
+    corrupted_tokens: Tensor | None,
     *,
     metric: MetricFn,
     method: Method = "eap-ig",
@@ -633,8 +642,8 @@ def _run_tokens(bk: Backend, tokens: Tensor, hooks: list[tuple[str, Any]]) -> Te
 # ============================================================================ faithfulness
 def faithfulness(
     model: Any,
-    clean_tokens: Tensor,
-    corrupted_tokens: Tensor,
+    clean_tokens: Tensor | None,
+    corrupted_tokens: Tensor | None,
     scores: EdgeScores,
     *,
     metric: MetricFn,
@@ -735,8 +744,8 @@ def faithfulness(
 # ============================================================================ discovery
 def discover(
     model: Any,
-    clean_tokens: Tensor,
-    corrupted_tokens: Tensor,
+    clean_tokens: Tensor | None,
+    corrupted_tokens: Tensor | None,
     *,
     metric: MetricFn,
     threshold: float,
