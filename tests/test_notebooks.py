@@ -13,7 +13,12 @@ PLOTLY = "application/vnd.plotly.v1+json"
 
 
 @pytest.mark.parametrize(
-    "name, n_figures", [("01_ioi_path_patching.ipynb", 3), ("02_apex_backdoor.ipynb", 3)]
+    "name, n_figures",
+    [
+        ("01_ioi_path_patching.ipynb", 3),
+        ("02_apex_backdoor.ipynb", 3),
+        ("03_discovery.ipynb", 3),
+    ],
 )
 def test_notebook_runs_and_draws(name, n_figures, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the GPT-2 attempt fails fast, as with no network
