@@ -414,23 +414,25 @@ def _gradient_scores(
     """``Delta_s . grad_r`` per example for every edge row ``(s, r, p)``."""
     G = receiver_grads(st, alphas)
     D = st.delta()
-    out = torch.empty(len(table), st.batch, dtype=st.bk.dtype, device=st.bk.device)
-    # group by receiver so each receiver's gradient is read once
-    order = torch.argsort(table[:, 1], stable=True)
-    t = table[order]
-    bounds = torch.nonzero(t[1:, 1] != t[:-1, 1]).flatten().add(1).tolist()
-    for lo, hi in zip([0, *bounds], [*bounds, len(t)], strict=True):
-        r = int(t[lo, 1])
-        s_idx, p_idx = t[lo:hi, 0], t[lo:hi, 2]
-        prod = torch.einsum("sbpd,bpd->sbp", D[s_idx], G[r])
-        whole = p_idx < 0
-        vals = torch.empty(hi - lo, st.batch, dtype=prod.dtype, device=prod.device)
-        if whole.any():
-            vals[whole] = prod[whole].sum(-1)
-        if (~whole).any():
-            sel = (~whole).nonzero().flatten()
-            vals[sel] = prod[sel, :, p_idx[sel]]
-        out[order[lo:hi]] = vals
+    S, B, P, dm = D.shape
+    out = torch.empty(len(table), B, dtype=D.dtype, device=D.device)
+    whole = table[:, 2] < 0
+    if whole.any():
+        # per example: [batch, sender, (pos d)] @ [batch, (pos d), receiver], one batched matmul
+        m = torch.bmm(
+            D.permute(1, 0, 2, 3).reshape(B, S, P * dm),
+            G.permute(1, 2, 3, 0).reshape(B, P * dm, -1),
+        )
+        t = table[whole]
+        out[whole] = m[:, t[:, 0], t[:, 1]].T
+    if (~whole).any():
+        # per example and position: [(batch pos), sender, d] @ [(batch pos), d, receiver]
+        m = torch.bmm(
+            D.permute(1, 2, 0, 3).reshape(B * P, S, dm),
+            G.permute(1, 2, 3, 0).reshape(B * P, dm, -1),
+        ).reshape(B, P, S, -1)
+        t = table[~whole]
+        out[~whole] = m[:, t[:, 2], t[:, 0], t[:, 1]].T
     return out
 
 

@@ -11,7 +11,7 @@ batch 8 x 16 tokens, float32, CPU.
 * ``discover`` on the shipped ``induction-2l`` (seconds) and on the GPT-2-shaped model
   from a start graph of its top EAP-IG edges.
 
-    python benchmarks/bench_discovery.py            # exact on a sample of 3000 edges
+    python benchmarks/bench_discovery.py            # exact on a sample of 200 edges
     python benchmarks/bench_discovery.py --full     # exact on all 32,491 edges (~15 min)
 """
 
@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--full", action="store_true", help="exact scores on every edge")
-    parser.add_argument("--sample", type=int, default=3000)
+    parser.add_argument("--sample", type=int, default=200)
+    parser.add_argument(
+        "--start", type=int, default=40, help="discover on GPT-2 from this many top edges"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = gpt2_shaped()
@@ -56,14 +59,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     t_fb = timed(fwd_bwd, repeat=3)
     model.zero_grad(set_to_none=True)
     out["forward_s"], out["forward_backward_s"] = t_fwd, t_fb
-    print(f"one forward {t_fwd * 1e3:.0f} ms, one forward+backward {t_fb * 1e3:.0f} ms")
+    print(f"one forward {t_fwd * 1e3:.0f} ms, one forward+backward {t_fb * 1e3:.0f} ms", flush=True)
 
     kw = dict(metric=metric, memory_budget=BUDGET)
     t0 = time.perf_counter()
     ig = attribute_edges(model, clean, corrupted, method="eap-ig", ig_steps=5, **kw)
     t_ig = time.perf_counter() - t0
     out["eap_ig_over_fwd_bwd"] = t_ig / t_fb
-    print(f"EAP-IG, ig_steps=5, {len(ig)} edges: {t_ig:.2f} s = {t_ig / t_fb:.2f}x one forward+backward (target <= 8)")
+    print(
+        f"EAP-IG, ig_steps=5, {len(ig)} edges: {t_ig:.2f} s = {t_ig / t_fb:.2f}x one forward+backward (target <= 8)",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     curve = faithfulness(model, clean, corrupted, ig, **kw)
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     out["exact_fwd_per_edge"] = per_edge
     exp = apexlens.Experiment(model, clean, corrupted, metric=metric)
     full = apexlens.full_graph(model)
-    naive_pick = torch.randperm(len(full), generator=g)[:6].tolist()
+    naive_pick = torch.randperm(len(full), generator=g)[:3].tolist()
 
     def naive() -> None:
         for i in naive_pick:
@@ -103,15 +109,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ind = apexlens.load_model("induction-2l")
     batch = apexlens.get_task("induction").batch(16, seed=0)
     t0 = time.perf_counter()
-    scores = attribute_edges(ind, batch.clean_tokens, batch.corrupted_tokens, metric=batch.logit_diff(), method="exact")
+    scores = attribute_edges(
+        ind, batch.clean_tokens, batch.corrupted_tokens, metric=batch.logit_diff(), method="exact"
+    )
     found = discover(
-        ind, batch.clean_tokens, batch.corrupted_tokens, metric=batch.logit_diff(), threshold=0.05, order=scores
+        ind,
+        batch.clean_tokens,
+        batch.corrupted_tokens,
+        metric=batch.logit_diff(),
+        threshold=0.05,
+        order=scores,
     )
     t_ind = time.perf_counter() - t0
     out["discover_induction_s"] = t_ind
-    print(f"discover on induction-2l (exact order + pruning): {t_ind:.1f} s, {found}")
+    print(f"discover on induction-2l (exact order + pruning): {t_ind:.1f} s, {found}", flush=True)
 
-    start = ig.top(300)
+    start = ig.top(args.start)
     t0 = time.perf_counter()
     found_g = discover(model, clean, corrupted, threshold=0.01, order=ig, edges=start, **kw)
     t_g = time.perf_counter() - t0

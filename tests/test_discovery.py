@@ -64,7 +64,12 @@ def test_exact_is_full_graph_minus_one_edge(model, data, exact):
 def test_exact_on_a_subset_and_receiver_expansion(model, data, exact):
     clean, corrupted, metric = data
     sub = attribute_edges(
-        model, clean, corrupted, metric=metric, method="exact", edges=[("0.1", "1.2"), ("m0", "logits")]
+        model,
+        clean,
+        corrupted,
+        metric=metric,
+        method="exact",
+        edges=[("0.1", "1.2"), ("m0", "logits")],
     )
     assert sub.edges == [("0.1", "1.2.q"), ("0.1", "1.2.k"), ("0.1", "1.2.v"), ("m0", "logits")]
     for e in sub.edges:
@@ -79,7 +84,9 @@ def test_gradient_scores_equal_the_hand_written_reference(model, data, method):
     alphas = (1.0,) if method == "eap" else (0.0, 1 / 3, 2 / 3)
     picks = _sample(len(fast), 40, 1) + [len(fast) - 1]
     edges = [fast.edges[i] for i in picks]
-    slow = naive_edge_attribution(model, clean, corrupted, metric=metric, edges=edges, alphas=alphas)
+    slow = naive_edge_attribution(
+        model, clean, corrupted, metric=metric, edges=edges, alphas=alphas
+    )
     torch.testing.assert_close(fast.scores[picks], slow, atol=TOL, rtol=0)
 
 
@@ -103,7 +110,9 @@ def test_eap_is_the_derivative_of_the_exact_effect():
             hooks = [
                 (
                     f"blocks.{node.layer}.hook_mlp_out",
-                    lambda a, hook: blk.mlp(blk.ln2(cc[f"blocks.{node.layer}.hook_resid_mid"] + add)),
+                    lambda a, hook: blk.mlp(
+                        blk.ln2(cc[f"blocks.{node.layer}.hook_resid_mid"] + add)
+                    ),
                 )
             ]
         else:
@@ -129,7 +138,13 @@ def test_eap_is_the_derivative_of_the_exact_effect():
         z = f"blocks.{n.layer}.attn.hook_z"
         return (kc[z][:, :, n.head] - cc[z][:, :, n.head]) @ model.W_O[n.layer, n.head]
 
-    for s, r in [("embed", "0.1.q"), ("0.2", "1.3.k"), ("embed", "1.0.v"), ("0.3", "m1"), ("m0", "logits")]:
+    for s, r in [
+        ("embed", "0.1.q"),
+        ("0.2", "1.3.k"),
+        ("embed", "1.0.v"),
+        ("0.3", "m1"),
+        ("m0", "logits"),
+    ]:
         d = delta(s).detach()
         fd = (run(r, eps * d) - run(r, -eps * d)) / (2 * eps)
         assert eap.score(s, r) == pytest.approx(fd, rel=1e-6, abs=1e-8), (s, r)
@@ -158,19 +173,36 @@ def test_position_aware_edges(model, data):
     # exact position-aware scores: full graph minus (s@p -> r@p), and the naive loop
     exp = apexlens.Experiment(model, clean, corrupted, metric=metric)
     g = [(str(s), str(r)) for s, r in apexlens.full_graph(model)]
-    for s, r, p in [("0.1", "1.2.k", 4), ("embed", "m1", 6), ("m0", "logits", 6), ("1.3", "2.0.v", 2)]:
-        ex = attribute_edges(model, clean, corrupted, metric=metric, method="exact", edges=[(f"{s}@{p}", f"{r}@{p}")])
+    for s, r, p in [
+        ("0.1", "1.2.k", 4),
+        ("embed", "m1", 6),
+        ("m0", "logits", 6),
+        ("1.3", "2.0.v", 2),
+    ]:
+        ex = attribute_edges(
+            model, clean, corrupted, metric=metric, method="exact", edges=[(f"{s}@{p}", f"{r}@{p}")]
+        )
         assert ex.edges == [(f"{s}@{p}", f"{r}@{p}")]
         others = [(f"{s}@{q}", f"{r}@{q}") for q in range(n_pos) if q != p]
         circ = exp.evaluate_circuit([e for e in g if e != (s, r)] + others)
-        torch.testing.assert_close(ex.per_example[0], circ.scores.values - exp.clean_values, atol=TOL, rtol=0)
+        torch.testing.assert_close(
+            ex.per_example[0], circ.scores.values - exp.clean_values, atol=TOL, rtol=0
+        )
         slow = naive_path_patch(
-            model, clean, corrupted, senders=[f"{s}@{p}"], receivers=[f"{r}@{p}"], metric=metric, mlps="frozen"
+            model,
+            clean,
+            corrupted,
+            senders=[f"{s}@{p}"],
+            receivers=[f"{r}@{p}"],
+            metric=metric,
+            mlps="frozen",
         )[0]
         torch.testing.assert_close(ex.per_example[0], slow - exp.clean_values, atol=TOL, rtol=0)
     # a full position-aware graph is the clean run; one side's positions apply to both
     every = [(f"{s}@{q}", f"{r}@{q}") for s, r in g for q in range(n_pos)]
-    torch.testing.assert_close(exp.evaluate_circuit(every).scores.values, exp.clean_values, atol=TOL, rtol=0)
+    torch.testing.assert_close(
+        exp.evaluate_circuit(every).scores.values, exp.clean_values, atol=TOL, rtol=0
+    )
     a = exp.evaluate_circuit([e for e in g if e != ("0.1", "1.2.k")] + [("0.1@3", "1.2.k")])
     b = exp.evaluate_circuit([e for e in g if e != ("0.1", "1.2.k")] + [("0.1@3", "1.2.k@3")])
     torch.testing.assert_close(a.scores.values, b.scores.values, atol=0, rtol=0)
@@ -178,7 +210,9 @@ def test_position_aware_edges(model, data):
 
 def test_position_errors(model, data):
     clean, corrupted, metric = data
-    exp = apexlens.Experiment(model, clean, corrupted, metric=metric, positions={"end": torch.tensor([6, 5, 6])})
+    exp = apexlens.Experiment(
+        model, clean, corrupted, metric=metric, positions={"end": torch.tensor([6, 5, 6])}
+    )
     E = apexlens.ApexlensError
     with pytest.raises(E, match="same position"):
         exp.evaluate_circuit([("0.1@3", "1.3.k@5")])
@@ -198,7 +232,9 @@ def test_split_embed(model, data):
     clean, corrupted, metric = data
     exp = apexlens.Experiment(model, clean, corrupted, metric=metric)
     whole = attribute_edges(model, clean, corrupted, metric=metric, method="exact")
-    split = attribute_edges(model, clean, corrupted, metric=metric, method="exact", split_embed=True)
+    split = attribute_edges(
+        model, clean, corrupted, metric=metric, method="exact", split_embed=True
+    )
     assert len(split) == len(whole) + sum(1 for s, _ in whole.edges if s == "embed")
     for s, r in whole.edges:
         if s == "embed":  # resample: same positions, so only the token embedding moves
@@ -222,10 +258,15 @@ def test_circuit_rows_equal_one_circuit_at_a_time(model, data, ablation):
     st = _Setup(model, clean, corrupted, metric, ablation=ablation)
     exp, idx = st.exp, st.index
     g = torch.Generator().manual_seed(4)
-    keeps = (torch.rand(5, *idx.valid.shape, generator=g) < torch.tensor([0.05, 0.3, 0.6, 0.9, 1.0])[:, None, None]) & idx.valid
+    keeps = (
+        torch.rand(5, *idx.valid.shape, generator=g)
+        < torch.tensor([0.05, 0.3, 0.6, 0.9, 1.0])[:, None, None]
+    ) & idx.valid
     fast = circuit_rows(st, keeps)
     for i in range(len(keeps)):
-        edges = [(idx.senders[a].name, idx.receivers[b].name) for a, b in keeps[i].nonzero().tolist()]
+        edges = [
+            (idx.senders[a].name, idx.receivers[b].name) for a, b in keeps[i].nonzero().tolist()
+        ]
         slow = exp.evaluate_circuit(edges, ablation=ablation).scores.values
         torch.testing.assert_close(fast[i], slow, atol=TOL, rtol=0)
     # position-aware rows
@@ -258,7 +299,9 @@ def test_faithfulness_curve(model, data, exact, ablation):
         f.append((circ.scores.mean - empty) / (res.full - empty))
     x = res.fractions
     cpr = sum((x[i + 1] - x[i]) * (f[i] + f[i + 1]) / 2 for i in range(len(x) - 1))
-    cmd = sum((x[i + 1] - x[i]) * (abs(1 - f[i]) + abs(1 - f[i + 1])) / 2 for i in range(len(x) - 1))
+    cmd = sum(
+        (x[i + 1] - x[i]) * (abs(1 - f[i]) + abs(1 - f[i + 1])) / 2 for i in range(len(x) - 1)
+    )
     assert res.cpr == pytest.approx(cpr, abs=1e-9) and res.cmd == pytest.approx(cmd, abs=1e-9)
     assert res.f[-1] == pytest.approx(1.0, abs=TOL)
     assert list(res.to_frame().columns) == ["fraction", "n_edges", "metric", "faithfulness"]
@@ -350,7 +393,9 @@ def test_discover_errors(model, data):
     with pytest.raises(E, match="ig_steps"):
         attribute_edges(model, clean, corrupted, metric=metric, ig_steps=0)
     with pytest.raises(E, match="backwards"):
-        attribute_edges(model, clean, corrupted, metric=metric, method="exact", edges=[("1.0", "0.1.q")])
+        attribute_edges(
+            model, clean, corrupted, metric=metric, method="exact", edges=[("1.0", "0.1.q")]
+        )
 
 
 # ---------------------------------------------------------------------------- ground truth
