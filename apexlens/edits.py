@@ -12,6 +12,7 @@ kept a reference sees its tensor unchanged.
 ``replace_where(m, v)`` ``torch.where(m, v, activation)``: only where ``m`` is true
 ``add(delta, pos)``    ``activation + delta`` (only at sequence positions ``pos``)
 ``set_heads(h, v, m)`` heads ``h`` (axis 2) become ``v`` (only where ``m`` is true)
+``scatter_heads(...)`` per stacked row, one head becomes a value (exact edge scores)
 =====================  =================================================================
 """
 
