@@ -16,12 +16,16 @@ Public API (one screen):
                 :func:`random_gpt2_small`, :func:`to_bridge`; tasks: :func:`get_task`
 * plotting   -- plotly figures for every result (:mod:`apexlens.plotting`)
 * self-check -- :func:`check` (does apexlens compute this model exactly? ``.ok``)
+* discovery  -- :func:`attribute_edges` (exact / EAP / EAP-IG edge scores, :class:`EdgeScores`),
+                :func:`faithfulness` (MIB curve, CPR, CMD), :func:`edge_auc`, :func:`discover`
+                (greedy exact pruning, :class:`DiscoveryResult`)
 * errors     -- one type, :class:`ApexlensError`, whose message names the fix
 """
 
 from apexlens import graph, scoring
 from apexlens.bridge import to_bridge
 from apexlens.check import CheckResult, check
+from apexlens.discovery import attribute_edges, discover, faithfulness
 from apexlens.errors import ApexlensError
 from apexlens.experiment import (
     Circuit,
@@ -36,11 +40,17 @@ from apexlens.graph import Node, all_heads, all_mlps, full_graph, heads_of_layer
 from apexlens.models import list_models, load_model, model_info, random_gpt2_small
 from apexlens.noise import apex, noise_hooks
 from apexlens.results import (
+    MIB_FRACTIONS,
     ActPatchResult,
     ApexResult,
     CircuitResult,
+    DiscoveryResult,
+    EdgeAudit,
+    EdgeScores,
+    FaithfulnessResult,
     PathPatchResult,
     compare,
+    edge_auc,
 )
 from apexlens.scoring import (
     AnswerLogProb,
@@ -97,5 +107,14 @@ __all__ = [
     "to_bridge",
     "check",
     "CheckResult",
+    "attribute_edges",
+    "discover",
+    "faithfulness",
+    "edge_auc",
+    "EdgeScores",
+    "EdgeAudit",
+    "FaithfulnessResult",
+    "DiscoveryResult",
+    "MIB_FRACTIONS",
 ]
 __version__ = "0.1.0"

@@ -29,6 +29,8 @@ def check_nodes(nodes: Sequence[Node]) -> list[Node]:
     for n in out:
         if n.kind in ("logits", "kv") or (n.kind == "head" and n.channel is not None):
             raise ApexlensError(f"activation patching patches outputs; {n} is not one")
+        if n.kind in ("tok_embed", "pos_embed"):
+            raise ApexlensError(f"activation patching patches 'embed' (or 'r0'), not {n}")
     if not out:
         raise ApexlensError("the node set is empty")
     return unique(out, "node")

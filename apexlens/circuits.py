@@ -26,9 +26,9 @@ any forward pass of the model inside the block runs under the hypothesis.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,21 +41,32 @@ from apexlens.errors import ApexlensError
 from apexlens.graph import Node, as_receivers, has_edge, parse_node, validate
 from apexlens.hooks import HookFn
 from apexlens.results import CircuitResult
-from apexlens.runs import Readout, Run, Runs, grouped_kv_hooks, run_tokens
+from apexlens.runs import Readout, Run, Runs, grouped_kv_hooks, run_tokens, split_embed_names
 from apexlens.scoring import Scores
-
-Ablation = Literal["resample", "mean", "zero"]
-EdgeSpec = Iterable[tuple[Any, Any]]
+from apexlens.specs import Ablation, EdgeSpec
 
 
 # ============================================================================ edge index
 class EdgeIndex:
-    """Numbering of a model's senders and receivers, and edge sets as boolean matrices."""
+    """Numbering of a model's senders and receivers, and edge sets as boolean matrices.
 
-    def __init__(self, bk: Backend):
+    With ``split_embed`` the first senders are ``tok_embed`` and ``pos_embed`` (the token and
+    the positional embedding, ``hook_embed`` / ``hook_pos_embed``) instead of ``embed``.
+    """
+
+    def __init__(self, bk: Backend, split_embed: bool = False):
         d = bk.dims
+        if split_embed and not split_embed_names(bk):
+            raise ApexlensError(
+                "tok_embed / pos_embed edges need a model whose residual stream starts as token "
+                "embedding + learned positional embedding (positional_embedding_type='standard'); "
+                "this model has no such split: use 'embed'"
+            )
         self.dims = d
-        self.senders: list[Node] = [Node("embed")]
+        self.split_embed = split_embed
+        self.senders: list[Node] = (
+            [Node("tok_embed"), Node("pos_embed")] if split_embed else [Node("embed")]
+        )
         self.receivers: list[Node] = []
         self.head_sender: dict[int, slice] = {}
         self.mlp_sender: dict[int, int] = {}
@@ -90,7 +101,7 @@ class EdgeIndex:
         for n in nodes:
             if n.kind == "kv":
                 j = int(n.head or 0)
-                out += [Node("head", n.layer, h, n.channel) for h in range(j * g, (j + 1) * g)]
+                out += [replace(n, kind="head", head=h) for h in range(j * g, (j + 1) * g)]
             else:
                 out.append(n)
         return out
@@ -100,22 +111,35 @@ class EdgeIndex:
         return (n.kind, n.layer, n.head, n.channel)
 
     def mask(self, edges: EdgeSpec) -> Bool[Tensor, "sender receiver"]:
-        """The circuit's edges as a ``[n_senders, n_receivers]`` matrix."""
+        """The circuit's edges as a ``[n_senders, n_receivers]`` matrix (no positions)."""
+        keep = self.keep(edges)
+        assert keep.ndim == 2
+        return keep
+
+    def keep(
+        self,
+        edges: EdgeSpec,
+        n_pos: int | None = None,
+        named: Mapping[str, Any] | None = None,
+    ) -> Bool[Tensor, "sender receiver"] | Bool[Tensor, "sender receiver pos"]:
+        """The circuit's edges as a ``[n_senders, n_receivers]`` matrix, or, when an edge names
+        positions, a ``[n_senders, n_receivers, n_pos]`` one (see :func:`edge_positions`)."""
         keep = torch.zeros_like(self.valid)
+        per_pos: list[tuple[int, int, tuple[int, ...]]] = []
         for pair in edges:
             try:
                 s_spec, r_spec = pair
             except (TypeError, ValueError):
                 raise ApexlensError(f"an edge is a (sender, receiver) pair, got {pair!r}") from None
             s = validate(parse_node(s_spec), self.dims)
-            if s.positions is not None:
-                raise ApexlensError(f"edge {s} -> {r_spec}: circuit edges act on all positions")
-            if s.kind == "logits" or (s.kind == "head" and s.channel is not None):
+            if (
+                s.kind == "logits"
+                or s.kind == "resid"
+                or (s.kind == "head" and s.channel is not None)
+            ):
                 raise ApexlensError(f"edge {s} -> {r_spec}: {s} cannot send")
             for r in self._query_heads(as_receivers([validate(parse_node(r_spec), self.dims)])):
-                if r.positions is not None:
-                    raise ApexlensError(f"edge {s} -> {r}: circuit edges act on all positions")
-                i, j = self._s[self._key(s)], self._r[self._key(r)]
+                i, j = self.sender_id(s), self.receiver_id(r)
                 if not self.valid[i, j]:
                     same = " (parallel attention and MLP: MLP L reads before the heads of layer L write)"
                     raise ApexlensError(
@@ -123,8 +147,118 @@ class EdgeIndex:
                         f"layer as) sender {s}"
                         + (same if self.dims.parallel and r.kind == "mlp" else "")
                     )
-                keep[i, j] = True
-        return keep
+                pos = edge_positions(s, r, n_pos, named)
+                if pos is None:
+                    keep[i, j] = True
+                else:
+                    per_pos.append((i, j, pos))
+        if not per_pos:
+            return keep
+        assert n_pos is not None
+        out = keep[:, :, None].expand(*keep.shape, n_pos).clone()
+        for i, j, pos in per_pos:
+            out[i, j, list(pos)] = True
+        return out
+
+    def sender_id(self, s: Node) -> int:
+        """The row of sender ``s`` (positions ignored)."""
+        key = self._key(s)
+        if key not in self._s:
+            split = s.kind in ("tok_embed", "pos_embed")
+            if s.kind == "embed" or split:
+                raise ApexlensError(
+                    f"sender {s.name}: this edge graph "
+                    + (
+                        "splits 'embed' into 'tok_embed' and 'pos_embed'"
+                        if self.split_embed
+                        else "has one 'embed' sender; use split_embed=True for tok_embed/pos_embed"
+                    )
+                )
+            raise ApexlensError(f"{s} is not a sender of this model's edge graph")
+        return self._s[key]
+
+    def receiver_id(self, r: Node) -> int:
+        """The column of receiver ``r`` (positions ignored)."""
+        return self._r[self._key(r)]
+
+    def edge_list(self) -> list[tuple[Node, Node]]:
+        """Every edge of the graph, sender-major (the order of ``valid.nonzero()``)."""
+        return [(self.senders[i], self.receivers[j]) for i, j in self.valid.nonzero().tolist()]
+
+
+def uses_split_embed(edges: Iterable[tuple[Any, Any]]) -> bool:
+    """Whether an edge list names ``tok_embed`` / ``pos_embed`` (the split embedding)."""
+    for pair in edges:
+        try:
+            s_spec = pair[0]
+        except (TypeError, IndexError, KeyError):
+            continue
+        try:
+            if parse_node(s_spec).kind in ("tok_embed", "pos_embed"):
+                return True
+        except ApexlensError:
+            continue
+    return False
+
+
+def edge_positions(
+    s: Node, r: Node, n_pos: int | None, named: Mapping[str, Any] | None = None
+) -> tuple[int, ...] | None:
+    """The positions a (possibly position-aware) edge ``s -> r`` acts at; ``None``: all.
+
+    **Semantics.** A sender writes its output at position ``p`` into the residual stream at
+    ``p``; a receiver (a head's q/k/v input, an MLP, the logits) reads the residual stream at
+    its own position ``q``. So a direct edge connects ``s@p`` to ``r@q`` only when ``p == q``:
+    the edge ``"0.1@3" -> "1.3.k@3"`` carries what head 0.1 wrote at position 3 into the key
+    of head 1.3 at position 3. Moving information between positions is what attention does
+    *inside* a head (its k/v at ``p`` -> its output at ``q >= p``), which is not an edge.
+    Positions given on one side apply to both; given on both sides they must be the same
+    set. Negative positions count from the end; a name must resolve to the same positions
+    for every example.
+    """
+    ps, pr = s.positions, r.positions
+    if ps is None and pr is None:
+        return None
+    if n_pos is None:
+        raise ApexlensError(
+            f"edge {s} -> {r} names positions; evaluate it on tokens (evaluate_circuit / an "
+            "Experiment), where the sequence length is known"
+        )
+    sides = [_abs_positions(p, n_pos, named, f"edge {s} -> {r}") for p in (ps, pr) if p is not None]
+    if len(sides) == 2 and sides[0] != sides[1]:
+        raise ApexlensError(
+            f"edge {s} -> {r} joins different positions: a sender's output at position p reaches a "
+            "receiver's input only at the same position p (the residual stream is per position; "
+            "moving between positions happens inside an attention head, not along an edge). "
+            f"Write the edge at one position, e.g. {s.name}@{sides[1][0]} -> {r.name}@{sides[1][0]}"
+        )
+    return sides[0]
+
+
+def _abs_positions(
+    p: Any, n_pos: int, named: Mapping[str, Any] | None, what: str
+) -> tuple[int, ...]:
+    if isinstance(p, str):
+        if named is None or p not in named:
+            known = ", ".join(sorted(named)) if named else "none were given"
+            raise ApexlensError(f"{what}: unknown position name {p!r} ({known})")
+        p = named[p]
+    per_example = isinstance(p, Tensor) and p.ndim >= 1
+    t = torch.as_tensor(p).long().cpu()
+    if per_example:  # [batch] or [batch, k]: one row per example, all rows the same
+        rows = t.reshape(t.shape[0], -1)
+        if not bool((rows == rows[:1]).all()):
+            raise ApexlensError(
+                f"{what}: position-aware edges need the same positions for every example; "
+                "the named positions differ between examples"
+            )
+        t = rows[0]
+    vals = t.flatten().tolist()
+    if any(not -n_pos <= x < n_pos for x in vals):
+        raise ApexlensError(
+            f"{what}: positions {vals} out of range for sequences of length {n_pos}"
+        )
+    return tuple(sorted({x % n_pos for x in vals}))
 
 
 # ============================================================================ ablation values
@@ -135,16 +269,52 @@ class AblationValues:
     embed: Float[Tensor, "batch pos d_model"]
     z: list[Float[Tensor, "batch pos head d_head"]]
     mlp_out: list[Float[Tensor, "batch pos d_model"]]
+    tok: Float[Tensor, "batch pos d_model"] | None = None
+    """``hook_embed`` / ``hook_pos_embed`` values, for edge graphs that split ``embed``."""
+    pos: Float[Tensor, "batch pos d_model"] | None = None
+
+    def tiled(self, rows: int) -> AblationValues:
+        """The same values for ``rows`` copies of the batch stacked along the batch axis."""
+        t = lambda x: x if x is None or x.shape[0] == 1 else x.repeat(rows, *([1] * (x.ndim - 1)))
+        return AblationValues(
+            t(self.embed),
+            [t(z) for z in self.z],
+            [t(m) for m in self.mlp_out],
+            t(self.tok),
+            t(self.pos),
+        )
 
     def rows(self, sl: slice) -> AblationValues:
         """The values for examples ``sl`` (values shared by every example stay as they are)."""
-        pick = lambda t: t[sl] if t.shape[0] > 1 else t  # noqa: E731
+        pick = lambda t: t if t is None or t.shape[0] == 1 else t[sl]  # noqa: E731
         return AblationValues(
-            pick(self.embed), [pick(z) for z in self.z], [pick(m) for m in self.mlp_out]
+            pick(self.embed),
+            [pick(z) for z in self.z],
+            [pick(m) for m in self.mlp_out],
+            pick(self.tok),
+            pick(self.pos),
         )
 
 
 def ablation_values(
+    bk: Backend, ablation: Ablation, corrupted: Run | None, reference: Run | None
+) -> AblationValues:
+    """The ablated sender outputs, with ``tok`` / ``pos`` where the runs recorded the split
+    embedding (``hook_embed`` / ``hook_pos_embed``)."""
+    out = _ablation_values(bk, ablation, corrupted, reference)
+    ref = corrupted if ablation == "resample" else reference if reference is not None else corrupted
+    if ref is not None and "hook_embed" in ref.acts and "hook_pos_embed" in ref.acts:
+        tok = ref["hook_embed"]
+        pos = ref["hook_pos_embed"].expand_as(tok)
+        if ablation == "mean":
+            tok, pos = tok.mean(0, keepdim=True), pos.mean(0, keepdim=True)
+        elif ablation == "zero":
+            tok, pos = torch.zeros_like(tok[:1]), torch.zeros_like(pos[:1])
+        out.tok, out.pos = tok, pos
+    return out
+
+
+def _ablation_values(
     bk: Backend, ablation: Ablation, corrupted: Run | None, reference: Run | None
 ) -> AblationValues:
     n = bk.dims.n_layers
@@ -189,11 +359,12 @@ class SenderBuffer:
         self.n_senders = n_senders
         self.filled = 0
 
-    def start(self, first: Float[Tensor, "batch pos d_model"]) -> None:
-        self.D = first.new_zeros(self.n_senders, *first.shape)
-        self.total = torch.zeros_like(first)
+    def start(self, first: Float[Tensor, "k batch pos d_model"]) -> None:
+        """A new forward pass, beginning with the embedding sender(s)."""
+        self.D = first.new_zeros(self.n_senders, *first.shape[1:])
+        self.total = torch.zeros_like(first[0])
         self.filled = 0
-        self.put(slice(0, 1), first[None])
+        self.put(slice(0, first.shape[0]), first)
 
     def put(self, rows: slice, values: Float[Tensor, "s batch pos d_model"]) -> None:
         assert rows.start == self.filled, "senders are recorded in forward order"
@@ -202,12 +373,18 @@ class SenderBuffer:
         self.filled = rows.stop
 
     def read(
-        self, resid: Float[Tensor, "batch pos d_model"], ex: Bool[Tensor, "s u"]
-    ) -> Float[Tensor, "u batch pos d_model"]:
+        self,
+        resid: Float[Tensor, "n pos d_model"],
+        ex: Bool[Tensor, "s u"] | Bool[Tensor, "s u rows p"],
+    ) -> Float[Tensor, "u n pos d_model"]:
         """``resid - sum_s ex[s, u] * D[s]`` for every column ``u`` (``s`` = all senders
-        recorded so far): through the excluded senders, or through the kept ones and the
-        running total, whichever involves fewer senders."""
+        recorded so far), through the excluded senders or, when fewer, through the kept ones
+        and the running total. ``ex`` may also be ``[s, u, rows, p]``: one mask per row of
+        copies of the batch stacked along axis 0 of ``resid``, per position (``p = pos``) or
+        for all positions (``p = 1``)."""
         assert ex.shape[0] == self.filled, "a receiver reads every sender before it"
+        if ex.ndim == 4:
+            return resid[None] - _rows_sum(self.D[: ex.shape[0]], ex)
         shape = resid.shape
         flat = self.D[: ex.shape[0]].reshape(ex.shape[0], -1)
         kept = ~ex
@@ -226,14 +403,40 @@ class SenderBuffer:
         return out.reshape(ex.shape[1], *shape)
 
 
+def _rows_sum(
+    D: Float[Tensor, "sender n pos d_model"], ex: Bool[Tensor, "sender u rows p"]
+) -> Float[Tensor, "u n pos d_model"]:
+    """``sum_s ex[s, u, row, p] * D[s, (row, b), p]`` for rows stacked along the batch;
+    ``p`` is ``pos`` or 1 (the same mask at every position)."""
+    S, n, n_pos, dm = D.shape
+    rows = ex.shape[2]
+    Dr = D.reshape(S, rows, n // rows, n_pos, dm)
+    w = ex.to(D.dtype)
+    if ex.shape[-1] == 1:
+        out = torch.einsum("srbpd,sur->urbpd", Dr, w[..., 0])
+    else:
+        out = torch.einsum("srbpd,surp->urbpd", Dr, w)
+    return out.reshape(ex.shape[1], n, n_pos, dm)
+
+
 def circuit_hooks(
-    bk: Backend, index: EdgeIndex, keep: Bool[Tensor, "sender receiver"], abl: AblationValues
+    bk: Backend,
+    index: EdgeIndex,
+    keep: Bool[Tensor, "sender receiver"]
+    | Bool[Tensor, "sender receiver pos"]
+    | Bool[Tensor, "sender receiver rows pos"],
+    abl: AblationValues,
 ) -> list[tuple[str, HookFn]]:
     """Hooks that make any forward pass of the model run under the circuit ``keep``.
 
     The run keeps ``D[s] = out_s - ablated_s`` for every sender computed so far
     (:class:`SenderBuffer`); each receiver reads ``resid - sum over excluded senders D[s]``.
     Heads whose receivers exclude the same senders share one normalisation.
+
+    ``keep`` is ``[sender, receiver]`` (edges at every position), ``[sender, receiver, pos]``
+    (position-aware edges) or ``[sender, receiver, rows, pos or 1]``: one circuit per row,
+    the forward pass then runs ``rows`` copies of the batch stacked along the batch axis
+    (``abl`` tiled to match, :meth:`AblationValues.tiled`).
     """
     d = bk.dims
     if bk.post_norms:
@@ -242,15 +445,32 @@ def circuit_hooks(
             "(use_normalization_before_and_after, Gemma-2) is not supported: head outputs "
             "are not additive there, so an edge from one head is not defined"
         )
-    excluded = (index.valid & ~keep).to(bk.device)
+    valid = index.valid.to(bk.device)
+    keep = keep.to(bk.device)
+    if keep.ndim == 3:
+        keep = keep[:, :, None, :]
+    if keep.ndim == 4:
+        valid = valid[:, :, None, None]
+    excluded = valid & ~keep
     buf = SenderBuffer(len(index.senders))
     state: dict[str, Tensor] = {}
 
     def embed_hook(act: Tensor, hook: Any) -> None:
-        buf.start(act - abl.embed.to(act))
+        if index.split_embed:
+            assert abl.tok is not None and abl.pos is not None, "split embed needs tok/pos values"
+            tok = state["tok"] - abl.tok.to(act)
+            pos = state["pos"].expand_as(act) - abl.pos.to(act)
+            buf.start(torch.stack([tok, pos]))
+        else:
+            buf.start((act - abl.embed.to(act))[None])
         state[bk.resid_pre(0)] = act
 
     hooks: list[tuple[str, HookFn]] = [(bk.resid_pre(0), embed_hook)]
+    if index.split_embed:
+        hooks[:0] = [
+            ("hook_embed", edits.save(state, "tok", clone=False)),
+            ("hook_pos_embed", edits.save(state, "pos", clone=False)),
+        ]
     for layer in range(d.n_layers):
         if layer > 0:
             hooks.append((bk.resid_pre(layer), edits.save(state, bk.resid_pre(layer), clone=False)))
@@ -260,7 +480,7 @@ def circuit_hooks(
             ex = excluded[:n_up, index.head_receiver[(layer, ch)]]
             if not ex.any():
                 continue
-            heads = ex.any(0).nonzero().flatten().tolist()
+            heads = _any_but_dim1(ex).nonzero().flatten().tolist()
             if ch in "kv" and d.group > 1:
                 heads, own[ch] = _kv_heads(bk, ex)
             if heads:
@@ -296,7 +516,7 @@ def _qkv_value(
     state: dict[str, Tensor],
     layer: int,
     ch: str,
-    ex: Bool[Tensor, "s h"],
+    ex: Bool[Tensor, "s h"] | Bool[Tensor, "s h rows p"],
     slots: list[int],
 ) -> Any:
     """The q/k/v input of ``slots`` recomputed from ``resid - excluded senders`` (column
@@ -305,8 +525,8 @@ def _qkv_value(
     columns, which = torch.unique(ex, dim=1, return_inverse=True)
 
     def value(act: Tensor) -> Tensor:
-        normed = bk.ln1(layer, buf.read(state[bk.resid_pre(layer)], columns))  # [u, b, p, d]
-        per_slot = normed[which].permute(1, 2, 0, 3)  # [b, p, slot, d]
+        normed = bk.ln1(layer, buf.read(state[bk.resid_pre(layer)], columns))  # [u, n, p, d]
+        per_slot = normed[which].permute(1, 2, 0, 3)  # [n, p, slot, d]
         return bk.project_heads(layer, ch, per_slot, slots)
 
     return value
@@ -376,11 +596,18 @@ def _mlp_hook(
 
     def hook(act: Tensor, hook: Any) -> Tensor:
         if ex_m.any():
-            act = bk.mlp_from_resid(layer, buf.read(state[bk.mlp_in_resid(layer)], ex_m[:, None])[0])
+            act = bk.mlp_from_resid(
+                layer, buf.read(state[bk.mlp_in_resid(layer)], ex_m[:, None])[0]
+            )
         buf.put(slice(i_mlp, i_mlp + 1), (act - abl.mlp_out[layer].to(act))[None])
         return act
 
     return hook
+
+
+def _any_but_dim1(ex: Tensor) -> Tensor:
+    """``ex.any(0)`` of ``[sender, head]``, also for ``[sender, head, rows, pos]``."""
+    return ex.transpose(0, 1).reshape(ex.shape[1], -1).any(-1)
 
 
 # ============================================================================ evaluation
@@ -388,7 +615,7 @@ def circuit_final(
     runs: Runs,
     tokens: Tensor,
     index: EdgeIndex,
-    keep: Bool[Tensor, "sender receiver"],
+    keep: Tensor,
     abl: AblationValues,
 ) -> Float[Tensor, "batch pos d_model"]:
     """The final residual stream of ``tokens`` under the circuit ``keep``.
@@ -425,7 +652,7 @@ def evaluate(
     empty_is_corrupted: bool,
 ) -> CircuitResult:
     """Evaluate one hypothesis on the clean ``tokens`` (the KL columns lazily)."""
-    keep = index.mask(edge_list)
+    keep = index.keep(edge_list, runs.n_pos, runs.named_positions)
     final = circuit_final(runs, tokens, index, keep, abl)
     values = readout(readout.gather(final))
     if empty_is_corrupted and runs.corrupted is not None:

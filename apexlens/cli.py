@@ -1,4 +1,4 @@
-"""The ``apexlens`` command line: ``demo``, ``models``, ``path-patch``, ``apex``.
+"""The ``apexlens`` command line: ``demo``, ``models``, ``path-patch``, ``apex``, ``discover``.
 
 Every subcommand has ``--help``. A bad argument (unknown model, bad node name, head out of
 range, negative sigma...) prints one line on stderr and exits with status 2.
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument(
         "--absolute", action="store_true", help="absolute sigma (the default; kept for scripts)"
     )
+    from apexlens import cli_discovery
+
+    cli_discovery.add_parser(sub, common)
     return parser
 
 
@@ -357,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "path-patch":
             return _path_patch(args)
+        if args.command == "discover":
+            from apexlens import cli_discovery
+
+            return cli_discovery.run(args, _model_and_task)
         return _apex(args)
     except ApexlensError as e:
         print(f"apexlens: error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ kept a reference sees its tensor unchanged.
 ``replace_where(m, v)`` ``torch.where(m, v, activation)``: only where ``m`` is true
 ``add(delta, pos)``    ``activation + delta`` (only at sequence positions ``pos``)
 ``set_heads(h, v, m)`` heads ``h`` (axis 2) become ``v`` (only where ``m`` is true)
+``scatter_heads(...)`` per stacked row, one head becomes a value (exact edge scores)
 =====================  =================================================================
 """
 
@@ -91,6 +92,25 @@ def set_heads(
             out[:, :, heads] = v
         else:
             out[:, :, heads] = torch.where(where[..., None], v, act[:, :, heads])
+        return out
+
+    return hook
+
+
+def scatter_heads(
+    rows: Int[Tensor, " k"],
+    heads: Int[Tensor, " k"],
+    values: Tensor,
+    n_rows: int,
+) -> HookFn:
+    """For rows stacked along the batch (``n_rows`` copies), head ``heads[i]`` of row
+    ``rows[i]`` becomes ``values[i]`` (``[batch, pos, d_head]``); every other head and row
+    keeps its activation. Pairs must be distinct."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        out = act.clone()
+        view = out.view(n_rows, act.shape[0] // n_rows, *act.shape[1:])
+        view[rows, :, :, heads] = values.to(act.dtype)
         return out
 
     return hook

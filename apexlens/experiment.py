@@ -13,9 +13,8 @@ concurrent calls on one model from several threads are each exact.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from jaxtyping import Bool, Float, Int
@@ -23,11 +22,10 @@ from torch import Tensor
 
 from apexlens import actpatch, circuits, paths
 from apexlens.backend import backend_for
-from apexlens.circuits import Ablation, EdgeIndex, EdgeSpec
+from apexlens.circuits import EdgeIndex
 from apexlens.errors import ApexlensError
 from apexlens.graph import Node, NodeSpec, as_receivers, as_senders, parse_nodes, position_mask
 from apexlens.hooks import attached, inference_mode
-from apexlens.paths import MLPMode
 from apexlens.results import ActPatchResult, CircuitResult, PathPatchResult
 from apexlens.runs import (
     MetricFn,
@@ -40,6 +38,7 @@ from apexlens.runs import (
     run_from,
 )
 from apexlens.scoring import Scores
+from apexlens.specs import Ablation, Circuit, EdgeSpec, MLPMode, Paths
 
 __all__ = [
     "Circuit",
@@ -105,7 +104,7 @@ class Experiment:
             )
             self.clean_values = self.readout(self.readout.gather(self.runs.clean.final))
             self.corrupted_values = self.readout(self.readout.gather(corrupted.final))
-        self._index: EdgeIndex | None = None
+        self._index: dict[bool, EdgeIndex] = {}
 
     # ------------------------------------------------------------------ state
     @property
@@ -227,6 +226,12 @@ class Experiment:
             return actpatch.act_patch_rows(self.runs, self.readout, nodes, progress=progress)
 
     # ------------------------------------------------------------------ circuits
+    def edge_index(self, split_embed: bool = False) -> EdgeIndex:
+        """The model's edge graph (``split_embed``: ``tok_embed`` and ``pos_embed`` senders)."""
+        if split_embed not in self._index:
+            self._index[split_embed] = EdgeIndex(self.bk, split_embed)
+        return self._index[split_embed]
+
     def evaluate_circuit(
         self,
         edges: EdgeSpec,
@@ -235,8 +240,8 @@ class Experiment:
         reference_tokens: Int[Tensor, "n pos"] | None = None,
     ) -> CircuitResult:
         """Evaluate a circuit hypothesis on the cached runs; see :func:`evaluate_circuit`."""
-        if self._index is None:
-            self._index = EdgeIndex(self.bk)
+        edges = list(edges)
+        index = self.edge_index(circuits.uses_split_embed(edges))
         with inference_mode(self.model):
             reference = None
             if reference_tokens is not None:
@@ -252,8 +257,8 @@ class Experiment:
                 self.runs,
                 self.readout,
                 self.clean_tokens,
-                self._index,
-                list(edges),
+                index,
+                edges,
                 abl,
                 ablation,
                 empty_is_corrupted=ablation == "resample" and reference_tokens is None,
@@ -360,27 +365,6 @@ def evaluate_circuit(
 
 
 # ============================================================================ interactive
-@dataclass(frozen=True)
-class Paths:
-    """A path-patching spec for :func:`patched`: senders patched jointly along their paths."""
-
-    senders: NodeSpec
-    receivers: NodeSpec = "logits"
-    mlps: MLPMode = "live"
-
-
-@dataclass(frozen=True)
-class Circuit:
-    """A circuit-hypothesis spec for :func:`patched`."""
-
-    edges: tuple[tuple[Any, Any], ...]
-    ablation: Ablation = "resample"
-
-    def __init__(self, edges: Iterable[tuple[Any, Any]], ablation: Ablation = "resample"):
-        object.__setattr__(self, "edges", tuple(tuple(e) for e in edges))
-        object.__setattr__(self, "ablation", ablation)
-
-
 @contextmanager
 def patched(
     model: Any,
@@ -413,8 +397,8 @@ def patched(
     with inference_mode(model):
         corrupted = cached_run(bk, corrupted_tokens)
         if isinstance(spec, Circuit):
-            index = EdgeIndex(bk)
-            keep = index.mask(spec.edges)
+            index = EdgeIndex(bk, circuits.uses_split_embed(spec.edges))
+            keep = index.keep(spec.edges, corrupted_tokens.shape[1], dict(positions or {}))
             reference = None
             if reference_tokens is not None:
                 reference = cached_run(bk, check_tokens(bk, reference_tokens, "reference_tokens"))

@@ -8,6 +8,8 @@ them, so it needs names for the components:
 spelling       node                                          role
 =============  ============================================  ==========================
 ``"embed"``    token + positional embedding                  sender
+``"tok_embed"`` the token / positional embedding alone         sender (circuits and
+``"pos_embed"``  (``hook_embed`` / ``hook_pos_embed``)          discovery only)
 ``"9.9"``      attention head 9 of layer 9 (``z @ W_O``)     sender; as a receiver it
                                                              means all of q, k and v
 ``"9.9.q"``    the query input of head 9.9 (also k, v)       receiver
@@ -47,7 +49,9 @@ from torch import Tensor
 from apexlens.backend import Backend, Dims, backend_for
 from apexlens.errors import ApexlensError
 
-Kind = Literal["embed", "head", "kv", "mlp", "logits", "resid"]
+Kind = Literal["embed", "tok_embed", "pos_embed", "head", "kv", "mlp", "logits", "resid"]
+EMBEDS = ("embed", "tok_embed", "pos_embed")
+"""The sender kinds that read tokens (order 0)."""
 Channel = Literal["q", "k", "v"]
 PositionSpec = int | Sequence[int] | Tensor | str | None
 
@@ -81,8 +85,8 @@ class Node:
     @property
     def name(self) -> str:
         """The node's spelling without positions, e.g. ``"9.9.q"``."""
-        if self.kind == "embed":
-            return "embed"
+        if self.kind in EMBEDS:
+            return self.kind
         if self.kind == "logits":
             return "logits"
         if self.kind == "mlp":
@@ -108,7 +112,7 @@ class Node:
     def order(self, n_layers: int) -> int:
         """Where the node acts: embed 0, attention of layer L 2L+1, MLP L 2L+2, logits last
         (a residual stream ``rL`` is read before block L: 2L)."""
-        if self.kind == "embed":
+        if self.kind in EMBEDS:
             return 0
         if self.kind == "resid":
             return 2 * self.layer
@@ -140,6 +144,8 @@ class Node:
             return bk.mlp_out(self.layer)
         if self.kind == "embed":
             return bk.resid_pre(0)
+        if self.kind in ("tok_embed", "pos_embed"):
+            return "hook_embed" if self.kind == "tok_embed" else "hook_pos_embed"
         if self.kind == "resid" and self.layer < n:
             return bk.resid_pre(self.layer)
         return bk.resid_post(n - 1)
@@ -200,6 +206,8 @@ def parse_node(spec: str | Node) -> Node:
     text = text.strip()
     if text in ("embed", "emb", "embedding"):
         return Node("embed", positions=pos)
+    if text in ("tok_embed", "pos_embed"):
+        return Node(text, positions=pos)  # type: ignore[arg-type]
     if text in ("logits", "unembed", "resid_final"):
         return Node("logits", positions=pos)
     m = _KV.match(text)
@@ -341,10 +349,16 @@ def all_mlps(model: Any) -> list[Node]:
 
 
 # ---------------------------------------------------------------------- roles
-def as_senders(nodes: Sequence[Node]) -> list[Node]:
-    """Check nodes can send: embed, heads (no channel) or MLPs."""
+def as_senders(nodes: Sequence[Node], split_embed: bool = False) -> list[Node]:
+    """Check nodes can send: embed, heads (no channel) or MLPs (with ``split_embed``, also
+    ``tok_embed`` / ``pos_embed``: only circuits and discovery know them)."""
     out = []
     for n in nodes:
+        if n.kind in ("tok_embed", "pos_embed") and not split_embed:
+            raise ApexlensError(
+                f"{n} is a circuit-discovery sender (tok_embed / pos_embed split 'embed' in two); "
+                "path and activation patching use 'embed'"
+            )
         if n.kind == "logits":
             raise ApexlensError(
                 "'logits' cannot be a sender: it reads the residual stream, it writes nothing"
@@ -384,9 +398,9 @@ def as_receivers(nodes: Sequence[Node]) -> list[Node]:
     """Check nodes can receive; a head without a channel becomes its q, k and v inputs."""
     out: list[Node] = []
     for n in nodes:
-        if n.kind == "embed":
+        if n.kind in EMBEDS:
             raise ApexlensError(
-                "'embed' cannot be a receiver: it reads tokens, not the residual stream"
+                f"'{n.kind}' cannot be a receiver: it reads tokens, not the residual stream"
             )
         if n.kind == "resid":
             raise ApexlensError(

@@ -30,7 +30,7 @@ reuse step 1: the change of ``m``'s output, caused only by ``s``'s delta arrivin
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -41,8 +41,8 @@ from apexlens.errors import ApexlensError
 from apexlens.graph import Node, as_receivers
 from apexlens.hooks import Hooks
 from apexlens.runs import Readout, Runs, grouped_kv_hooks, row_chunks, run_rows, stack_rows
+from apexlens.specs import MLPMode
 
-MLPMode = Literal["live", "frozen"]
 SenderGroup = Sequence[Node]
 Gather = Callable[[Tensor], Tensor]
 

@@ -95,12 +95,22 @@ def check_pair(
 # ============================================================================ runs
 def cache_names(bk: Backend) -> list[str]:
     """The activations every engine reads from a cached run."""
-    names = [bk.resid_pre(0)]
+    names = [bk.resid_pre(0), *split_embed_names(bk)]
     for layer in range(bk.dims.n_layers):
         names += [bk.resid_pre(layer), bk.z(layer), *(bk.qkv(layer, c) for c in "qkv")]
         if bk.dims.has_mlps:
             names += [bk.mlp_in_resid(layer), bk.mlp_out(layer)]
     return list(dict.fromkeys(names))
+
+
+def split_embed_names(bk: Backend) -> list[str]:
+    """``hook_embed`` and ``hook_pos_embed`` where the residual stream entering block 0 is
+    exactly their sum (learned absolute positions); none otherwise (rotary, ALiBi and
+    shortformer models add no positional embedding to the residual stream)."""
+    hook_dict = getattr(bk.model, "hook_dict", {})
+    standard = getattr(bk.model.cfg, "positional_embedding_type", "standard") == "standard"
+    names = ["hook_embed", "hook_pos_embed"]
+    return names if standard and all(n in hook_dict for n in names) else []
 
 
 @dataclass

@@ -52,7 +52,12 @@ def _markdown(nb) -> str:
 
 
 @pytest.mark.parametrize(
-    "name, n_figures", [("01_ioi_path_patching.ipynb", 3), ("02_apex_backdoor.ipynb", 4)]
+    "name, n_figures",
+    [
+        ("01_ioi_path_patching.ipynb", 3),
+        ("02_apex_backdoor.ipynb", 4),
+        ("03_discovery.ipynb", 3),
+    ],
 )
 def test_notebook_runs_and_draws(name, n_figures, executed):
     nb = executed(name)
