@@ -12,13 +12,11 @@ from apexlens.models import load_model
 from apexlens.tasks import get_task
 
 
-def test_readme_uses_random_gpt2_small_as_it_is_importable():
+def test_readme_uses_random_gpt2_small_as_it_is_exported():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    lines = [line for line in readme.splitlines() if "random_gpt2_small" in line]
-    assert lines
-    for line in lines:
-        if "import" in line:
-            assert "from apexlens.models import random_gpt2_small" in line
+    lines = [line for line in readme.splitlines() if "random_gpt2_small(" in line]
+    assert lines and all("apexlens.random_gpt2_small(" in line for line in lines)
+    assert "random_gpt2_small" in apexlens.__all__
 
 
 # ----------------------------------------------------------------------------- 13. README circuit
