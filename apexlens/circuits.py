@@ -407,16 +407,19 @@ def _rows_sum(
     D: Float[Tensor, "sender n pos d_model"], ex: Bool[Tensor, "sender u rows p"]
 ) -> Float[Tensor, "u n pos d_model"]:
     """``sum_s ex[s, u, row, p] * D[s, (row, b), p]`` for rows stacked along the batch;
-    ``p`` is ``pos`` or 1 (the same mask at every position)."""
+    ``p`` is ``pos`` or 1 (the same mask at every position: one matrix product per row over
+    a view of the buffer, no copy of it)."""
     S, n, n_pos, dm = D.shape
-    rows = ex.shape[2]
-    Dr = D.reshape(S, rows, n // rows, n_pos, dm)
-    w = ex.to(D.dtype)
+    rows, u = ex.shape[2], ex.shape[1]
     if ex.shape[-1] == 1:
-        out = torch.einsum("srbpd,sur->urbpd", Dr, w[..., 0])
-    else:
-        out = torch.einsum("srbpd,surp->urbpd", Dr, w)
-    return out.reshape(ex.shape[1], n, n_pos, dm)
+        Dr = D.reshape(S, rows, (n // rows) * n_pos * dm)
+        out = D.new_empty(u, rows, Dr.shape[-1])
+        for r in range(rows):
+            out[:, r] = ex[:, :, r, 0].T.to(D.dtype) @ Dr[:, r]
+        return out.reshape(u, n, n_pos, dm)
+    Dr5 = D.reshape(S, rows, n // rows, n_pos, dm)
+    out = torch.einsum("srbpd,surp->urbpd", Dr5, ex.to(D.dtype))
+    return out.reshape(u, n, n_pos, dm)
 
 
 def circuit_hooks(
