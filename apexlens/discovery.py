@@ -277,11 +277,7 @@ class _Pieces:
         ]
         self.ln_final = _piece(bk, getattr(model, "ln_final", None))
         # same function up to rounding (the backend's norms are fused kernels)
-        tol = (
-            {"rtol": 1e-6, "atol": 1e-9}
-            if bk.dtype == torch.float64
-            else {"rtol": 1e-4, "atol": 1e-5}
-        )
+        rtol, atol = (1e-6, 1e-9) if bk.dtype == torch.float64 else (1e-4, 1e-5)
         with torch.no_grad():
             for la in range(bk.dims.n_layers):
                 x = st.runs.clean[bk.resid_pre(la)]
