@@ -77,7 +77,6 @@ from apexlens.results import (
     edge_auc,
 )
 from apexlens.runs import MetricFn, cached_run, check_tokens, row_chunks, rows_per_chunk, run_rows
-from apexlens.scoring import Metric
 from apexlens.specs import Ablation, EdgeSpec
 
 Method = Literal["eap-ig", "eap", "exact"]
@@ -301,9 +300,7 @@ class _Pieces:
             logits = x @ bk.W_U[:, ro.tokens] + bk.b_U[ro.tokens]
         else:
             logits = x @ bk.W_U + bk.b_U
-        if isinstance(ro.metric, Metric):
-            return ro.metric.reduce(logits)
-        return torch.stack([ro.metric(lg) for lg in logits])
+        return ro.from_logits(logits)
 
 
 def receiver_grads(

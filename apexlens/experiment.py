@@ -102,6 +102,7 @@ class Experiment:
                 self.named_positions,
                 memory_budget or 0,
             )
+            self.readout.probe(self.runs.clean.final)
             self.clean_values = self.readout(self.readout.gather(self.runs.clean.final))
             self.corrupted_values = self.readout(self.readout.gather(corrupted.final))
         self._index: dict[bool, EdgeIndex] = {}
@@ -198,11 +199,16 @@ class Experiment:
         grid = self._grid(node_list)
         if per_position:
             if any(n.positions is not None for n in node_list):
-                raise ApexlensError("per_position=True patches every position: give nodes without '@'")
+                raise ApexlensError(
+                    "per_position=True patches every position: give nodes without '@'"
+                )
             if grid is not None:  # TransformerLens' by_pos layout: [layer, pos, head]
                 layers, heads = grid
                 node_list = [
-                    Node("head", la, h).at(p) for la in range(layers) for p in range(self.n_pos) for h in range(heads)
+                    Node("head", la, h).at(p)
+                    for la in range(layers)
+                    for p in range(self.n_pos)
+                    for h in range(heads)
                 ]
                 grid = (layers, self.n_pos, heads)
             else:

@@ -177,7 +177,7 @@ class Runs:
         ``readout`` of a plain function metric adds full-vocabulary logits per row.
         """
         extra = 0
-        if readout is not None and not readout.fast:
+        if readout is not None and not isinstance(readout.metric, Metric):
             extra = 2 * self.batch * self.n_pos * self.bk.dims.d_vocab * self.bk.dtype.itemsize
         return rows_per_chunk(
             self.bk, self.memory_budget, n_rows, self.batch, self.n_pos, n_tok, attention, extra
@@ -316,8 +316,14 @@ class Readout:
     """Final residual streams -> per-example metric values, computing only what is read.
 
     A :class:`~apexlens.scoring.Metric` declares the positions and vocabulary columns it
-    reads, so only those positions are gathered and only those columns unembedded. Any
-    other callable gets full logits: first all rows at once (``[rows, batch, pos, vocab]``,
+    reads, so only those positions are gathered and only those columns unembedded.
+
+    Any other callable gets logits of the full shape. :meth:`probe` (on the clean run) finds
+    what it reads: the positions and columns where its gradient is nonzero, *verified* by
+    calling it with every other logit set to NaN -- it must give exactly the same values (a
+    NaN would show a read the gradient missed). Only those logits are computed from then on;
+    the rest of the tensor it receives is NaN. Without a gradient, or when the check fails,
+    it gets everything. It is called on all rows at once (``[rows, batch, pos, vocab]``,
     which a metric written with ``...`` indexing accepts), checked once against the same
     metric called run by run; if it refuses the leading axis or disagrees, it is called one
     run (``[batch, pos, vocab]``) at a time from then on.
@@ -340,6 +346,72 @@ class Readout:
             self.tokens = None
         self.name = getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__))
         self.rows_at_once: bool | None = None  # generic callables: unknown until tried
+        self.probed = False  # a generic callable whose reads were found and verified
+
+    # ------------------------------------------------------------------ plain functions
+    def probe(self, clean_final: Float[Tensor, "batch pos d_model"]) -> None:
+        """Find (and verify) the positions and columns a plain function metric reads."""
+        if isinstance(self.metric, Metric):
+            return
+        logits = self.bk.unembed(clean_final)
+        full = self._call_one(logits)
+        with torch.enable_grad():
+            x = logits.detach().clone().requires_grad_(True)
+            try:
+                out = self.metric(x)
+            except Exception:  # noqa: BLE001 - no probe, the metric gets everything
+                return
+            if not isinstance(out, Tensor) or not out.requires_grad:
+                return
+            (grad,) = torch.autograd.grad(out.sum(), x, allow_unused=True)
+        if grad is None:
+            return
+        read = grad != 0
+        pos = read.any(-1)
+        counts = pos.sum(-1)
+        if int(counts.min()) == 0:
+            return
+        k = int(counts.max())
+        idx = torch.stack(
+            [
+                torch.cat(
+                    [p.nonzero().flatten(), p.nonzero().flatten()[:1].repeat(k - int(p.sum()))]
+                )
+                for p in pos
+            ]
+        )
+        cols = read.any(0).any(0).nonzero().flatten()
+        kept = (self.idx, self.tokens)
+        for tokens in ((cols, None) if len(cols) < logits.shape[-1] else (None,)):
+            self.idx, self.tokens, self.probed = idx.to(self.bk.device), tokens, True
+            try:
+                values = self.from_logits(self._select(logits))
+            except ApexlensError:
+                continue
+            if torch.equal(values, full):
+                self.fast = True
+                return
+        (self.idx, self.tokens), self.probed = kept, False
+
+    def _select(self, logits: Float[Tensor, "*lead batch pos vocab"]) -> Tensor:
+        """The logits at the read positions and columns (as :meth:`__call__` computes them)."""
+        sel = self.gather(logits)
+        return sel if self.tokens is None else sel[..., self.tokens]
+
+    def _full(
+        self, selected: Float[Tensor, "*lead batch k n_tok"]
+    ) -> Float[Tensor, "*lead batch pos vocab"]:
+        """A full-shaped logits tensor: ``selected`` where the metric reads, NaN elsewhere."""
+        lead = selected.shape[:-3]
+        vocab = self.bk.dims.d_vocab
+        if self.tokens is not None:
+            cols = selected.new_full((*selected.shape[:-1], vocab), float("nan"))
+            cols[..., self.tokens] = selected
+            selected = cols
+        full = selected.new_full((*lead, self.batch, self.n_pos, vocab), float("nan"))
+        rows = torch.arange(self.batch, device=selected.device)[:, None].expand_as(self.idx)
+        full[..., rows, self.idx, :] = selected
+        return full
 
     @property
     def all_positions(self) -> bool:
@@ -359,12 +431,27 @@ class Readout:
         self, resid: Float[Tensor, "*lead batch k d_model"]
     ) -> Float[Tensor, "*lead batch"]:
         """Metric values from final residual streams already gathered at the read positions."""
-        logits = self.bk.unembed(resid, self.tokens)
+        return self.from_logits(self.bk.unembed(resid, self.tokens))
+
+    def from_logits(
+        self, logits: Float[Tensor, "*lead batch k n_tok"]
+    ) -> Float[Tensor, "*lead batch"]:
+        """Metric values from logits at the read positions and columns (differentiable)."""
         if isinstance(self.metric, Metric):
-            values = self._checked(self.metric.reduce(logits), resid.shape[:-2])
-        else:
-            values = self._generic(logits)
-        return values
+            return self._checked(self.metric.reduce(logits), logits.shape[:-2])
+        if not self.probed:
+            return self._generic(logits)
+        try:
+            return self._generic(self._full(logits))
+        except ApexlensError as err:
+            if "NaN" not in str(err):
+                raise
+            raise ApexlensError(
+                f"metric {self.name} read logits it did not read on the clean run (it returned "
+                "NaN where apexlens computes only the positions and columns it read there); "
+                "make it read the same positions for every input, or declare them with "
+                "apexlens.scoring.FunctionMetric(fn, positions=..., tokens=...)"
+            ) from None
 
     def _call_one(self, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
         return self._checked(self.metric(logits), logits.shape[:1])

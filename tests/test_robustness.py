@@ -13,7 +13,7 @@ import torch
 
 import apexlens
 from apexlens import ApexlensError
-from apexlens.reference import naive_act_patch
+from apexlens.reference import naive_act_patch, naive_path_patch
 
 from backends import build, model_backends, random_state_dict
 from helpers import hook_count, random_config, random_model, random_tokens
@@ -269,3 +269,43 @@ def test_circuits_in_example_chunks_equal_one_pass(ablation):
     chunked = tiny.evaluate_circuit(edges, ablation=ablation)
     torch.testing.assert_close(chunked.scores.values, one.scores.values, atol=1e-12, rtol=0)
     torch.testing.assert_close(chunked.corrupted.values, one.corrupted.values, atol=1e-12, rtol=0)
+
+
+def test_plain_metric_reads_are_found_verified_and_exact():
+    """A plain function metric is probed on the clean run: the positions and columns it
+    reads are found (gradient) and verified (NaN elsewhere gives the same values); only
+    those are computed, with the numbers of the declared metric. A read the gradient cannot
+    see (0 * x) is caught by the NaN check, and that metric gets full logits."""
+    model = random_model(16)
+    clean, corrupted = random_tokens(model, batch=3, n_pos=6)
+    metric = _metric(model, clean)
+    a, w = metric.answer, metric.wrong
+
+    def plain(logits):
+        last = logits[..., -1, :]
+        lead = last.shape[:-2]
+        return (
+            last.gather(-1, a.expand(*lead, -1)[..., None])[..., 0]
+            - last.gather(-1, w.expand(*lead, -1)[..., None])[..., 0]
+        )
+
+    def log_prob(logits):
+        return logits[..., -1, :].log_softmax(-1)[..., 0]
+
+    def hidden_read(logits):
+        return plain(logits) + 0 * logits[..., 0, 0]
+
+    ref = apexlens.path_patch(model, clean, corrupted, senders="all-heads", metric=metric)
+    for fn, probed, cols in ((plain, True, 2), (log_prob, True, None), (hidden_read, False, None)):
+        exp = apexlens.Experiment(model, clean, corrupted, metric=fn)
+        assert exp.readout.probed is probed
+        if probed:
+            assert exp.readout.idx.tolist() == [[5]] * 3
+            assert (exp.readout.tokens is None) == (cols is None)
+        got = exp.path_patch("all-heads", "logits")
+        expected = ref.per_example if fn is not log_prob else None
+        if expected is not None:
+            torch.testing.assert_close(got.per_example, expected, atol=1e-10, rtol=0)
+        else:
+            naive = naive_path_patch(model, clean, corrupted, senders="all-heads", metric=fn)
+            torch.testing.assert_close(got.per_example, naive, atol=1e-10, rtol=0)
