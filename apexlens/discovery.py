@@ -53,8 +53,7 @@ the sequential algorithm.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import pandas as pd
@@ -66,9 +65,9 @@ from apexlens import circuits, edits
 from apexlens.backend import Backend
 from apexlens.circuits import EdgeIndex
 from apexlens.errors import ApexlensError
-from apexlens.experiment import Experiment
+from apexlens.experiment import Experiment, ablation_for
 from apexlens.graph import Node, as_receivers, parse_node, validate
-from apexlens.hooks import attached, inference_mode, model_lock, silenced
+from apexlens.hooks import attached, inference_mode, silenced
 from apexlens.results import (
     MIB_FRACTIONS,
     DiscoveryResult,
@@ -76,7 +75,7 @@ from apexlens.results import (
     FaithfulnessResult,
     edge_auc,
 )
-from apexlens.runs import MetricFn, cached_run, check_tokens, row_chunks, rows_per_chunk, run_rows
+from apexlens.runs import MetricFn, row_chunks, rows_per_chunk, run_rows
 from apexlens.specs import Ablation, EdgeSpec
 
 Method = Literal["eap-ig", "eap", "exact"]
@@ -134,15 +133,9 @@ class _Setup:
         self.index: EdgeIndex = self.exp.edge_index(split_embed)
         self.ablation = ablation
         with inference_mode(self.exp.model):
-            reference = None
-            if reference_tokens is not None:
-                ref = check_tokens(self.bk, reference_tokens, "reference_tokens")
-                if ref.shape[1] != self.exp.n_pos:
-                    raise ApexlensError(
-                        f"reference tokens must be [n, {self.exp.n_pos}] like the clean tokens"
-                    )
-                reference = cached_run(self.bk, ref)
-            self.abl = circuits.ablation_values(self.bk, ablation, self.runs.corrupted, reference)
+            self.abl = ablation_for(
+                self.bk, ablation, self.runs.corrupted, reference_tokens, self.exp.n_pos
+            )
         self._delta: Tensor | None = None
 
     @property
@@ -236,21 +229,6 @@ def _edge_table(
 
 
 # ============================================================================ gradients
-@contextmanager
-def _grad_mode(model: Any) -> Iterator[None]:
-    """Eval mode with gradients on, holding the model's lock; the training flag comes back."""
-    with model_lock(model):
-        was_training = bool(getattr(model, "training", False))
-        try:
-            if was_training or any(m.training for m in model.modules()):
-                model.eval()
-            with torch.enable_grad():
-                yield
-        finally:
-            if was_training:
-                model.train(True)
-
-
 def _piece(bk: Backend, module: Any) -> Any:
     """``module`` as a differentiable function with its hook points silenced (the backend's
     own pieces run without gradients on a TransformerBridge)."""
@@ -368,7 +346,7 @@ def _grads_once(
         if la in idx.mlp_receiver:
             hooks.append((bk.attn_out(la), add_leaf(f"{la}a")))
             hooks.append((bk.mlp_out(la), add_leaf(f"{la}m")))
-    with _grad_mode(model), attached(model, hooks):
+    with inference_mode(model, grad=True), attached(model, hooks):
         resid = resid0.detach()
         for la in range(d.n_layers):
             o = model.blocks[la](resid)
@@ -395,7 +373,7 @@ def _grads_once(
         # per-head cotangents at the residual stream, pulled back through ln1 in one VJP
         cots = [torch.einsum("nphk,hmk->nphm", g[f"{la}{ch}"], bk.W_in(ch)[la]) for ch in "qkv"]
         cot = torch.cat(cots, dim=2)  # [n, pos, 3H, d]
-        with _grad_mode(model):
+        with inference_mode(model, grad=True):
             x = resids[la][:, :, None, :].expand_as(cot).clone().requires_grad_(True)
             (gx,) = torch.autograd.grad(pieces.ln1[la](x), x, cot)
         H = d.n_heads

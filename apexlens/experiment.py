@@ -30,6 +30,7 @@ from apexlens.results import ActPatchResult, CircuitResult, PathPatchResult
 from apexlens.runs import (
     MetricFn,
     Readout,
+    Run,
     Runs,
     cache_names,
     cached_run,
@@ -249,16 +250,7 @@ class Experiment:
         edges = list(edges)
         index = self.edge_index(circuits.uses_split_embed(edges))
         with inference_mode(self.model):
-            reference = None
-            if reference_tokens is not None:
-                ref = check_tokens(self.bk, reference_tokens, "reference_tokens")
-                if ref.shape[1] != self.n_pos:
-                    raise ApexlensError(
-                        f"reference tokens must be [n, {self.n_pos}] like the clean tokens, got "
-                        f"{tuple(ref.shape)}"
-                    )
-                reference = cached_run(self.bk, ref)
-            abl = circuits.ablation_values(self.bk, ablation, self.runs.corrupted, reference)
+            abl = ablation_for(self.bk, ablation, self.runs.corrupted, reference_tokens, self.n_pos)
             return circuits.evaluate(
                 self.runs,
                 self.readout,
@@ -269,6 +261,22 @@ class Experiment:
                 ablation,
                 empty_is_corrupted=ablation == "resample" and reference_tokens is None,
             )
+
+
+def ablation_for(
+    bk: Any, ablation: Ablation, corrupted: Run | None, reference_tokens: Any, n_pos: int
+) -> circuits.AblationValues:
+    """What an ablated edge carries (``reference_tokens``: checked, run once, for ``"mean"``)."""
+    reference = None
+    if reference_tokens is not None:
+        ref = check_tokens(bk, reference_tokens, "reference_tokens")
+        if ref.shape[1] != n_pos:
+            raise ApexlensError(
+                f"reference tokens must be [n, {n_pos}] like the clean tokens, got "
+                f"{tuple(ref.shape)}"
+            )
+        reference = cached_run(bk, ref)
+    return circuits.ablation_values(bk, ablation, corrupted, reference)
 
 
 # ============================================================================ functions
@@ -405,10 +413,9 @@ def patched(
         if isinstance(spec, Circuit):
             index = EdgeIndex(bk, circuits.uses_split_embed(spec.edges))
             keep = index.keep(spec.edges, corrupted_tokens.shape[1], dict(positions or {}))
-            reference = None
-            if reference_tokens is not None:
-                reference = cached_run(bk, check_tokens(bk, reference_tokens, "reference_tokens"))
-            abl = circuits.ablation_values(bk, spec.ablation, corrupted, reference)
+            abl = ablation_for(
+                bk, spec.ablation, corrupted, reference_tokens, corrupted_tokens.shape[1]
+            )
             hooks = circuits.circuit_hooks(bk, index, keep, abl)
         else:
             senders = as_senders(parse_nodes(spec.senders, bk.dims))

@@ -64,15 +64,15 @@ def attached(model: Any, fwd_hooks: Hooks) -> Iterator[Any]:
 
 
 @contextmanager
-def inference_mode(model: Any) -> Iterator[Any]:
-    """Eval mode, no gradients and the model's lock for the block; the training flag comes
-    back after, also on an exception."""
+def inference_mode(model: Any, grad: bool = False) -> Iterator[Any]:
+    """Eval mode, no gradients (``grad=True``: with them, for attribution) and the model's
+    lock for the block; the training flag comes back after, also on an exception."""
     with model_lock(model):
         was_training = bool(getattr(model, "training", False))
         try:
             if was_training or any(m.training for m in model.modules()):
                 model.eval()
-            with torch.no_grad():
+            with torch.enable_grad() if grad else torch.no_grad():
                 yield model
         finally:
             if was_training:
