@@ -410,6 +410,8 @@ class BridgeBackend(Backend):
     compatibility mode.
 
     Same method names and meanings as for a ``HookedTransformer``; see the module docstring
+    (longer than most classes on purpose: every forward piece the engines use needs its
+    bridge form, each a short method)
     for what it does differently underneath and why. A bridge over a Hugging Face model
     (GPT-2, GPT-NeoX, Llama, Qwen2, Gemma-2, ...) exposes the HookedTransformer hook names
     without compatibility mode, its HF weights per head (``W_K``/``W_V`` per key/value

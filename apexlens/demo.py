@@ -28,7 +28,10 @@ SIGMAS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 def run_demo(
     out_dir: str | Path = "apexlens-report", *, progress: bool = True, n: int = 32
 ) -> dict[str, Any]:
-    """Run the demo; returns the numbers it printed and the report's path."""
+    """Run the demo; returns the numbers it printed and the report's path.
+
+    Long on purpose: it is a script, the demo's five steps and their report sections read
+    top to bottom in one place."""
     out = Path(out_dir)
     bar = tqdm(total=5, desc="apexlens demo", disable=not progress, unit="step")
 

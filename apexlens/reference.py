@@ -79,6 +79,9 @@ def naive_path_patch(
 ) -> Tensor:
     """Per-example metric ``[n_senders, batch]``, one sender at a time, whole forward passes.
 
+    Long on purpose: a reference is one loop that reads like the definition, with no helper
+    shared with the fast engines.
+
     Receivers are read and set where the model has them: a head's ``hook_q/k/v`` slot, an
     MLP's output ``hook_mlp_out`` (recorded with that MLP computing, frozen or not), the final
     residual stream. A grouped-query model runs as its ungrouped copy (:func:`ungrouped_copy`

@@ -327,6 +327,9 @@ class Readout:
     which a metric written with ``...`` indexing accepts), checked once against the same
     metric called run by run; if it refuses the leading axis or disagrees, it is called one
     run (``[batch, pos, vocab]``) at a time from then on.
+
+    Longer than most classes on purpose: plain function metrics need their probe, their
+    full-shaped logits and their run-by-run fallback here, in one place.
     """
 
     def __init__(self, bk: Backend, metric: MetricFn, batch: int, n_pos: int):
