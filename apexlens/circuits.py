@@ -38,7 +38,7 @@ from torch import Tensor
 from apexlens import edits
 from apexlens.backend import Backend
 from apexlens.errors import ApexlensError
-from apexlens.graph import Node, as_receivers, has_edge, parse_node, validate
+from apexlens.graph import Node, as_receivers, parse_node, validate
 from apexlens.hooks import HookFn
 from apexlens.results import CircuitResult
 from apexlens.runs import Readout, Run, Runs, grouped_kv_hooks, run_tokens, split_embed_names
@@ -90,9 +90,7 @@ class EdgeIndex:
         self.receivers.append(Node("logits"))
         self._s = {self._key(n): i for i, n in enumerate(self.senders)}
         self._r = {self._key(n): i for i, n in enumerate(self.receivers)}
-        self.valid: Bool[Tensor, "sender receiver"] = torch.tensor(
-            [[has_edge(d, s, r) for r in self.receivers] for s in self.senders], dtype=torch.bool
-        )
+        self.valid: Bool[Tensor, "sender receiver"] = _valid_edges(d, self.senders, self.receivers)
 
     def _query_heads(self, nodes: list[Node]) -> list[Node]:
         """A KV head's k/v input, as the same input of every query head of its group."""
@@ -184,6 +182,20 @@ class EdgeIndex:
     def edge_list(self) -> list[tuple[Node, Node]]:
         """Every edge of the graph, sender-major (the order of ``valid.nonzero()``)."""
         return [(self.senders[i], self.receivers[j]) for i, j in self.valid.nonzero().tolist()]
+
+
+def _valid_edges(d: Any, senders: list[Node], receivers: list[Node]) -> Bool[Tensor, "s r"]:
+    """``graph.has_edge`` for every (sender, receiver) pair, as one comparison of their
+    orders (and the parallel-block exception: no edge from layer-L heads to MLP L)."""
+    n = d.n_layers
+    so = torch.tensor([s.order(n) for s in senders])
+    ro = torch.tensor([r.order(n) for r in receivers])
+    valid = so[:, None] < ro[None, :]
+    if d.parallel:
+        s_head = torch.tensor([s.layer if s.kind == "head" else -1 for s in senders])
+        r_mlp = torch.tensor([r.layer if r.kind == "mlp" else -2 for r in receivers])
+        valid &= s_head[:, None] != r_mlp[None, :]
+    return valid
 
 
 def uses_split_embed(edges: Iterable[tuple[Any, Any]]) -> bool:

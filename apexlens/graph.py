@@ -37,6 +37,7 @@ talk to each other.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -188,6 +189,18 @@ def parse_node(spec: str | Node) -> Node:
     """Parse one node spelling (see the module docstring). Raises on anything unknown."""
     if isinstance(spec, Node):
         return spec
+    if isinstance(spec, str):
+        return _parse_text(spec)
+    return _parse_node(spec)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse_text(spec: str) -> Node:
+    """Spellings are parsed once (circuits name tens of thousands of edges)."""
+    return _parse_node(spec)
+
+
+def _parse_node(spec: Any) -> Node:
     if not isinstance(spec, str):
         raise ApexlensError(f"a node is a string like '9.9.q' or a Node, got {spec!r}")
     text = spec.strip()

@@ -309,3 +309,19 @@ def test_plain_metric_reads_are_found_verified_and_exact():
         else:
             naive = naive_path_patch(model, clean, corrupted, senders="all-heads", metric=fn)
             torch.testing.assert_close(got.per_example, naive, atol=1e-10, rtol=0)
+
+
+@pytest.mark.requires_hooked
+@pytest.mark.parametrize("parallel", [False, True])
+def test_edge_index_validity_equals_has_edge(parallel):
+    from apexlens.backend import backend_for
+    from apexlens.circuits import EdgeIndex
+    from apexlens.graph import has_edge
+
+    cfg = random_config()
+    cfg["parallel_attn_mlp"] = parallel
+    bk = backend_for(build(cfg, random_state_dict(cfg, 17, torch.float64), "hooked"))
+    idx = EdgeIndex(bk)
+    slow = [[has_edge(bk.dims, s, r) for r in idx.receivers] for s in idx.senders]
+    assert idx.valid.tolist() == slow
+    assert bool((~idx.valid).any())
