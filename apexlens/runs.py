@@ -350,6 +350,7 @@ class Readout:
         self.name = getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__))
         self.rows_at_once: bool | None = None  # generic callables: unknown until tried
         self.probed = False  # a generic callable whose reads were found and verified
+        self.compact = False  # ... that also gives its values from the read positions alone
 
     # ------------------------------------------------------------------ plain functions
     def probe(self, clean_final: Float[Tensor, "batch pos d_model"]) -> None:
@@ -393,6 +394,11 @@ class Readout:
                 continue
             if torch.equal(values, full):
                 self.fast = True
+                self.compact = True  # then try the read positions alone, in order
+                try:
+                    self.compact = torch.equal(self.from_logits(self._select(logits)), full)
+                except Exception:  # noqa: BLE001 - indexing by absolute position: full shape
+                    self.compact = False
                 return
         (self.idx, self.tokens), self.probed = kept, False
 
@@ -404,13 +410,16 @@ class Readout:
     def _full(
         self, selected: Float[Tensor, "*lead batch k n_tok"]
     ) -> Float[Tensor, "*lead batch pos vocab"]:
-        """A full-shaped logits tensor: ``selected`` where the metric reads, NaN elsewhere."""
+        """A full-shaped logits tensor: ``selected`` where the metric reads, NaN elsewhere
+        (``compact``: the read positions alone, every vocabulary column)."""
         lead = selected.shape[:-3]
         vocab = self.bk.dims.d_vocab
         if self.tokens is not None:
             cols = selected.new_full((*selected.shape[:-1], vocab), float("nan"))
             cols[..., self.tokens] = selected
             selected = cols
+        if self.compact:
+            return selected
         full = selected.new_full((*lead, self.batch, self.n_pos, vocab), float("nan"))
         rows = torch.arange(self.batch, device=selected.device)[:, None].expand_as(self.idx)
         full[..., rows, self.idx, :] = selected

@@ -325,3 +325,21 @@ def test_edge_index_validity_equals_has_edge(parallel):
     slow = [[has_edge(bk.dims, s, r) for r in idx.receivers] for s in idx.senders]
     assert idx.valid.tolist() == slow
     assert bool((~idx.valid).any())
+
+
+def test_plain_metric_gets_the_read_positions_alone_only_when_that_gives_its_values():
+    model = random_model(18)
+    clean, corrupted = random_tokens(model, batch=3, n_pos=6)
+
+    def last(logits):  # reads the last position through ...: the compact form works
+        return logits[..., -1, :].log_softmax(-1)[..., 2]
+
+    def absolute(logits):  # reads position 4 by its index: needs the full shape
+        return logits[..., 4, :].log_softmax(-1)[..., 2]
+
+    for fn, compact in ((last, True), (absolute, False)):
+        exp = apexlens.Experiment(model, clean, corrupted, metric=fn)
+        assert exp.readout.probed and exp.readout.compact is compact
+        got = exp.path_patch("all-heads", ["2.1.q", "logits"]).per_example
+        naive = naive_path_patch(model, clean, corrupted, senders="all-heads", receivers=["2.1.q", "logits"], metric=fn)
+        torch.testing.assert_close(got, naive, atol=1e-10, rtol=0)
