@@ -513,14 +513,16 @@ def _apply_norm(module: Any, x: Tensor) -> Tensor:
     computed with torch's fused kernels (the same function)."""
     if module is None:
         return x
-    fused = _fused_norm(module)
+    fused = fused_norm(module)
     if fused is not None:
         return fused(x)
     with silenced(module):
         return module(x)
 
 
-def _fused_norm(module: Any) -> Any:
+def fused_norm(module: Any) -> Any:
+    """TransformerLens' LayerNorm / RMSNorm (and ``Pre`` forms) in float32/float64 as one fused,
+    differentiable function of the input; ``None`` for any other module."""
     kind = type(module).__name__
     if type(module).__module__.split(".")[0] != "transformer_lens":
         return None

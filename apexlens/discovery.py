@@ -62,7 +62,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from apexlens import circuits, edits
-from apexlens.backend import Backend
+from apexlens.backend import Backend, fused_norm
 from apexlens.circuits import EdgeIndex
 from apexlens.errors import ApexlensError
 from apexlens.experiment import Experiment, ablation_for
@@ -234,6 +234,9 @@ def _piece(bk: Backend, module: Any) -> Any:
     own pieces run without gradients on a TransformerBridge)."""
     if module is None:
         return lambda x: x
+    fused = fused_norm(module)  # TL's norms as torch's fused, differentiable kernels
+    if fused is not None:
+        return fused
 
     def f(x: Tensor) -> Tensor:
         with silenced(module):
