@@ -395,40 +395,47 @@ class SenderBuffer:
         copies of the batch stacked along axis 0 of ``resid``, per position (``p = pos``) or
         for all positions (``p = 1``)."""
         assert ex.shape[0] == self.filled, "a receiver reads every sender before it"
-        if ex.ndim == 4:
-            return resid[None] - _rows_sum(self.D[: ex.shape[0]], ex)
-        shape = resid.shape
-        flat = self.D[: ex.shape[0]].reshape(ex.shape[0], -1)
-        kept = ~ex
-        rows_ex, rows_kept = ex.any(1), kept.any(1)
-        use_kept = int(rows_kept.sum()) < int(rows_ex.sum())
-        mask, rows = (kept, rows_kept) if use_kept else (ex, rows_ex)
-        if 4 * int(rows.sum()) < ex.shape[0]:  # few senders: copy just those rows
-            idx = rows.nonzero().flatten()
-            summed = mask[idx].T.to(flat.dtype) @ flat.index_select(0, idx)
-        else:  # many: one product over the whole buffer (no copy of it)
-            summed = mask.T.to(flat.dtype) @ flat
-        if use_kept:
-            out = (resid - self.total).reshape(1, -1) + summed
-        else:
-            out = resid.reshape(1, -1) - summed
-        return out.reshape(ex.shape[1], *shape)
+        S = ex.shape[0]
+        if ex.ndim == 4 and ex.shape[-1] != 1:  # position-aware masks
+            return resid[None] - _rows_sum(self.D[:S], ex)
+        if ex.ndim == 2:
+            out2 = _minus_excluded(self.D[:S].reshape(S, -1), self.total, resid, ex)
+            return out2.reshape(ex.shape[1], *resid.shape)
+        rows = ex.shape[2]  # one circuit per row of copies, the same mask at every position
+        D = self.D[:S].reshape(S, rows, -1)
+        total, res = self.total.reshape(rows, -1), resid.reshape(rows, -1)
+        out = resid.new_empty(ex.shape[1], rows, D.shape[-1])
+        for r in range(rows):
+            out[:, r] = _minus_excluded(D[:, r], total[r], res[r], ex[:, :, r, 0])
+        return out.reshape(ex.shape[1], *resid.shape)
+
+
+def _minus_excluded(
+    flat: Float[Tensor, "s n"], total: Tensor, resid: Tensor, ex: Bool[Tensor, "s u"]
+) -> Float[Tensor, "u n"]:
+    """``resid - sum_s ex[s, u] * flat[s]`` (flattened), through the excluded senders or,
+    when fewer are kept, through the kept ones and the running ``total``."""
+    kept = ~ex
+    rows_ex, rows_kept = ex.any(1), kept.any(1)
+    use_kept = int(rows_kept.sum()) < int(rows_ex.sum())
+    mask, rows = (kept, rows_kept) if use_kept else (ex, rows_ex)
+    if 4 * int(rows.sum()) < ex.shape[0]:  # few senders: copy just those rows
+        idx = rows.nonzero().flatten()
+        summed = mask[idx].T.to(flat.dtype) @ flat.index_select(0, idx)
+    else:  # many: one product over the whole buffer (no copy of it)
+        summed = mask.T.to(flat.dtype) @ flat
+    if use_kept:
+        return (resid - total).reshape(1, -1) + summed
+    return resid.reshape(1, -1) - summed
 
 
 def _rows_sum(
-    D: Float[Tensor, "sender n pos d_model"], ex: Bool[Tensor, "sender u rows p"]
+    D: Float[Tensor, "sender n pos d_model"], ex: Bool[Tensor, "sender u rows pos"]
 ) -> Float[Tensor, "u n pos d_model"]:
-    """``sum_s ex[s, u, row, p] * D[s, (row, b), p]`` for rows stacked along the batch;
-    ``p`` is ``pos`` or 1 (the same mask at every position: one matrix product per row over
-    a view of the buffer, no copy of it)."""
+    """``sum_s ex[s, u, row, p] * D[s, (row, b), p]`` for rows stacked along the batch, a
+    mask per position (position-aware edges)."""
     S, n, n_pos, dm = D.shape
     rows, u = ex.shape[2], ex.shape[1]
-    if ex.shape[-1] == 1:
-        Dr = D.reshape(S, rows, (n // rows) * n_pos * dm)
-        out = D.new_empty(u, rows, Dr.shape[-1])
-        for r in range(rows):
-            out[:, r] = ex[:, :, r, 0].T.to(D.dtype) @ Dr[:, r]
-        return out.reshape(u, n, n_pos, dm)
     Dr5 = D.reshape(S, rows, n // rows, n_pos, dm)
     out = torch.einsum("srbpd,surp->urbpd", Dr5, ex.to(D.dtype))
     return out.reshape(u, n, n_pos, dm)
