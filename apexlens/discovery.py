@@ -75,7 +75,7 @@ from apexlens.results import (
     FaithfulnessResult,
     edge_auc,
 )
-from apexlens.runs import MetricFn, row_chunks, rows_per_chunk, run_rows
+from apexlens.runs import MetricFn, row_chunks, rows_per_chunk, run_rows, run_tokens
 from apexlens.specs import Ablation, EdgeSpec
 
 Method = Literal["eap-ig", "eap", "exact"]
@@ -611,14 +611,9 @@ def circuit_rows(
             k4 = k.permute(1, 2, 0)[..., None] if k.ndim == 3 else k.permute(1, 2, 0, 3)
             m = len(rows)
             hooks = circuits.circuit_hooks(bk, idx, k4, st.abl.tiled(m))
-            final = _run_tokens(bk, tokens.repeat(m, 1), hooks)
+            final = run_tokens(bk, tokens.repeat(m, 1), hooks)
             out[list(rows)] = ro(ro.gather(final.reshape(m, st.batch, *final.shape[1:])))
     return out
-
-
-def _run_tokens(bk: Backend, tokens: Tensor, hooks: list[tuple[str, Any]]) -> Tensor:
-    final, _ = bk.run_with_cache(tokens, [], fwd_hooks=hooks, logits=False)
-    return final
 
 
 # ============================================================================ faithfulness
