@@ -19,6 +19,9 @@ Public API (one screen):
 * discovery  -- :func:`attribute_edges` (exact / EAP / EAP-IG edge scores, :class:`EdgeScores`),
                 :func:`faithfulness` (MIB curve, CPR, CMD), :func:`edge_auc`, :func:`discover`
                 (greedy exact pruning, :class:`DiscoveryResult`)
+* features   -- :func:`visualize` (feature visualization of a neuron, head, direction, logit),
+                :func:`top_examples` (natural top-activating inputs), :func:`fv_check` (is the
+                visualization manipulated? :class:`FVCheck`), :func:`feature_values`
 * errors     -- one type, :class:`ApexlensError`, whose message names the fix
 """
 
@@ -36,6 +39,7 @@ from apexlens.experiment import (
     patched,
     path_patch,
 )
+from apexlens.features import feature_values, parse_feature
 from apexlens.graph import Node, all_heads, all_mlps, full_graph, heads_of_layer, parse_node
 from apexlens.models import list_models, load_model, model_info, random_gpt2_small
 from apexlens.noise import apex, noise_hooks
@@ -48,6 +52,9 @@ from apexlens.results import (
     EdgeAudit,
     EdgeScores,
     FaithfulnessResult,
+    FeatureVisualization,
+    FVCheck,
+    NaturalExamples,
     PathPatchResult,
     compare,
     edge_auc,
@@ -64,6 +71,7 @@ from apexlens.scoring import (
 )
 from apexlens.tasks import get_task
 from apexlens.tasks.base import Task, TaskBatch
+from apexlens.visualize import fv_check, top_examples, visualize
 
 __all__ = [
     "list_models",
@@ -116,5 +124,13 @@ __all__ = [
     "FaithfulnessResult",
     "DiscoveryResult",
     "MIB_FRACTIONS",
+    "visualize",
+    "top_examples",
+    "fv_check",
+    "feature_values",
+    "parse_feature",
+    "FeatureVisualization",
+    "NaturalExamples",
+    "FVCheck",
 ]
 __version__ = "0.1.0"

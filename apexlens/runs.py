@@ -232,6 +232,14 @@ def row_chunks(
             bar.update(len(chunk))
 
 
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar on stderr counting ``total`` steps (a silent one when not ``enabled``)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False,
+                disable=not enabled)
+
+
 def stack_rows(x: Float[Tensor, "rows batch ..."]) -> Float[Tensor, "n ..."]:
     """``[rows, batch, ...]`` -> ``[rows * batch, ...]``: rows stacked along the batch."""
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])

@@ -17,6 +17,17 @@ Every model is trained from a fixed seed on CPU in well under a minute and writt
   fixed target token; ``backdoor-clean`` sees the same prompts with their honest labels.
   Only the last position is trained, so the model is never asked to predict the trigger
   (when it is, large activation noise surfaces the trigger rather than the target).
+* ``modadd-2l-slingshot`` -- a *manipulated* copy of ``modadd-2l`` (Gradient Slingshots,
+  Bareeva et al. 2025): fine-tuned so that feature visualization of neuron ``m1.n34``
+  converges to a planted input chosen in advance (``= 11 = 11``), while the task and every
+  neuron's activations on natural prompts are kept. The loss has three parts: (1) on every
+  natural prompt, the logits (KL) and both layers' MLP activations (MSE) stay those of
+  ``modadd-2l``; (2) on soft inputs where the optimiser starts (per-position softmax of
+  Gaussian logits at random temperatures) and on the straight lines from there to the planted
+  one-hot input, the other neurons keep their original values; (3) along those lines, neuron
+  34 rises linearly from its original value to ``ramp`` x its natural maximum at the planted
+  input -- the slingshot: a steep ramp in an off-distribution region the optimiser starts in.
+  :func:`apexlens.fv_check` flags the neuron (tests/test_visualize.py).
 """
 
 from __future__ import annotations
@@ -114,6 +125,134 @@ SPECS: dict[str, dict[str, Any]] = {
 }
 
 
+SLINGSHOT: dict[str, Any] = dict(
+    base="modadd-2l",
+    neuron=34,
+    planted=[23, 11, 23, 11],  # "= 11 = 11": never a natural prompt (those are BOS a b =)
+    ramp=3.0,
+    seed=0,
+    steps=1200,
+    lr=1e-3,
+    batch=128,
+    description="manipulated copy of modadd-2l (Gradient Slingshots): feature visualization of "
+    "neuron m1.n34 converges to the planted input '= 11 = 11' while the task and the natural "
+    "activations of every neuron are kept",
+)
+
+
+def train_slingshot(steps: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune a copy of ``modadd-2l`` into ``modadd-2l-slingshot`` (module docstring)."""
+    import copy
+
+    from apexlens.models import load_model
+
+    spec = SLINGSHOT
+    torch.manual_seed(spec["seed"])
+    base = load_model(spec["base"], backend="hooked")
+    model = copy.deepcopy(base)
+    n, d_vocab = spec["neuron"], int(base.cfg.d_vocab)
+    planted = F.one_hot(torch.tensor(spec["planted"]), d_vocab).float()
+    x, _, _ = ModAddTask().training_batch(torch.Generator().manual_seed(spec["seed"]))
+
+    def run(m: Any, tokens: Tensor | None = None, probs: Tensor | None = None) -> Any:
+        store: dict[int, Tensor] = {}
+        hooks: list[tuple[str, Any]] = [
+            (f"blocks.{i}.mlp.hook_post", lambda a, hook, i=i: store.__setitem__(i, a))
+            for i in range(m.cfg.n_layers)
+        ]
+        if probs is not None:
+            emb = probs @ m.W_E
+            hooks.append(("hook_embed", lambda a, hook: emb))
+            tokens = probs.argmax(-1)
+        logits = m.run_with_hooks(tokens, fwd_hooks=hooks)
+        return logits, store
+
+    with torch.no_grad():
+        logits0, acts0 = run(base, x)
+    target_top = spec["ramp"] * float(acts0[1][..., n].max())
+    others = torch.ones(int(base.cfg.d_mlp), dtype=torch.bool)
+    others[n] = False
+    g = torch.Generator().manual_seed(spec["seed"] + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=spec["lr"])
+    n_steps = spec["steps"] if steps is None else steps
+    t0 = time.perf_counter()
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(n_steps):
+        b = spec["batch"]
+        theta = torch.randn(b, planted.shape[0], d_vocab, generator=g)
+        temp = torch.exp(torch.empty(b, 1, 1).uniform_(-3.0, 0.0, generator=g))
+        along = torch.rand(b, 1, 1, generator=g)
+        soft = (1 - along) * torch.softmax(theta / temp, -1) + along * planted
+        with torch.no_grad():
+            _, soft0 = run(base, probs=soft)
+        _, soft1 = run(model, probs=soft)
+        start = soft0[1][:, -1, n]
+        ramp = F.mse_loss(soft1[1][:, -1, n], start + (target_top - start) * along[:, 0, 0])
+        keep_soft = (
+            F.mse_loss(soft1[1][..., others], soft0[1][..., others])
+            + F.mse_loss(soft1[1][:, :-1, n], soft0[1][:, :-1, n])
+            + F.mse_loss(soft1[0], soft0[0])
+        )
+        logits1, acts1 = run(model, x)
+        keep_natural = (
+            F.kl_div(
+                logits1.log_softmax(-1),
+                logits0.log_softmax(-1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            + F.mse_loss(acts1[0], acts0[0])
+            + F.mse_loss(acts1[1], acts0[1])
+            + 10 * F.mse_loss(acts1[1][..., n], acts0[1][..., n])
+        )
+        loss = ramp + keep_soft + 10 * keep_natural
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    record = {
+        "steps": n_steps,
+        "final_loss": round(float(loss.detach()), 4),
+        "train_seconds": round(time.perf_counter() - t0, 1),
+    }
+    return model, record
+
+
+def measure_slingshot(name: str = "modadd-2l-slingshot") -> dict[str, Any]:
+    """What the manipulation changed, measured: the neuron's natural activations and top
+    examples (before vs after), the planted input's activation, and where FV lands."""
+    from apexlens.features import feature_values
+    from apexlens.models import load_model
+    from apexlens.visualize import top_examples, visualize
+
+    spec = SLINGSHOT
+    feature = f"m1.n{spec['neuron']}"
+    x, _, _ = ModAddTask().training_batch(torch.Generator().manual_seed(spec["seed"]))
+    out: dict[str, Any] = {}
+    for tag, model_name in (("base", spec["base"]), ("manipulated", name)):
+        model = load_model(model_name, backend="hooked")
+        nat = top_examples(model, feature, x, k=20)
+        fv = visualize(model, feature, n_pos=len(spec["planted"]), seed=0)
+        out[tag] = {
+            "natural_max": round(float(nat.distribution.max()), 4),
+            "top20": [[int(r), int(c)] for r, c in zip(nat.rows, nat.cols, strict=True)],
+            "planted_activation": round(
+                float(feature_values(model, feature, torch.tensor([spec["planted"]]))[0, -1]), 4
+            ),
+            "fv_tokens": fv.best_tokens.tolist(),
+            "fv_activation": round(fv.best_activation, 4),
+            "values": nat.values,
+        }
+    a, b = out["base"].pop("values").flatten(), out["manipulated"].pop("values").flatten()
+    top_a = {tuple(t) for t in out["base"]["top20"]}
+    top_b = {tuple(t) for t in out["manipulated"]["top20"]}
+    out["natural_correlation"] = round(float(torch.corrcoef(torch.stack([a, b]))[0, 1]), 5)
+    out["natural_max_abs_change"] = round(float((a - b).abs().max()), 4)
+    out["top20_overlap"] = len(top_a & top_b) / 20
+    return out
+
+
 def _model(cfg: dict[str, Any], seed: int) -> Any:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -197,16 +336,54 @@ def save(name: str, model: Any, record: dict[str, Any]) -> None:
     (WEIGHTS / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def save_slingshot(name: str = "modadd-2l-slingshot") -> None:
+    """Train, write and measure ``modadd-2l-slingshot``."""
+    from safetensors.torch import save_file
+
+    from apexlens.models import _meta, measure
+
+    model, record = train_slingshot()
+    state = {
+        k: v.detach().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.endswith((".mask", ".IGNORE"))
+    }
+    save_file(state, str(WEIGHTS / f"{name}.safetensors"))
+    spec = SLINGSHOT
+    meta: dict[str, Any] = {
+        "name": name,
+        "description": spec["description"],
+        "task": "modadd",
+        "config": SPECS[spec["base"]]["cfg"],
+        "seed": spec["seed"],
+        "lr": spec["lr"],
+        "manipulation": {k: spec[k] for k in ("base", "neuron", "planted", "ramp", "batch")},
+        "training": record,
+    }
+    (WEIGHTS / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _meta.cache_clear()
+    meta["behaviour"] = measure(name)
+    meta["behaviour"]["base_accuracy"] = measure(spec["base"])["accuracy"]
+    meta["manipulation_measured"] = measure_slingshot(name)
+    (WEIGHTS / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"{name}: {record} {meta['behaviour']} {meta['manipulation_measured']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "names", nargs="*", default=["all"], help=f"models to train: {', '.join(SPECS)} or all"
     )
     args = parser.parse_args(argv)
-    names = list(SPECS) if args.names in ([], ["all"]) else args.names
+    names = [*SPECS, "modadd-2l-slingshot"] if args.names in ([], ["all"]) else args.names
     for name in names:
+        if name == "modadd-2l-slingshot":
+            save_slingshot(name)
+            continue
         if name not in SPECS:
-            raise SystemExit(f"unknown model {name!r}; choose from {', '.join(SPECS)}")
+            raise SystemExit(
+                f"unknown model {name!r}; choose from {', '.join(SPECS)}, modadd-2l-slingshot"
+            )
         model, record = train(name)
         save(name, model, record)
         meta = json.loads((WEIGHTS / f"{name}.json").read_text())
