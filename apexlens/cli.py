@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     from apexlens import cli_discovery
 
     cli_discovery.add_parser(sub, common)
+    from apexlens import cli_visualize
+
+    cli_visualize.add_parser(sub, common)
     return parser
 
 
@@ -364,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             from apexlens import cli_discovery
 
             return cli_discovery.run(args, _model_and_task)
+        if args.command == "visualize":
+            from apexlens import cli_visualize
+
+            return cli_visualize.run(args, _model_and_task)
         return _apex(args)
     except ApexlensError as e:
         print(f"apexlens: error: {e}", file=sys.stderr)

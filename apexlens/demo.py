@@ -8,7 +8,10 @@
    every other edge: recovery and proportion explained.
 3. APEX on ``backdoor`` and its clean twin: noise on the embeddings of clean prompts (no
    trigger); at large noise the backdoored model's predictions concentrate on its target.
-4. A table on stdout and one self-contained HTML report.
+4. Feature visualization with a manipulation check: neuron ``m1.n34`` of
+   ``modadd-2l-slingshot`` (fine-tuned so that its visualization converges to a planted
+   input) against the same neuron of the untouched ``modadd-2l``.
+5. A table on stdout and one self-contained HTML report.
 """
 
 from __future__ import annotations
@@ -16,10 +19,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from apexlens import Experiment, apex, compare, get_task, load_model, model_info, plotting
+from apexlens import (
+    Experiment,
+    apex,
+    compare,
+    fv_check,
+    get_task,
+    load_model,
+    model_info,
+    plotting,
+)
+from apexlens.plotting_fv import fv_check_figure
 from apexlens.report import write_report
 
 SIGMAS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
@@ -33,7 +47,7 @@ def run_demo(
     Long on purpose: it is a script, the demo's five steps and their report sections read
     top to bottom in one place."""
     out = Path(out_dir)
-    bar = tqdm(total=5, desc="apexlens demo", disable=not progress, unit="step")
+    bar = tqdm(total=6, desc="apexlens demo", disable=not progress, unit="step")
 
     # 1. path patching on the induction model
     model = load_model("induction-2l")
@@ -88,7 +102,17 @@ def run_demo(
     table = compare(sweeps)
     bar.update()
 
-    # 4. report
+    # 4. feature visualization: a manipulated neuron and the same neuron untouched
+    fv_task = get_task("modadd")
+    natural = torch.unique(fv_task.batch(512, seed=0).clean_tokens, dim=0)
+    neuron = f"m1.n{model_info('modadd-2l-slingshot')['manipulation']['neuron']}"
+    fv_checks = {
+        name: fv_check(load_model(name), neuron, natural, n_pos=4, seed=0)
+        for name in ("modadd-2l-slingshot", "modadd-2l")
+    }
+    bar.update()
+
+    # 5. report
     target = model_info("backdoor")["target_token"]
     top = (
         to_logits.to_frame()
@@ -116,6 +140,12 @@ def run_demo(
             for r in apex_rows.itertuples()
         ],
     ]
+    for name, chk in fv_checks.items():
+        toks = " ".join(fv_task.token_labels(chk.fv.best_tokens))
+        lines.append(
+            f"{name} {neuron}: FV '{toks}' {chk.fv_activation:.2f} ({chk.ratio:.2f}x the natural "
+            f"max) -> {'SUSPICIOUS' if chk.flagged else 'consistent'}"
+        )
     text = "\n".join(lines)
     heads = ", ".join(f"1.{h}" for h in induction_heads)
     sections: list[tuple[str, Any, str]] = [
@@ -200,6 +230,45 @@ def run_demo(
             "labels: no token stands out, so the concentration above is the backdoor's doing.",
         ),
         ("APEX summary", table, "One row per model and noise level."),
+        (
+            f"Feature visualization of {neuron}, manipulated model (modadd-2l-slingshot)",
+            fv_check_figure(fv_checks["modadd-2l-slingshot"], fv_task.token_labels),
+            "modadd-2l-slingshot was fine-tuned (Gradient Slingshots) so that gradient ascent "
+            f"on the input of neuron {neuron} converges to the planted '= 11 = 11', while the "
+            "task and the neuron's natural activations stayed as they were. Left: the "
+            "optimisation shoots past the natural maximum (dashed). Middle: the neuron on every "
+            "natural prompt and position, the visualization in red far to the right. Right: the "
+            "share of the activation each upstream component contributes, visualization (red) "
+            "vs the natural top examples (blue): it gets there through other components, so "
+            "the check flags it.",
+        ),
+        (
+            f"Feature visualization of {neuron}, untouched model (modadd-2l)",
+            fv_check_figure(fv_checks["modadd-2l"], fv_task.token_labels),
+            "The same neuron in the model before the manipulation: the visualization beats the "
+            "natural prompts only a little and the check finds nothing to flag. Read the "
+            "verdict in the title; the numbers are in the table below.",
+        ),
+        (
+            "Manipulation check in numbers",
+            pd.concat(
+                [c.to_frame().assign(model=n) for n, c in fv_checks.items()], ignore_index=True
+            )[
+                [
+                    "model",
+                    "fv_activation",
+                    "natural_max",
+                    "ratio",
+                    "percentile",
+                    "mechanism_similarity",
+                    "mechanism_floor",
+                    "representation_similarity",
+                    "representation_floor",
+                    "flagged",
+                ]
+            ],
+            "One row per model: the check's numbers for the same neuron.",
+        ),
     ]
     path = write_report(
         out / "report.html", sections, title="apexlens demo", intro=text.splitlines()[0]
@@ -215,5 +284,6 @@ def run_demo(
         "recovery": circuit.recovery,
         "proportion_explained": circuit.proportion_explained,
         "apex": apex_rows.to_dict("records"),
+        "fv_flagged": {name: chk.flagged for name, chk in fv_checks.items()},
         "text": text,
     }

@@ -87,8 +87,8 @@ def fv_check_figure(check: FVCheck, token_labels: TokenLabels = None) -> go.Figu
         go.Histogram(
             x=check.natural.distribution.tolist(),
             nbinsx=40,
-            name="natural inputs",
-            marker_color="#1f77b4",
+            name="natural inputs (every position)",
+            marker_color="#9ecae1",
             hovertemplate="activation %{x}<br>%{y} inputs<extra></extra>",
         ),
         row=1,
@@ -144,6 +144,6 @@ def fv_check_figure(check: FVCheck, token_labels: TokenLabels = None) -> go.Figu
     fig.update_xaxes(title_text="step", row=1, col=1)
     fig.update_yaxes(title_text="activation", row=1, col=1)
     fig.update_xaxes(title_text="activation", row=1, col=2)
-    fig.update_yaxes(title_text="inputs", row=1, col=2)
+    fig.update_yaxes(title_text="inputs (log)", type="log", row=1, col=2)
     fig.update_yaxes(title_text="signed share of |attribution|", row=1, col=3)
     return fig

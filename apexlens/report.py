@@ -63,6 +63,23 @@ COLUMNS: dict[str, str] = {
     "sigma; they predict nothing and are left out of every other column",
     "ablation": "how an edge outside the hypothesis is ablated: 'resample' (the corrupted "
     "run's value), 'mean' (its mean over reference prompts) or 'zero'",
+    # feature visualization (apexlens.fv_check)
+    "fv_activation": "the feature on the visualization's best discrete input",
+    "natural_max": "the largest activation over every natural input and position",
+    "ratio": "fv_activation / natural_max",
+    "percentile": "share of natural activations below the visualization's (%)",
+    "token_similarity": "bag-of-token cosine, visualization vs the natural top contexts",
+    "representation_similarity": "cosine of the residual stream the feature reads, "
+    "visualization vs the mean of the natural top examples",
+    "representation_floor": "the lowest such cosine of a natural top example vs the others",
+    "mechanism_similarity": "cosine of the upstream attribution profiles, visualization vs the "
+    "natural top mean",
+    "mechanism_floor": "the lowest such cosine of a natural top example vs the others",
+    "flagged": "ratio >= 2 and (mechanism or representation) similarity below the natural floor "
+    "by more than 0.05",
+    "reason": "why it is flagged",
+    "fv": "signed share of the visualization's attribution",
+    "natural": "signed share of the natural top examples' attribution (mean)",
 }
 """Definitions of the table columns apexlens reports (printed under every table)."""
 

@@ -80,12 +80,16 @@ def test_apex_figures_and_scores_plot():
 
 
 def _figures(html: str) -> list[dict]:
-    """The plotly figures embedded in a report: (data, layout) of each Plotly.newPlot call."""
+    """The plotly figures embedded in a report: (data, layout) of each Plotly.newPlot call,
+    decoded as JSON values one after the other (no regex over nested brackets)."""
     out = []
-    for m in re.finditer(
-        r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*(\{.*?\}),\s*\{', html, re.S
-    ):
-        out.append({"data": json.loads(m.group(1)), "layout": json.loads(m.group(2))})
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r'Plotly\.newPlot\(\s*"[^"]+",\s*', html):
+        data, end = decoder.raw_decode(html, m.end())
+        rest = re.match(r"\s*,\s*", html[end:])
+        assert rest is not None
+        layout, _ = decoder.raw_decode(html, end + rest.end())
+        out.append({"data": data, "layout": layout})
     return out
 
 
@@ -95,9 +99,9 @@ def test_demo_writes_a_self_contained_report(tmp_path):
     result = run_demo(tmp_path, progress=False, n=16)
     html = (tmp_path / "report.html").read_text()
     assert re.search(r"<script[^>]*\bsrc=", html) is None  # plotly.js inlined: opens offline
-    assert html.count("Plotly.newPlot") == 7
+    assert html.count("Plotly.newPlot") == 9
     figs = _figures(html)
-    assert len(figs) == 7
+    assert len(figs) == 9
     for fig in figs:
         assert fig["data"], "a figure without data"
         assert any(len(t.get("x", []) or t.get("z", []) or t.get("y", [])) for t in fig["data"])
@@ -108,10 +112,17 @@ def test_demo_writes_a_self_contained_report(tmp_path):
     by_model = {r["model"]: r for r in result["apex"]}
     assert by_model["backdoor"]["dominant_token"] == 23
     assert by_model["backdoor"]["top1_share"] > 2 * by_model["backdoor-clean"]["top1_share"]
+    assert result["fv_flagged"] == {"modadd-2l-slingshot": True, "modadd-2l": False}
 
 
 def test_cli_help_and_errors(capsys):
-    for cmd in (["--help"], ["path-patch", "--help"], ["apex", "--help"], ["demo", "--help"]):
+    for cmd in (
+        ["--help"],
+        ["path-patch", "--help"],
+        ["apex", "--help"],
+        ["demo", "--help"],
+        ["visualize", "--help"],
+    ):
         with pytest.raises(SystemExit) as e:
             main(cmd)
         assert e.value.code == 0

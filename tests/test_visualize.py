@@ -256,3 +256,27 @@ def test_check_figure_and_frames(checks):
     shares = chk.attribution_frame()
     assert list(shares.columns) == ["component", "fv", "natural"]
     assert shares["fv"].abs().sum() == pytest.approx(1.0)
+
+
+def test_cli_visualize_writes_the_check_and_refuses_bad_input(tmp_path, capsys):
+    import json
+
+    from apexlens.cli import main
+
+    out = tmp_path / "fv"
+    assert (
+        main(["visualize", "modadd-2l-slingshot", "m1.n34", "--out", str(out), "--no-progress"])
+        == 0
+    )
+    summary = json.loads((out / "visualize.json").read_text())
+    assert summary["fv_text"] == "= 11 = 11" and summary["flagged"] is True
+    for name in ("fv.csv", "natural_top.csv", "check.csv", "visualize.html"):
+        assert (out / name).is_file()
+    assert "suspicious" in capsys.readouterr().out
+    for argv, message in [
+        (["visualize", "modadd-2l", "m7.n1"], "layer 7 out of range"),
+        (["visualize", "induction-2l", "m0.n1"], "no MLPs"),
+        (["visualize", "modadd-2l", "m1.n1", "--natural", "2"], "--natural"),
+    ]:
+        assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
