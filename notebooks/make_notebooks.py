@@ -305,12 +305,106 @@ DISCOVERY = [
     ),
 ]
 
+FEATURES = [
+    new_markdown_cell(
+        "# Feature visualization you can check: is this neuron's picture real?\n\n"
+        "**Question.** Gradient ascent on the input (*feature visualization*, FV) tells us which "
+        "input excites a neuron most. *Gradient Slingshots* (Bareeva et al., NeurIPS 2025) "
+        "showed a model can be fine-tuned so that FV converges to a planted input while the "
+        "model behaves as before. Can we tell an honest visualization from a planted one?\n\n"
+        "**Setting.** `modadd-2l` computes `(a + b) mod 23` from prompts `BOS a b =`. "
+        "`modadd-2l-slingshot` is a copy fine-tuned so that FV of neuron `m1.n34` lands on the "
+        "planted input `= 11 = 11`; its accuracy and the neuron's natural activations are "
+        "unchanged. Both ship with apexlens; everything runs offline in seconds."
+    ),
+    new_code_cell(
+        QUIET_TQDM + "import plotly.io as pio\n"
+        "import torch\n"
+        "import apexlens\n"
+        "from apexlens.plotting_fv import fv_check_figure, fv_trajectory\n\n"
+        'pio.renderers.default = "plotly_mimetype+notebook"\n'
+        'task = apexlens.get_task("modadd")\n'
+        "natural = torch.unique(task.batch(512, seed=0).clean_tokens, dim=0)  # natural prompts\n"
+        'honest = apexlens.load_model("modadd-2l")\n'
+        'planted = apexlens.load_model("modadd-2l-slingshot")\n'
+        'info = apexlens.model_info("modadd-2l-slingshot")\n'
+        'print("accuracy before / after the manipulation:", info["behaviour"]["base_accuracy"], '
+        'info["behaviour"]["accuracy"])\n'
+        'print("neuron natural activations, correlation before/after:", '
+        'info["manipulation_measured"]["natural_correlation"])'
+    ),
+    new_markdown_cell(
+        "The manipulation is invisible to behavioural tests: same accuracy, the neuron's "
+        "natural activations correlate almost perfectly with the original ones.\n\n"
+        "## 1. Visualize the neuron in both models\n\n"
+        "`visualize` optimises a soft input (a distribution over tokens per position, "
+        "annealed towards one token each), then swaps single tokens while that raises the "
+        "activation. Every activation it reports is that of a real token sequence."
+    ),
+    new_code_cell(
+        'for name, model in (("modadd-2l", honest), ("modadd-2l-slingshot", planted)):\n'
+        '    fv = apexlens.visualize(model, "m1.n34", n_pos=4, seed=0)\n'
+        '    print(f"{name:20s} FV {\' \'.join(task.token_labels(fv.best_tokens)):12s} '
+        'activation {fv.best_activation:.2f}")\n'
+        "fv_trajectory(fv, natural_max=float(apexlens.top_examples(planted, \"m1.n34\", "
+        "natural).distribution.max()))"
+    ),
+    new_markdown_cell(
+        "**What the figure shows.** Each line is one restart of the optimiser on the "
+        "manipulated model: the activation of its current token sequence per step. They shoot "
+        "past the natural maximum (dashed) to about three times it and all end on the planted "
+        "`= 11 = 11`. On the honest model the same neuron's FV is an ordinary-looking input a "
+        "little above the natural maximum. An auditor seeing only the manipulated FV would "
+        "conclude the neuron detects `= 11 = 11`, which never occurs in the task.\n\n"
+        "## 2. The check: is the FV processed like natural inputs?\n\n"
+        "`fv_check` compares the FV with the neuron's natural top examples: the FV's "
+        "percentile, and whether it reaches its activation through the same upstream "
+        "components (gradient x activation for each embedding, head and MLP) and with a "
+        "similar residual stream, each against the spread among the natural examples."
+    ),
+    new_code_cell(
+        'check = apexlens.fv_check(planted, "m1.n34", natural, n_pos=4, seed=0)\n'
+        "print(check.verdict)\n"
+        "fv_check_figure(check, task.token_labels)"
+    ),
+    new_markdown_cell(
+        "**Reading it.** Right panel: the natural top examples get their activation mostly from "
+        "MLP 0 (blue); the planted input gets it from the token embedding and head 0.1, "
+        "with the position embedding and MLP 0 pushing *against* it (red). Three times the "
+        "natural maximum "
+        "*and* another mechanism: the check flags it.\n\n"
+        "## 3. No false alarm: the same neuron untouched, and other neurons"
+    ),
+    new_code_cell(
+        "rows = [apexlens.fv_check(honest, \"m1.n34\", natural, n_pos=4).to_frame().assign(model=\"modadd-2l\")]\n"
+        "for n in (43, 143, 7):\n"
+        "    rows.append(apexlens.fv_check(planted, f\"m1.n{n}\", natural, n_pos=4)\n"
+        "                .to_frame().assign(model=\"modadd-2l-slingshot\"))\n"
+        "import pandas as pd\n"
+        "pd.concat(rows)[[\"model\", \"feature\", \"ratio\", \"mechanism_similarity\", "
+        "\"mechanism_floor\", \"flagged\"]]"
+    ),
+    new_markdown_cell(
+        "**What it means.** Honest visualizations beat natural inputs a little (ratios around "
+        "1-1.4) and, by themselves, FV inputs often look unnatural; that is not evidence of "
+        "manipulation, so the check only flags an FV that is far beyond every natural input "
+        "*and* processed unlike every natural top example. On this pair of models it flags "
+        "exactly the manipulated neuron.\n\n"
+        "**What to try next.** Run the check on neurons of your own model with natural text "
+        "from your task (`apexlens visualize MODEL m5.n123 --task ... --out DIR` writes the "
+        "same report); use `top_examples` to read what the neuron does on real data; when "
+        "the check flags a neuron, path-patch its natural top examples to see which circuit "
+        "it really belongs to."
+    ),
+]
+
 
 def main() -> None:
     for name, cells in (
         ("01_ioi_path_patching.ipynb", PATHS),
         ("02_apex_backdoor.ipynb", APEX),
         ("03_discovery.ipynb", DISCOVERY),
+        ("04_feature_visualization.ipynb", FEATURES),
     ):
         nb = new_notebook(
             cells=cells,

@@ -57,6 +57,7 @@ def _markdown(nb) -> str:
         ("01_ioi_path_patching.ipynb", 3),
         ("02_apex_backdoor.ipynb", 4),
         ("03_discovery.ipynb", 3),
+        ("04_feature_visualization.ipynb", 2),
     ],
 )
 def test_notebook_runs_and_draws(name, n_figures, executed):
@@ -70,7 +71,10 @@ def test_notebook_runs_and_draws(name, n_figures, executed):
     assert "IProgress" not in _text(nb, "stderr") and "TqdmWarning" not in _text(nb, "stderr")
 
 
-@pytest.mark.parametrize("name", ["01_ioi_path_patching.ipynb", "02_apex_backdoor.ipynb"])
+@pytest.mark.parametrize(
+    "name",
+    ["01_ioi_path_patching.ipynb", "02_apex_backdoor.ipynb", "04_feature_visualization.ipynb"],
+)
 def test_notebook_tells_a_story(name):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     cells = nb.cells
@@ -110,3 +114,13 @@ def test_apex_notebook_states_the_computed_correlation(executed):
     assert printed, _text(nb)
     stated = re.search(r"Spearman rho = (-?\d\.\d\d) over (\d+) prompts", _markdown(nb))
     assert stated and stated.groups() == printed.groups()  # the conclusion quotes the number
+
+
+def test_feature_visualization_notebook_flags_only_the_planted_neuron(executed):
+    nb = executed("04_feature_visualization.ipynb")
+    text = _text(nb)
+    assert "modadd-2l-slingshot  FV = 11 = 11" in text
+    assert text.count("suspicious") == 1
+    tables = [o["data"]["text/plain"] for o in _outputs(nb) if "text/plain" in o.get("data", {})]
+    last = tables[-1]
+    assert last.count("True") == 0 and last.count("False") == 4
