@@ -211,12 +211,7 @@ def train_slingshot(steps: int | None = None) -> tuple[Any, dict[str, Any]]:
         loss.backward()
         opt.step()
     model.eval()
-    record = {
-        "steps": n_steps,
-        "final_loss": round(float(loss.detach()), 4),
-        "train_seconds": round(time.perf_counter() - t0, 1),
-    }
-    return model, record
+    return model, _record(n_steps, loss, t0)
 
 
 def measure_slingshot(name: str = "modadd-2l-slingshot") -> dict[str, Any]:
@@ -251,6 +246,23 @@ def measure_slingshot(name: str = "modadd-2l-slingshot") -> dict[str, Any]:
     out["natural_max_abs_change"] = round(float((a - b).abs().max()), 4)
     out["top20_overlap"] = len(top_a & top_b) / 20
     return out
+
+
+def _record(n_steps: int, loss: Tensor, t0: float) -> dict[str, Any]:
+    return {
+        "steps": n_steps,
+        "final_loss": round(float(loss.detach()), 4),
+        "train_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _weights(model: Any) -> dict[str, Tensor]:
+    """The state dict as saved: contiguous, without TransformerLens' buffers."""
+    return {
+        k: v.detach().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.endswith((".mask", ".IGNORE"))
+    }
 
 
 def _model(cfg: dict[str, Any], seed: int) -> Any:
@@ -297,12 +309,7 @@ def train(name: str, steps: int | None = None) -> tuple[Any, dict[str, Any]]:
         opt.step()
         sched.step()
     model.eval()
-    record = {
-        "steps": n_steps,
-        "final_loss": round(float(loss.detach()), 4),
-        "train_seconds": round(time.perf_counter() - t0, 1),
-    }
-    return model, record
+    return model, _record(n_steps, loss, t0)
 
 
 def save(name: str, model: Any, record: dict[str, Any]) -> None:
@@ -312,11 +319,7 @@ def save(name: str, model: Any, record: dict[str, Any]) -> None:
 
     spec = SPECS[name]
     WEIGHTS.mkdir(exist_ok=True)
-    state = {
-        k: v.detach().contiguous()
-        for k, v in model.state_dict().items()
-        if not k.endswith((".mask", ".IGNORE"))
-    }
+    state = _weights(model)
     save_file(state, str(WEIGHTS / f"{name}.safetensors"))
     meta = {
         "name": name,
@@ -343,11 +346,7 @@ def save_slingshot(name: str = "modadd-2l-slingshot") -> None:
     from apexlens.models import _meta, measure
 
     model, record = train_slingshot()
-    state = {
-        k: v.detach().contiguous()
-        for k, v in model.state_dict().items()
-        if not k.endswith((".mask", ".IGNORE"))
-    }
+    state = _weights(model)
     save_file(state, str(WEIGHTS / f"{name}.safetensors"))
     spec = SLINGSHOT
     meta: dict[str, Any] = {
