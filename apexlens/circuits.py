@@ -124,32 +124,47 @@ class EdgeIndex:
         positions, a ``[n_senders, n_receivers, n_pos]`` one (see :func:`edge_positions`)."""
         keep = torch.zeros_like(self.valid)
         per_pos: list[tuple[int, int, tuple[int, ...]]] = []
-        for pair in edges:
-            try:
-                s_spec, r_spec = pair
-            except (TypeError, ValueError):
-                raise ApexlensError(f"an edge is a (sender, receiver) pair, got {pair!r}") from None
-            s = validate(parse_node(s_spec), self.dims)
-            if (
-                s.kind == "logits"
-                or s.kind == "resid"
-                or (s.kind == "head" and s.channel is not None)
-            ):
-                raise ApexlensError(f"edge {s} -> {r_spec}: {s} cannot send")
-            for r in self._query_heads(as_receivers([validate(parse_node(r_spec), self.dims)])):
-                i, j = self.sender_id(s), self.receiver_id(r)
-                if not self.valid[i, j]:
-                    same = " (parallel attention and MLP: MLP L reads before the heads of layer L write)"
+        rows: list[int] = []
+        cols: list[int] = []
+        # circuits name tens of thousands of edges over a few hundred distinct node objects:
+        # each is parsed and checked once (remembered by identity; the memo holds the object,
+        # so its id stays its own), the edges' directions checked in one comparison
+        s_seen: dict[int, tuple[Any, Node, int]] = {}
+        r_seen: dict[int, tuple[Any, list[tuple[Node, int]]]] = {}
+        try:
+            for pair in edges:
+                try:
+                    s_spec, r_spec = pair
+                except (TypeError, ValueError):
                     raise ApexlensError(
-                        f"edge {s} -> {r} goes backwards: receiver {r} comes before (or in the same "
-                        f"layer as) sender {s}"
-                        + (same if self.dims.parallel and r.kind == "mlp" else "")
-                    )
-                pos = edge_positions(s, r, n_pos, named)
-                if pos is None:
-                    keep[i, j] = True
-                else:
-                    per_pos.append((i, j, pos))
+                        f"an edge is a (sender, receiver) pair, got {pair!r}"
+                    ) from None
+                s_hit = s_seen.get(id(s_spec))
+                if s_hit is None:
+                    s_hit = s_seen[id(s_spec)] = (s_spec, *self._sender(s_spec, r_spec))
+                r_hit = r_seen.get(id(r_spec))
+                if r_hit is None:
+                    r_hit = r_seen[id(r_spec)] = (r_spec, self._receivers(r_spec))
+                _, s, i = s_hit
+                for r, j in r_hit[1]:
+                    if s.positions is None and r.positions is None:
+                        rows.append(i)
+                        cols.append(j)
+                        continue
+                    self._check_direction(s, r, i, j)
+                    pos = edge_positions(s, r, n_pos, named)
+                    if pos is None:
+                        keep[i, j] = True
+                    else:
+                        per_pos.append((i, j, pos))
+        finally:  # an edge going backwards is reported before any error in a later edge
+            ij = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
+            ok = self.valid[ij[0], ij[1]]
+            if not bool(ok.all()):
+                k = int((~ok).nonzero()[0, 0])
+                i, j = rows[k], cols[k]
+                self._check_direction(self.senders[i], self.receivers[j], i, j)
+        keep[ij[0], ij[1]] = True
         if not per_pos:
             return keep
         assert n_pos is not None
@@ -157,6 +172,24 @@ class EdgeIndex:
         for i, j, pos in per_pos:
             out[i, j, list(pos)] = True
         return out
+
+    def _sender(self, spec: Any, r_spec: Any) -> tuple[Node, int]:
+        s = validate(parse_node(spec), self.dims)
+        if s.kind == "logits" or s.kind == "resid" or (s.kind == "head" and s.channel is not None):
+            raise ApexlensError(f"edge {s} -> {r_spec}: {s} cannot send")
+        return s, self.sender_id(s)
+
+    def _receivers(self, spec: Any) -> list[tuple[Node, int]]:
+        nodes = self._query_heads(as_receivers([validate(parse_node(spec), self.dims)]))
+        return [(r, self.receiver_id(r)) for r in nodes]
+
+    def _check_direction(self, s: Node, r: Node, i: int, j: int) -> None:
+        if not self.valid[i, j]:
+            same = " (parallel attention and MLP: MLP L reads before the heads of layer L write)"
+            raise ApexlensError(
+                f"edge {s} -> {r} goes backwards: receiver {r} comes before (or in the same "
+                f"layer as) sender {s}" + (same if self.dims.parallel and r.kind == "mlp" else "")
+            )
 
     def sender_id(self, s: Node) -> int:
         """The row of sender ``s`` (positions ignored)."""
@@ -655,6 +688,20 @@ def circuit_final(
     return torch.cat(finals)
 
 
+def edge_names(edge_list: list[tuple[Any, Any]]) -> list[tuple[str, str]]:
+    """Each edge as ``(sender, receiver)`` spellings; each node object is spelled once
+    (remembered by identity, the memo holding the object)."""
+    seen: dict[int, tuple[Any, str]] = {}
+
+    def name(spec: Any) -> str:
+        hit = seen.get(id(spec))
+        if hit is None:
+            hit = seen[id(spec)] = (spec, str(parse_node(spec)))
+        return hit[1]
+
+    return [(name(s), name(r)) for s, r in edge_list]
+
+
 def _kl(readout: Readout, clean: Tensor, other: Tensor) -> Float[Tensor, " batch"]:
     """``KL(clean || other)`` of the next-token distributions at the positions the metric
     reads, mean over those positions."""
@@ -695,7 +742,7 @@ def evaluate(
         return aue, ate
 
     return CircuitResult(
-        edges=[(str(parse_node(s)), str(parse_node(r))) for s, r in edge_list],
+        edges=edge_names(edge_list),
         scores=Scores(values),
         clean=Scores(clean_values),
         corrupted=Scores(empty_values),
