@@ -551,9 +551,7 @@ def circuit_hooks(
         if d.has_mlps and not bk.mlp_reads_resid_pre:
             hooks.append((bk.resid_mid(layer), edits.save(state, bk.resid_mid(layer), clone=False)))
         if d.has_mlps:
-            hooks.append(
-                (bk.mlp_out(layer), _mlp_hook(bk, buf, state, index, excluded, abl, layer))
-            )
+            hooks += _mlp_hooks(bk, buf, state, index, excluded, abl, layer)
     ex_l = excluded[:, index.logits]
     if ex_l.any():
         hooks.append(
@@ -637,7 +635,7 @@ def _record_heads(
     return hook
 
 
-def _mlp_hook(
+def _mlp_hooks(
     bk: Backend,
     buf: SenderBuffer,
     state: dict[str, Tensor],
@@ -645,19 +643,26 @@ def _mlp_hook(
     excluded: Tensor,
     abl: AblationValues,
     layer: int,
-) -> HookFn:
+) -> list[tuple[str, HookFn]]:
+    """MLP ``layer`` reads ``resid - excluded senders`` (set at its input where the backend
+    has such a point, so the model's own MLP call computes it; else recomputed from it) and
+    its output change is recorded."""
     i_mlp = index.mlp_sender[layer]
     ex_m = excluded[:i_mlp, index.mlp_receiver[layer]]
+    edit = bk.mlp_input_edit(layer) if bool(ex_m.any()) else None
+    read = lambda: buf.read(state[bk.mlp_in_resid(layer)], ex_m[:, None])[0]  # noqa: E731
 
     def hook(act: Tensor, hook: Any) -> Tensor:
-        if ex_m.any():
-            act = bk.mlp_from_resid(
-                layer, buf.read(state[bk.mlp_in_resid(layer)], ex_m[:, None])[0]
-            )
+        if edit is None and ex_m.any():
+            act = bk.mlp_from_resid(layer, read())
         buf.put(slice(i_mlp, i_mlp + 1), (act - abl.mlp_out[layer].to(act))[None])
         return act
 
-    return hook
+    out: list[tuple[str, HookFn]] = []
+    if edit is not None:
+        name, normalise = edit
+        out.append((name, edits.replace(lambda act: normalise(read()))))
+    return [*out, (bk.mlp_out(layer), hook)]
 
 
 def _any_but_dim1(ex: Tensor) -> Tensor:
