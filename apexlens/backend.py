@@ -17,6 +17,7 @@ input enters at ``hook_q``/``hook_k``/``hook_v`` after its projection is recompu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -395,6 +396,45 @@ class Backend:
             W, b = W[slots], b[slots]
         x = self._with_pos(channel, normed, -3)
         return torch.einsum("...hm,hmd->...hd", x, W) + b
+
+    def project_columns(
+        self,
+        layer: int,
+        channel: str,
+        normed: Float[Tensor, "column ... pos d_model"],
+        groups: list[tuple[int, list[int]]],
+        slots: list[int],
+    ) -> Float[Tensor, "... pos slot d_head"]:
+        """``hook_q/k/v`` values at ``slots`` of ``layer`` where slot ``slots[i]`` reads the
+        already-normalised input ``normed[c]`` for the ``(c, members)`` of ``groups`` with
+        ``i`` in ``members``: one product per column, no per-slot copy of its input."""
+        W = self.W_in_flat(channel)[layer]  # [d_model, slot * d_head]
+        b = self.b_in(channel)[layer]
+        dh = b.shape[-1]
+        lead, dm = normed.shape[1:-1], normed.shape[-1]
+        out = normed.new_empty(math.prod(lead), len(slots), dh)
+        for c, members in groups:
+            x = self._with_pos(channel, normed[c], -2).reshape(-1, dm)
+            if len(members) == 1:
+                Wc = W[:, slots[members[0]] * dh : (slots[members[0]] + 1) * dh]
+            else:
+                Wc = W[:, [slots[i] * dh + k for i in members for k in range(dh)]]
+            y = (x @ Wc).view(-1, len(members), dh)
+            if members == list(range(members[0], members[0] + len(members))):
+                out[:, members[0] : members[0] + len(members)] = y
+            else:
+                out[:, members] = y
+        out += b[slots]
+        return out.view(*lead, len(slots), dh)
+
+    def W_in_flat(self, channel: str) -> Float[Tensor, "layer d_model slot_d_head"]:
+        """:meth:`W_in` as one ``[d_model, slot * d_head]`` matrix per layer."""
+
+        def make() -> Tensor:
+            W = self.W_in(channel)
+            return W.permute(0, 2, 1, 3).reshape(W.shape[0], W.shape[2], -1).contiguous()
+
+        return self._memo(("Wflat", channel), make)
 
     def head_outputs(
         self,

@@ -406,7 +406,7 @@ class SenderBuffer:
 
     def start(self, first: Float[Tensor, "k batch pos d_model"]) -> None:
         """A new forward pass, beginning with the embedding sender(s)."""
-        self.D = first.new_zeros(self.n_senders, *first.shape[1:])
+        self.D = first.new_empty(self.n_senders, *first.shape[1:])  # rows filled in order
         self.total = torch.zeros_like(first[0])
         self.filled = 0
         self.put(slice(0, first.shape[0]), first)
@@ -531,6 +531,7 @@ def circuit_hooks(
             hooks.append((bk.resid_pre(layer), edits.save(state, bk.resid_pre(layer), clone=False)))
         n_up = index.head_sender[layer].start
         own: dict[str, list[int]] = {}  # grouped-query heads that need a k/v of their own
+        reads: dict[str, tuple[list[int], Tensor]] = {}
         for ch in "qkv":
             ex = excluded[:n_up, index.head_receiver[(layer, ch)]]
             if not ex.any():
@@ -539,9 +540,11 @@ def circuit_hooks(
             if ch in "kv" and d.group > 1:
                 heads, own[ch] = _kv_heads(bk, ex)
             if heads:
-                slots = [bk.slot(h, ch) for h in heads]
-                value = _qkv_value(bk, buf, state, layer, ch, ex[:, heads], slots)
-                hooks.append((bk.qkv(layer, ch), edits.set_heads(slots, value)))
+                reads[ch] = ([bk.slot(h, ch) for h in heads], ex[:, heads])
+        if reads:
+            inputs = _HeadInputs(bk, buf, state, layer, reads)
+            for ch, (slots, _) in reads.items():
+                hooks.append((bk.qkv(layer, ch), edits.set_heads(slots, inputs.value(ch))))
         if any(own.values()):
             items = [(h, ch) for ch, hs in own.items() for h in hs]
             hooks += grouped_kv_hooks(
@@ -563,6 +566,54 @@ def circuit_hooks(
     return hooks
 
 
+class _HeadInputs:
+    """The q/k/v inputs of a layer's receiver heads, ``reads[ch] = (slots, ex)`` (column
+    ``i`` of ``ex``: the senders excluded from slot ``i``): one product over the sender
+    buffer for the distinct columns of all three channels, one normalisation per distinct
+    column (heads and channels excluding the same senders share it), then each slot's
+    projection from its column. The normalised columns are computed at the first of the
+    layer's q/k/v hooks of a forward pass and dropped after the last."""
+
+    def __init__(
+        self,
+        bk: Backend,
+        buf: SenderBuffer,
+        state: dict[str, Tensor],
+        layer: int,
+        reads: Mapping[str, tuple[list[int], Tensor]],
+    ) -> None:
+        self.bk, self.buf, self.state, self.layer = bk, buf, state, layer
+        chans = list(reads)
+        cat = torch.cat([reads[ch][1] for ch in chans], dim=1)
+        self.columns, which = torch.unique(cat, dim=1, return_inverse=True)
+        widths = [reads[ch][1].shape[1] for ch in chans]
+        self.groups: dict[str, list[tuple[int, list[int]]]] = {}
+        self.slots = {ch: reads[ch][0] for ch in chans}
+        for ch, w in zip(chans, which.split(widths), strict=True):
+            by_col: dict[int, list[int]] = {}
+            for i, c in enumerate(w.tolist()):
+                by_col.setdefault(c, []).append(i)
+            self.groups[ch] = list(by_col.items())
+        self.chans = set(chans)
+        self.served: set[str] = set()
+        self.source: Tensor | None = None
+        self.normed: Tensor | None = None
+
+    def value(self, ch: str) -> Any:
+        def fn(act: Tensor) -> Tensor:
+            resid = self.state[self.bk.resid_pre(self.layer)]
+            if self.normed is None or self.source is not resid:  # a new forward pass
+                self.source, self.served = resid, set()
+                self.normed = self.bk.ln1(self.layer, self.buf.read(resid, self.columns))
+            normed = self.normed
+            self.served.add(ch)
+            if self.served == self.chans:
+                self.normed = self.source = None
+            return self.bk.project_columns(self.layer, ch, normed, self.groups[ch], self.slots[ch])
+
+        return fn
+
+
 def _qkv_value(
     bk: Backend,
     buf: SenderBuffer,
@@ -573,16 +624,8 @@ def _qkv_value(
     slots: list[int],
 ) -> Any:
     """The q/k/v input of ``slots`` recomputed from ``resid - excluded senders`` (column
-    ``i`` of ``ex``: the senders excluded from slot ``i``); slots that exclude the same
-    senders share one normalisation."""
-    columns, which = torch.unique(ex, dim=1, return_inverse=True)
-
-    def value(act: Tensor) -> Tensor:
-        normed = bk.ln1(layer, buf.read(state[bk.resid_pre(layer)], columns))  # [u, n, p, d]
-        per_slot = normed[which].permute(1, 2, 0, 3)  # [n, p, slot, d]
-        return bk.project_heads(layer, ch, per_slot, slots)
-
-    return value
+    ``i`` of ``ex``: the senders excluded from slot ``i``)."""
+    return _HeadInputs(bk, buf, state, layer, {ch: (slots, ex)}).value(ch)
 
 
 def _kv_heads(bk: Backend, ex: Tensor) -> tuple[list[int], list[int]]:
