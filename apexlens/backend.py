@@ -408,7 +408,7 @@ class Backend:
         """``hook_q/k/v`` values at ``slots`` of ``layer`` where slot ``slots[i]`` reads the
         already-normalised input ``normed[c]`` for the ``(c, members)`` of ``groups`` with
         ``i`` in ``members``: one product per column, no per-slot copy of its input."""
-        W = self.W_in_flat(channel)[layer]  # [d_model, slot * d_head]
+        W = self.W_in(channel)[layer]  # [slot, d_model, d_head]
         b = self.b_in(channel)[layer]
         dh = b.shape[-1]
         lead, dm = normed.shape[1:-1], normed.shape[-1]
@@ -416,9 +416,9 @@ class Backend:
         for c, members in groups:
             x = self._with_pos(channel, normed[c], -2).reshape(-1, dm)
             if len(members) == 1:
-                Wc = W[:, slots[members[0]] * dh : (slots[members[0]] + 1) * dh]
+                Wc = W[slots[members[0]]]
             else:
-                Wc = W[:, [slots[i] * dh + k for i in members for k in range(dh)]]
+                Wc = W[[slots[i] for i in members]].permute(1, 0, 2).reshape(dm, -1)
             y = (x @ Wc).view(-1, len(members), dh)
             if members == list(range(members[0], members[0] + len(members))):
                 out[:, members[0] : members[0] + len(members)] = y
@@ -426,15 +426,6 @@ class Backend:
                 out[:, members] = y
         out += b[slots]
         return out.view(*lead, len(slots), dh)
-
-    def W_in_flat(self, channel: str) -> Float[Tensor, "layer d_model slot_d_head"]:
-        """:meth:`W_in` as one ``[d_model, slot * d_head]`` matrix per layer."""
-
-        def make() -> Tensor:
-            W = self.W_in(channel)
-            return W.permute(0, 2, 1, 3).reshape(W.shape[0], W.shape[2], -1).contiguous()
-
-        return self._memo(("Wflat", channel), make)
 
     def head_outputs(
         self,
