@@ -17,7 +17,8 @@ input enters at ``hook_q``/``hook_k``/``hook_v`` after its projection is recompu
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,6 +319,36 @@ class Backend:
         (:meth:`mlp_in_resid`): ``ln2_post(mlp(ln2(resid)))``."""
         return self.ln2_post(layer, self.mlp(layer, self.ln2(layer, resid)))
 
+    def mlp_input_edit(
+        self, layer: int
+    ) -> tuple[str, Callable[[Tensor], Tensor]] | None:
+        """Where MLP ``layer``'s input can be set without touching the residual stream:
+        ``(hook name, f)`` such that the hook's value ``f(resid)`` makes the MLP read the
+        residual stream ``resid`` (instead of :meth:`mlp_in_resid`'s value) and add
+        ``mlp_from_resid(resid)``; ``None`` where there is no such point (then the MLP's
+        output has to be recomputed).
+
+        HookedTransformer's LayerNorm / RMSNorm (and ``Pre`` forms) in float32/float64:
+        ``ln2.hook_normalized``, the input normalised before the norm's own weight and bias,
+        computed here with torch's fused kernel (the same function)."""
+        module = self._module(layer, "ln2")
+        kind = type(module).__name__
+        if (
+            module is None
+            or type(module).__module__.split(".")[0] != "transformer_lens"
+            or not hasattr(module, "hook_normalized")
+            or getattr(self.model.cfg, "dtype", None) not in (torch.float32, torch.float64)
+            or self.post_norms
+        ):
+            return None
+        eps = float(getattr(module, "eps", 1e-5))
+        name = f"blocks.{layer}.ln2.hook_normalized"
+        if kind in ("LayerNorm", "LayerNormPre"):
+            return name, lambda x: F.layer_norm(x, (x.shape[-1],), None, None, eps)
+        if kind in ("RMSNorm", "RMSNormPre"):
+            return name, lambda x: x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        return None
+
     def _with_pos(self, channel: str, x: Tensor, pos_axis: int) -> Tensor:
         pe = self.pos_embed_rows(x.shape[pos_axis]) if channel in ("q", "k") else None
         if pe is None:
@@ -365,6 +396,36 @@ class Backend:
             W, b = W[slots], b[slots]
         x = self._with_pos(channel, normed, -3)
         return torch.einsum("...hm,hmd->...hd", x, W) + b
+
+    def project_columns(
+        self,
+        layer: int,
+        channel: str,
+        normed: Float[Tensor, "column ... pos d_model"],
+        groups: list[tuple[int, list[int]]],
+        slots: list[int],
+    ) -> Float[Tensor, "... pos slot d_head"]:
+        """``hook_q/k/v`` values at ``slots`` of ``layer`` where slot ``slots[i]`` reads the
+        already-normalised input ``normed[c]`` for the ``(c, members)`` of ``groups`` with
+        ``i`` in ``members``: one product per column, no per-slot copy of its input."""
+        W = self.W_in(channel)[layer]  # [slot, d_model, d_head]
+        b = self.b_in(channel)[layer]
+        dh = b.shape[-1]
+        lead, dm = normed.shape[1:-1], normed.shape[-1]
+        out = normed.new_empty(math.prod(lead), len(slots), dh)
+        for c, members in groups:
+            x = self._with_pos(channel, normed[c], -2).reshape(-1, dm)
+            if len(members) == 1:
+                Wc = W[slots[members[0]]]
+            else:
+                Wc = W[[slots[i] for i in members]].permute(1, 0, 2).reshape(dm, -1)
+            y = (x @ Wc).view(-1, len(members), dh)
+            if members == list(range(members[0], members[0] + len(members))):
+                out[:, members[0] : members[0] + len(members)] = y
+            else:
+                out[:, members] = y
+        out += b[slots]
+        return out.view(*lead, len(slots), dh)
 
     def head_outputs(
         self,

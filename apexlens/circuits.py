@@ -124,32 +124,47 @@ class EdgeIndex:
         positions, a ``[n_senders, n_receivers, n_pos]`` one (see :func:`edge_positions`)."""
         keep = torch.zeros_like(self.valid)
         per_pos: list[tuple[int, int, tuple[int, ...]]] = []
-        for pair in edges:
-            try:
-                s_spec, r_spec = pair
-            except (TypeError, ValueError):
-                raise ApexlensError(f"an edge is a (sender, receiver) pair, got {pair!r}") from None
-            s = validate(parse_node(s_spec), self.dims)
-            if (
-                s.kind == "logits"
-                or s.kind == "resid"
-                or (s.kind == "head" and s.channel is not None)
-            ):
-                raise ApexlensError(f"edge {s} -> {r_spec}: {s} cannot send")
-            for r in self._query_heads(as_receivers([validate(parse_node(r_spec), self.dims)])):
-                i, j = self.sender_id(s), self.receiver_id(r)
-                if not self.valid[i, j]:
-                    same = " (parallel attention and MLP: MLP L reads before the heads of layer L write)"
+        rows: list[int] = []
+        cols: list[int] = []
+        # circuits name tens of thousands of edges over a few hundred distinct node objects:
+        # each is parsed and checked once (remembered by identity; the memo holds the object,
+        # so its id stays its own), the edges' directions checked in one comparison
+        s_seen: dict[int, tuple[Any, Node, int]] = {}
+        r_seen: dict[int, tuple[Any, list[tuple[Node, int]]]] = {}
+        try:
+            for pair in edges:
+                try:
+                    s_spec, r_spec = pair
+                except (TypeError, ValueError):
                     raise ApexlensError(
-                        f"edge {s} -> {r} goes backwards: receiver {r} comes before (or in the same "
-                        f"layer as) sender {s}"
-                        + (same if self.dims.parallel and r.kind == "mlp" else "")
-                    )
-                pos = edge_positions(s, r, n_pos, named)
-                if pos is None:
-                    keep[i, j] = True
-                else:
-                    per_pos.append((i, j, pos))
+                        f"an edge is a (sender, receiver) pair, got {pair!r}"
+                    ) from None
+                s_hit = s_seen.get(id(s_spec))
+                if s_hit is None:
+                    s_hit = s_seen[id(s_spec)] = (s_spec, *self._sender(s_spec, r_spec))
+                r_hit = r_seen.get(id(r_spec))
+                if r_hit is None:
+                    r_hit = r_seen[id(r_spec)] = (r_spec, self._receivers(r_spec))
+                _, s, i = s_hit
+                for r, j in r_hit[1]:
+                    if s.positions is None and r.positions is None:
+                        rows.append(i)
+                        cols.append(j)
+                        continue
+                    self._check_direction(s, r, i, j)
+                    pos = edge_positions(s, r, n_pos, named)
+                    if pos is None:
+                        keep[i, j] = True
+                    else:
+                        per_pos.append((i, j, pos))
+        finally:  # an edge going backwards is reported before any error in a later edge
+            ij = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
+            ok = self.valid[ij[0], ij[1]]
+            if not bool(ok.all()):
+                k = int((~ok).nonzero()[0, 0])
+                i, j = rows[k], cols[k]
+                self._check_direction(self.senders[i], self.receivers[j], i, j)
+        keep[ij[0], ij[1]] = True
         if not per_pos:
             return keep
         assert n_pos is not None
@@ -157,6 +172,24 @@ class EdgeIndex:
         for i, j, pos in per_pos:
             out[i, j, list(pos)] = True
         return out
+
+    def _sender(self, spec: Any, r_spec: Any) -> tuple[Node, int]:
+        s = validate(parse_node(spec), self.dims)
+        if s.kind == "logits" or s.kind == "resid" or (s.kind == "head" and s.channel is not None):
+            raise ApexlensError(f"edge {s} -> {r_spec}: {s} cannot send")
+        return s, self.sender_id(s)
+
+    def _receivers(self, spec: Any) -> list[tuple[Node, int]]:
+        nodes = self._query_heads(as_receivers([validate(parse_node(spec), self.dims)]))
+        return [(r, self.receiver_id(r)) for r in nodes]
+
+    def _check_direction(self, s: Node, r: Node, i: int, j: int) -> None:
+        if not self.valid[i, j]:
+            same = " (parallel attention and MLP: MLP L reads before the heads of layer L write)"
+            raise ApexlensError(
+                f"edge {s} -> {r} goes backwards: receiver {r} comes before (or in the same "
+                f"layer as) sender {s}" + (same if self.dims.parallel and r.kind == "mlp" else "")
+            )
 
     def sender_id(self, s: Node) -> int:
         """The row of sender ``s`` (positions ignored)."""
@@ -373,7 +406,7 @@ class SenderBuffer:
 
     def start(self, first: Float[Tensor, "k batch pos d_model"]) -> None:
         """A new forward pass, beginning with the embedding sender(s)."""
-        self.D = first.new_zeros(self.n_senders, *first.shape[1:])
+        self.D = first.new_empty(self.n_senders, *first.shape[1:])  # rows filled in order
         self.total = torch.zeros_like(first[0])
         self.filled = 0
         self.put(slice(0, first.shape[0]), first)
@@ -498,6 +531,7 @@ def circuit_hooks(
             hooks.append((bk.resid_pre(layer), edits.save(state, bk.resid_pre(layer), clone=False)))
         n_up = index.head_sender[layer].start
         own: dict[str, list[int]] = {}  # grouped-query heads that need a k/v of their own
+        reads: dict[str, tuple[list[int], Tensor]] = {}
         for ch in "qkv":
             ex = excluded[:n_up, index.head_receiver[(layer, ch)]]
             if not ex.any():
@@ -506,9 +540,11 @@ def circuit_hooks(
             if ch in "kv" and d.group > 1:
                 heads, own[ch] = _kv_heads(bk, ex)
             if heads:
-                slots = [bk.slot(h, ch) for h in heads]
-                value = _qkv_value(bk, buf, state, layer, ch, ex[:, heads], slots)
-                hooks.append((bk.qkv(layer, ch), edits.set_heads(slots, value)))
+                reads[ch] = ([bk.slot(h, ch) for h in heads], ex[:, heads])
+        if reads:
+            inputs = _HeadInputs(bk, buf, state, layer, reads)
+            for ch, (slots, _) in reads.items():
+                hooks.append((bk.qkv(layer, ch), edits.set_heads(slots, inputs.value(ch))))
         if any(own.values()):
             items = [(h, ch) for ch, hs in own.items() for h in hs]
             hooks += grouped_kv_hooks(
@@ -518,9 +554,7 @@ def circuit_hooks(
         if d.has_mlps and not bk.mlp_reads_resid_pre:
             hooks.append((bk.resid_mid(layer), edits.save(state, bk.resid_mid(layer), clone=False)))
         if d.has_mlps:
-            hooks.append(
-                (bk.mlp_out(layer), _mlp_hook(bk, buf, state, index, excluded, abl, layer))
-            )
+            hooks += _mlp_hooks(bk, buf, state, index, excluded, abl, layer)
     ex_l = excluded[:, index.logits]
     if ex_l.any():
         hooks.append(
@@ -530,6 +564,54 @@ def circuit_hooks(
             )
         )
     return hooks
+
+
+class _HeadInputs:
+    """The q/k/v inputs of a layer's receiver heads, ``reads[ch] = (slots, ex)`` (column
+    ``i`` of ``ex``: the senders excluded from slot ``i``): one product over the sender
+    buffer for the distinct columns of all three channels, one normalisation per distinct
+    column (heads and channels excluding the same senders share it), then each slot's
+    projection from its column. The normalised columns are computed at the first of the
+    layer's q/k/v hooks of a forward pass and dropped after the last."""
+
+    def __init__(
+        self,
+        bk: Backend,
+        buf: SenderBuffer,
+        state: dict[str, Tensor],
+        layer: int,
+        reads: Mapping[str, tuple[list[int], Tensor]],
+    ) -> None:
+        self.bk, self.buf, self.state, self.layer = bk, buf, state, layer
+        chans = list(reads)
+        cat = torch.cat([reads[ch][1] for ch in chans], dim=1)
+        self.columns, which = torch.unique(cat, dim=1, return_inverse=True)
+        widths = [reads[ch][1].shape[1] for ch in chans]
+        self.groups: dict[str, list[tuple[int, list[int]]]] = {}
+        self.slots = {ch: reads[ch][0] for ch in chans}
+        for ch, w in zip(chans, which.split(widths), strict=True):
+            by_col: dict[int, list[int]] = {}
+            for i, c in enumerate(w.tolist()):
+                by_col.setdefault(c, []).append(i)
+            self.groups[ch] = list(by_col.items())
+        self.chans = set(chans)
+        self.served: set[str] = set()
+        self.source: Tensor | None = None
+        self.normed: Tensor | None = None
+
+    def value(self, ch: str) -> Any:
+        def fn(act: Tensor) -> Tensor:
+            resid = self.state[self.bk.resid_pre(self.layer)]
+            if self.normed is None or self.source is not resid:  # a new forward pass
+                self.source, self.served = resid, set()
+                self.normed = self.bk.ln1(self.layer, self.buf.read(resid, self.columns))
+            normed = self.normed
+            self.served.add(ch)
+            if self.served == self.chans:
+                self.normed = self.source = None
+            return self.bk.project_columns(self.layer, ch, normed, self.groups[ch], self.slots[ch])
+
+        return fn
 
 
 def _qkv_value(
@@ -542,16 +624,8 @@ def _qkv_value(
     slots: list[int],
 ) -> Any:
     """The q/k/v input of ``slots`` recomputed from ``resid - excluded senders`` (column
-    ``i`` of ``ex``: the senders excluded from slot ``i``); slots that exclude the same
-    senders share one normalisation."""
-    columns, which = torch.unique(ex, dim=1, return_inverse=True)
-
-    def value(act: Tensor) -> Tensor:
-        normed = bk.ln1(layer, buf.read(state[bk.resid_pre(layer)], columns))  # [u, n, p, d]
-        per_slot = normed[which].permute(1, 2, 0, 3)  # [n, p, slot, d]
-        return bk.project_heads(layer, ch, per_slot, slots)
-
-    return value
+    ``i`` of ``ex``: the senders excluded from slot ``i``)."""
+    return _HeadInputs(bk, buf, state, layer, {ch: (slots, ex)}).value(ch)
 
 
 def _kv_heads(bk: Backend, ex: Tensor) -> tuple[list[int], list[int]]:
@@ -604,7 +678,7 @@ def _record_heads(
     return hook
 
 
-def _mlp_hook(
+def _mlp_hooks(
     bk: Backend,
     buf: SenderBuffer,
     state: dict[str, Tensor],
@@ -612,19 +686,26 @@ def _mlp_hook(
     excluded: Tensor,
     abl: AblationValues,
     layer: int,
-) -> HookFn:
+) -> list[tuple[str, HookFn]]:
+    """MLP ``layer`` reads ``resid - excluded senders`` (set at its input where the backend
+    has such a point, so the model's own MLP call computes it; else recomputed from it) and
+    its output change is recorded."""
     i_mlp = index.mlp_sender[layer]
     ex_m = excluded[:i_mlp, index.mlp_receiver[layer]]
+    edit = bk.mlp_input_edit(layer) if bool(ex_m.any()) else None
+    read = lambda: buf.read(state[bk.mlp_in_resid(layer)], ex_m[:, None])[0]  # noqa: E731
 
     def hook(act: Tensor, hook: Any) -> Tensor:
-        if ex_m.any():
-            act = bk.mlp_from_resid(
-                layer, buf.read(state[bk.mlp_in_resid(layer)], ex_m[:, None])[0]
-            )
+        if edit is None and ex_m.any():
+            act = bk.mlp_from_resid(layer, read())
         buf.put(slice(i_mlp, i_mlp + 1), (act - abl.mlp_out[layer].to(act))[None])
         return act
 
-    return hook
+    out: list[tuple[str, HookFn]] = []
+    if edit is not None:
+        name, normalise = edit
+        out.append((name, edits.replace(lambda act: normalise(read()))))
+    return [*out, (bk.mlp_out(layer), hook)]
 
 
 def _any_but_dim1(ex: Tensor) -> Tensor:
@@ -653,6 +734,20 @@ def circuit_final(
         hooks = circuit_hooks(bk, index, keep, abl.rows(sl))
         finals.append(run_tokens(bk, tokens[sl], hooks))
     return torch.cat(finals)
+
+
+def edge_names(edge_list: list[tuple[Any, Any]]) -> list[tuple[str, str]]:
+    """Each edge as ``(sender, receiver)`` spellings; each node object is spelled once
+    (remembered by identity, the memo holding the object)."""
+    seen: dict[int, tuple[Any, str]] = {}
+
+    def name(spec: Any) -> str:
+        hit = seen.get(id(spec))
+        if hit is None:
+            hit = seen[id(spec)] = (spec, str(parse_node(spec)))
+        return hit[1]
+
+    return [(name(s), name(r)) for s, r in edge_list]
 
 
 def _kl(readout: Readout, clean: Tensor, other: Tensor) -> Float[Tensor, " batch"]:
@@ -695,7 +790,7 @@ def evaluate(
         return aue, ate
 
     return CircuitResult(
-        edges=[(str(parse_node(s)), str(parse_node(r))) for s, r in edge_list],
+        edges=edge_names(edge_list),
         scores=Scores(values),
         clean=Scores(clean_values),
         corrupted=Scores(empty_values),

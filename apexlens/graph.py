@@ -168,6 +168,8 @@ class Node:
 
 
 def _positions_key(p: Any) -> Any:
+    if p is None:  # the common case, without the (slow) isinstance check against Tensor
+        return None
     if isinstance(p, Tensor):
         return ("tensor", id(p))
     return p

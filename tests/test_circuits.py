@@ -185,6 +185,30 @@ def test_circuit_errors(exp, model, toks):
         exp.evaluate_circuit([], ablation="noise")
     with pytest.raises(E, match="pair"):
         exp.evaluate_circuit(["0.0"])
+    g = full_graph(model)  # a backwards edge after many good ones, before a bad node
+    with pytest.raises(E, match="2.0 -> 1.1.q goes backwards"):
+        exp.evaluate_circuit([*g, ("2.0", "1.1.q"), ("0.0", "nowhere")])
+    with pytest.raises(E, match="cannot send"):
+        exp.evaluate_circuit([*g, ("1.0.q", "2.1")])
     with pytest.raises(E, match="shape"):
         with apexlens.patched(model, apexlens.Paths("0.1", "2.1.q"), toks[1]):
             model(toks[0][:2])
+
+
+def test_edge_matrix_from_repeated_and_fresh_node_objects(exp):
+    """Edges named by shared Node objects, fresh strings and positions give one matrix."""
+    index = exp.edge_index()
+    g = full_graph(exp.model)[::3]
+    as_text = [(str(s), str(r)) for s, r in g]
+    want = torch.zeros_like(index.valid)
+    for s, r in g:
+        want[index.sender_id(s), index.receiver_id(r)] = True
+    assert torch.equal(index.keep(g), want)
+    assert torch.equal(index.keep(as_text), want)
+    assert torch.equal(index.keep(iter(list(as_text))), want)
+    per_pos = index.keep([*g, ("0.0@1", "2.1.q")], n_pos=7)
+    assert per_pos.shape == (*want.shape, 7)
+    assert torch.equal(per_pos.all(-1), want)
+    i = index.sender_id(apexlens.graph.parse_node("0.0"))
+    j = index.receiver_id(apexlens.graph.parse_node("2.1.q"))
+    assert per_pos[i, j].tolist() == [want[i, j].item() or p == 1 for p in range(7)]
