@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -326,6 +326,30 @@ def components(bk: Backend, feature: Feature) -> list[tuple[str, str, int | None
     return out
 
 
+class Attribution(NamedTuple):
+    """One pass of :func:`attribution`."""
+
+    labels: list[str]
+    """the upstream components, in order (:func:`components`)"""
+    scores: Float[Tensor, "batch component"]
+    """gradient x activation per component, summed over positions"""
+    value: Float[Tensor, " batch"]
+    """the feature at its read position"""
+    resid: Float[Tensor, "batch d_model"]
+    """the residual stream the feature's layer reads, at the read position"""
+
+
+def resid_hook(bk: Backend, feature: Feature) -> str:
+    """Where the residual stream the feature's layer reads lives (MLP neurons: after
+    attention, unless attention and MLP run in parallel)."""
+    layer = min(feature.layer, bk.dims.n_layers)
+    if layer >= bk.dims.n_layers:
+        return bk.resid_post(layer - 1)
+    if feature.kind == "neuron" and not bk.mlp_reads_resid_pre:
+        return bk.resid_mid(layer)
+    return bk.resid_pre(layer)
+
+
 def attribution(
     model: Any,
     feature: Feature,
@@ -333,16 +357,18 @@ def attribution(
     *,
     soft: Tensor | None = None,
     embed_matrix: Tensor | None = None,
-) -> tuple[list[str], Float[Tensor, "batch component"], Float[Tensor, " batch"]]:
+) -> Attribution:
     """Gradient x activation of ``feature`` (at its read position) for every upstream
-    component, summed over positions: ``(labels, scores, feature value)``."""
+    component, summed over positions, with the residual stream the feature reads -- one
+    forward and one backward pass."""
     bk = backend_for(model)
     comps = components(bk, feature)
     hooks = sorted({h for _, h, _ in comps})
+    resid = resid_hook(bk, feature)
     p = read_position(feature, tokens.shape[1])
     with torch.enable_grad():
         values, store = run_feature(
-            model, feature, tokens, soft=soft, embed_matrix=embed_matrix, keep=hooks
+            model, feature, tokens, soft=soft, embed_matrix=embed_matrix, keep=[*hooks, resid]
         )
         target = values[:, p]
         acts = [store[h] for h in hooks]
@@ -358,26 +384,9 @@ def attribution(
         if head is not None:
             ga = ga[:, :, head]
         cols.append(ga.flatten(1).sum(1))
-    return [c for c, _, _ in comps], torch.stack(cols, 1).detach(), target.detach()
-
-
-def representation(
-    model: Any,
-    feature: Feature,
-    tokens: Int[Tensor, "batch pos"],
-    *,
-    soft: Tensor | None = None,
-    embed_matrix: Tensor | None = None,
-) -> Float[Tensor, "batch d_model"]:
-    """The residual stream the feature's layer reads, at the read position."""
-    bk = backend_for(model)
-    layer = min(feature.layer, bk.dims.n_layers)
-    hook = bk.resid_pre(layer) if layer < bk.dims.n_layers else bk.resid_post(layer - 1)
-    if feature.kind == "neuron" and not bk.mlp_reads_resid_pre:
-        hook = bk.resid_mid(layer)
-    p = read_position(feature, tokens.shape[1])
-    with torch.no_grad():
-        _, store = run_feature(
-            model, feature, tokens, soft=soft, embed_matrix=embed_matrix, keep=[hook]
-        )
-    return store[hook][:, p].detach()
+    return Attribution(
+        [c for c, _, _ in comps],
+        torch.stack(cols, 1).detach(),
+        target.detach(),
+        store[resid][:, p].detach(),
+    )

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -51,9 +52,9 @@ from apexlens.features import (
     Feature,
     attribution,
     embedding_matrix,
+    feature_values,
     parse_feature,
     read_position,
-    representation,
     run_feature,
 )
 from apexlens.hooks import inference_mode
@@ -290,8 +291,6 @@ def top_examples(
     ones), each with its causal context (the tokens up to it). The whole distribution comes
     back as :attr:`NaturalExamples.values` ``[batch, pos]`` (``NaN`` where not read).
     """
-    from apexlens.features import feature_values
-
     f = parse_feature(model, feature, direction=direction)
     values = feature_values(model, f, tokens, batch_size=batch_size).float().cpu()
     n_pos = values.shape[1]
@@ -342,22 +341,20 @@ def fv_check(
     if nat.rows.numel() < 3:
         raise ApexlensError("fv_check needs at least 3 natural examples to compare against")
     fv_tokens = fv.tokens[:1].to(bk.device)
-    f_fv = Feature(
-        f.spec, f.kind, f.hook, f.layer, f.index, f.direction, read_position(f, fv_tokens.shape[1])
-    )
     with inference_mode(model, grad=True):
-        labels, a_fv, v_fv = attribution(model, f_fv, fv_tokens)
-        h_fv = representation(model, f_fv, fv_tokens)
+        at_fv = attribution(
+            model, replace(f, position=read_position(f, fv_tokens.shape[1])), fv_tokens
+        )
         a_nat, h_nat = [], []
         for row, col in zip(nat.rows.tolist(), nat.cols.tolist(), strict=True):
             ctx = natural_tokens[row : row + 1, : col + 1]
-            f_n = Feature(f.spec, f.kind, f.hook, f.layer, f.index, f.direction, col)
-            a_nat.append(attribution(model, f_n, ctx)[1])
-            h_nat.append(representation(model, f_n, ctx))
+            at = attribution(model, replace(f, position=col), ctx)
+            a_nat.append(at.scores)
+            h_nat.append(at.resid)
     A = torch.cat(a_nat).double().cpu()
     H = torch.cat(h_nat).double().cpu()
-    mech, mech_null = _similarity(a_fv.double().cpu()[0], A)
-    rep, rep_null = _similarity(h_fv.double().cpu()[0], H)
+    mech, mech_null = _similarity(at_fv.scores.double().cpu()[0], A)
+    rep, rep_null = _similarity(at_fv.resid.double().cpu()[0], H)
     tok = _token_similarity(
         fv.tokens[0],
         [
@@ -370,9 +367,9 @@ def fv_check(
         feature=f,
         fv=fv,
         natural=nat,
-        fv_activation=float(v_fv[0]),
-        components=labels,
-        fv_attribution=a_fv.double().cpu()[0],
+        fv_activation=float(at_fv.value[0]),
+        components=at_fv.labels,
+        fv_attribution=at_fv.scores.double().cpu()[0],
         natural_attribution=A,
         mechanism_similarity=mech,
         mechanism_null=mech_null,

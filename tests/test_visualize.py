@@ -172,7 +172,7 @@ def test_attribution_equals_finite_differences(backend, toy_model_factory):
     x = ModAddTask().batch(2, seed=3).clean_tokens
     f = parse_feature(model, "m1.n34")
     with inference_mode(model, grad=True):
-        labels, scores, value = attribution(model, f, x)
+        labels, scores, value, resid = attribution(model, f, x)
     from apexlens.backend import backend_for
     from apexlens.features import components
 
@@ -194,6 +194,8 @@ def test_attribution_equals_finite_differences(backend, toy_model_factory):
         numeric = (scaled(1 + eps) - scaled(1 - eps)) / (2 * eps)
         torch.testing.assert_close(scores[:, j], numeric, rtol=1e-6, atol=1e-7, msg=label)
     torch.testing.assert_close(value, apexlens.feature_values(model, f, x)[:, -1])
+    _, cache = model.run_with_cache(x)
+    torch.testing.assert_close(resid, cache["blocks.1.hook_resid_mid"][:, -1], rtol=0, atol=0)
     assert labels[:2] == ["tok_embed", "pos_embed"] and labels[-1] == "1.3"
 
 
