@@ -26,7 +26,7 @@ any forward pass of the model inside the block runs under the hypothesis.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -318,27 +318,22 @@ class AblationValues:
     """``hook_embed`` / ``hook_pos_embed`` values, for edge graphs that split ``embed``."""
     pos: Float[Tensor, "batch pos d_model"] | None = None
 
+    def _map(self, f: Callable[[Tensor], Tensor]) -> AblationValues:
+        """``f`` on every per-example value (values shared by every example, a leading
+        axis of 1, and missing ones stay as they are)."""
+        g = lambda x: x if x is None or x.shape[0] == 1 else f(x)  # noqa: E731
+        return AblationValues(
+            g(self.embed), [g(z) for z in self.z], [g(m) for m in self.mlp_out], g(self.tok),
+            g(self.pos),
+        )
+
     def tiled(self, rows: int) -> AblationValues:
         """The same values for ``rows`` copies of the batch stacked along the batch axis."""
-        t = lambda x: x if x is None or x.shape[0] == 1 else x.repeat(rows, *([1] * (x.ndim - 1)))
-        return AblationValues(
-            t(self.embed),
-            [t(z) for z in self.z],
-            [t(m) for m in self.mlp_out],
-            t(self.tok),
-            t(self.pos),
-        )
+        return self._map(lambda x: x.repeat(rows, *([1] * (x.ndim - 1))))
 
     def rows(self, sl: slice) -> AblationValues:
         """The values for examples ``sl`` (values shared by every example stay as they are)."""
-        pick = lambda t: t if t is None or t.shape[0] == 1 else t[sl]  # noqa: E731
-        return AblationValues(
-            pick(self.embed),
-            [pick(z) for z in self.z],
-            [pick(m) for m in self.mlp_out],
-            pick(self.tok),
-            pick(self.pos),
-        )
+        return self._map(lambda x: x[sl])
 
 
 def ablation_values(

@@ -8,15 +8,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from apexlens.results import FeatureVisualization, FVCheck, _labels
-
-TokenLabels = Callable[[Any], Sequence[str]] | Sequence[str] | None
+from apexlens.results import FeatureVisualization, FVCheck, TokenLabels, _labels
 
 
 def _trajectory_traces(fv: FeatureVisualization, fig: go.Figure, **where: Any) -> None:
@@ -66,7 +63,7 @@ def fv_trajectory(
     return fig
 
 
-def fv_check_figure(check: FVCheck, token_labels: TokenLabels = None) -> go.Figure:
+def fv_check_figure(check: FVCheck, token_labels: TokenLabels | None = None) -> go.Figure:
     """Three panels: the optimisation (natural max dashed), the natural activation
     distribution with the FV's activation marked, and the attribution share of each upstream
     component (FV vs the mean of the natural top examples). The title carries the verdict."""

@@ -306,11 +306,7 @@ class ApexResult:
 
     def label(self, token: int) -> str:
         """The token's label if ``token_labels`` was given, else its id as a string."""
-        if self.token_labels is None:
-            return str(int(token))
-        if callable(self.token_labels):
-            return str(self.token_labels(torch.tensor([int(token)]))[0])
-        return str(self.token_labels[int(token)])
+        return _labels(torch.tensor([int(token)]), self.token_labels)[0]
 
     # ------------------------------------------------------------------ per sample
     @property
@@ -876,7 +872,7 @@ def _labels(tokens: Tensor, token_labels: TokenLabels | None) -> list[str]:
     if token_labels is None:
         return [str(int(t)) for t in tokens]
     if callable(token_labels):
-        return list(token_labels(tokens))
+        return [str(t) for t in token_labels(tokens)]
     return [str(token_labels[int(t)]) for t in tokens]
 
 

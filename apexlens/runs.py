@@ -224,20 +224,19 @@ def row_chunks(
     if not progress:
         yield from chunks
         return
-    from tqdm import tqdm
-
-    with tqdm(total=len(items), desc=desc, unit="row", file=sys.stderr, leave=False) as bar:
+    with progress_bar(len(items), desc, True, unit="row") as bar:
         for chunk in chunks:
             yield chunk
             bar.update(len(chunk))
 
 
-def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "step") -> Any:
     """A tqdm bar on stderr counting ``total`` steps (a silent one when not ``enabled``)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False,
-                disable=not enabled)
+    return tqdm(
+        total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=not enabled
+    )
 
 
 def stack_rows(x: Float[Tensor, "rows batch ..."]) -> Float[Tensor, "n ..."]:
