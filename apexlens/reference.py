@@ -156,7 +156,11 @@ def naive_path_patch(
                     src = corr[name]
                     if head is None:
                         return src if m is None else torch.where(m[..., None], src, act)
-                    mm = torch.ones(batch, n_pos, dtype=torch.bool) if m is None else m
+                    mm = (
+                        torch.ones(batch, n_pos, dtype=torch.bool, device=act.device)
+                        if m is None
+                        else m
+                    )
                     act[:, :, head] = torch.where(mm[..., None], src[:, :, head], act[:, :, head])
                     return act
 
@@ -207,7 +211,11 @@ def naive_path_patch(
                 ) -> Tensor:
                     act = act.clone()
                     if t.kind in ("head", "kv"):
-                        mm = torch.ones(batch, n_pos, dtype=torch.bool) if m is None else m
+                        mm = (
+                            torch.ones(batch, n_pos, dtype=torch.bool, device=act.device)
+                            if m is None
+                            else m
+                        )
                         for h in slots(t):
                             act[:, :, h] = torch.where(mm[..., None], v, act[:, :, h])
                         return act
@@ -308,8 +316,10 @@ def naive_apex(
     with inference_mode(model):
         model.run_with_hooks(tokens, fwd_hooks=[(name, saver(name)) for name in sites])
         n = tokens.shape[0]
-        preds = torch.empty(len(sigmas), n_draws, n, dtype=torch.long)
-        probs = torch.zeros(len(sigmas), model.cfg.d_vocab, dtype=torch.float64)
+        preds = torch.empty(len(sigmas), n_draws, n, dtype=torch.long, device=tokens.device)
+        probs = torch.zeros(
+            len(sigmas), model.cfg.d_vocab, dtype=torch.float64, device=tokens.device
+        )
         for d in range(n_draws):
             state = g.get_state()
             for s, sigma in enumerate(sigmas):
@@ -408,7 +418,11 @@ def naive_edge_attribution(
                         store["resid"] = act
 
                     def recompute(
-                        act: Tensor, hook: Any, r: Node = r, e: Tensor = e, block: Any = block,
+                        act: Tensor,
+                        hook: Any,
+                        r: Node = r,
+                        e: Tensor = e,
+                        block: Any = block,
                         store: dict[str, Tensor] = store,
                     ) -> Tensor:
                         ch = str(r.channel).upper()
@@ -418,7 +432,10 @@ def naive_edge_attribution(
                         out[:, :, r.head] = block.ln1(store["resid"] + e) @ W + b
                         return out
 
-                    hooks += [(bk.resid_pre(r.layer), grab), (bk.qkv(r.layer, str(r.channel)), recompute)]
+                    hooks += [
+                        (bk.resid_pre(r.layer), grab),
+                        (bk.qkv(r.layer, str(r.channel)), recompute),
+                    ]
                 elif r.kind == "mlp":
                     store2: dict[str, Tensor] = {}
                     block = model.blocks[r.layer]
@@ -427,7 +444,10 @@ def naive_edge_attribution(
                         store["mid"] = act
 
                     def recompute_mlp(
-                        act: Tensor, hook: Any, e: Tensor = e, block: Any = block,
+                        act: Tensor,
+                        hook: Any,
+                        e: Tensor = e,
+                        block: Any = block,
                         store: dict[str, Tensor] = store2,
                     ) -> Tensor | None:
                         if store.get("busy") is not None:  # a bridge's MLP fires its own
@@ -438,7 +458,10 @@ def naive_edge_attribution(
                         finally:
                             del store["busy"]
 
-                    hooks += [(bk.resid_mid(r.layer), grab_mid), (bk.mlp_out(r.layer), recompute_mlp)]
+                    hooks += [
+                        (bk.resid_mid(r.layer), grab_mid),
+                        (bk.mlp_out(r.layer), recompute_mlp),
+                    ]
                 else:
 
                     def add_e(act: Tensor, hook: Any, e: Tensor = e) -> Tensor:

@@ -23,6 +23,9 @@ compute parts in float32 even in a float64 model, so that the engine and the loo
 the same activation by different sums, can differ by float32 rounding: GPT-NeoX (1e-8; TL's
 NeoX bridge computes its rotary embedding in float32, its forward differs from the HF model
 by ~1e-9) and Gemma-2 (1e-7; ``Gemma2RMSNorm`` normalises ``x.float()``).
+
+``APEXLENS_TEST_DEVICE=cuda pytest tests/test_architectures.py`` runs the same matrix with
+every model and input on a GPU (still float64, same tolerances; the naive loops run there too).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from apexlens.reference import naive_act_patch, naive_apex, naive_path_patch
 from apexlens.scoring import LogitDiff
 
 TOL = 1e-9
+DEVICE = os.environ.get("APEXLENS_TEST_DEVICE", "cpu")
 BATCH, N_POS, VOCAB = 2, 5, 40
 
 BASE = dict(
@@ -77,7 +81,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "pre+post-norms": dict(normalization_type="RMS", use_normalization_before_and_after=True),
     "attn_scores_soft_cap": dict(attn_scores_soft_cap=1.5),
     "output_logits_soft_cap": dict(output_logits_soft_cap=0.8),
-    "local-window": dict(use_local_attn=True, attn_types=["local", "global", "local"], window_size=2),
+    "local-window": dict(
+        use_local_attn=True, attn_types=["local", "global", "local"], window_size=2
+    ),
     "use_qk_norm": dict(use_qk_norm=True, normalization_type="RMS"),
     "gated_mlp": dict(gated_mlp=True, act_fn="silu"),
     "norm-LNPre": dict(normalization_type="LNPre"),
@@ -103,7 +109,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
 def hooked(opts: dict[str, Any]) -> Any:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(**{**BASE, **opts, "dtype": torch.float64, "seed": 0})
+    cfg = HookedTransformerConfig(
+        **{**BASE, **opts, "dtype": torch.float64, "seed": 0, "device": "cpu"}
+    )
     model = HookedTransformer(cfg)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -111,7 +119,11 @@ def hooked(opts: dict[str, Any]) -> Any:
             leaf = name.rsplit(".", 1)[-1]
             if leaf.startswith("b") or "ln" in name or "norm" in name:
                 p += 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype)
-    return model.eval()
+    return on_device(model.eval())
+
+
+def on_device(model: Any) -> Any:
+    return None if model is None else model.to(DEVICE)
 
 
 def _hf_configs() -> dict[str, tuple[str, Any]]:
@@ -129,8 +141,13 @@ def _hf_configs() -> dict[str, tuple[str, Any]]:
         "gpt2": (
             "GPT2LMHeadModel",
             GPT2Config(
-                n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=16,
-                bos_token_id=0, eos_token_id=0,
+                n_layer=3,
+                n_embd=32,
+                n_head=4,
+                vocab_size=VOCAB,
+                n_positions=16,
+                bos_token_id=0,
+                eos_token_id=0,
             ),
         ),
         "pythia": (
@@ -200,14 +217,14 @@ def bridge(name: str) -> tuple[Any, Any]:
     build = lambda m: build_bridge_from_module(copy.deepcopy(m), arch, hf_config=m.config)  # noqa: E731
     twin = None
     if getattr(cfg, "num_key_value_heads", None) not in (None, cfg.num_attention_heads):
-        twin = build(_ungrouped_hf(hf))
-    return build(hf), twin
+        twin = on_device(build(_ungrouped_hf(hf)))
+    return on_device(build(hf)), twin
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor, LogitDiff]:
     g = torch.Generator().manual_seed(3)
-    clean = torch.randint(0, VOCAB, (BATCH, N_POS), generator=g)
-    corrupted = torch.randint(0, VOCAB, (BATCH, N_POS), generator=g)
+    clean = torch.randint(0, VOCAB, (BATCH, N_POS), generator=g).to(DEVICE)
+    corrupted = torch.randint(0, VOCAB, (BATCH, N_POS), generator=g).to(DEVICE)
     metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]), positions=-1)
     return clean, corrupted, metric
 
@@ -222,7 +239,8 @@ def check_engines(model: Any, tol: float, ungrouped: Any = None) -> None:
 
     def same(fast: torch.Tensor, slow: torch.Tensor) -> None:
         assert fast.shape == slow.shape
-        torch.testing.assert_close(fast, slow.to(fast.dtype), atol=tol, rtol=0)
+        assert fast.device.type == clean.device.type  # results stay on the model's device
+        torch.testing.assert_close(fast, slow.to(fast), atol=tol, rtol=0)
 
     def naive(**kw: Any) -> torch.Tensor:
         return naive_path_patch(model, clean, corrupted, metric=metric, ungrouped=ungrouped, **kw)
@@ -254,8 +272,8 @@ def check_engines(model: Any, tol: float, ungrouped: Any = None) -> None:
     sigmas, sites = [0.0, 0.5, 2.0], ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z"]
     res = apexlens.apex(model, clean, sigmas=sigmas, n_draws=2, sites=sites, seed=7)
     preds, probs = naive_apex(model, clean, sigmas, 2, sites, seed=7)
-    assert torch.equal(res.predictions, preds)
-    torch.testing.assert_close(res.mean_probs, probs, rtol=1e-8, atol=1e-10)
+    assert torch.equal(res.predictions.cpu(), preds.cpu())
+    torch.testing.assert_close(res.mean_probs.cpu(), probs.cpu(), rtol=1e-8, atol=1e-10)
 
     # circuits (refused with norms after attention and the MLP)
     g = full_graph(model)
@@ -317,7 +335,7 @@ def test_to_bridge_native_model():
     from backends import build, random_state_dict
 
     cfg = {**BASE, "act_fn": "gelu"}
-    model = build(cfg, random_state_dict(cfg, 0), "bridge")
+    model = on_device(build(cfg, random_state_dict(cfg, 0), "bridge"))
     with torch.no_grad():
         check_engines(model, TOL)
 
@@ -336,13 +354,13 @@ def test_to_bridge_gated_mlp_and_what_it_refuses():
         sd[f"blocks.{la}.mlp.W_gate"] = 0.4 * torch.randn(16, 32, generator=g, dtype=torch.float64)
         sd[f"blocks.{la}.mlp.b_in"] = torch.zeros(32, dtype=torch.float64)
         sd[f"blocks.{la}.mlp.b_out"] = torch.zeros(16, dtype=torch.float64)
-    model = to_bridge(cfg, sd)
+    model = on_device(to_bridge(cfg, sd))
     result = apexlens.check(model, data()[0])
     assert result.ok, result.first_failure
     try:
         from backends import build
 
-        twin = build(cfg, sd, "hooked")  # the same function as a HookedTransformer (TL 3.9)
+        twin = on_device(build(cfg, sd, "hooked"))  # the same function, HookedTransformer
     except ImportError:
         twin = None
     if twin is not None:
@@ -353,7 +371,10 @@ def test_to_bridge_gated_mlp_and_what_it_refuses():
         to_bridge(cfg, sd)
     for opts, name in (
         (dict(n_key_value_heads=2), "n_key_value_heads=2"),
-        (dict(positional_embedding_type="rotary", rotary_dim=4), "positional_embedding_type='rotary'"),
+        (
+            dict(positional_embedding_type="rotary", rotary_dim=4),
+            "positional_embedding_type='rotary'",
+        ),
     ):
         with pytest.raises(apexlens.ApexlensError, match=name):
             to_bridge({**BASE, **opts}, random_state_dict(BASE, 0))
@@ -396,6 +417,10 @@ def test_kv_head_out_of_range_and_not_a_sender():
     model = hooked(OPTIONS["gqa"])
     clean, corrupted, metric = data()
     with pytest.raises(apexlens.ApexlensError, match="2 key/value heads"):
-        apexlens.path_patch(model, clean, corrupted, senders="0.1", receivers="2.kv2.k", metric=metric)
+        apexlens.path_patch(
+            model, clean, corrupted, senders="0.1", receivers="2.kv2.k", metric=metric
+        )
     with pytest.raises(apexlens.ApexlensError, match="receiver only"):
-        apexlens.path_patch(model, clean, corrupted, senders="1.kv0", receivers="logits", metric=metric)
+        apexlens.path_patch(
+            model, clean, corrupted, senders="1.kv0", receivers="logits", metric=metric
+        )
