@@ -30,6 +30,7 @@ from torch import Tensor
 from apexlens import edits
 from apexlens.errors import ApexlensError
 from apexlens.hooks import HookFn, attached, silenced
+from apexlens.indexing import index_on
 
 __all__ = ["ApexlensError", "Backend", "Dims", "backend_for"]
 
@@ -81,6 +82,10 @@ def refuse_unsupported(cfg: Any) -> None:
             "attention and the MLP, and their q/k norms mix heads, so a single head's q/k "
             "input is not defined"
         )
+
+
+_BATCHED_COPY = 16 * 2**20
+"""Bytes up to which :meth:`Backend.project_columns` copies inputs to batch their products."""
 
 
 class Backend:
@@ -367,7 +372,8 @@ class Backend:
         W = self.W_in(channel)[layer]
         b = self.b_in(channel)[layer]
         if slots is not None:
-            W, b = W[slots], b[slots]
+            idx = index_on(slots, W.device) if isinstance(slots, list) else slots
+            W, b = W[idx], b[idx]
         x = self._with_pos(channel, self.ln1(layer, resid), -2)
         return torch.einsum("...m,hmd->...hd", x, W) + b
 
@@ -393,7 +399,8 @@ class Backend:
         W = self.W_in(channel)[layer]
         b = self.b_in(channel)[layer]
         if slots is not None:
-            W, b = W[slots], b[slots]
+            idx = index_on(slots, W.device) if isinstance(slots, list) else slots
+            W, b = W[idx], b[idx]
         x = self._with_pos(channel, normed, -3)
         return torch.einsum("...hm,hmd->...hd", x, W) + b
 
@@ -413,18 +420,27 @@ class Backend:
         dh = b.shape[-1]
         lead, dm = normed.shape[1:-1], normed.shape[-1]
         out = normed.new_empty(math.prod(lead), len(slots), dh)
+        dev = W.device  # indices made once per device (no per-call host-device copies)
+        singles = [(c, members[0]) for c, members in groups if len(members) == 1]
+        n_rows = math.prod(lead)
+        if len(singles) > 1 and len(singles) * n_rows * dm * normed.itemsize <= _BATCHED_COPY:
+            # slots with a column each, in one batched product over a copy of their columns
+            # (small inputs: one kernel instead of one per slot; large ones read in place)
+            cols = index_on([c for c, _ in singles], dev)
+            x = self._with_pos(channel, normed[cols], -2).reshape(len(singles), -1, dm)
+            y = torch.bmm(x, W[index_on([slots[i] for _, i in singles], dev)])
+            out[:, index_on([i for _, i in singles], dev)] = y.transpose(0, 1)
+            groups = [(c, members) for c, members in groups if len(members) > 1]
         for c, members in groups:
             x = self._with_pos(channel, normed[c], -2).reshape(-1, dm)
             if len(members) == 1:
                 Wc = W[slots[members[0]]]
             else:
-                Wc = W[[slots[i] for i in members]].permute(1, 0, 2).reshape(dm, -1)
+                Wc = W[index_on([slots[i] for i in members], dev)]
+                Wc = Wc.permute(1, 0, 2).reshape(dm, -1)
             y = (x @ Wc).view(-1, len(members), dh)
-            if members == list(range(members[0], members[0] + len(members))):
-                out[:, members[0] : members[0] + len(members)] = y
-            else:
-                out[:, members] = y
-        out += b[slots]
+            out[:, index_on(members, dev)] = y
+        out += b[index_on(slots, dev)]
         return out.view(*lead, len(slots), dh)
 
     def head_outputs(
@@ -437,7 +453,7 @@ class Backend:
         additive contributions only without :attr:`post_norms`)."""
         W_O = self.W_O_stacked[layer]
         if heads is not None:
-            W_O = W_O[heads]
+            W_O = W_O[index_on(heads, W_O.device) if isinstance(heads, list) else heads]
         return torch.einsum("...hk,hkd->h...d", z, W_O)
 
     def attn_output(
@@ -458,7 +474,23 @@ class Backend:
         """The change of the residual stream when heads ``heads`` of ``layer`` change their
         ``hook_z`` by ``dz`` (together) and the others keep ``z``: ``sum dz W_O`` -- or, after
         a post-attention norm, ``ln1_post(A + sum dz W_O) - ln1_post(A)``."""
-        d = torch.einsum("...hk,hkd->...d", dz, self.W_O_stacked[layer][heads])
+        W_O = self.W_O_stacked[layer]
+        d = torch.einsum("...hk,hkd->...d", dz, W_O[index_on(heads, W_O.device)])
+        if not self.post_norms:
+            return d
+        a = torch.einsum("...hk,hkd->...d", z, self.W_O_stacked[layer]) + self.b_O_stacked[layer]
+        return self.ln1_post(layer, a + d) - self.ln1_post(layer, a)
+
+    def each_head_delta(
+        self,
+        layer: int,
+        z: Float[Tensor, "... head d_head"],
+        dz: Float[Tensor, "... k d_head"],
+        heads: list[int],
+    ) -> Float[Tensor, "k ... d_model"]:
+        """:meth:`head_delta` for each of ``heads`` changing *alone* (``dz[..., i, :]`` for
+        head ``heads[i]``), stacked along a new first axis: one product for all of them."""
+        d = self.head_outputs(layer, dz, heads)
         if not self.post_norms:
             return d
         a = torch.einsum("...hk,hkd->...d", z, self.W_O_stacked[layer]) + self.b_O_stacked[layer]

@@ -26,8 +26,11 @@ any forward pass of the model inside the block runs under the hypothesis.
 
 from __future__ import annotations
 
+import array
+import functools
+import operator
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -45,8 +48,54 @@ from apexlens.runs import Readout, Run, Runs, grouped_kv_hooks, run_tokens, spli
 from apexlens.scoring import Scores
 from apexlens.specs import Ablation, EdgeSpec
 
-
 # ============================================================================ edge index
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _long_pairs(rows: list[int], cols: list[int]) -> Tensor:
+    """``[2, n]`` long tensor of two int lists, through a C array (``torch.tensor`` of
+    nested lists reads each element as a Python object: ~1 us per edge)."""
+    if not rows:
+        return torch.zeros(2, 0, dtype=torch.long)
+    flat = array.array("q", rows)
+    flat.extend(array.array("q", cols))
+    return torch.frombuffer(flat, dtype=torch.long).clone().reshape(2, -1)
+
+
+class EdgeList:
+    """An edge list read once for everything that reads it (the split-embedding check, the
+    index, the names): its pairs, their sender and receiver objects, and each distinct node
+    object by identity, from C-level passes that allocate nothing per edge (a circuit names
+    tens of thousands of edges over a few hundred node objects). ``plain`` is false where a
+    pair is not a 2-sequence: the general, error-reporting loops handle those."""
+
+    def __init__(self, edges: Iterable[Any]) -> None:
+        self.pairs = list(edges)
+        self.plain = bool(self.pairs)
+        try:
+            self.plain = self.plain and set(map(len, self.pairs)) == {2}
+            if self.plain:
+                self.senders = list(map(_first, self.pairs))
+                self.receivers = list(map(_second, self.pairs))
+                self.s_ids = list(map(id, self.senders))
+                self.r_ids = list(map(id, self.receivers))
+                # the dicts hold the objects (so each id stays its own while they live)
+                self.s_obj = dict(zip(self.s_ids, self.senders, strict=True))
+                self.r_obj = dict(zip(self.r_ids, self.receivers, strict=True))
+        except (TypeError, KeyError, IndexError):
+            self.plain = False
+
+    @staticmethod
+    def of(edges: Any) -> EdgeList:
+        return edges if isinstance(edges, EdgeList) else EdgeList(edges)
+
+    def __iter__(self) -> Any:
+        return iter(self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
 class EdgeIndex:
     """Numbering of a model's senders and receivers, and edge sets as boolean matrices.
 
@@ -91,6 +140,8 @@ class EdgeIndex:
         self._s = {self._key(n): i for i, n in enumerate(self.senders)}
         self._r = {self._key(n): i for i, n in enumerate(self.receivers)}
         self.valid: Bool[Tensor, "sender receiver"] = _valid_edges(d, self.senders, self.receivers)
+        self._plain_s: dict[Any, int] = {}  # sender / receiver spelling -> row / column
+        self._plain_r: dict[Any, int] = {}
 
     def _query_heads(self, nodes: list[Node]) -> list[Node]:
         """A KV head's k/v input, as the same input of every query head of its group."""
@@ -116,13 +167,20 @@ class EdgeIndex:
 
     def keep(
         self,
-        edges: EdgeSpec,
+        edges: EdgeSpec | EdgeList,
         n_pos: int | None = None,
         named: Mapping[str, Any] | None = None,
     ) -> Bool[Tensor, "sender receiver"] | Bool[Tensor, "sender receiver pos"]:
         """The circuit's edges as a ``[n_senders, n_receivers]`` matrix, or, when an edge names
         positions, a ``[n_senders, n_receivers, n_pos]`` one (see :func:`edge_positions`)."""
         keep = torch.zeros_like(self.valid)
+        edges = EdgeList.of(edges)
+        fast = self._plain(edges)
+        if fast is not None:
+            ij = _long_pairs(*fast)
+            self._check_all(ij)
+            keep[ij[0], ij[1]] = True
+            return keep
         per_pos: list[tuple[int, int, tuple[int, ...]]] = []
         rows: list[int] = []
         cols: list[int] = []
@@ -158,12 +216,8 @@ class EdgeIndex:
                     else:
                         per_pos.append((i, j, pos))
         finally:  # an edge going backwards is reported before any error in a later edge
-            ij = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
-            ok = self.valid[ij[0], ij[1]]
-            if not bool(ok.all()):
-                k = int((~ok).nonzero()[0, 0])
-                i, j = rows[k], cols[k]
-                self._check_direction(self.senders[i], self.receivers[j], i, j)
+            ij = _long_pairs(rows, cols)
+            self._check_all(ij)
         keep[ij[0], ij[1]] = True
         if not per_pos:
             return keep
@@ -172,6 +226,44 @@ class EdgeIndex:
         for i, j, pos in per_pos:
             out[i, j, list(pos)] = True
         return out
+
+    def _plain(self, edges: EdgeList) -> tuple[list[int], list[int]] | None:
+        """Rows and columns of an edge list whose every edge is a well-formed pair of nodes
+        at all positions, each receiver one column (no KV head): each distinct node object
+        parsed once, the edges mapped in C-level passes. ``None``: anything else (position
+        edges, a KV head, an error), for the general loop, which reports errors in order."""
+        if not edges.plain:
+            return None
+        rows_of: dict[int, int] = {}
+        cols_of: dict[int, int] = {}
+        try:
+            for k, spec in edges.s_obj.items():
+                i = self._plain_s.get(spec)  # by value: node spellings are immutable
+                if i is None:
+                    node, i = self._sender(spec, "?")
+                    if node.positions is not None:
+                        return None
+                    self._plain_s[spec] = i
+                rows_of[k] = i
+            for k, spec in edges.r_obj.items():
+                j = self._plain_r.get(spec)
+                if j is None:
+                    rs = self._receivers(spec)
+                    if len(rs) != 1 or rs[0][0].positions is not None:
+                        return None
+                    j = self._plain_r[spec] = rs[0][1]
+                cols_of[k] = j
+        except (ApexlensError, TypeError, ValueError):
+            return None
+        return list(map(rows_of.__getitem__, edges.s_ids)), list(map(cols_of.__getitem__, edges.r_ids))
+
+    def _check_all(self, ij: Tensor) -> None:
+        """The first edge of ``ij`` (rows, columns) that goes backwards, as an error."""
+        ok = self.valid[ij[0], ij[1]]
+        if not bool(ok.all()):
+            k = int((~ok).nonzero()[0, 0])
+            i, j = int(ij[0, k]), int(ij[1, k])
+            self._check_direction(self.senders[i], self.receivers[j], i, j)
 
     def _sender(self, spec: Any, r_spec: Any) -> tuple[Node, int]:
         s = validate(parse_node(spec), self.dims)
@@ -231,15 +323,22 @@ def _valid_edges(d: Any, senders: list[Node], receivers: list[Node]) -> Bool[Ten
     return valid
 
 
-def uses_split_embed(edges: Iterable[tuple[Any, Any]]) -> bool:
-    """Whether an edge list names ``tok_embed`` / ``pos_embed`` (the split embedding)."""
-    for pair in edges:
+def uses_split_embed(edges: Iterable[tuple[Any, Any]] | EdgeList) -> bool:
+    """Whether an edge list names ``tok_embed`` / ``pos_embed`` (the split embedding); each
+    distinct sender object is parsed once."""
+    el = EdgeList.of(edges)
+    if el.plain:
+        firsts = list(el.s_obj.values())
+    else:  # a malformed edge: the index reports it
+        firsts = []
+        for pair in el.pairs:
+            try:
+                firsts.append(pair[0])
+            except (TypeError, IndexError, KeyError):
+                continue
+    for spec in firsts:
         try:
-            s_spec = pair[0]
-        except (TypeError, IndexError, KeyError):
-            continue
-        try:
-            if parse_node(s_spec).kind in ("tok_embed", "pos_embed"):
+            if parse_node(spec).kind in ("tok_embed", "pos_embed"):
                 return True
         except ApexlensError:
             continue
@@ -413,59 +512,94 @@ class SenderBuffer:
         self.filled = rows.stop
 
     def read(
-        self,
-        resid: Float[Tensor, "n pos d_model"],
-        ex: Bool[Tensor, "s u"] | Bool[Tensor, "s u rows p"],
+        self, resid: Float[Tensor, "n pos d_model"], ex: Exclusion
     ) -> Float[Tensor, "u n pos d_model"]:
-        """``resid - sum_s ex[s, u] * D[s]`` for every column ``u`` (``s`` = all senders
-        recorded so far), through the excluded senders or, when fewer, through the kept ones
-        and the running total. ``ex`` may also be ``[s, u, rows, p]``: one mask per row of
-        copies of the batch stacked along axis 0 of ``resid``, per position (``p = pos``) or
-        for all positions (``p = 1``)."""
-        assert ex.shape[0] == self.filled, "a receiver reads every sender before it"
-        S = ex.shape[0]
-        if ex.ndim == 4 and ex.shape[-1] != 1:  # position-aware masks
-            return resid[None] - _rows_sum(self.D[:S], ex)
-        if ex.ndim == 2:
-            out2 = _minus_excluded(self.D[:S].reshape(S, -1), self.total, resid, ex)
-            return out2.reshape(ex.shape[1], *resid.shape)
-        rows = ex.shape[2]  # one circuit per row of copies, the same mask at every position
-        D = self.D[:S].reshape(S, rows, -1)
-        total, res = self.total.reshape(rows, -1), resid.reshape(rows, -1)
-        out = resid.new_empty(ex.shape[1], rows, D.shape[-1])
-        for r in range(rows):
-            out[:, r] = _minus_excluded(D[:, r], total[r], res[r], ex[:, :, r, 0])
-        return out.reshape(ex.shape[1], *resid.shape)
+        """``resid - sum_s ex[s, u] * D[s]`` for every column ``u`` of the plan ``ex`` (``s`` =
+        all senders recorded so far)."""
+        assert ex.n_senders == self.filled, "a receiver reads every sender before it"
+        return ex.apply(self.D[: self.filled], self.total, resid)
 
 
-def _minus_excluded(
-    flat: Float[Tensor, "s n"], total: Tensor, resid: Tensor, ex: Bool[Tensor, "s u"]
-) -> Float[Tensor, "u n"]:
-    """``resid - sum_s ex[s, u] * flat[s]`` (flattened), through the excluded senders or,
-    when fewer are kept, through the kept ones and the running ``total``."""
-    kept = ~ex
-    rows_ex, rows_kept = ex.any(1), kept.any(1)
-    use_kept = int(rows_kept.sum()) < int(rows_ex.sum())
-    mask, rows = (kept, rows_kept) if use_kept else (ex, rows_ex)
-    if 4 * int(rows.sum()) < ex.shape[0]:  # few senders: copy just those rows
-        idx = rows.nonzero().flatten()
-        summed = mask[idx].T.to(flat.dtype) @ flat.index_select(0, idx)
-    else:  # many: one product over the whole buffer (no copy of it)
-        summed = mask.T.to(flat.dtype) @ flat
-    if use_kept:
-        return (resid - total).reshape(1, -1) + summed
-    return resid.reshape(1, -1) - summed
+class Exclusion:
+    """Which senders each column ``u`` excludes, planned once on the CPU when the hooks are
+    built, so that a forward pass runs only tensor arithmetic on the model's device (no
+    host-device round trips: on a GPU those synchronisations cost more than the products).
+
+    ``ex`` is ``[sender, u]``, or ``[sender, u, rows, p]``: one mask per row of copies of the
+    batch stacked along the batch axis, per position (``p = pos``) or for all positions
+    (``p = 1``). A 2-d plan sums through the excluded senders or, when fewer, through the
+    kept ones and the running total, copying just the rows it needs when they are few."""
+
+    def __init__(self, ex: Bool[Tensor, "s u"] | Bool[Tensor, "s u rows p"]) -> None:
+        ex = ex.cpu()
+        self.n_senders, self.n_cols = int(ex.shape[0]), int(ex.shape[1])
+        self.ex = ex
+        self.per_pos = ex.ndim == 4 and ex.shape[-1] != 1
+        self.per_row: list[Exclusion] = []
+        self._on: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor | None]] = {}
+        self.weights, self.idx, self.use_kept = ex, None, False  # per position: the mask itself
+        if ex.ndim == 4 and not self.per_pos:
+            self.per_row = [Exclusion(ex[:, :, r, 0]) for r in range(ex.shape[2])]
+            return
+        if ex.ndim != 2:
+            return
+        kept = ~ex
+        rows_ex, rows_kept = ex.any(1), kept.any(1)
+        self.use_kept = int(rows_kept.sum()) < int(rows_ex.sum())
+        mask, rows = (kept, rows_kept) if self.use_kept else (ex, rows_ex)
+        if 4 * int(rows.sum()) < ex.shape[0]:  # few senders: copy just those rows
+            self.idx = rows.nonzero().flatten()
+            mask = mask[self.idx]
+        self.weights = mask.T.contiguous()  # [u, k]
+
+    def _device(self, like: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The weights (and row indices) on ``like``'s device and dtype, copied once."""
+        key = (like.device, like.dtype)
+        hit = self._on.get(key)
+        if hit is None:
+            w = self.weights.to(device=like.device, dtype=like.dtype)
+            idx = None if self.idx is None else self.idx.to(like.device)
+            hit = self._on[key] = (w, idx)
+        return hit
+
+    def apply(
+        self,
+        D: Float[Tensor, "s n pos d_model"],
+        total: Float[Tensor, "n pos d_model"],
+        resid: Float[Tensor, "n pos d_model"],
+    ) -> Float[Tensor, "u n pos d_model"]:
+        S = D.shape[0]
+        if self.per_pos:
+            return resid[None] - _rows_sum(D, self._device(D)[0])
+        if self.per_row:
+            rows = len(self.per_row)
+            Dr = D.reshape(S, rows, -1)
+            tot, res = total.reshape(rows, -1), resid.reshape(rows, -1)
+            out = resid.new_empty(self.n_cols, rows, Dr.shape[-1])
+            for r, plan in enumerate(self.per_row):
+                out[:, r] = plan._flat(Dr[:, r], tot[r], res[r])
+            return out.reshape(self.n_cols, *resid.shape)
+        out2 = self._flat(D.reshape(S, -1), total, resid)
+        return out2.reshape(self.n_cols, *resid.shape)
+
+    def _flat(self, flat: Float[Tensor, "s n"], total: Tensor, resid: Tensor) -> Float[Tensor, "u n"]:
+        """``resid - sum_s ex[s, u] * flat[s]`` (flattened)."""
+        w, idx = self._device(flat)
+        rows = flat if idx is None else flat.index_select(0, idx)
+        if self.use_kept:  # one pass: the product added to the base as the GEMM writes it
+            return torch.addmm((resid - total).reshape(1, -1), w, rows)
+        return torch.addmm(resid.reshape(1, -1), w, rows, alpha=-1)
 
 
 def _rows_sum(
-    D: Float[Tensor, "sender n pos d_model"], ex: Bool[Tensor, "sender u rows pos"]
+    D: Float[Tensor, "sender n pos d_model"], ex: Float[Tensor, "sender u rows pos"]
 ) -> Float[Tensor, "u n pos d_model"]:
     """``sum_s ex[s, u, row, p] * D[s, (row, b), p]`` for rows stacked along the batch, a
     mask per position (position-aware edges)."""
     S, n, n_pos, dm = D.shape
     rows, u = ex.shape[2], ex.shape[1]
     Dr5 = D.reshape(S, rows, n // rows, n_pos, dm)
-    out = torch.einsum("srbpd,surp->urbpd", Dr5, ex.to(D.dtype))
+    out = torch.einsum("srbpd,surp->urbpd", Dr5, ex)
     return out.reshape(u, n, n_pos, dm)
 
 
@@ -495,8 +629,8 @@ def circuit_hooks(
             "(use_normalization_before_and_after, Gemma-2) is not supported: head outputs "
             "are not additive there, so an edge from one head is not defined"
         )
-    valid = index.valid.to(bk.device)
-    keep = keep.to(bk.device)
+    valid = index.valid  # masks stay on the CPU: planning them there costs no device syncs
+    keep = keep.cpu()
     if keep.ndim == 3:
         keep = keep[:, :, None, :]
     if keep.ndim == 4:
@@ -552,10 +686,11 @@ def circuit_hooks(
             hooks += _mlp_hooks(bk, buf, state, index, excluded, abl, layer)
     ex_l = excluded[:, index.logits]
     if ex_l.any():
+        plan_l = Exclusion(ex_l[:, None])
         hooks.append(
             (
                 bk.resid_post(d.n_layers - 1),
-                edits.replace(lambda act: buf.read(act, ex_l[:, None])[0]),
+                edits.replace(lambda act: buf.read(act, plan_l)[0]),
             )
         )
     return hooks
@@ -579,8 +714,9 @@ class _HeadInputs:
     ) -> None:
         self.bk, self.buf, self.state, self.layer = bk, buf, state, layer
         chans = list(reads)
-        cat = torch.cat([reads[ch][1] for ch in chans], dim=1)
-        self.columns, which = torch.unique(cat, dim=1, return_inverse=True)
+        cat = torch.cat([reads[ch][1].cpu() for ch in chans], dim=1)
+        columns, which = torch.unique(cat, dim=1, return_inverse=True)
+        self.columns = Exclusion(columns)
         widths = [reads[ch][1].shape[1] for ch in chans]
         self.groups: dict[str, list[tuple[int, list[int]]]] = {}
         self.slots = {ch: reads[ch][0] for ch in chans}
@@ -688,10 +824,12 @@ def _mlp_hooks(
     i_mlp = index.mlp_sender[layer]
     ex_m = excluded[:i_mlp, index.mlp_receiver[layer]]
     edit = bk.mlp_input_edit(layer) if bool(ex_m.any()) else None
-    read = lambda: buf.read(state[bk.mlp_in_resid(layer)], ex_m[:, None])[0]  # noqa: E731
+    plan = Exclusion(ex_m[:, None])
+    any_ex = bool(ex_m.any())
+    read = lambda: buf.read(state[bk.mlp_in_resid(layer)], plan)[0]  # noqa: E731
 
     def hook(act: Tensor, hook: Any) -> Tensor:
-        if edit is None and ex_m.any():
+        if edit is None and any_ex:
             act = bk.mlp_from_resid(layer, read())
         buf.put(slice(i_mlp, i_mlp + 1), (act - abl.mlp_out[layer].to(act))[None])
         return act
@@ -719,30 +857,40 @@ def circuit_final(
     """The final residual stream of ``tokens`` under the circuit ``keep``.
 
     The run holds every sender's output change at once (``[senders, batch, pos, d_model]``),
-    so examples run in chunks that keep that buffer within the memory budget."""
+    so examples run in chunks that keep that buffer within the memory budget (at most a
+    quarter over it, where that saves a small last chunk)."""
     bk = runs.bk
     per_example = len(index.senders) * tokens.shape[1] * bk.dims.d_model * bk.dtype.itemsize
     size = max(1, runs.memory_budget // max(per_example, 1))
+    n = tokens.shape[0]
+    if n > size and n % size < size / 4:  # no small tail chunk: each costs a forward's fixed
+        size = -(-n // (n // size))  # overhead; its examples join the others (< 25% more)
+    # the hooks are planned once; they read the ablated values at call time, from ``current``,
+    # which holds each chunk's rows in turn
+    current = abl.rows(slice(0, size))
+    hooks = circuit_hooks(bk, index, keep, current)
     finals = []
-    for start in range(0, tokens.shape[0], size):
-        sl = slice(start, start + size)
-        hooks = circuit_hooks(bk, index, keep, abl.rows(sl))
-        finals.append(run_tokens(bk, tokens[sl], hooks))
+    for start in range(0, n, size):
+        chunk = abl.rows(slice(start, start + size))
+        for f in fields(AblationValues):
+            setattr(current, f.name, getattr(chunk, f.name))
+        finals.append(run_tokens(bk, tokens[start : start + size], hooks))
     return torch.cat(finals)
 
 
-def edge_names(edge_list: list[tuple[Any, Any]]) -> list[tuple[str, str]]:
-    """Each edge as ``(sender, receiver)`` spellings; each node object is spelled once
-    (remembered by identity, the memo holding the object)."""
-    seen: dict[int, tuple[Any, str]] = {}
+@functools.lru_cache(maxsize=1 << 16)
+def _spelling(spec: Any) -> str:
+    return str(parse_node(spec))
 
-    def name(spec: Any) -> str:
-        hit = seen.get(id(spec))
-        if hit is None:
-            hit = seen[id(spec)] = (spec, str(parse_node(spec)))
-        return hit[1]
 
-    return [(name(s), name(r)) for s, r in edge_list]
+def edge_names(edge_list: Iterable[tuple[Any, Any]] | EdgeList) -> list[tuple[str, str]]:
+    """Each edge as ``(sender, receiver)`` spellings; each distinct node object is spelled
+    once (by identity), the edges mapped in C-level passes."""
+    el = EdgeList.of(edge_list)
+    if not el.plain:
+        return [(str(parse_node(s)), str(parse_node(r))) for s, r in el.pairs]
+    name = {k: _spelling(v) for k, v in (el.s_obj | el.r_obj).items()}
+    return list(zip(map(name.__getitem__, el.s_ids), map(name.__getitem__, el.r_ids), strict=True))
 
 
 def _kl(readout: Readout, clean: Tensor, other: Tensor) -> Float[Tensor, " batch"]:
@@ -758,7 +906,7 @@ def evaluate(
     readout: Readout,
     tokens: Tensor,
     index: EdgeIndex,
-    edge_list: list[tuple[Any, Any]],
+    edge_list: list[tuple[Any, Any]] | EdgeList,
     abl: AblationValues,
     ablation: Ablation,
     empty_is_corrupted: bool,

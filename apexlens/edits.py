@@ -26,6 +26,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from apexlens.hooks import HookFn
+from apexlens.indexing import index_on
 
 Value = Tensor | Callable[[Tensor], Tensor]
 
@@ -88,10 +89,11 @@ def set_heads(
     def hook(act: Tensor, hook: Any) -> Tensor:
         v = _value(value, act).to(act.dtype)
         out = act.clone()
+        idx = index_on(heads, act.device) if isinstance(heads, list) else heads
         if where is None:
-            out[:, :, heads] = v
+            out[:, :, idx] = v
         else:
-            out[:, :, heads] = torch.where(where[..., None], v, act[:, :, heads])
+            out[:, :, idx] = torch.where(where[..., None], v, act[:, :, idx])
         return out
 
     return hook

@@ -247,7 +247,7 @@ class Experiment:
         reference_tokens: Int[Tensor, "n pos"] | None = None,
     ) -> CircuitResult:
         """Evaluate a circuit hypothesis on the cached runs; see :func:`evaluate_circuit`."""
-        edges = list(edges)
+        edges = circuits.EdgeList(edges)  # read once by everything below
         index = self.edge_index(circuits.uses_split_embed(edges))
         with inference_mode(self.model):
             abl = ablation_for(self.bk, ablation, self.runs.corrupted, reference_tokens, self.n_pos)

@@ -40,11 +40,14 @@ from apexlens import edits
 from apexlens.errors import ApexlensError
 from apexlens.graph import Node, as_receivers
 from apexlens.hooks import Hooks
+from apexlens.indexing import index_on
 from apexlens.runs import Readout, Runs, grouped_kv_hooks, row_chunks, run_rows, stack_rows
 from apexlens.specs import MLPMode
 
 SenderGroup = Sequence[Node]
 Gather = Callable[[Tensor], Tensor]
+Entry = tuple[int, list[int], Tensor]
+"""``(order, rows, deltas)``: ``deltas[i]`` enters row ``rows[i]`` where that order writes."""
 
 
 # ============================================================================ entry point
@@ -126,15 +129,23 @@ def _patch_chunk(
 ) -> Float[Tensor, "chunk batch"]:
     n_layers = runs.bk.dims.n_layers
     gather: Gather = readout.gather if only_logits else (lambda x: x)
-    entries: list[tuple[int, int, Tensor]] = []  # (order, row, delta)
+    entries: list[Entry] = []  # (order, rows, deltas)
+    lone: dict[int, list[tuple[int, Node]]] = {}  # layer -> (row, head) of one-head groups
     for row, g in enumerate(groups):
+        if len(g) == 1 and g[0].kind == "head":
+            lone.setdefault(g[0].layer, []).append((row, g[0]))
+            continue
         for order, delta in group_deltas(runs, g, gather):
-            entries.append((order, row, delta))
+            entries.append((order, [row], delta[None]))
+    for layer, items in lone.items():  # every one-head group of a layer in one product
+        nodes = [n for _, n in items]
+        deltas = _each_head_delta(runs, layer, nodes, gather)
+        entries.append((nodes[0].order(n_layers), [row for row, _ in items], deltas))
     for hop in hops:
         new = propagate(runs, entries, len(groups), hop, mlps, gather)
         delta = _hop_output(runs, hop, new)
         order = hop[0].as_sender.order(n_layers)
-        entries = [(order, row, delta[row]) for row in range(len(groups))]
+        entries = [(order, list(range(len(groups))), delta)]
     new = propagate(runs, entries, len(groups), recv, mlps, gather)
     return _finish(runs, readout, recv, new, len(groups), gathered=only_logits)
 
@@ -156,6 +167,30 @@ def group_deltas(
     for layer, nodes in heads.items():
         out.append((nodes[0].order(n_layers), _heads_delta(runs, layer, nodes, gather)))
     return out
+
+
+def _each_head_delta(
+    runs: Runs, layer: int, nodes: Sequence[Node], gather: Gather = lambda x: x
+) -> Float[Tensor, "k batch pos d_model"]:
+    """The residual change of each of ``nodes`` (heads of ``layer``) patched *alone*, stacked:
+    the same numbers as one :func:`_heads_delta` per node, in one product."""
+    bk, c, k = runs.bk, runs.clean, runs.corrupted
+    assert k is not None, "path patching needs a corrupted run"
+    heads = [int(n.head or 0) for n in nodes]
+    z_c = c[bk.z(layer)]
+    idx = index_on(heads, z_c.device)
+    dz = k[bk.z(layer)][:, :, idx] - z_c[:, :, idx]
+    masks = [runs.mask(n) for n in nodes]
+    if any(m is not None for m in masks):
+        ones = torch.ones(dz.shape[:2], dtype=torch.bool, device=dz.device)
+        m = torch.stack([ones if m is None else m for m in masks], dim=-1)
+        dz = dz * m[..., None].to(dz.dtype)
+
+    def at(t: Tensor) -> Tensor:  # gather positions of a [batch, pos, head, d_head] tensor
+        b, p, h, dh = t.shape
+        return gather(t.reshape(b, p, h * dh)).reshape(b, -1, h, dh)
+
+    return bk.each_head_delta(layer, at(z_c), at(dz), heads)
 
 
 def _heads_delta(
@@ -201,7 +236,7 @@ def sender_delta(
 
 def propagate(
     runs: Runs,
-    entries: list[tuple[int, int, Tensor]],
+    entries: list[Entry],
     n_rows: int,
     targets: list[Node],
     mlps: MLPMode,
@@ -209,8 +244,8 @@ def propagate(
 ) -> dict[Node, Tensor]:
     """Frozen propagation: walk the deltas to every target and return its new input.
 
-    ``entries`` are ``(order, row, delta)``: ``delta`` enters the residual stream of row
-    ``row`` where a node of that order writes. Returns, per target: a head channel -> its
+    ``entries`` are ``(order, rows, deltas)``: ``deltas[i]`` enters the residual stream of
+    row ``rows[i]`` where a node of that order writes. Returns, per target: a head channel -> its
     new ``hook_q/k/v`` values ``[rows, batch, pos, d_head]``; an MLP -> its new output
     ``[rows, batch, pos, d_model]``; ``logits`` -> the delta of the final residual stream.
     """
@@ -218,17 +253,19 @@ def propagate(
     n_layers = bk.dims.n_layers
     last = max(t.order(n_layers) for t in targets)
     ref = entries[0][2]
-    acc = torch.zeros(n_rows, *ref.shape, dtype=ref.dtype, device=ref.device)
-    starts = torch.full((n_rows,), 10**9)
-    by_order: dict[int, list[tuple[int, Tensor]]] = {}
-    for o, row, d in entries:
-        starts[row] = min(int(starts[row]), o)
-        by_order.setdefault(o, []).append((row, d))
+    acc = torch.zeros(n_rows, *ref.shape[1:], dtype=ref.dtype, device=ref.device)
+    first = [10**9] * n_rows
+    by_order: dict[int, list[tuple[slice | Tensor, Tensor]]] = {}
+    for o, rows, d in entries:
+        for row in rows:
+            first[row] = min(first[row], o)
+        by_order.setdefault(o, []).append((index_on(rows, acc.device), d))
+    starts = torch.tensor(first)
     out: dict[Node, Tensor] = {}
 
     def add(o: int) -> None:
-        for row, d in by_order.get(o, []):
-            acc[row] += d
+        for rows, d in by_order.get(o, []):
+            acc[rows] += d
 
     add(0)
 
@@ -448,7 +485,7 @@ def live_path_hooks(
         try:
             runs = runs_for(act.detach())
             n_layers = runs.bk.dims.n_layers
-            entries = [(o, 0, d) for o, d in group_deltas(runs, senders)]
+            entries: list[Entry] = [(o, [0], d[None]) for o, d in group_deltas(runs, senders)]
             if min(o for o, _, _ in entries) >= max(r.order(n_layers) for r in recv):
                 raise ApexlensError("no sender has a path to the receivers")
             state["runs"], state["new"] = runs, propagate(runs, entries, 1, recv, mlps, lambda x: x)

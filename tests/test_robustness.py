@@ -343,3 +343,17 @@ def test_plain_metric_gets_the_read_positions_alone_only_when_that_gives_its_val
         got = exp.path_patch("all-heads", ["2.1.q", "logits"]).per_example
         naive = naive_path_patch(model, clean, corrupted, senders="all-heads", receivers=["2.1.q", "logits"], metric=fn)
         torch.testing.assert_close(got, naive, atol=1e-10, rtol=0)
+
+
+def test_index_on_gives_slices_or_one_cached_tensor():
+    """Device indices are made once: a contiguous run is a slice (no index tensor), any
+    other list one cached tensor per (integers, device), with the same rows as the list."""
+    from apexlens.indexing import index_on
+
+    cpu = torch.device("cpu")
+    assert index_on([3, 4, 5], cpu) == slice(3, 6)
+    a, b = index_on([4, 1, 2], cpu), index_on((4, 1, 2), cpu)
+    assert isinstance(a, torch.Tensor) and a is b and a.tolist() == [4, 1, 2]
+    x = torch.arange(24.0).reshape(6, 4)
+    for rows in ([0, 2, 5], [5, 4], [1, 2, 3], [2]):
+        assert torch.equal(x[index_on(rows, cpu)], x[rows])
