@@ -12,12 +12,15 @@ For each model shape and (batch, sequence) cell, measured side by side in one ru
   *time*: the senders' MLP passes are large batched products (every sender of every example
   at once), which run at a much higher FLOP rate than a plain forward's small products
   (``fwd GF/s``, with TransformerLens' unfused ops), so the measured time ratio can be below it;
-* ``circuit warm / fwd``: one circuit hypothesis (half of all edges) on cached runs over one
+* ``frozen``: heads->logits with ``mlps="frozen"`` (direct paths only: no sender passes
+  through later MLPs, so no per-sender work beyond a projection), over two forwards;
+* ``circuit warm / fwd``: one circuit hypothesis (a seeded random half of all edges) on cached runs over one
   forward; ``cold``: the same from scratch (clean + corrupted runs included: >= 3 forwards);
 * ``mem``: peak extra memory of the warm circuit evaluation over a plain ``run_with_cache``.
 
     python benchmarks/bench_scaling.py            # the default grid (~10 minutes on 2 cores)
     python benchmarks/bench_scaling.py --full     # also batch 128 x 256 (an hour on a CPU)
+    python benchmarks/bench_scaling.py --device cuda --full   # on a GPU (memory: CUDA peak)
 """
 
 from __future__ import annotations
@@ -49,34 +52,59 @@ FULL_EXTRA = [("gpt2-small", 128, 256)]
 VOCAB = 50257
 
 
+DEVICE = "cpu"
+
+
+def sync() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def build(shape: str) -> Any:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        **SHAPES[shape], n_ctx=1024, d_vocab=VOCAB, act_fn="gelu_new", normalization_type="LN", seed=0
+        **SHAPES[shape],
+        n_ctx=1024,
+        d_vocab=VOCAB,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        seed=0,
     )
     model = HookedTransformer(cfg)
     model.eval()
-    return model
+    return model.to(DEVICE) if DEVICE != "cpu" else model
 
 
 def data(batch: int, n_pos: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
     from apexlens import LogitDiff
 
     g = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, VOCAB, (batch, n_pos), generator=g)
-    corrupted = torch.randint(0, VOCAB, (batch, n_pos), generator=g)
-    answers = torch.randint(0, VOCAB, (2, batch), generator=g)
+    clean = torch.randint(0, VOCAB, (batch, n_pos), generator=g).to(DEVICE)
+    corrupted = torch.randint(0, VOCAB, (batch, n_pos), generator=g).to(DEVICE)
+    answers = torch.randint(0, VOCAB, (2, batch), generator=g).to(DEVICE)
     return clean, corrupted, LogitDiff(answers[0], answers[1])
 
 
 def timed(fn: Callable[[], Any], repeat: int = 1) -> float:
     out = []
     for _ in range(repeat):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         out.append(time.perf_counter() - t0)
     return statistics.median(out)
+
+
+def random_half(model: Any) -> list[Any]:
+    """A seeded random half of all edges: the worst case for a circuit (each receiver head
+    excludes its own set of senders, so no two share an input)."""
+    import apexlens
+
+    g = apexlens.full_graph(model)
+    pick = torch.randperm(len(g), generator=torch.Generator().manual_seed(0))[: len(g) // 2]
+    return [g[i] for i in sorted(pick.tolist())]
 
 
 def flop_floor(shape: str, n_pos: int) -> float:
@@ -103,19 +131,34 @@ def cell(shape: str, batch: int, n_pos: int) -> dict[str, float]:
 
     model = build(shape)
     clean, corrupted, metric = data(batch, n_pos)
+    repeat = 3 if DEVICE.startswith("cuda") else 1
     with torch.no_grad():
         model(clean)
-        t_fwd = timed(lambda: model(clean), repeat=2)
-    t_hl = timed(
-        lambda: apexlens.path_patch(model, clean, corrupted, senders="all-heads", metric=metric)
-    )
-    half = apexlens.full_graph(model)[::2]
+        t_fwd = timed(lambda: model(clean), repeat=2 * repeat)
+
+    def heads_to_logits(mlps: str) -> Any:
+        return apexlens.path_patch(
+            model, clean, corrupted, senders="all-heads", metric=metric, mlps=mlps
+        )
+
+    if repeat > 1:  # warm-up (CUDA kernels, allocator)
+        heads_to_logits("live")
+    t_hl = timed(lambda: heads_to_logits("live"), repeat)
+    t_frozen = timed(lambda: heads_to_logits("frozen"), repeat)
+    half = random_half(model)
+    sync()
     t0 = time.perf_counter()
     exp = apexlens.Experiment(model, clean, corrupted, metric=metric)
+    sync()
     t_runs = time.perf_counter() - t0
     exp.evaluate_circuit(half[:1])  # builds the edge index once per Experiment
-    t_warm = timed(lambda: exp.evaluate_circuit(half))
+    t_warm = timed(lambda: exp.evaluate_circuit(half), repeat)
+    mem = float("nan")
+    if DEVICE.startswith("cuda"):  # peak CUDA memory: circuit over run_with_cache, both warm
+        mem = cuda_memory(model, clean, lambda: exp.evaluate_circuit(half))
     return {
+        "frozen_vs_2fwd": t_frozen / (2 * t_fwd),
+        "mem_vs_cache": mem,
         "fwd_s": t_fwd,
         "hl_vs_2fwd": t_hl / (2 * t_fwd),
         "floor": flop_floor(shape, n_pos),
@@ -125,10 +168,26 @@ def cell(shape: str, batch: int, n_pos: int) -> dict[str, float]:
     }
 
 
+def cuda_memory(model: Any, clean: torch.Tensor, circuit: Callable[[], Any]) -> float:
+    def peak(fn: Callable[[], Any]) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - base
+
+    with torch.no_grad():
+        cache = peak(lambda: model.run_with_cache(clean))
+    return peak(circuit) / max(cache, 1)
+
+
 MEM_SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, "benchmarks")
-from bench_scaling import build, data
+from bench_scaling import build, data, random_half
 import apexlens
 def mem(key):
     for line in open("/proc/self/status"):
@@ -136,7 +195,7 @@ def mem(key):
 shape, batch, n_pos, what = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 model = build(shape); clean, corrupted, metric = data(batch, n_pos)
 exp = apexlens.Experiment(model, clean, corrupted, metric=metric) if what == "circuit" else None
-half = apexlens.full_graph(model)[::2]
+half = random_half(model)
 with torch.no_grad(): model(clean[:1])
 base = mem("VmRSS"); open("/proc/self/clear_refs", "w").write("5")
 if what == "cache":
@@ -163,25 +222,31 @@ def memory(shape: str, batch: int, n_pos: int) -> float:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="also batch 128 x 256")
+    parser.add_argument("--quick", action="store_true", help="only GPT-2 small at 8 x 16")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu), e.g. cuda")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
     torch.manual_seed(0)
-    grid = DEFAULT_GRID + (FULL_EXTRA if args.full else [])
-    print("exact path patching / circuits vs plain forwards (CPU, float32)")
+    grid = DEFAULT_GRID[:1] if args.quick else DEFAULT_GRID + (FULL_EXTRA if args.full else [])
+    where = torch.cuda.get_device_name() if DEVICE.startswith("cuda") else "CPU"
+    print(f"exact path patching / circuits vs plain forwards ({where}, float32)")
     print(
         f"{'shape':12s} {'batch':>5s} {'seq':>4s} {'fwd':>8s} {'fwd GF/s':>8s} {'heads->logits':>14s} {'flops':>6s}"
-        f" {'circuit warm':>13s} {'cold':>6s} {'mem':>6s}"
+        f" {'frozen':>7s} {'circuit warm':>13s} {'cold':>6s} {'mem':>6s}"
     )
     rows = []
     for shape, batch, n_pos in grid:
         r = cell(shape, batch, n_pos)
-        r["mem_vs_cache"] = float("nan") if args.no_memory else memory(shape, batch, n_pos)
+        if not (args.no_memory or DEVICE.startswith("cuda")):
+            r["mem_vs_cache"] = memory(shape, batch, n_pos)
         r.update(shape=shape, batch=batch, n_pos=n_pos)
         rows.append(r)
         print(
             f"{shape:12s} {batch:5d} {n_pos:4d} {r['fwd_s'] * 1e3:6.0f}ms {r['fwd_gflops']:8.0f}"
             f" {r['hl_vs_2fwd']:10.2f}x 2f"
-            f" {r['floor']:5.2f}x {r['circuit_warm_vs_fwd']:10.2f}x 1f {r['circuit_cold_vs_fwd']:5.2f}x"
+            f" {r['floor']:5.2f}x {r['frozen_vs_2fwd']:6.2f}x {r['circuit_warm_vs_fwd']:10.2f}x 1f {r['circuit_cold_vs_fwd']:5.2f}x"
             f" {r['mem_vs_cache']:5.2f}x",
             flush=True,
         )
