@@ -372,7 +372,7 @@ class Backend:
         W = self.W_in(channel)[layer]
         b = self.b_in(channel)[layer]
         if slots is not None:
-            idx = index_on(slots, W.device) if isinstance(slots, list) else slots
+            idx = index_on(slots, W.device)
             W, b = W[idx], b[idx]
         x = self._with_pos(channel, self.ln1(layer, resid), -2)
         return torch.einsum("...m,hmd->...hd", x, W) + b
@@ -399,7 +399,7 @@ class Backend:
         W = self.W_in(channel)[layer]
         b = self.b_in(channel)[layer]
         if slots is not None:
-            idx = index_on(slots, W.device) if isinstance(slots, list) else slots
+            idx = index_on(slots, W.device)
             W, b = W[idx], b[idx]
         x = self._with_pos(channel, normed, -3)
         return torch.einsum("...hm,hmd->...hd", x, W) + b
@@ -453,7 +453,7 @@ class Backend:
         additive contributions only without :attr:`post_norms`)."""
         W_O = self.W_O_stacked[layer]
         if heads is not None:
-            W_O = W_O[index_on(heads, W_O.device) if isinstance(heads, list) else heads]
+            W_O = W_O[index_on(heads, W_O.device)]
         return torch.einsum("...hk,hkd->h...d", z, W_O)
 
     def attn_output(
@@ -461,8 +461,11 @@ class Backend:
     ) -> Float[Tensor, "... d_model"]:
         """What attention ``layer`` adds to the residual stream given every head's ``hook_z``:
         ``ln1_post(sum_h z_h W_O[h] + b_O)``."""
-        a = torch.einsum("...hk,hkd->...d", z, self.W_O_stacked[layer]) + self.b_O_stacked[layer]
-        return self.ln1_post(layer, a)
+        return self.ln1_post(layer, self._attn_sum(layer, z))
+
+    def _attn_sum(self, layer: int, z: Float[Tensor, "... head d_head"]) -> Tensor:
+        """``sum_h z_h W_O[h] + b_O``: attention's output before any post-attention norm."""
+        return torch.einsum("...hk,hkd->...d", z, self.W_O_stacked[layer]) + self.b_O_stacked[layer]
 
     def head_delta(
         self,
@@ -476,10 +479,7 @@ class Backend:
         a post-attention norm, ``ln1_post(A + sum dz W_O) - ln1_post(A)``."""
         W_O = self.W_O_stacked[layer]
         d = torch.einsum("...hk,hkd->...d", dz, W_O[index_on(heads, W_O.device)])
-        if not self.post_norms:
-            return d
-        a = torch.einsum("...hk,hkd->...d", z, self.W_O_stacked[layer]) + self.b_O_stacked[layer]
-        return self.ln1_post(layer, a + d) - self.ln1_post(layer, a)
+        return self._after_post_norm(layer, z, d)
 
     def each_head_delta(
         self,
@@ -490,10 +490,15 @@ class Backend:
     ) -> Float[Tensor, "k ... d_model"]:
         """:meth:`head_delta` for each of ``heads`` changing *alone* (``dz[..., i, :]`` for
         head ``heads[i]``), stacked along a new first axis: one product for all of them."""
-        d = self.head_outputs(layer, dz, heads)
+        return self._after_post_norm(layer, z, self.head_outputs(layer, dz, heads))
+
+    def _after_post_norm(self, layer: int, z: Tensor, d: Tensor) -> Tensor:
+        """A change ``d`` of the heads' summed output (any leading axes) as the change of the
+        residual stream: ``d`` itself, or ``ln1_post(A + d) - ln1_post(A)`` after a
+        post-attention norm, ``A`` the summed output for ``z``."""
         if not self.post_norms:
             return d
-        a = torch.einsum("...hk,hkd->...d", z, self.W_O_stacked[layer]) + self.b_O_stacked[layer]
+        a = self._attn_sum(layer, z)
         return self.ln1_post(layer, a + d) - self.ln1_post(layer, a)
 
     def attn_z(

@@ -533,7 +533,6 @@ class Exclusion:
     def __init__(self, ex: Bool[Tensor, "s u"] | Bool[Tensor, "s u rows p"]) -> None:
         ex = ex.cpu()
         self.n_senders, self.n_cols = int(ex.shape[0]), int(ex.shape[1])
-        self.ex = ex
         self.per_pos = ex.ndim == 4 and ex.shape[-1] != 1
         self.per_row: list[Exclusion] = []
         self._on: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor | None]] = {}
@@ -823,9 +822,9 @@ def _mlp_hooks(
     its output change is recorded."""
     i_mlp = index.mlp_sender[layer]
     ex_m = excluded[:i_mlp, index.mlp_receiver[layer]]
-    edit = bk.mlp_input_edit(layer) if bool(ex_m.any()) else None
-    plan = Exclusion(ex_m[:, None])
     any_ex = bool(ex_m.any())
+    edit = bk.mlp_input_edit(layer) if any_ex else None
+    plan = Exclusion(ex_m[:, None])
     read = lambda: buf.read(state[bk.mlp_in_resid(layer)], plan)[0]  # noqa: E731
 
     def hook(act: Tensor, hook: Any) -> Tensor:

@@ -89,7 +89,7 @@ def set_heads(
     def hook(act: Tensor, hook: Any) -> Tensor:
         v = _value(value, act).to(act.dtype)
         out = act.clone()
-        idx = index_on(heads, act.device) if isinstance(heads, list) else heads
+        idx = index_on(heads, act.device)
         if where is None:
             out[:, :, idx] = v
         else:

@@ -17,9 +17,13 @@ from jaxtyping import Int
 from torch import Tensor
 
 
-def index_on(ints: Sequence[int], device: torch.device) -> slice | Int[Tensor, " k"]:
+def index_on(
+    ints: Sequence[int] | Tensor, device: torch.device
+) -> slice | Int[Tensor, " k"]:
     """``ints`` as an index on ``device``: a slice when they are a contiguous increasing run,
-    else a cached ``long`` tensor."""
+    else a cached ``long`` tensor (an index that already is a tensor is used as it is)."""
+    if isinstance(ints, Tensor):
+        return ints
     t = tuple(int(i) for i in ints)
     if t and t == tuple(range(t[0], t[0] + len(t))):
         return slice(t[0], t[0] + len(t))

@@ -174,6 +174,25 @@ def _each_head_delta(
 ) -> Float[Tensor, "k batch pos d_model"]:
     """The residual change of each of ``nodes`` (heads of ``layer``) patched *alone*, stacked:
     the same numbers as one :func:`_heads_delta` per node, in one product."""
+    z, dz, heads = _head_dz(runs, layer, nodes, gather)
+    return runs.bk.each_head_delta(layer, z, dz, heads)
+
+
+def _heads_delta(
+    runs: Runs, layer: int, nodes: Sequence[Node], gather: Gather = lambda x: x
+) -> Tensor:
+    """The residual change of ``nodes`` (heads of ``layer``) patched together, computed only
+    at the positions ``gather`` keeps (``z`` is gathered before ``W_O`` and any post-norm:
+    both act position by position)."""
+    z, dz, heads = _head_dz(runs, layer, nodes, gather)
+    return runs.bk.head_delta(layer, z, dz, heads)
+
+
+def _head_dz(
+    runs: Runs, layer: int, nodes: Sequence[Node], gather: Gather
+) -> tuple[Tensor, Tensor, list[int]]:
+    """The clean ``z`` of ``layer`` and ``z(corrupted) - z(clean)`` of ``nodes`` (zero outside
+    each node's positions), both at the positions ``gather`` keeps, and the nodes' heads."""
     bk, c, k = runs.bk, runs.clean, runs.corrupted
     assert k is not None, "path patching needs a corrupted run"
     heads = [int(n.head or 0) for n in nodes]
@@ -190,30 +209,7 @@ def _each_head_delta(
         b, p, h, dh = t.shape
         return gather(t.reshape(b, p, h * dh)).reshape(b, -1, h, dh)
 
-    return bk.each_head_delta(layer, at(z_c), at(dz), heads)
-
-
-def _heads_delta(
-    runs: Runs, layer: int, nodes: Sequence[Node], gather: Gather = lambda x: x
-) -> Tensor:
-    """The residual change of ``nodes`` (heads of ``layer``) patched together, computed only
-    at the positions ``gather`` keeps (``z`` is gathered before ``W_O`` and any post-norm:
-    both act position by position)."""
-    bk, c, k = runs.bk, runs.clean, runs.corrupted
-    assert k is not None, "path patching needs a corrupted run"
-    z_c, z_k = c[bk.z(layer)], k[bk.z(layer)]
-    dz = []
-    for n in nodes:
-        d = z_k[:, :, n.head] - z_c[:, :, n.head]
-        m = runs.mask(n)
-        dz.append(d if m is None else d * m[..., None].to(d.dtype))
-
-    def at(t: Tensor) -> Tensor:  # gather positions of a [batch, pos, head, d_head] tensor
-        b, p, h, dh = t.shape
-        return gather(t.reshape(b, p, h * dh)).reshape(b, -1, h, dh)
-
-    heads = [int(n.head or 0) for n in nodes]
-    return bk.head_delta(layer, at(z_c), at(torch.stack(dz, dim=-2)), heads)
+    return at(z_c), at(dz), heads
 
 
 # ============================================================================ pieces
