@@ -104,26 +104,15 @@ def fv_check_figure(check: FVCheck, token_labels: TokenLabels | None = None) -> 
         col=2,
     )
     frame = check.attribution_frame()
-    fig.add_trace(
-        go.Bar(
-            x=frame["component"],
-            y=frame["natural"],
-            name="natural top examples (mean)",
-            marker_color="#1f77b4",
-        ),
-        row=1,
-        col=3,
-    )
-    fig.add_trace(
-        go.Bar(
-            x=frame["component"],
-            y=frame["fv"],
-            name="feature visualization",
-            marker_color="#d62728",
-        ),
-        row=1,
-        col=3,
-    )
+    for column, name, color in (
+        ("natural", "natural top examples (mean)", "#1f77b4"),
+        ("fv", "feature visualization", "#d62728"),
+    ):
+        fig.add_trace(
+            go.Bar(x=frame["component"], y=frame[column], name=name, marker_color=color),
+            row=1,
+            col=3,
+        )
     text = " ".join(_labels(check.fv.best_tokens, token_labels))
     verdict = "SUSPICIOUS" if check.flagged else "consistent"
     fig.update_layout(
