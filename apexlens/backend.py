@@ -288,6 +288,17 @@ class Backend:
         """The normalisation in front of attention in block ``layer`` (identity if none)."""
         return self._norm(self._module(layer, "ln1"), x)
 
+    def ln1_(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """:meth:`ln1`, computed in ``x``'s memory (``x`` is overwritten) where the norm
+        allows it: TransformerLens' LayerNorm / RMSNorm and their ``Pre`` forms in
+        float32/float64, outside autograd. On a CPU a fresh output of hundreds of MB costs
+        more in page faults than the norm itself."""
+        return self._norm_(self._module(layer, "ln1"), x)
+
+    def _norm_(self, module: Any, x: Tensor) -> Tensor:
+        fn = inplace_norm(module) if not (torch.is_grad_enabled() and x.requires_grad) else None
+        return fn(x) if fn is not None else self._norm(module, x)
+
     def ln2(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The normalisation in front of the MLP in block ``layer`` (identity if none)."""
         return self._norm(self._module(layer, "ln2"), x)
@@ -637,6 +648,31 @@ def fused_norm(module: Any) -> Any:
     if kind == "RMSNormPre":
         return lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return None
+
+
+def inplace_norm(module: Any) -> Callable[[Tensor], Tensor] | None:
+    """The norm of :func:`fused_norm` computed in its input's memory (the input is
+    overwritten and returned); ``None`` where there is no fused norm. Two passes (mean, then
+    the scale of the centred values), as the fused kernel computes it."""
+    if fused_norm(module) is None:
+        return None
+    kind = type(module).__name__
+    eps = float(getattr(module, "eps", 1e-5))
+    w: Any = getattr(module, "w", None)
+    b: Any = getattr(module, "b", None)
+
+    def norm(x: Tensor) -> Tensor:
+        if kind.startswith("LayerNorm"):
+            x.sub_(x.mean(-1, keepdim=True))
+        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])
+        x.mul_(ms.add_(eps).rsqrt_())
+        if kind in ("LayerNorm", "RMSNorm"):
+            x.mul_(w)
+        if kind == "LayerNorm":
+            x.add_(b)
+        return x
+
+    return norm
 
 
 _FUSED = {

@@ -495,6 +495,9 @@ class BridgeBackend(Backend):
     def _norm(self, module: Any, x: Tensor) -> Tensor:
         return self._call(module, x)
 
+    def _norm_(self, module: Any, x: Tensor) -> Tensor:
+        return self._call(module, x)
+
     def mlp_input_edit(self, layer: int) -> tuple[str, Callable[[Tensor], Tensor]] | None:
         return None  # the MLP's output is recomputed from its input (see Backend)
 
