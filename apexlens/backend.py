@@ -18,7 +18,7 @@ input enters at ``hook_q``/``hook_k``/``hook_v`` after its projection is recompu
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,23 +249,31 @@ class Backend:
     def b_U(self) -> Float[Tensor, " d_vocab"]:
         return self.model.b_U
 
-    def W_in(self, channel: str) -> Float[Tensor, "layer slot d_model d_head"]:
-        """``W_Q``, ``W_K`` or ``W_V`` per ``hook_q/k/v`` slot, read once per Backend."""
-        return self._memo(("W", channel), lambda: getattr(self, f"W_{channel.upper()}"))
+    def W_in(self, channel: str) -> Sequence[Float[Tensor, "slot d_model d_head"]]:
+        """``W_Q``, ``W_K`` or ``W_V`` of each layer per ``hook_q/k/v`` slot (indexed by layer)."""
+        return self._memo(("W", channel), lambda: self._layers(f"W_{channel.upper()}"))
 
-    def b_in(self, channel: str) -> Float[Tensor, "layer slot d_head"]:
-        return self._memo(("b", channel), lambda: getattr(self, f"b_{channel.upper()}"))
-
-    @property
-    def W_O_stacked(self) -> Float[Tensor, "layer head d_head d_model"]:
-        """``W_O``, read once per Backend."""
-        return self._memo(("W", "O"), lambda: self.W_O)
+    def b_in(self, channel: str) -> Sequence[Float[Tensor, "slot d_head"]]:
+        return self._memo(("b", channel), lambda: self._layers(f"b_{channel.upper()}"))
 
     @property
-    def b_O_stacked(self) -> Float[Tensor, "layer d_model"]:
-        return self._memo(("b", "O"), lambda: self.b_O)
+    def W_O_stacked(self) -> Sequence[Float[Tensor, "head d_head d_model"]]:
+        """``W_O`` of each layer (indexed by layer)."""
+        return self._memo(("W", "O"), lambda: self._layers("W_O"))
 
-    def _memo(self, key: tuple[str, str], make: Any) -> Tensor:
+    @property
+    def b_O_stacked(self) -> Sequence[Float[Tensor, " d_model"]]:
+        return self._memo(("b", "O"), lambda: self._layers("b_O"))
+
+    def _layers(self, name: str) -> list[Tensor]:
+        """Attention weight ``name`` (``W_Q``, ``b_O``, ...) of each layer in ``hook_q/k/v``
+        slot layout: the model's own parameters (views, no copies; a stacked copy of every
+        layer's would be hundreds of MB for GPT-2 medium, made by every one-shot call)."""
+        kv = self.dims.group > 1 and name[-1] in "KV"  # grouped-query: one slot per kv head
+        attr = "_" + name if kv else name
+        return [getattr(self._attn(la), attr).detach() for la in range(self.dims.n_layers)]
+
+    def _memo(self, key: tuple[str, str], make: Any) -> Any:
         memo = self.__dict__.setdefault("_weights", {})
         if key not in memo:
             memo[key] = make()

@@ -437,6 +437,9 @@ class BridgeBackend(Backend):
             return torch.zeros(shape, dtype=self.W_U.dtype, device=self.W_U.device)
         return w.detach()
 
+    def _layers(self, name: str) -> list[Tensor]:
+        return list(getattr(self, name).unbind(0))  # the bridge assembles its stacks
+
     def _bias_shape(self, slots: int) -> tuple[int, ...]:
         return (self.dims.n_layers, slots, self.dims.d_head)
 
