@@ -475,6 +475,27 @@ class Backend:
             W_O = W_O[index_on(heads, W_O.device)]
         return torch.einsum("...hk,hkd->h...d", z, W_O)
 
+    def head_outputs_into(
+        self,
+        layer: int,
+        z: Float[Tensor, "... head d_head"],
+        out: Float[Tensor, "... head d_model"],
+        total: Float[Tensor, "... d_model"],
+    ) -> None:
+        """:meth:`head_outputs` of every head written into ``out`` (heads before ``d_model``;
+        any strides that merge the leading axes, ``d_model`` contiguous), and their sum added
+        to ``total``: one product per head straight into its place and one for the sum, no
+        temporary of the whole output and no copy of it. Outside autograd (``out=``
+        products are not differentiable)."""
+        W_O = self.W_O_stacked[layer]
+        n_heads, d_head, dm = W_O.shape
+        zf = z.reshape(-1, n_heads, d_head)
+        of = out.view(-1, n_heads, dm)
+        for h in range(n_heads):
+            torch.mm(zf[:, h], W_O[h], out=of[:, h])
+        tf = total.view(-1, dm)
+        tf.addmm_(zf.reshape(-1, n_heads * d_head), W_O.reshape(n_heads * d_head, dm))
+
     def attn_output(
         self, layer: int, z: Float[Tensor, "... head d_head"]
     ) -> Float[Tensor, "... d_model"]:

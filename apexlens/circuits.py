@@ -504,20 +504,32 @@ class SenderBuffer:
 
     RESID, TOTAL, FIRST = 0, 1, 2
 
-    def __init__(self, n_senders: int) -> None:
+    def __init__(self, n_senders: int, scratch: dict[str, Any] | None = None) -> None:
         self.n_senders = n_senders
         self.filled = 0
-        self.D: Tensor | None = None
-        self._free: list[Tensor] = []  # workspaces not in use
+        self.D: Tensor | None = None  # this pass's rows of ``_mem``
+        # the memory, from and kept in ``scratch`` (:attr:`Runs.scratch`) where given
+        self.scratch = scratch if scratch is not None else {}
+        self._mem: Tensor | None = self.scratch.get("sender_buffer")
+        self._free: list[Tensor] = self.scratch.setdefault("workspaces", [])  # not in use
 
     def start(self, first: Float[Tensor, "k batch pos d_model"]) -> None:
-        """A new forward pass, beginning with the embedding sender(s). The buffer of the
-        previous pass is reused when it has the same shape (chunks of one evaluation)."""
+        """A new forward pass, beginning with the embedding sender(s). The memory of the
+        previous pass is reused when it holds at least as many examples of the same shape
+        (the chunks of one evaluation, largest first): fresh memory of a GB costs a CPU more
+        in page faults than the products that fill it."""
         _, n, n_pos, dm = first.shape
-        shape = (n, n_pos, self.FIRST + self.n_senders, dm)
-        D = self.D
-        if D is None or D.shape != shape or D.dtype != first.dtype or D.device != first.device:
-            self.D = D = first.new_empty(shape)
+        shape = (n_pos, self.FIRST + self.n_senders, dm)
+        mem = self._mem
+        if (
+            mem is None
+            or mem.shape[0] < n
+            or mem.shape[1:] != shape
+            or mem.dtype != first.dtype
+            or mem.device != first.device
+        ):
+            self._mem = self.scratch["sender_buffer"] = mem = first.new_empty(n, *shape)
+        self.D = D = mem[:n]
         D[:, :, self.TOTAL] = 0
         self.filled = 0
         self.put(slice(0, first.shape[0]), first)
@@ -527,6 +539,22 @@ class SenderBuffer:
         assert self.D is not None, "start() begins a pass"
         self.D[:, :, self.FIRST + rows.start : self.FIRST + rows.stop] = values.permute(1, 2, 0, 3)
         self.D[:, :, self.TOTAL] += values.sum(0)
+        self.filled = rows.stop
+
+    def put_heads(
+        self, rows: slice, bk: Backend, layer: int, dz: Float[Tensor, "batch pos head d_head"]
+    ) -> None:
+        """:meth:`put` of the heads of ``layer`` whose ``hook_z`` changed by ``dz``: each
+        head's output written by its own product straight into its slot, the total by one
+        product over all heads (under autograd, through :meth:`put`)."""
+        if torch.is_grad_enabled():
+            self.put(rows, bk.head_outputs(layer, dz))
+            return
+        assert rows.start == self.filled, "senders are recorded in forward order"
+        assert self.D is not None, "start() begins a pass"
+        D = self.D
+        slots = D[:, :, self.FIRST + rows.start : self.FIRST + rows.stop]
+        bk.head_outputs_into(layer, dz, slots, D[:, :, self.TOTAL])
         self.filled = rows.stop
 
     def read(
@@ -556,7 +584,7 @@ class SenderBuffer:
     def release(self, work: Tensor | None) -> None:
         """Give back a :meth:`workspace` (one is kept for the next read)."""
         if work is not None:
-            self._free = [work._base if work._base is not None else work]
+            self._free[:] = [work._base if work._base is not None else work]
 
 
 class Exclusion:
@@ -652,6 +680,7 @@ def circuit_hooks(
     | Bool[Tensor, "sender receiver pos"]
     | Bool[Tensor, "sender receiver rows pos"],
     abl: AblationValues,
+    scratch: dict[str, Any] | None = None,
 ) -> list[tuple[str, HookFn]]:
     """Hooks that make any forward pass of the model run under the circuit ``keep``.
 
@@ -662,7 +691,8 @@ def circuit_hooks(
     ``keep`` is ``[sender, receiver]`` (edges at every position), ``[sender, receiver, pos]``
     (position-aware edges) or ``[sender, receiver, rows, pos or 1]``: one circuit per row,
     the forward pass then runs ``rows`` copies of the batch stacked along the batch axis
-    (``abl`` tiled to match, :meth:`AblationValues.tiled`).
+    (``abl`` tiled to match, :meth:`AblationValues.tiled`). ``scratch``: where the
+    buffer's memory comes from and stays for the next call (:func:`scratch_of`).
     """
     d = bk.dims
     if bk.post_norms:
@@ -678,7 +708,7 @@ def circuit_hooks(
     if keep.ndim == 4:
         valid = valid[:, :, None, None]
     excluded = valid & ~keep
-    buf = SenderBuffer(len(index.senders))
+    buf = SenderBuffer(len(index.senders), scratch)
     state: dict[str, Tensor] = {}
 
     def embed_hook(act: Tensor, hook: Any) -> None:
@@ -853,7 +883,7 @@ def _record_heads(
     bk: Backend, buf: SenderBuffer, index: EdgeIndex, abl: AblationValues, layer: int
 ) -> HookFn:
     def hook(act: Tensor, hook: Any) -> None:
-        buf.put(index.head_sender[layer], bk.head_outputs(layer, act - abl.z[layer].to(act)))
+        buf.put_heads(index.head_sender[layer], bk, layer, act - abl.z[layer].to(act))
 
     return hook
 
@@ -905,7 +935,7 @@ def circuit_final(
 ) -> Float[Tensor, "batch pos d_model"]:
     """The final residual stream of ``tokens`` under the circuit ``keep``.
 
-    The run holds every sender's output change at once (``[senders, batch, pos, d_model]``),
+    The run holds every sender's output change at once (``[batch, pos, senders, d_model]``),
     so examples run in chunks that keep that buffer within the memory budget (at most a
     quarter over it, where that saves a small last chunk)."""
     bk = runs.bk
@@ -917,7 +947,7 @@ def circuit_final(
     # the hooks are planned once; they read the ablated values at call time, from ``current``,
     # which holds each chunk's rows in turn
     current = abl.rows(slice(0, size))
-    hooks = circuit_hooks(bk, index, keep, current)
+    hooks = circuit_hooks(bk, index, keep, current, scratch_of(runs))
     finals = []
     for start in range(0, n, size):
         chunk = abl.rows(slice(start, start + size))
@@ -925,6 +955,12 @@ def circuit_final(
             setattr(current, f.name, getattr(chunk, f.name))
         finals.append(run_tokens(bk, tokens[start : start + size], hooks))
     return torch.cat(finals)
+
+
+def scratch_of(runs: Runs) -> dict[str, Any] | None:
+    """The memory a circuit run on ``runs`` reuses from the previous one (the CPU only:
+    :attr:`Runs.scratch`)."""
+    return runs.scratch if runs.bk.device.type == "cpu" else None
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -610,7 +610,7 @@ def circuit_rows(
             k = keeps[list(rows)]
             k4 = k.permute(1, 2, 0)[..., None] if k.ndim == 3 else k.permute(1, 2, 0, 3)
             m = len(rows)
-            hooks = circuits.circuit_hooks(bk, idx, k4, st.abl.tiled(m))
+            hooks = circuits.circuit_hooks(bk, idx, k4, st.abl.tiled(m), circuits.scratch_of(runs))
             final = run_tokens(bk, tokens.repeat(m, 1), hooks)
             out[list(rows)] = ro(ro.gather(final.reshape(m, st.batch, *final.shape[1:])))
     return out

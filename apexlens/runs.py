@@ -158,6 +158,13 @@ class Runs:
     n_pos: int
     named_positions: Mapping[str, Any] = field(default_factory=dict)
     memory_budget: int = 0
+    scratch: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Working memory an engine reuses from one call on these runs to the next (the
+    circuit engine's sender buffer, at most about :attr:`memory_budget`), kept on the CPU
+    only: there fresh memory of hundreds of MB costs more in page faults than the products
+    that fill it; CUDA's caching allocator reuses its memory by itself. The engines use it
+    while holding the model's lock. It goes with the runs (an Experiment keeps it while it
+    lives)."""
 
     def __post_init__(self) -> None:
         if not self.memory_budget:

@@ -212,3 +212,30 @@ def test_edge_matrix_from_repeated_and_fresh_node_objects(exp):
     i = index.sender_id(apexlens.graph.parse_node("0.0"))
     j = index.receiver_id(apexlens.graph.parse_node("2.1.q"))
     assert per_pos[i, j].tolist() == [want[i, j].item() or p == 1 for p in range(7)]
+
+
+def test_memory_reused_across_calls_and_uneven_chunks(model):
+    """An Experiment keeps its circuit buffer between calls (on the CPU) and runs a last
+    chunk smaller than the first in the same memory: a sequence of different circuits,
+    ablations and edge graphs gives each one the numbers of a fresh Experiment."""
+    clean, corrupted = random_tokens(model, batch=5, n_pos=6, seed=11)
+    metric = LogitDiff(clean[:, -1] % 7, (clean[:, -1] + 1) % 7)
+    d = model.cfg
+    # two examples' worth of sender buffer: chunks of 2, 2 and 1 examples
+    per_example = (1 + d.n_layers * (d.n_heads + 1)) * 6 * d.d_model * 8
+    kw = dict(metric=metric, memory_budget=2 * per_example)
+    g = full_graph(model)
+    gen = torch.Generator().manual_seed(3)
+    halves = [[g[i] for i in sorted(torch.randperm(len(g), generator=gen)[: len(g) // 2].tolist())] for _ in range(2)]
+    embed_edges = [str(r) for s, r in g if str(s) == "embed"]
+    split = [(e, r) for e in ("tok_embed", "pos_embed") for r in embed_edges][::2]
+    split += [(s, r) for s, r in halves[1] if str(s) != "embed"]
+    calls = [(halves[0], "resample"), (halves[1], "mean"), (split, "resample"), (halves[0], "zero"), (halves[0], "resample")]
+    shared = apexlens.Experiment(model, clean, corrupted, **kw)
+    for edges, ablation in calls:
+        got = shared.evaluate_circuit(edges, ablation=ablation)
+        fresh = apexlens.Experiment(model, clean, corrupted, **kw).evaluate_circuit(edges, ablation=ablation)
+        one_pass = apexlens.Experiment(model, clean, corrupted, metric=metric).evaluate_circuit(edges, ablation=ablation)
+        assert torch.equal(got.scores.values, fresh.scores.values)
+        torch.testing.assert_close(got.scores.values, one_pass.scores.values, atol=TOL, rtol=0)
+    assert shared.runs.scratch["sender_buffer"].shape[0] == 2  # held for the next call
