@@ -566,7 +566,7 @@ class SenderBuffer:
         into ``out`` (a :meth:`workspace`) where given."""
         assert self.D is not None and ex.n_senders == self.filled, "a receiver reads every sender before it"
         self.D[:, :, self.RESID] = resid
-        return ex.apply(self.D[:, :, : self.FIRST + self.filled], out)
+        return ex.apply(self.D, self.FIRST + self.filled, out)
 
     def workspace(self, numel: int, like: Tensor) -> Tensor | None:
         """A flat tensor of at least ``numel`` elements that nothing else uses until it is
@@ -606,6 +606,7 @@ class Exclusion:
         self.per_row: list[Exclusion] = []
         self._on: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor | None]] = {}
         self.idx: Tensor | None = None
+        self.terms: list[tuple[int, float]] = []
         if ex.ndim == 4 and not self.per_pos:
             self.per_row = [Exclusion(ex[:, :, r, 0]) for r in range(ex.shape[2])]
             return
@@ -626,6 +627,8 @@ class Exclusion:
         if 4 * int(used.sum()) < w.shape[1]:  # few slots: read just those
             self.idx = used.nonzero().flatten()
             w = w[:, self.idx]
+            if self.n_cols == 1:  # (slot, weight) pairs, weights 1 or -1
+                self.terms = list(zip(self.idx.tolist(), w[0].tolist(), strict=True))
         self.weights = w.contiguous()  # [u, slot]
 
     def _device(self, like: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -639,38 +642,48 @@ class Exclusion:
         return hit
 
     def apply(
-        self, D: Float[Tensor, "n pos slot d_model"], out: Tensor | None = None
+        self, D: Float[Tensor, "n pos slot d_model"], n_slots: int, out: Tensor | None = None
     ) -> Float[Tensor, "n pos u d_model"]:
-        """The weighted sum of the buffer's slots for every column (into the flat ``out``
-        where given)."""
+        """The weighted sum of the first ``n_slots`` slots of the buffer ``D`` (contiguous:
+        slots are selected from it, not from a view of it, which costs ten times more) for
+        every column, into the flat ``out`` where given."""
         n, n_pos, S, dm = D.shape
         if out is not None:
             out = out.view(n, n_pos, self.n_cols, dm)
         if self.per_row:
             rows = len(self.per_row)
-            Dr = D.reshape(rows, -1, S, dm)
+            Dr = D.view(rows, -1, S, dm)
             if out is None:
                 out = D.new_empty(n, n_pos, self.n_cols, dm)
-            out_r = out.view(rows, Dr.shape[1], self.n_cols, dm)
+            out_r = out.view(rows, -1, self.n_cols, dm)
             for r, plan in enumerate(self.per_row):
-                plan._tokens(Dr[r], out=out_r[r])
+                plan._tokens(Dr[r], n_slots, out=out_r[r])
             return out
         if self.per_pos:
             w = self._device(D)[0]  # [rows, pos, u, slot]
             rows = w.shape[0]
-            res = torch.matmul(w[:, None], D.reshape(rows, n // rows, n_pos, S, dm))
-            res = res.reshape(n, n_pos, self.n_cols, dm)
+            Dp = D[:, :, :n_slots].reshape(rows, n // rows, n_pos, n_slots, dm)
+            res = torch.matmul(w[:, None], Dp).reshape(n, n_pos, self.n_cols, dm)
             return res if out is None else out.copy_(res)
         flat = None if out is None else out.view(-1, self.n_cols, dm)
-        return self._tokens(D.reshape(-1, S, dm), flat).view(n, n_pos, self.n_cols, dm)
+        return self._tokens(D.view(-1, S, dm), n_slots, flat).view(n, n_pos, self.n_cols, dm)
 
     def _tokens(
-        self, D: Float[Tensor, "t slot d_model"], out: Tensor | None = None
+        self, D: Float[Tensor, "t slot d_model"], n_slots: int, out: Tensor | None = None
     ) -> Float[Tensor, "t u d_model"]:
-        """One ``[u, slot] @ [slot, d_model]`` product per token."""
+        """One ``[u, slot] @ [slot, d_model]`` product per token; one column over a few
+        slots is a sum of scaled slots (no copy of them)."""
         w, idx = self._device(D)
-        slots = D if idx is None else D.index_select(1, idx)
-        return torch.bmm(w.expand(D.shape[0], *w.shape), slots, out=out)
+        if idx is None:
+            return torch.bmm(w.expand(D.shape[0], *w.shape), D[:, :n_slots], out=out)
+        if self.terms:
+            res = None if out is None else out[:, 0]
+            (s0, w0), *rest = self.terms
+            res = torch.mul(D[:, s0], w0, out=res)
+            for slot, weight in rest:
+                res.add_(D[:, slot], alpha=weight)
+            return res[:, None]
+        return torch.bmm(w.expand(D.shape[0], *w.shape), D.index_select(1, idx), out=out)
 
 
 def circuit_hooks(
@@ -742,8 +755,10 @@ def circuit_hooks(
                 heads, own[ch] = _kv_heads(bk, ex)
             if heads:
                 reads[ch] = ([bk.slot(h, ch) for h in heads], ex[:, heads])
+        inputs = None
         if reads:
-            inputs = _HeadInputs(bk, buf, state, layer, reads)
+            mlp = excluded[:n_up, index.mlp_receiver[layer]] if d.has_mlps else None
+            inputs = _HeadInputs(bk, buf, state, layer, reads, mlp if mlp is not None and mlp.any() else None)
             for ch, (slots, _) in reads.items():
                 hooks.append((bk.qkv(layer, ch), edits.set_heads(slots, inputs.value(ch))))
         if any(own.values()):
@@ -755,7 +770,7 @@ def circuit_hooks(
         if d.has_mlps and not bk.mlp_reads_resid_pre:
             hooks.append((bk.resid_mid(layer), edits.save(state, bk.resid_mid(layer), clone=False)))
         if d.has_mlps:
-            hooks += _mlp_hooks(bk, buf, state, index, excluded, abl, layer)
+            hooks += _mlp_hooks(bk, buf, state, index, excluded, abl, layer, inputs)
     ex_l = excluded[:, index.logits]
     if ex_l.any():
         plan_l = Exclusion(ex_l[:, None])
@@ -774,7 +789,12 @@ class _HeadInputs:
     buffer for the distinct columns of all three channels, one normalisation per distinct
     column (heads and channels excluding the same senders share it), then each slot's
     projection from its column. The normalised columns are computed at the first of the
-    layer's q/k/v hooks of a forward pass and dropped after the last."""
+    layer's q/k/v hooks of a forward pass and dropped after the last.
+
+    ``mlp``: the senders before this layer's heads that the layer's MLP excludes, one more
+    column of the same product, kept un-normalised as :attr:`mlp_partial` (``resid_pre``
+    minus those senders) for the MLP to add its own layer's heads to: the MLP's read then
+    touches a few slots of the buffer instead of all of them."""
 
     def __init__(
         self,
@@ -783,16 +803,20 @@ class _HeadInputs:
         state: dict[str, Tensor],
         layer: int,
         reads: Mapping[str, tuple[list[int], Tensor]],
+        mlp: Tensor | None = None,
     ) -> None:
         self.bk, self.buf, self.state, self.layer = bk, buf, state, layer
         chans = list(reads)
-        cat = torch.cat([reads[ch][1].cpu() for ch in chans], dim=1)
+        extra = [] if mlp is None else [mlp.cpu()[:, None]]
+        cat = torch.cat([reads[ch][1].cpu() for ch in chans] + extra, dim=1)
         columns, which = torch.unique(cat, dim=1, return_inverse=True)
         self.columns = Exclusion(columns)
+        self.mlp_col = int(which[-1]) if mlp is not None else None
+        self.mlp_partial: Tensor | None = None
         widths = [reads[ch][1].shape[1] for ch in chans]
         self.groups: dict[str, list[tuple[int, list[int]]]] = {}
         self.slots = {ch: reads[ch][0] for ch in chans}
-        for ch, w in zip(chans, which.split(widths), strict=True):
+        for ch, w in zip(chans, which[: sum(widths)].split(widths), strict=True):
             by_col: dict[int, list[int]] = {}
             for i, c in enumerate(w.tolist()):
                 by_col.setdefault(c, []).append(i)
@@ -811,6 +835,8 @@ class _HeadInputs:
                 n, n_pos, dm = resid.shape
                 self.work = self.buf.workspace(n * n_pos * self.columns.n_cols * dm, resid)
                 x = self.buf.read(resid, self.columns, self.work)
+                if self.mlp_col is not None:
+                    self.mlp_partial = x[:, :, self.mlp_col].clone()
                 # [column, n, pos, d_model], a view; normalised in place where it can be
                 self.normed = self.bk.ln1_(self.layer, x).permute(2, 0, 1, 3)
             normed = self.normed
@@ -896,16 +922,34 @@ def _mlp_hooks(
     excluded: Tensor,
     abl: AblationValues,
     layer: int,
+    inputs: _HeadInputs | None = None,
 ) -> list[tuple[str, HookFn]]:
     """MLP ``layer`` reads ``resid - excluded senders`` (set at its input where the backend
     has such a point, so the model's own MLP call computes it; else recomputed from it) and
-    its output change is recorded."""
+    its output change is recorded. Where the layer's q/k/v product also gave the MLP's sum
+    over the senders before this layer's heads (``inputs.mlp_partial``), only this layer's
+    heads are read from the buffer: ``partial + (resid - resid_pre) - sum of those heads``."""
     i_mlp = index.mlp_sender[layer]
     ex_m = excluded[:i_mlp, index.mlp_receiver[layer]]
     any_ex = bool(ex_m.any())
     edit = bk.mlp_input_edit(layer) if any_ex else None
-    plan = Exclusion(ex_m[:, None])
-    read = lambda: buf.read(state[bk.mlp_in_resid(layer)], plan)[:, :, 0]  # noqa: E731
+    if inputs is not None and inputs.mlp_col is not None:
+        late = ex_m.clone()
+        late[: index.head_sender[layer].start] = False  # in the partial sum already
+        plan = Exclusion(late[:, None])
+        heads = bool(late.any())
+
+        def read() -> Tensor:
+            partial, inputs.mlp_partial = inputs.mlp_partial, None
+            assert partial is not None, "the layer's q/k/v hooks ran first"
+            resid = state[bk.mlp_in_resid(layer)]
+            if resid is not state[bk.resid_pre(layer)]:
+                partial += resid - state[bk.resid_pre(layer)]
+            return buf.read(partial, plan)[:, :, 0] if heads else partial
+
+    else:
+        plan = Exclusion(ex_m[:, None])
+        read = lambda: buf.read(state[bk.mlp_in_resid(layer)], plan)[:, :, 0]  # noqa: E731
 
     def hook(act: Tensor, hook: Any) -> Tensor:
         if edit is None and any_ex:
