@@ -183,9 +183,7 @@ class Runs:
         rows run through attention (its scores grow with the square of the sequence); a
         ``readout`` of a plain function metric adds full-vocabulary logits per row.
         """
-        extra = 0
-        if readout is not None and not isinstance(readout.metric, Metric):
-            extra = 2 * self.batch * self.n_pos * self.bk.dims.d_vocab * self.bk.dtype.itemsize
+        extra = 0 if readout is None else readout.bytes_per_row()
         return rows_per_chunk(
             self.bk, self.memory_budget, n_rows, self.batch, self.n_pos, n_tok, attention, extra
         )
@@ -400,7 +398,7 @@ class Readout:
         )
         cols = read.any(0).any(0).nonzero().flatten()
         kept = (self.idx, self.tokens)
-        for tokens in ((cols, None) if len(cols) < logits.shape[-1] else (None,)):
+        for tokens in (cols, None) if len(cols) < logits.shape[-1] else (None,):
             self.idx, self.tokens, self.probed = idx.to(self.bk.device), tokens, True
             try:
                 values = self.from_logits(self._select(logits))
@@ -415,6 +413,19 @@ class Readout:
                     self.compact = False
                 return
         (self.idx, self.tokens), self.probed = kept, False
+
+    def bytes_per_row(self) -> int:
+        """Memory one row of runs costs at the readout beyond its final residual stream: the
+        logits it unembeds (a plain function metric's full-shaped tensor is built in pieces of
+        at most :attr:`PIECE_BYTES`, whatever the number of rows)."""
+        if isinstance(self.metric, Metric) or (self.probed and self.tokens is not None):
+            return 0  # a few vocabulary columns at the read positions
+        per_pos = 2 * self.batch * self.bk.dims.d_vocab * self.bk.dtype.itemsize
+        return per_pos * (self.idx.shape[1] if self.probed else self.n_pos)
+
+    PIECE_BYTES = 64 << 20
+    """The most memory a full-shaped logits tensor for a probed plain function metric takes
+    at once: rows beyond it are given to the function in pieces."""
 
     def _select(self, logits: Float[Tensor, "*lead batch pos vocab"]) -> Tensor:
         """The logits at the read positions and columns (as :meth:`__call__` computes them)."""
@@ -467,8 +478,17 @@ class Readout:
             return self._checked(self.metric.reduce(logits), logits.shape[:-2])
         if not self.probed:
             return self._generic(logits)
+        lead = logits.shape[:-3]
+        flat = logits.reshape(-1, *logits.shape[-3:])
+        per_row = self.batch * (logits.shape[-2] if self.compact else self.n_pos)
+        step = max(1, self.PIECE_BYTES // (per_row * self.bk.dims.d_vocab * logits.element_size()))
         try:
-            return self._generic(self._full(logits))
+            if not lead or flat.shape[0] <= step:
+                return self._generic(self._full(logits))
+            pieces = [
+                self._generic(self._full(flat[i : i + step])) for i in range(0, len(flat), step)
+            ]
+            return torch.cat(pieces).reshape(*lead, self.batch)
         except ApexlensError as err:
             if "NaN" not in str(err):
                 raise

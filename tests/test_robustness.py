@@ -357,3 +357,48 @@ def test_index_on_gives_slices_or_one_cached_tensor():
     x = torch.arange(24.0).reshape(6, 4)
     for rows in ([0, 2, 5], [5, 4], [1, 2, 3], [2]):
         assert torch.equal(x[index_on(rows, cpu)], x[rows])
+
+
+def test_plain_metric_rows_run_together_and_its_logits_are_built_in_pieces(monkeypatch):
+    """A probed plain metric that reads a few columns is charged what it reads, not
+    full-vocabulary logits per row: it ran one row (sender) per chunk where the declared
+    metric ran all of them (10x slower on a Llama-shaped model). The full-shaped logits it
+    is given are built a few rows at a time, with the declared metric's numbers."""
+    from apexlens.runs import Readout
+
+    model = random_model(8, d_vocab=2000)
+    clean, corrupted = random_tokens(model, batch=3, n_pos=6)
+    metric = _metric(model, clean)
+    a, w = metric.answer, metric.wrong
+    lead_rows: list[int] = []
+
+    def plain(logits):
+        if logits.ndim == 4:
+            lead_rows.append(logits.shape[0])
+        last = logits[..., -1, :]
+        lead = last.shape[:-2]
+        return last.gather(-1, a.expand(*lead, -1)[..., None])[..., 0] - last.gather(
+            -1, w.expand(*lead, -1)[..., None]
+        )[..., 0]
+
+    def absolute(logits):  # needs the full shape (compact=False)
+        return logits[..., 5, :].log_softmax(-1)[..., 2]
+
+    declared = apexlens.Experiment(model, clean, corrupted, metric=metric, memory_budget=1 << 20)
+    probed = apexlens.Experiment(model, clean, corrupted, metric=plain, memory_budget=1 << 20)
+    n = len(declared.nodes("all-heads"))
+    assert declared.runs.rows_per_chunk(n, 3, False, declared.readout) == n
+    assert probed.readout.probed and probed.runs.rows_per_chunk(n, 3, False, probed.readout) == n
+
+    piece = 2 * 3 * 1 * 2000 * 8  # two rows of [batch, 1, vocab] float64 logits
+    monkeypatch.setattr(Readout, "PIECE_BYTES", piece)
+    ref = declared.path_patch("all-heads", "logits").per_example
+    got = probed.path_patch("all-heads", "logits").per_example
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
+    assert lead_rows and max(lead_rows) == 2 and sum(lead_rows) >= n
+
+    exp = apexlens.Experiment(model, clean, corrupted, metric=absolute, memory_budget=1 << 20)
+    assert exp.readout.probed and not exp.readout.compact
+    monkeypatch.setattr(Readout, "PIECE_BYTES", 3 * 3 * 6 * 2000 * 8)  # three rows, full shape
+    naive = naive_path_patch(model, clean, corrupted, senders="all-heads", metric=absolute)
+    torch.testing.assert_close(exp.path_patch("all-heads", "logits").per_example, naive, atol=1e-10, rtol=0)
