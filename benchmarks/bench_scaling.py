@@ -1,8 +1,9 @@
 """How the cost of exact path patching and circuit evaluation scales with the work.
 
-For each model shape and (batch, sequence) cell, measured side by side in one run:
+For each model shape and (batch, sequence) cell, measured side by side in one run (each ratio
+over a plain forward timed right before and right after it):
 
-* ``fwd``: one plain forward pass (logits), the unit;
+* ``fwd``: one plain forward pass (logits), the unit (the median of those timings);
 * ``heads->logits / 2 fwd``: ``path_patch(all heads -> logits)`` from scratch (its clean and
   corrupted runs included) over two plain forwards;
 * ``flops``: the same ratio in FLOPs for any exact method: the two runs without the
@@ -14,11 +15,15 @@ For each model shape and (batch, sequence) cell, measured side by side in one ru
   (``fwd GF/s``, with TransformerLens' unfused ops), so the measured time ratio can be below it;
 * ``frozen``: heads->logits with ``mlps="frozen"`` (direct paths only: no sender passes
   through later MLPs, so no per-sender work beyond a projection), over two forwards;
-* ``circuit warm / fwd``: one circuit hypothesis (a seeded random half of all edges) on cached runs over one
-  forward; ``cold``: the same from scratch (clean + corrupted runs included: >= 3 forwards);
-* ``mem``: peak extra memory of the warm circuit evaluation over a plain ``run_with_cache``.
+* ``circuit warm / fwd``: one circuit hypothesis (a seeded random half of all edges) on an
+  ``Experiment``'s cached runs, after a first one (which builds the edge index and, on the
+  CPU, the working memory later hypotheses reuse), over one forward; ``cold``: one
+  top-level ``evaluate_circuit`` call from scratch (clean + corrupted runs, edge index and
+  fresh memory included);
+* ``mem``: peak extra memory of the first circuit on cached runs (its working memory
+  included) over a plain ``run_with_cache`` of the same batch.
 
-    python benchmarks/bench_scaling.py            # the default grid (~10 minutes on 2 cores)
+    python benchmarks/bench_scaling.py            # the default grid (~20 minutes on 2 cores)
     python benchmarks/bench_scaling.py --full     # also batch 128 x 256 (an hour on a CPU)
     python benchmarks/bench_scaling.py --device cuda --full   # on a GPU (memory: CUDA peak)
 """
@@ -132,39 +137,52 @@ def cell(shape: str, batch: int, n_pos: int) -> dict[str, float]:
     model = build(shape)
     clean, corrupted, metric = data(batch, n_pos)
     repeat = 3 if DEVICE.startswith("cuda") else 1
-    with torch.no_grad():
-        model(clean)
-        t_fwd = timed(lambda: model(clean), repeat=2 * repeat)
+    fwds: list[float] = []
+
+    def forward() -> float:
+        with torch.no_grad():
+            t = timed(lambda: model(clean), repeat)
+        fwds.append(t)
+        return t
+
+    def vs_forward(fn: Callable[[], Any]) -> float:
+        """``fn``'s time over a plain forward's, the forward timed right before and right
+        after it (the machine's speed drifts by 15% over minutes; side by side, it cancels)."""
+        before = forward()
+        t = timed(fn, repeat)
+        return t / ((before + forward()) / 2)
 
     def heads_to_logits(mlps: str) -> Any:
         return apexlens.path_patch(
             model, clean, corrupted, senders="all-heads", metric=metric, mlps=mlps
         )
 
+    forward()  # warm-up
     if repeat > 1:  # warm-up (CUDA kernels, allocator)
         heads_to_logits("live")
-    t_hl = timed(lambda: heads_to_logits("live"), repeat)
-    t_frozen = timed(lambda: heads_to_logits("frozen"), repeat)
+    hl = vs_forward(lambda: heads_to_logits("live")) / 2
+    frozen = vs_forward(lambda: heads_to_logits("frozen")) / 2
     half = random_half(model)
-    sync()
-    t0 = time.perf_counter()
+    # cold: one top-level call, everything from scratch (runs, edge index, fresh memory)
+    cold = vs_forward(
+        lambda: apexlens.evaluate_circuit(model, clean, corrupted, half, metric=metric)
+    )
     exp = apexlens.Experiment(model, clean, corrupted, metric=metric)
-    sync()
-    t_runs = time.perf_counter() - t0
-    exp.evaluate_circuit(half[:1])  # builds the edge index once per Experiment
-    t_warm = timed(lambda: exp.evaluate_circuit(half), repeat)
+    exp.evaluate_circuit(half)  # the first hypothesis builds the edge index and working memory
+    warm = vs_forward(lambda: exp.evaluate_circuit(half))  # every later one costs this
+    t_fwd = statistics.median(fwds[1:])
     mem = float("nan")
     if DEVICE.startswith("cuda"):  # peak CUDA memory: circuit over run_with_cache, both warm
         mem = cuda_memory(model, clean, lambda: exp.evaluate_circuit(half))
     return {
-        "frozen_vs_2fwd": t_frozen / (2 * t_fwd),
+        "frozen_vs_2fwd": frozen,
         "mem_vs_cache": mem,
         "fwd_s": t_fwd,
-        "hl_vs_2fwd": t_hl / (2 * t_fwd),
+        "hl_vs_2fwd": hl,
         "floor": flop_floor(shape, n_pos),
         "fwd_gflops": forward_flops(shape, batch, n_pos) / t_fwd / 1e9,
-        "circuit_warm_vs_fwd": t_warm / t_fwd,
-        "circuit_cold_vs_fwd": (t_runs + t_warm) / t_fwd,
+        "circuit_warm_vs_fwd": warm,
+        "circuit_cold_vs_fwd": cold,
     }
 
 
