@@ -68,7 +68,13 @@ class Experiment:
     Built-in :mod:`apexlens.scoring` metrics declare what they read and run fastest; any
     other callable is called on many runs at once (``[runs, batch, pos, vocab]``) when it
     gives the same values that way -- index with ``...`` (``logits[..., -1, :]``) and it
-    will -- else one run at a time.
+    will -- else one run at a time. On the clean run it is probed for the positions and
+    vocabulary columns it reads (verified: with NaN everywhere else it gives the same
+    values); only those logits are computed from then on (:class:`apexlens.runs.Readout`).
+
+    ``memory_budget`` (bytes) bounds a call's working memory beyond the cached runs; the
+    default is half of what a ``run_with_cache`` of the batch holds, up to three quarters
+    for small batches (:func:`apexlens.runs.default_budget`).
 
     Longer than most classes on purpose: it is the façade, one short method per question
     (path patching, activation patching, circuits), each delegating to its engine.
