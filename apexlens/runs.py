@@ -181,7 +181,7 @@ class Runs:
 
         ``n_tok`` is the number of token positions a row carries; ``attention`` whether the
         rows run through attention (its scores grow with the square of the sequence); a
-        ``readout`` of a plain function metric adds full-vocabulary logits per row.
+        ``readout`` adds the logits it computes per row (:meth:`Readout.bytes_per_row`).
         """
         extra = 0 if readout is None else readout.bytes_per_row()
         return rows_per_chunk(
@@ -490,9 +490,7 @@ class Readout:
         try:
             if not lead or flat.shape[0] <= step:
                 return self._generic(self._full(logits))
-            pieces = [
-                self._generic(self._full(flat[i : i + step])) for i in range(0, len(flat), step)
-            ]
+            pieces = [self._generic(self._full(piece)) for piece in flat.split(step)]
             return torch.cat(pieces).reshape(*lead, self.batch)
         except ApexlensError as err:
             if "NaN" not in str(err):
