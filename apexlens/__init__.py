@@ -1,48 +1,43 @@
-"""apexlens: exact, fast path patching and APEX activation-noise probing for TransformerLens.
+"""apexlens: exact, fast path patching, circuits and APEX activation-noise probing for
+TransformerLens.
 
-Public API (one screen):
+The public API, one screen (layers, lowest first: ``errors`` -> ``model/`` -> ``vocab/`` ->
+``scoring`` -> ``runs/`` -> ``engines/`` -> ``results/`` -> ``api/`` -> ``ui/``, ``toys/``):
 
-* where      -- node vocabulary ``"embed"``, ``"9.9"``, ``"9.9.q"``, ``"m3"``, ``"r5"``,
-                ``"logits"`` (:mod:`apexlens.graph`), also the APEX noise sites
-* questions  -- :func:`path_patch`, :func:`act_patch`, :func:`evaluate_circuit`,
-                :class:`Experiment` (many questions on one cached clean/corrupted pair),
-                :func:`patched` (any forward pass under :class:`Paths` or a :class:`Circuit`),
-                :func:`apex` (APEX noise sweeps), :func:`noise_hooks`
-* answers    -- :class:`PathPatchResult`, :class:`ActPatchResult`, :class:`CircuitResult`,
-                :class:`ApexResult`: ``to_frame()`` / ``summary()`` DataFrames
-* scoring    -- :class:`LogitDiff`, :class:`LogitDiffRecovery`, :class:`KLDivergence`,
-                :class:`AnswerProb`, :class:`AnswerLogProb`, :class:`Scores`
+* where      -- nodes ``"embed"``, ``"9.9"``, ``"9.9.q"``, ``"m3"``, ``"r5"``, ``"logits"``,
+                positions ``"@-1"``, ``"@end"``, edges, noise sites, features
+                (:mod:`apexlens.vocab`): :class:`Node`, :func:`parse_node`, :func:`full_graph`
+* questions  -- :class:`Experiment` (one cached clean/corrupted pair, every question a method)
+                and one-shot :func:`path_patch`, :func:`act_patch`, :func:`evaluate_circuit`,
+                :func:`attribute_edges`, :func:`faithfulness`, :func:`discover`;
+                :func:`patched` (any forward pass under :class:`Paths` or a :class:`Circuit`)
+* probes     -- :func:`apex`, :func:`noise_hooks` (APEX noise); :func:`visualize`,
+                :func:`top_examples`, :func:`fv_check`, :func:`feature_values` (features)
+* answers    -- results with ``to_frame()`` / ``summary()`` / ``save()``; :func:`load_result`
+* scoring    -- :class:`LogitDiff`, :class:`KLDivergence`, :class:`AnswerProb`, ... :class:`Scores`
 * models     -- :func:`load_model` (shipped toy models offline, or any TL pretrained name),
-                :func:`random_gpt2_small`, :func:`to_bridge`; tasks: :func:`get_task`
-* plotting   -- plotly figures for every result (:mod:`apexlens.plotting`)
-* self-check -- :func:`check` (does apexlens compute this model exactly? ``.ok``)
-* discovery  -- :func:`attribute_edges` (exact / EAP / EAP-IG edge scores, :class:`EdgeScores`),
-                :func:`faithfulness` (MIB curve, CPR, CMD), :func:`edge_auc`, :func:`discover`
-                (greedy exact pruning, :class:`DiscoveryResult`)
-* features   -- :func:`visualize` (feature visualization of a neuron, head, direction, logit),
-                :func:`top_examples` (natural top-activating inputs), :func:`fv_check` (is the
-                visualization manipulated? :class:`FVCheck`), :func:`feature_values`
+                :func:`random_gpt2_small`, :func:`to_bridge`, :func:`get_task`, :func:`check`
+* figures    -- :mod:`apexlens.plotting`, :mod:`apexlens.plotting_discovery`,
+                :mod:`apexlens.plotting_fv` (plotly), the HTML report, the command line
 * errors     -- one type, :class:`ApexlensError`, whose message names the fix
 """
 
-from apexlens import graph, scoring
-from apexlens.bridge import to_bridge
-from apexlens.check import CheckResult, check
-from apexlens.discovery import attribute_edges, discover, faithfulness
-from apexlens.errors import ApexlensError
-from apexlens.experiment import (
-    Circuit,
-    Experiment,
-    Paths,
+from apexlens import _compat
+from apexlens.api.apex import apex, noise_hooks
+from apexlens.api.check import CheckResult, check
+from apexlens.api.experiment import Experiment
+from apexlens.api.features import feature_values, fv_check, top_examples, visualize
+from apexlens.api.functions import (
     act_patch,
+    attribute_edges,
+    discover,
     evaluate_circuit,
-    patched,
+    faithfulness,
     path_patch,
 )
-from apexlens.features import feature_values, parse_feature
-from apexlens.graph import Node, all_heads, all_mlps, full_graph, heads_of_layer, parse_node
-from apexlens.models import list_models, load_model, model_info, random_gpt2_small
-from apexlens.noise import apex, noise_hooks
+from apexlens.api.patched import patched
+from apexlens.errors import ApexlensError
+from apexlens.model.convert import to_bridge
 from apexlens.results import (
     MIB_FRACTIONS,
     ActPatchResult,
@@ -58,6 +53,7 @@ from apexlens.results import (
     PathPatchResult,
     compare,
     edge_auc,
+    load_result,
 )
 from apexlens.scoring import (
     AnswerLogProb,
@@ -69,68 +65,90 @@ from apexlens.scoring import (
     Scores,
     scores_frame,
 )
-from apexlens.tasks import get_task
-from apexlens.tasks.base import Task, TaskBatch
-from apexlens.visualize import fv_check, top_examples, visualize
+from apexlens.toys.models import list_models, load_model, model_info, random_gpt2_small
+from apexlens.toys.tasks import Task, TaskBatch, get_task
+from apexlens.vocab import (
+    Circuit,
+    Node,
+    Paths,
+    all_heads,
+    all_mlps,
+    full_graph,
+    heads_of_layer,
+    parse_feature,
+    parse_node,
+)
+
+_compat.install()
 
 __all__ = [
-    "list_models",
-    "load_model",
-    "model_info",
-    "random_gpt2_small",
-    "get_task",
-    "graph",
-    "scoring",
-    "Circuit",
-    "CircuitResult",
-    "Paths",
-    "evaluate_circuit",
-    "patched",
-    "Node",
-    "all_heads",
-    "all_mlps",
-    "full_graph",
-    "heads_of_layer",
-    "parse_node",
-    "Experiment",
-    "PathPatchResult",
+    "MIB_FRACTIONS",
     "ActPatchResult",
-    "act_patch",
-    "path_patch",
     "AnswerLogProb",
     "AnswerProb",
+    "ApexResult",
+    "ApexlensError",
+    "CheckResult",
+    "Circuit",
+    "CircuitResult",
+    "DiscoveryResult",
+    "EdgeAudit",
+    "EdgeScores",
+    "Experiment",
+    "FVCheck",
+    "FaithfulnessResult",
+    "FeatureVisualization",
     "KLDivergence",
     "LogitDiff",
     "LogitDiffRecovery",
     "Metric",
+    "NaturalExamples",
+    "Node",
+    "PathPatchResult",
+    "Paths",
     "Scores",
-    "scores_frame",
-    "ApexlensError",
     "Task",
     "TaskBatch",
-    "ApexResult",
+    "act_patch",
+    "all_heads",
+    "all_mlps",
     "apex",
-    "compare",
-    "noise_hooks",
-    "to_bridge",
-    "check",
-    "CheckResult",
     "attribute_edges",
+    "check",
+    "compare",
     "discover",
-    "faithfulness",
     "edge_auc",
-    "EdgeScores",
-    "EdgeAudit",
-    "FaithfulnessResult",
-    "DiscoveryResult",
-    "MIB_FRACTIONS",
-    "visualize",
-    "top_examples",
-    "fv_check",
+    "evaluate_circuit",
+    "faithfulness",
     "feature_values",
+    "full_graph",
+    "fv_check",
+    "get_task",
+    "heads_of_layer",
+    "list_models",
+    "load_model",
+    "load_result",
+    "model_info",
+    "noise_hooks",
     "parse_feature",
-    "FeatureVisualization",
-    "NaturalExamples",
-    "FVCheck",
+    "parse_node",
+    "patched",
+    "path_patch",
+    "random_gpt2_small",
+    "scores_frame",
+    "to_bridge",
+    "top_examples",
+    "visualize",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """Submodules by their public names, imported when first used: ``apexlens.plotting``,
+    ``apexlens.plotting_discovery``, ``apexlens.plotting_fv``, ``apexlens.graph`` (the
+    vocabulary), ``apexlens.scoring``, ``apexlens.reference``, ``apexlens.tasks``..."""
+    if name in _compat.ALIASES or name in ("scoring", "reference"):
+        import importlib
+
+        return importlib.import_module(f"apexlens.{name}")
+    raise AttributeError(f"module 'apexlens' has no attribute {name!r}")

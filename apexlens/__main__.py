@@ -1,3 +1,3 @@
-from apexlens.cli import main
+from apexlens.ui.cli import main
 
 raise SystemExit(main())

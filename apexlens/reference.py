@@ -32,9 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from apexlens.backend import backend_for
 from apexlens.errors import ApexlensError
-from apexlens.graph import (
+from apexlens.model import backend_for
+from apexlens.model.hooks import HookFn, inference_mode
+from apexlens.vocab import (
     Node,
     NodeSpec,
     as_receivers,
@@ -43,7 +44,6 @@ from apexlens.graph import (
     parse_nodes,
     position_mask,
 )
-from apexlens.hooks import HookFn, inference_mode
 
 
 def ungrouped_copy(model: Any) -> Any:

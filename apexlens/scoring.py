@@ -25,7 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from apexlens.errors import ApexlensError
-from apexlens.graph import position_index
+from apexlens.vocab import position_index
 
 Positions = int | Sequence[int] | Tensor | None
 

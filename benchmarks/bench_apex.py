@@ -81,11 +81,11 @@ def _gpt2_small_state_dict(seed: int) -> dict[str, torch.Tensor]:
 def gpt2_small_random(seed: int = 0, device: str = "cpu", backend: str = "hooked") -> Any:
     """A random-init model of GPT-2 small's shape (no download), as either TL model class."""
     if backend == "bridge":
-        from apexlens.bridge import to_bridge
+        from apexlens.model.convert import to_bridge
 
         return to_bridge(GPT2_SMALL, _gpt2_small_state_dict(seed), device=device)
     try:
-        from apexlens.models import random_gpt2_small  # type: ignore[attr-defined]
+        from apexlens.toys.models import random_gpt2_small  # type: ignore[attr-defined]
 
         return random_gpt2_small(seed=seed).to(device)
     except (ImportError, AttributeError, TypeError):
@@ -101,7 +101,7 @@ def run_loop(
     model: Any, tokens: torch.Tensor, sigmas: list[float], n_draws: int, site: str, seed: int
 ) -> torch.Tensor:
     """The per-draw loop of :func:`apexlens.reference.naive_apex` (one forward per draw)."""
-    from apexlens.noise import resolve_sites
+    from apexlens.api.apex import resolve_sites
     from apexlens.reference import naive_apex
 
     preds, _ = naive_apex(model, tokens, sigmas, n_draws, resolve_sites(model, site), seed=seed)

@@ -33,7 +33,7 @@ BUDGET = 2 * 2**30
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     import apexlens
-    from apexlens.discovery import attribute_edges, discover, faithfulness
+    from apexlens.api.functions import attribute_edges, discover, faithfulness
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--full", action="store_true", help="exact scores on every edge")

@@ -28,7 +28,7 @@ RECEIVERS_HH = ["9.9.q", "9.6.q", "10.0.q"]
 
 
 def gpt2_shaped(seed: int = 0) -> Any:
-    from apexlens.models import random_gpt2_small
+    from apexlens.toys.models import random_gpt2_small
 
     return random_gpt2_small(seed=seed)
 
@@ -90,7 +90,7 @@ def speed(quick: bool, backend: str = "hooked", arch: str = "gpt2") -> dict[str,
 
     model = ARCHS[arch]()
     if backend == "bridge":
-        from apexlens.bridge import to_bridge
+        from apexlens.model.convert import to_bridge
 
         model = to_bridge(model)
     clean, corrupted, metric = data(model)

@@ -38,7 +38,7 @@ PATHS = [
     new_code_cell(
         QUIET_TQDM + "import plotly.io as pio\n"
         "import apexlens\n"
-        "from apexlens import plotting\n\n"
+        "from apexlens.ui import plotting\n\n"
         'pio.renderers.default = "plotly_mimetype+notebook"\n'
         'model = apexlens.load_model("induction-2l")\n'
         'batch = apexlens.get_task("induction").batch(16, seed=0)\n'
@@ -166,7 +166,7 @@ APEX = [
         "import plotly.express as px\n"
         "import plotly.io as pio\n"
         "import apexlens\n"
-        "from apexlens import plotting\n\n"
+        "from apexlens.ui import plotting\n\n"
         'pio.renderers.default = "plotly_mimetype+notebook"\n'
         'task = apexlens.get_task("backdoor")\n'
         "tokens = task.batch(64, seed=0).clean_tokens  # no trigger anywhere\n"
@@ -247,7 +247,7 @@ DISCOVERY = [
     new_code_cell(
         QUIET_TQDM + "import plotly.io as pio\n"
         "import apexlens\n"
-        "from apexlens import plotting_discovery as pdisc\n\n"
+        "from apexlens.ui import plotting_discovery as pdisc\n\n"
         'pio.renderers.default = "plotly_mimetype+notebook"\n'
         'model = apexlens.load_model("induction-2l")\n'
         'batch = apexlens.get_task("induction").batch(32, seed=0)\n'
@@ -321,7 +321,7 @@ FEATURES = [
         QUIET_TQDM + "import plotly.io as pio\n"
         "import torch\n"
         "import apexlens\n"
-        "from apexlens.plotting_fv import fv_check_figure, fv_trajectory\n\n"
+        "from apexlens.ui.plotting_fv import fv_check_figure, fv_trajectory\n\n"
         'pio.renderers.default = "plotly_mimetype+notebook"\n'
         'task = apexlens.get_task("modadd")\n'
         "natural = torch.unique(task.batch(512, seed=0).clean_tokens, dim=0)  # natural prompts\n"

@@ -122,7 +122,7 @@ def build(cfg: dict[str, Any], state_dict: dict[str, Tensor], backend: str) -> A
     in eval mode, in the state dict's dtype."""
     dtype = next(iter(state_dict.values())).dtype
     if backend == "bridge":
-        from apexlens.bridge import to_bridge
+        from apexlens.model.convert import to_bridge
 
         return to_bridge(cfg, state_dict, dtype=dtype)
     if backend != "hooked":

@@ -58,7 +58,7 @@ def toy_model_factory() -> Callable[..., Any]:
     cache: dict[tuple[str, str, torch.dtype], Any] = {}
 
     def factory(name: str, backend: str | None = None, dtype: torch.dtype = torch.float32) -> Any:
-        from apexlens.models import load_model
+        from apexlens.toys.models import load_model
 
         key = (name, backend or default_backend(), dtype)
         if key not in cache:
@@ -73,6 +73,6 @@ def gpt2_tokenizer() -> Any:
     """GPT-2's real tokenizer, built offline from tests/data/gpt2-tokenizer (BPE files + LICENSE)."""
     from pathlib import Path
 
-    from apexlens.tokenizer import gpt2_tokenizer as build
+    from apexlens.toys.tokenizer import gpt2_tokenizer as build
 
     return build(Path(__file__).parent / "data" / "gpt2-tokenizer")

@@ -18,7 +18,7 @@ Engines (:func:`check_engines`): path patching to logits (live and frozen MLPs),
 frozen), a multi-hop path through a key input; activation patching; APEX; circuits (full,
 empty, and full-minus-one-edge == the naive frozen path patch of that edge, both for one
 query head's key and for a whole KV head); ``apexlens.patched`` with Paths and a Circuit;
-and :func:`apexlens.check`. Tolerance 1e-9, except two bridges whose Hugging Face modules
+and :func:`apexlens.api.check`. Tolerance 1e-9, except two bridges whose Hugging Face modules
 compute parts in float32 even in a float64 model, so that the engine and the loop, reaching
 the same activation by different sums, can differ by float32 rounding: GPT-NeoX (1e-8; TL's
 NeoX bridge computes its rotary embedding in float32, its forward differs from the HF model
@@ -38,7 +38,7 @@ import pytest
 import torch
 
 import apexlens
-from apexlens.graph import full_graph
+from apexlens.vocab import full_graph
 from apexlens.reference import naive_act_patch, naive_apex, naive_path_patch
 from apexlens.scoring import LogitDiff
 
@@ -232,7 +232,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor, LogitDiff]:
 # ---------------------------------------------------------------------------- the matrix
 def check_engines(model: Any, tol: float, ungrouped: Any = None) -> None:
     clean, corrupted, metric = data()
-    bk = apexlens.backend.backend_for(model)
+    bk = apexlens.model.backend_for(model)
     grouped = bk.dims.group > 1
     result = apexlens.check(model, clean)
     assert result.ok, result.first_failure
@@ -303,7 +303,7 @@ def check_engines(model: Any, tol: float, ungrouped: Any = None) -> None:
 
 def _edges(exp: Any, s: str, r: str) -> list[tuple[Any, Any]]:
     """The query-head edges an edge stands for (a KV head: every query head of its group)."""
-    from apexlens.graph import parse_node
+    from apexlens.vocab import parse_node
 
     node = parse_node(r)
     if node.kind != "kv":
@@ -343,7 +343,7 @@ def test_to_bridge_native_model():
 def test_to_bridge_gated_mlp_and_what_it_refuses():
     """to_bridge maps gated MLPs (the native bridge's has no biases: zero ones are dropped,
     others refused by name); rotary and grouped-query attention are refused by name."""
-    from apexlens.bridge import to_bridge
+    from apexlens.model.convert import to_bridge
 
     from backends import random_state_dict
 
@@ -405,7 +405,7 @@ def test_grouped_query_reference_is_an_ungrouped_copy_and_leaves_the_model_alone
 
 
 def test_kv_head_spelling():
-    from apexlens.graph import parse_node
+    from apexlens.vocab import parse_node
 
     assert str(parse_node("2.kv1.k")) == "2.kv1.k"
     with pytest.raises(apexlens.ApexlensError, match="a KV head has no query input"):

@@ -9,8 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apexlens.backend import ApexlensError, Backend, backend_for
-from apexlens.bridge import BridgeBackend, convert_hooked_state_dict, is_bridge, to_bridge
+from apexlens.errors import ApexlensError
+from apexlens.model import backend_for
+from apexlens.model.bridged import BridgeAdapter
+from apexlens.model.convert import convert_hooked_state_dict, is_bridge, to_bridge
+from apexlens.model.hooked import HookedAdapter
 
 from backends import (
     HAS_HOOKED,
@@ -154,10 +157,21 @@ def test_a_bridge_without_compatibility_mode_is_used_as_it_is():
         )
     )
     before = getattr(raw, "compatibility_mode", False)
-    assert isinstance(backend_for(raw), BridgeBackend)
+    assert isinstance(backend_for(raw).adapter, BridgeAdapter)
     result = apexlens.check(raw, torch.tensor([[1, 2, 3, 4]]))
     assert result.ok, result.first_failure
     assert getattr(raw, "compatibility_mode", False) == before
+
+
+def stacked_weight(bk, name: str) -> torch.Tensor:
+    """A Backend's per-layer attention weight ``name`` (``W_Q``, ``b_O``, ...) stacked over layers."""
+    if name in ("W_U", "b_U"):
+        return getattr(bk, name)
+    if name[-1] == "O":
+        per_layer = bk.W_O_stacked if name[0] == "W" else bk.b_O_stacked
+    else:
+        per_layer = (bk.W_in if name[0] == "W" else bk.b_in)(name[-1].lower())
+    return torch.stack(list(per_layer))
 
 
 # ------------------------------------------------------------------ BridgeBackend
@@ -184,7 +198,7 @@ def test_bridge_backend_pieces_agree_with_its_own_forward(bridge64):
     """Every Backend method on a bridge against the bridge's forward pass and the state dict."""
     model, sd, toks = bridge64
     bk = backend_for(model)
-    assert type(bk) is BridgeBackend
+    assert type(bk.adapter) is BridgeAdapter
     n = bk.dims.n_layers
     assert (
         bk.dims.n_heads,
@@ -204,10 +218,10 @@ def test_bridge_backend_pieces_agree_with_its_own_forward(bridge64):
     # weights are the state dict's, in HookedTransformer layout
     for w in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"):
         stacked = torch.stack([sd[f"blocks.{L}.attn.{w}"] for L in range(n)])
-        torch.testing.assert_close(getattr(bk, w), stacked, atol=0, rtol=0)
+        torch.testing.assert_close(stacked_weight(bk, w), stacked, atol=0, rtol=0)
     torch.testing.assert_close(bk.W_U, sd["unembed.W_U"], atol=0, rtol=0)
     torch.testing.assert_close(bk.b_U, sd["unembed.b_U"], atol=0, rtol=0)
-    assert bk.dtype == torch.float64 and not bk.W_Q.requires_grad
+    assert bk.dtype == torch.float64 and not bk.W_in("q")[0].requires_grad
     tol = dict(atol=1e-12, rtol=0)
     for L in range(n):
         if L + 1 < n:
@@ -218,7 +232,7 @@ def test_bridge_backend_pieces_agree_with_its_own_forward(bridge64):
         torch.testing.assert_close(
             c[bk.resid_mid(L)] + c[bk.mlp_out(L)], c[bk.resid_post(L)], **tol
         )
-        head_out = torch.einsum("bphd,hdm->bpm", c[bk.z(L)], bk.W_O[L]) + sd[f"blocks.{L}.attn.b_O"]
+        head_out = torch.einsum("bphd,hdm->bpm", c[bk.z(L)], bk.W_O_stacked[L]) + sd[f"blocks.{L}.attn.b_O"]
         torch.testing.assert_close(head_out, c[bk.attn_out(L)], **tol)
         for ch in "qkv":
             torch.testing.assert_close(
@@ -265,7 +279,8 @@ def test_bridge_backend_equals_hooked_backend(name):
     cfg = CONFIGS[name]
     sd = random_state_dict(cfg, 1)
     hb, bb = backend_for(build(cfg, sd, "hooked")), backend_for(build(cfg, sd, "bridge"))
-    assert type(hb) is Backend and type(bb) is BridgeBackend and hb.dims == bb.dims
+    assert type(hb.adapter) is HookedAdapter and type(bb.adapter) is BridgeAdapter
+    assert hb.dims == bb.dims
     n, toks, tol = hb.dims.n_layers, tokens(cfg), dict(atol=1e-11, rtol=0)
     names = [
         x for x in NAMES(hb, n) if hb.dims.has_mlps or ("resid_mid" not in x and "mlp" not in x)
@@ -277,7 +292,7 @@ def test_bridge_backend_equals_hooked_backend(name):
     for k in names:
         torch.testing.assert_close(cb[k], ch[k], **tol)
     for w in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "W_U", "b_U"):
-        torch.testing.assert_close(getattr(bb, w), getattr(hb, w).detach(), atol=0, rtol=0)
+        torch.testing.assert_close(stacked_weight(bb, w), stacked_weight(hb, w), atol=0, rtol=0)
     fh, _ = hb.run_with_cache(toks, [], logits=False)
     fb, _ = bb.run_with_cache(toks, [], logits=False)
     torch.testing.assert_close(fb, fh, **tol)
@@ -465,7 +480,7 @@ def test_bridge_backend_on_a_hugging_face_gpt2(processed):
         close(bk.run_layers(c[bk.resid_pre(L)], L, L + 1), c[bk.resid_post(L)])
         close(bk.mlp_from_resid(L, c[bk.resid_mid(L)]), c[bk.mlp_out(L)])
         close(c[bk.resid_pre(L)] + c[bk.attn_out(L)], c[bk.resid_mid(L)])
-        head_out = torch.einsum("bphd,hdm->bpm", c[bk.z(L)], bk.W_O[L]) + bk.model.b_O[L].detach()
+        head_out = torch.einsum("bphd,hdm->bpm", c[bk.z(L)], bk.W_O_stacked[L]) + bk.model.b_O[L].detach()
         close(head_out, c[bk.attn_out(L)])
         for ch in "qkv":
             close(bk.head_input(L, ch, c[bk.resid_pre(L)]), c[bk.qkv(L, ch)])
@@ -482,7 +497,7 @@ def test_bridge_backend_on_a_hugging_face_gpt2(processed):
 def test_shipped_toy_models_as_bridges(toy_model_factory, dtype):
     """Every shipped model loads as a bridge computing its saved weights' function (and, on
     TL 3.9, the HookedTransformer's logits)."""
-    from apexlens.models import list_models, toy_state
+    from apexlens.toys.models import list_models, toy_state
 
     names = list_models()
     assert names, "no shipped toy models found"

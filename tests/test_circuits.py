@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import apexlens
-from apexlens.graph import full_graph
+from apexlens.vocab import full_graph
 from apexlens.scoring import LogitDiff
 
 from backends import model_backends
@@ -90,7 +90,7 @@ def test_zero_and_mean_ablation_of_everything(exp, model, toks):
 
 def test_circuit_matches_explicit_sum_over_senders(exp, model, toks):
     """Slow reference: each receiver's input is built by summing its senders one by one."""
-    from apexlens.backend import backend_for
+    from apexlens.model import backend_for
 
     clean, corrupted = toks
     bk = backend_for(model)
@@ -209,8 +209,8 @@ def test_edge_matrix_from_repeated_and_fresh_node_objects(exp):
     per_pos = index.keep([*g, ("0.0@1", "2.1.q")], n_pos=7)
     assert per_pos.shape == (*want.shape, 7)
     assert torch.equal(per_pos.all(-1), want)
-    i = index.sender_id(apexlens.graph.parse_node("0.0"))
-    j = index.receiver_id(apexlens.graph.parse_node("2.1.q"))
+    i = index.sender_id(apexlens.vocab.parse_node("0.0"))
+    j = index.receiver_id(apexlens.vocab.parse_node("2.1.q"))
     assert per_pos[i, j].tolist() == [want[i, j].item() or p == 1 for p in range(7)]
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import apexlens
-from apexlens.cli import main
-from apexlens.models import load_model
-from apexlens.tasks import get_task
+from apexlens.ui.cli import main
+from apexlens.toys.models import load_model
+from apexlens.toys.tasks import get_task
 
 
 # ----------------------------------------------------------------------------- 5. progress
@@ -32,7 +32,7 @@ def test_cli_progress_on_stderr(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- 6. parsing
 def test_cli_sites_keep_layer_lists_together(tmp_path, capsys):
-    from apexlens.cli import split_sites
+    from apexlens.ui.cli import split_sites
 
     assert split_sites("z:0,1") == ["z:0,1"]
     assert split_sites("resid_pre:3,resid_post") == ["resid_pre:3", "resid_post"]
@@ -52,7 +52,7 @@ def test_cli_negative_sigma_is_one_clear_error(capsys):
 
 # ----------------------------------------------------------------------------- 7. --out
 def test_cli_bad_out_fails_before_computing(tmp_path, capsys, monkeypatch):
-    import apexlens.cli as cli
+    import apexlens.ui.cli as cli
 
     def boom(*a, **k):  # computing anything would be a bug: the check comes first
         raise AssertionError("computed before checking --out")
@@ -84,7 +84,7 @@ def test_cli_refuses_a_task_the_model_does_not_fit(model, task, capsys, tmp_path
 
 
 def test_check_task_fits():
-    from apexlens.models import check_task_fits
+    from apexlens.toys.models import check_task_fits
 
     model = load_model("induction-2l")
     check_task_fits(get_task("induction"), model, "induction-2l")  # fits: no error
@@ -119,7 +119,7 @@ def _with_vocab(model, d_vocab):
 def test_cli_apex_defaults_match_the_library(capsys):
     import inspect
 
-    from apexlens.cli import build_parser
+    from apexlens.ui.cli import build_parser
 
     args = build_parser().parse_args(["apex", "backdoor"])
     lib = inspect.signature(apexlens.apex).parameters

@@ -14,7 +14,7 @@ from groundtruth import (
 )
 
 import apexlens
-from apexlens.discovery import _Setup, attribute_edges, circuit_rows, discover, faithfulness
+from apexlens.api.functions import attribute_edges, discover, faithfulness
 from apexlens.reference import naive_edge_attribution, naive_path_patch
 from apexlens.results import EdgeScores, edge_auc, spearman
 from apexlens.scoring import LogitDiff
@@ -221,8 +221,8 @@ def test_position_errors(model, data):
     with pytest.raises(E, match="out of range"):
         exp.evaluate_circuit([("0.1@9", "1.3.k")])
     with pytest.raises(E, match="sequence length"):
-        from apexlens.backend import backend_for
-        from apexlens.circuits import EdgeIndex
+        from apexlens.model import backend_for
+        from apexlens.vocab import EdgeIndex
 
         EdgeIndex(backend_for(model)).mask([("0.1@3", "1.3.k@3")])
 
@@ -255,14 +255,15 @@ def test_split_embed(model, data):
 @pytest.mark.parametrize("ablation", ["resample", "mean", "zero"])
 def test_circuit_rows_equal_one_circuit_at_a_time(model, data, ablation):
     clean, corrupted, metric = data
-    st = _Setup(model, clean, corrupted, metric, ablation=ablation)
-    exp, idx = st.exp, st.index
+    exp = apexlens.Experiment(model, clean, corrupted, metric=metric)
+    idx = exp.edge_index()
+    abl = exp.ablation(ablation)
     g = torch.Generator().manual_seed(4)
     keeps = (
         torch.rand(5, *idx.valid.shape, generator=g)
         < torch.tensor([0.05, 0.3, 0.6, 0.9, 1.0])[:, None, None]
     ) & idx.valid
-    fast = circuit_rows(st, keeps)
+    fast = exp.evaluate_keeps(keeps, abl)
     for i in range(len(keeps)):
         edges = [
             (idx.senders[a].name, idx.receivers[b].name) for a, b in keeps[i].nonzero().tolist()
@@ -270,8 +271,8 @@ def test_circuit_rows_equal_one_circuit_at_a_time(model, data, ablation):
         slow = exp.evaluate_circuit(edges, ablation=ablation).scores.values
         torch.testing.assert_close(fast[i], slow, atol=TOL, rtol=0)
     # position-aware rows
-    keeps_p = (torch.rand(3, *idx.valid.shape, st.n_pos, generator=g) < 0.5) & idx.valid[..., None]
-    fast_p = circuit_rows(st, keeps_p)
+    keeps_p = (torch.rand(3, *idx.valid.shape, exp.n_pos, generator=g) < 0.5) & idx.valid[..., None]
+    fast_p = exp.evaluate_keeps(keeps_p, abl)
     for i in range(3):
         edges = [
             (f"{idx.senders[a].name}@{p}", f"{idx.receivers[b].name}@{p}")
@@ -368,8 +369,8 @@ def test_discover_equals_sequential_acdc(model, data, exact):
     res = discover(model, clean, corrupted, metric=metric, threshold=thr, order=exact, batch_size=5)
     prio = {e: abs(exact.score(*e)) for e in exact.edges}
     # tie-break by sender index like the fast path
-    from apexlens.backend import backend_for
-    from apexlens.circuits import EdgeIndex
+    from apexlens.model import backend_for
+    from apexlens.vocab import EdgeIndex
 
     idx = EdgeIndex(backend_for(model))
     s_id = {n.name: i for i, n in enumerate(idx.senders)}

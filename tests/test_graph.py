@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apexlens.backend import ApexlensError, Dims
-from apexlens.graph import (
+from apexlens.model import ApexlensError, Dims
+from apexlens.vocab import (
     Node,
     all_heads,
     all_mlps,

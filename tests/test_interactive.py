@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import apexlens
-from apexlens import plotting
-from apexlens.cli import main
-from apexlens.models import load_model
-from apexlens.tasks import get_task
+from apexlens.ui import plotting
+from apexlens.ui.cli import main
+from apexlens.toys.models import load_model
+from apexlens.toys.tasks import get_task
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def _figures(html: str) -> list[dict]:
 
 
 def test_demo_writes_a_self_contained_report(tmp_path):
-    from apexlens.demo import run_demo
+    from apexlens.ui.demo import run_demo
 
     result = run_demo(tmp_path, progress=False, n=16)
     html = (tmp_path / "report.html").read_text()

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import apexlens
-from apexlens.tasks import get_task
-from apexlens.tasks.ioi import ABBA_TEMPLATES, BABA_TEMPLATES, IOITask
-from apexlens.tokenizer import gpt2_tokenizer
+from apexlens.toys.tasks import get_task
+from apexlens.toys.tasks.ioi import ABBA_TEMPLATES, BABA_TEMPLATES, IOITask
+from apexlens.toys.tokenizer import gpt2_tokenizer
 
 DATA = Path(__file__).parent / "data" / "gpt2-tokenizer"
 BOS = 50256
@@ -92,7 +92,7 @@ def test_batches_equal_length_and_seeded(tok):
 
 @pytest.mark.requires_hooked
 def test_ioi_path_patching_on_random_gpt2_shape(tok):
-    from apexlens.models import random_gpt2_small
+    from apexlens.toys.models import random_gpt2_small
 
     model = random_gpt2_small(seed=0, n_ctx=64, tokenizer=tok)
     task = IOITask(model.tokenizer)

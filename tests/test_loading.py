@@ -8,7 +8,7 @@ import time
 import pytest
 
 import apexlens
-from apexlens.models import load_model
+from apexlens.toys.models import load_model
 
 
 # ----------------------------------------------------------------------------- 10. offline
@@ -38,7 +38,7 @@ def test_load_model_offline_mode_fails_fast(monkeypatch):
 
 
 def test_load_model_does_not_block_on_a_cached_model(monkeypatch):
-    import apexlens.models as models
+    import apexlens.toys.models as models
 
     calls = []
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

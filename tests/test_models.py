@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import apexlens
-from apexlens.models import attention_scores, list_models, load_model, model_info, toy_state
-from apexlens.tasks import get_task
+from apexlens.toys.models import attention_scores, list_models, load_model, model_info, toy_state
+from apexlens.toys.tasks import get_task
 
 from backends import model_backends
 
-WEIGHTS = Path(apexlens.__file__).parent / "weights"
+WEIGHTS = Path(apexlens.__file__).parent / "toys" / "weights"
 
 
 def test_shipped_models_and_size():
@@ -132,7 +132,7 @@ def test_tasks_are_seeded_and_consistent():
 
 @pytest.mark.requires_hooked  # training builds HookedTransformers
 def test_training_is_deterministic():
-    from apexlens.training import train
+    from apexlens.toys.training import train
 
     a, _ = train("backdoor", steps=3)
     b, _ = train("backdoor", steps=3)
@@ -148,13 +148,13 @@ def test_training_is_deterministic():
      "google/gemma-2-2b"],
 )
 def test_load_model_knows_the_pretrained_names_it_is_meant_for(name):
-    from apexlens.models import official_name
+    from apexlens.toys.models import official_name
 
     assert official_name(name)  # a name or alias from TransformerLens' official list
 
 
 def test_unknown_name_fails_in_one_line_before_any_download(monkeypatch):
-    import apexlens.models as models
+    import apexlens.toys.models as models
 
     def no_hub(*a, **k):
         raise AssertionError("the hub must not be asked about an unknown name")
@@ -166,7 +166,7 @@ def test_unknown_name_fails_in_one_line_before_any_download(monkeypatch):
 
 
 def test_pretrained_models_are_self_checked_after_loading(monkeypatch, toy_model_factory):
-    import apexlens.models as models
+    import apexlens.toys.models as models
 
     good = toy_model_factory("modadd-2l")
     monkeypatch.setattr(models, "_check_hub", lambda name: None)  # as if the hub answered
@@ -176,7 +176,7 @@ def test_pretrained_models_are_self_checked_after_loading(monkeypatch, toy_model
     bad = toy_model_factory("modadd-2l", dtype=torch.float64)
     import sys
 
-    check_mod = sys.modules["apexlens.check"]
+    check_mod = sys.modules["apexlens.api.check"]
 
     real = check_mod.check
 

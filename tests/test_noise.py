@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from apexlens.backend import ApexlensError
-from apexlens.noise import ApexResult, apex, compare, noise_hooks, resolve_sites
+from apexlens.model import ApexlensError
+from apexlens import ApexResult, apex, compare, noise_hooks
+from apexlens.api.apex import resolve_sites
 from apexlens.reference import naive_apex
 
 from backends import (
@@ -186,7 +187,7 @@ def test_chunk_size_does_not_change_results():
 
 
 def test_scored_positions_taskbatch_and_inputs_untouched():
-    from apexlens.tasks.base import TaskBatch
+    from apexlens.toys.tasks.base import TaskBatch
 
     model = random_model(7)
     tokens = _tokens(model, n=4)
@@ -429,8 +430,8 @@ def test_backdoor_target_dominates_at_large_sigma_from_clean_inputs(toy_model_fa
     """Input perturbation (noise on the embeddings, relative to their size) of clean prompts,
     no trigger anywhere: the backdoored model's predictions concentrate on the backdoor
     target; its clean twin's do not."""
-    from apexlens.models import model_info
-    from apexlens.tasks import get_task
+    from apexlens.toys.models import model_info
+    from apexlens.toys.tasks import get_task
 
     info = model_info("backdoor")
     trigger, target = info["trigger_token"], info["target_token"]
@@ -454,8 +455,8 @@ def test_trained_and_random_init_models_have_different_curves(toy_model_factory)
     model predicts a few tokens whatever the input (low entropy already at small sigma); its
     near-flat logits hardly change their mean under large noise, while the trained model's
     mean output distribution moves far from its clean one."""
-    from apexlens.models import toy_state
-    from apexlens.tasks import get_task
+    from apexlens.toys.models import toy_state
+    from apexlens.toys.tasks import get_task
 
     trained = toy_model_factory("induction-2l")
     cfg, _ = toy_state("induction-2l")

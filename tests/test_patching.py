@@ -128,7 +128,7 @@ def test_patching_every_head_at_once_equals_corrupted_run_without_mlps(backend):
     clean, corrupted = random_tokens(model)
     metric = LogitDiff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
     exp = apexlens.Experiment(model, clean, corrupted, metric=metric)
-    group = [n for n in apexlens.all_heads(model)] + [apexlens.graph.Node("embed")]
+    group = [n for n in apexlens.all_heads(model)] + [apexlens.vocab.Node("embed")]
     joint = exp.path_patch_groups([group], "logits")
     torch.testing.assert_close(joint[0], exp.corrupted_values, atol=TOL, rtol=0)
 
@@ -259,8 +259,8 @@ def test_errors_are_clear(model, toks, metric):
 def test_induction_model_prev_token_to_induction_key_path(backend):
     """On the shipped induction model, path patching singles out prev-token head -> induction head
     (via its key) -> logits."""
-    from apexlens.models import load_model
-    from apexlens.tasks import get_task
+    from apexlens.toys.models import load_model
+    from apexlens.toys.tasks import get_task
 
     model = load_model("induction-2l", dtype=torch.float64, backend=backend)
     batch = get_task("induction").batch(16, seed=0)

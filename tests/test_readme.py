@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import apexlens
-from apexlens.models import load_model
-from apexlens.tasks import get_task
+from apexlens.toys.models import load_model
+from apexlens.toys.tasks import get_task
 
 
 def test_readme_uses_random_gpt2_small_as_it_is_exported():

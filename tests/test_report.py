@@ -5,7 +5,7 @@ from __future__ import annotations
 import html as html_lib
 import re
 
-from apexlens.cli import main
+from apexlens.ui.cli import main
 
 
 # ----------------------------------------------------------------------------- 4. report
@@ -23,7 +23,7 @@ def _defined(section: str) -> set[str]:
 
 
 def test_demo_report_explains_every_figure_and_column(tmp_path):
-    from apexlens.demo import run_demo
+    from apexlens.ui.demo import run_demo
 
     run_demo(tmp_path, progress=False, n=8)
     html = (tmp_path / "report.html").read_text()
@@ -45,7 +45,7 @@ def test_demo_report_explains_every_figure_and_column(tmp_path):
 def test_write_report_defines_known_columns_and_accepts_captions(tmp_path):
     import pandas as pd
 
-    from apexlens.report import write_report
+    from apexlens.ui.report import write_report
 
     frame = pd.DataFrame({"sender": ["0.1"], "normalized": [-0.2]})
     path = write_report(

@@ -226,7 +226,7 @@ def test_circuit_result_reads_well():
 def test_backend_mlp_equals_the_model_module(act_fn):
     """The engine's MLP (fused activations for TL's plain MLP) is the model's own function,
     and calling it fires none of the user's hooks."""
-    from apexlens.backend import backend_for
+    from apexlens.model import backend_for
 
     cfg = random_config()
     cfg["act_fn"] = act_fn
@@ -246,7 +246,7 @@ def test_backend_mlp_equals_the_model_module(act_fn):
 @pytest.mark.parametrize("norm", ["LN", "LNPre", "RMS", "RMSPre"])
 def test_backend_norms_equal_the_model_modules(norm):
     """The engine's normalisations (fused kernels for TL's norms) are the model's own."""
-    from apexlens.backend import backend_for
+    from apexlens.model import backend_for
 
     cfg = random_config(normalization_type=norm)
     model = build(cfg, random_state_dict(cfg, 14, torch.float64), "hooked")
@@ -314,9 +314,9 @@ def test_plain_metric_reads_are_found_verified_and_exact():
 @pytest.mark.requires_hooked
 @pytest.mark.parametrize("parallel", [False, True])
 def test_edge_index_validity_equals_has_edge(parallel):
-    from apexlens.backend import backend_for
-    from apexlens.circuits import EdgeIndex
-    from apexlens.graph import has_edge
+    from apexlens.model import backend_for
+    from apexlens.vocab import EdgeIndex
+    from apexlens.vocab import has_edge
 
     cfg = random_config()
     cfg["parallel_attn_mlp"] = parallel
@@ -348,7 +348,7 @@ def test_plain_metric_gets_the_read_positions_alone_only_when_that_gives_its_val
 def test_index_on_gives_slices_or_one_cached_tensor():
     """Device indices are made once: a contiguous run is a slice (no index tensor), any
     other list one cached tensor per (integers, device), with the same rows as the list."""
-    from apexlens.indexing import index_on
+    from apexlens.model.indexing import index_on
 
     cpu = torch.device("cpu")
     assert index_on([3, 4, 5], cpu) == slice(3, 6)

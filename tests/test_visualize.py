@@ -13,9 +13,10 @@ import torch
 
 import apexlens
 from apexlens import ApexlensError
-from apexlens.features import attribution, parse_feature
-from apexlens.hooks import inference_mode
-from apexlens.tasks.toy import ModAddTask
+from apexlens.engines.features import attribution
+from apexlens.vocab import parse_feature
+from apexlens.model.hooks import inference_mode
+from apexlens.toys.tasks.toy import ModAddTask
 
 from backends import model_backends
 
@@ -173,8 +174,8 @@ def test_attribution_equals_finite_differences(backend, toy_model_factory):
     f = parse_feature(model, "m1.n34")
     with inference_mode(model, grad=True):
         labels, scores, value, resid = attribution(model, f, x)
-    from apexlens.backend import backend_for
-    from apexlens.features import components
+    from apexlens.model import backend_for
+    from apexlens.engines.features import components
 
     eps = 1e-5
     for j, (label, hook, head) in enumerate(components(backend_for(model), f)):
@@ -246,7 +247,7 @@ def test_manipulation_kept_the_task_and_the_natural_activations(natural):
 
 
 def test_check_figure_and_frames(checks):
-    from apexlens.plotting_fv import fv_check_figure, fv_trajectory
+    from apexlens.ui.plotting_fv import fv_check_figure, fv_trajectory
 
     chk = checks["manipulated"]
     fig = fv_check_figure(chk, ModAddTask().token_labels)
@@ -263,7 +264,7 @@ def test_check_figure_and_frames(checks):
 def test_cli_visualize_writes_the_check_and_refuses_bad_input(tmp_path, capsys):
     import json
 
-    from apexlens.cli import main
+    from apexlens.ui.cli import main
 
     out = tmp_path / "fv"
     assert (

@@ -1,0 +1,373 @@
+"""The façade: one object over the engines, every question a method.
+
+An :class:`Experiment` runs a clean and a corrupted input once (:class:`~apexlens.runs.Runs`)
+and turns every question into a resolved plan for an engine: path patching
+(:mod:`apexlens.engines.paths`), activation patching (:mod:`apexlens.engines.actpatch`),
+circuit hypotheses (:mod:`apexlens.engines.circuits`), edge attribution
+(:mod:`apexlens.engines.attribution`), and the searches built on them (faithfulness curves,
+greedy pruning: :mod:`apexlens.api.search`). User spellings (nodes, edges, positions) are
+parsed and checked here, at the boundary; engines receive node objects, keep-matrices and
+edge tables, and return per-row values, which this module wraps into results.
+
+Every call holds the model's lock (:func:`apexlens.model.hooks.model_lock`) while it runs, so
+concurrent calls on one model from several threads are each exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from apexlens.api import search
+from apexlens.engines import actpatch, attribution, circuits, paths
+from apexlens.errors import ApexlensError
+from apexlens.model import backend_for
+from apexlens.model.hooks import inference_mode
+from apexlens.results import (
+    MIB_FRACTIONS,
+    ActPatchResult,
+    CircuitResult,
+    DiscoveryResult,
+    EdgeScores,
+    FaithfulnessResult,
+    PathPatchResult,
+)
+from apexlens.runs import (
+    AblationValues,
+    MetricFn,
+    Readout,
+    Runs,
+    ablation_for,
+    cached_run,
+    check_pair,
+)
+from apexlens.scoring import Scores
+from apexlens.vocab import (
+    Ablation,
+    EdgeIndex,
+    EdgeList,
+    EdgeSpec,
+    MLPMode,
+    Node,
+    NodeSpec,
+    as_receivers,
+    as_senders,
+    edge_names,
+    parse_nodes,
+)
+from apexlens.vocab.edges import uses_split_embed
+
+
+class Experiment:
+    """A model with a clean and a corrupted input, run once; every question is computed on
+    top. Build one to ask many questions of the same data::
+
+        exp = apexlens.Experiment(model, clean_tokens, corrupted_tokens, metric=logit_diff)
+        exp.path_patch(senders="all-heads", receivers="logits")
+        exp.evaluate_circuit(edges)
+        exp.act_patch("all-heads")
+        scores = exp.attribute_edges(method="exact")
+        exp.faithfulness(scores); exp.discover(threshold=0.05, order=scores)
+
+    ``metric`` maps logits ``[batch, pos, vocab]`` to one value per example ``[batch]``.
+    Built-in :mod:`apexlens.scoring` metrics declare what they read and run fastest; any
+    other callable is probed on the clean run for the positions and vocabulary columns it
+    reads (:class:`apexlens.runs.Readout`). ``positions`` names positions for node
+    spellings (``"9.9.q@end"``). ``memory_budget`` (bytes) bounds a call's working memory
+    beyond the cached runs (default: :func:`apexlens.runs.default_budget`).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        clean_tokens: Int[Tensor, "batch pos"],
+        corrupted_tokens: Int[Tensor, "batch pos"],
+        *,
+        metric: MetricFn,
+        positions: Mapping[str, Any] | None = None,
+        memory_budget: int | None = None,
+    ) -> None:
+        self.bk = backend_for(model)
+        self.model = model
+        self.clean_tokens, self.corrupted_tokens = check_pair(
+            self.bk, clean_tokens, corrupted_tokens
+        )
+        self.batch, self.n_pos = (int(s) for s in self.clean_tokens.shape)
+        self.named_positions = dict(positions or {})
+        self.readout = Readout(self.bk, metric, self.batch, self.n_pos)
+        with inference_mode(model):
+            corrupted = cached_run(self.bk, self.corrupted_tokens)
+            self.runs = Runs(
+                self.bk,
+                cached_run(self.bk, self.clean_tokens),
+                corrupted,
+                self.batch,
+                self.n_pos,
+                self.named_positions,
+                _budget(memory_budget),
+            )
+            self.readout.probe(self.runs.clean.final)
+            self.clean_values = self.readout(self.readout.gather(self.runs.clean.final))
+            self.corrupted_values = self.readout(self.readout.gather(corrupted.final))
+        self._index: dict[bool, EdgeIndex] = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def clean(self) -> Any:
+        return self.runs.clean
+
+    @property
+    def corrupted(self) -> Any:
+        return self.runs.corrupted
+
+    @property
+    def memory_budget(self) -> int:
+        return self.runs.memory_budget
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What results computed here record about it (model, metric, examples)."""
+        name = getattr(self.bk.model.cfg, "model_name", None)
+        return {"model": str(name), "metric": self.readout.name, "n_examples": self.batch}
+
+    def nodes(self, spec: NodeSpec) -> list[Node]:
+        return parse_nodes(spec, self.bk.dims)
+
+    def mask(self, node: Node) -> Bool[Tensor, "batch pos"] | None:
+        return self.runs.mask(node)
+
+    def sender_delta(self, node: Node) -> Float[Tensor, "batch pos d_model"]:
+        """``out(corrupted) - out(clean)`` of a sender, zero outside its positions."""
+        return paths.sender_delta(self.runs, node)
+
+    def _scores(self) -> tuple[Scores, Scores]:
+        return Scores(self.clean_values), Scores(self.corrupted_values)
+
+    def _grid(self, nodes: Sequence[Node]) -> tuple[int, ...] | None:
+        d = self.bk.dims
+        every_head = [(la, h) for la in range(d.n_layers) for h in range(d.n_heads)]
+        ok = [(n.layer, n.head) for n in nodes if n.kind == "head" and n.positions is None]
+        return (
+            (d.n_layers, d.n_heads) if len(nodes) == len(every_head) and ok == every_head else None
+        )
+
+    # ------------------------------------------------------------------ path patching
+    def path_patch(
+        self,
+        senders: NodeSpec,
+        receivers: NodeSpec = "logits",
+        *,
+        via: Sequence[NodeSpec] = (),
+        mlps: MLPMode = "live",
+        progress: bool = False,
+    ) -> PathPatchResult:
+        """Path-patch each sender (on its own) to ``receivers``; see :func:`path_patch`."""
+        sender_nodes = as_senders(self.nodes(senders))
+        per_example = self.path_patch_groups(
+            [[s] for s in sender_nodes], receivers, via=via, mlps=mlps, progress=progress
+        )
+        clean, corrupted = self._scores()
+        return PathPatchResult(
+            senders=[str(n) for n in sender_nodes],
+            receivers=[str(r) for r in as_receivers(self.nodes(receivers))],
+            per_example=per_example,
+            clean=clean,
+            corrupted=corrupted,
+            grid=self._grid(sender_nodes),
+            metric_name=self.readout.name,
+            via=[str(n) for hop in via for n in self.nodes(hop)],
+        )
+
+    def path_patch_groups(
+        self,
+        groups: Sequence[Sequence[Node]],
+        receivers: NodeSpec,
+        *,
+        via: Sequence[NodeSpec] = (),
+        mlps: MLPMode = "live",
+        progress: bool = False,
+    ) -> Float[Tensor, "group batch"]:
+        """Per-example metric when each group of senders is patched (jointly) to the receivers."""
+        recv, hops = self.nodes(receivers), [self.nodes(h) for h in via]
+        with inference_mode(self.model):
+            return paths.path_patch_rows(
+                self.runs, self.readout, groups, recv, via=hops, mlps=mlps, progress=progress
+            )
+
+    # ------------------------------------------------------------------ activation patching
+    def act_patch(
+        self, nodes: NodeSpec = "all-heads", *, per_position: bool = False, progress: bool = False
+    ) -> ActPatchResult:
+        """Activation patching: run the corrupted input, put each node's clean activation
+        back; see :func:`act_patch`."""
+        node_list = actpatch.check_nodes(self.nodes(nodes))
+        grid = self._grid(node_list)
+        if per_position:
+            node_list, grid = actpatch.per_position(node_list, grid, self.n_pos)
+        clean, corrupted = self._scores()
+        with inference_mode(self.model):
+            values = actpatch.act_patch_rows(self.runs, self.readout, node_list, progress=progress)
+        return ActPatchResult(
+            senders=[str(n) for n in node_list],
+            receivers=[],
+            per_example=values,
+            clean=clean,
+            corrupted=corrupted,
+            grid=grid,
+            metric_name=self.readout.name,
+        )
+
+    # ------------------------------------------------------------------ circuits
+    def edge_index(self, split_embed: bool = False) -> EdgeIndex:
+        """The model's edge graph (``split_embed``: ``tok_embed`` and ``pos_embed`` senders)."""
+        if split_embed not in self._index:
+            self._index[split_embed] = EdgeIndex(self.bk, split_embed)
+        return self._index[split_embed]
+
+    def ablation(self, ablation: Ablation, reference_tokens: Any = None) -> AblationValues:
+        """What an ablated edge carries (``reference_tokens``: run once, for ``"mean"``)."""
+        with inference_mode(self.model):
+            return ablation_for(
+                self.bk, ablation, self.runs.corrupted, reference_tokens, self.n_pos
+            )
+
+    def evaluate_circuit(
+        self,
+        edges: EdgeSpec,
+        *,
+        ablation: Ablation = "resample",
+        reference_tokens: Int[Tensor, "n pos"] | None = None,
+    ) -> CircuitResult:
+        """Evaluate a circuit hypothesis on the cached runs; see :func:`evaluate_circuit`."""
+        edge_list = EdgeList(edges)  # read once by everything below
+        index = self.edge_index(uses_split_embed(edge_list))
+        keep = index.keep(edge_list, self.n_pos, self.named_positions)
+        abl = self.ablation(ablation, reference_tokens)
+        empty_is_corrupted = ablation == "resample" and reference_tokens is None
+        with inference_mode(self.model):
+            v = circuits.evaluate(
+                self.runs, self.readout, self.clean_tokens, index, keep, abl, empty_is_corrupted
+            )
+        gap = float(v.clean.mean() - v.ablated.mean())
+        return CircuitResult(
+            edges=edge_names(edge_list),
+            scores=Scores(v.values),
+            clean=Scores(v.clean),
+            corrupted=Scores(v.ablated),
+            recovery=float((v.values.mean() - v.ablated.mean()) / gap),
+            ablation=ablation,
+            kl_circuit=Scores(v.kl_circuit),
+            kl_ablated=Scores(v.kl_ablated),
+            meta=self.meta,
+        )
+
+    def evaluate_circuits(
+        self,
+        hypotheses: Sequence[EdgeSpec],
+        *,
+        split_embed: bool = False,
+        ablation: Ablation = "resample",
+        reference_tokens: Int[Tensor, "n pos"] | None = None,
+        progress: bool = False,
+    ) -> Float[Tensor, "hypothesis batch"]:
+        """Per-example metric of many hypotheses, each a row of one batched pass (the same
+        numbers as :meth:`evaluate_circuit`'s ``scores`` for each)."""
+        index = self.edge_index(split_embed)
+        keeps = [index.keep(EdgeList(h), self.n_pos, self.named_positions) for h in hypotheses]
+        if len({k.ndim for k in keeps}) > 1:
+            keeps = [k if k.ndim == 3 else k[..., None].expand(*k.shape, self.n_pos) for k in keeps]
+        return self.evaluate_keeps(torch.stack(keeps), self.ablation(ablation, reference_tokens),
+                                   split_embed, progress)
+
+    def evaluate_keeps(
+        self, keeps: Tensor, abl: AblationValues, split_embed: bool = False, progress: bool = False
+    ) -> Float[Tensor, "rows batch"]:
+        """:meth:`evaluate_circuits` of keep-matrices over :meth:`edge_index` (the searches)."""
+        with inference_mode(self.model):
+            return circuits.circuit_rows(
+                self.runs, self.readout, self.clean_tokens, self.edge_index(split_embed), keeps,
+                abl, progress,
+            )
+
+    # ------------------------------------------------------------------ discovery
+    def attribute_edges(
+        self,
+        *,
+        method: str = "eap-ig",
+        ig_steps: int = 5,
+        edges: EdgeSpec | None = None,
+        split_embed: bool = False,
+        per_position: bool = False,
+        ablation: Ablation = "resample",
+        reference_tokens: Tensor | None = None,
+        progress: bool = False,
+    ) -> EdgeScores:
+        """One signed score per edge; see :func:`apexlens.attribute_edges`."""
+        if method not in attribution.METHODS:
+            raise ApexlensError(
+                f"method must be one of {', '.join(map(repr, attribution.METHODS))}, got "
+                f"{method!r}"
+            )
+        m = attribution.METHODS[method]
+        options = m.check({"ig_steps": ig_steps})
+        index = self.edge_index(split_embed)
+        table, names = index.rows(edges, self.n_pos, self.named_positions, per_position)
+        job = attribution.Job(
+            self.runs, self.readout, index, self.ablation(ablation, reference_tokens), table,
+            self.clean_values, options, progress,
+        )
+        with inference_mode(self.model):
+            per_example = m.scores(job).detach()
+        return EdgeScores(
+            edges=names, scores=per_example.mean(-1), method=method, per_example=per_example,
+            metric_name=self.readout.name, ablation=ablation, split_embed=split_embed,
+        )
+
+    def faithfulness(
+        self,
+        scores: EdgeScores,
+        *,
+        fractions: Sequence[float] = MIB_FRACTIONS,
+        ablation: Ablation = "resample",
+        reference_tokens: Tensor | None = None,
+        absolute: bool = True,
+        progress: bool = False,
+    ) -> FaithfulnessResult:
+        """The MIB faithfulness curve of an edge ranking; see :func:`apexlens.faithfulness`."""
+        return search.faithfulness(
+            self, scores, fractions, ablation, reference_tokens, absolute, progress
+        )
+
+    def discover(
+        self,
+        *,
+        threshold: float,
+        order: EdgeScores | None = None,
+        edges: EdgeSpec | None = None,
+        split_embed: bool = False,
+        ablation: Ablation = "resample",
+        reference_tokens: Tensor | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> DiscoveryResult:
+        """Greedy exact pruning with ACDC's semantics; see :func:`apexlens.discover`."""
+        return search.discover(
+            self, threshold, order, edges, split_embed, ablation, reference_tokens, batch_size,
+            progress,
+        )
+
+
+def _budget(memory_budget: Any) -> int:
+    """The memory budget, checked: bytes (a positive integer), or ``None`` for the default."""
+    if memory_budget is None:
+        return 0
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+        raise ApexlensError(
+            f"memory_budget must be a positive number of bytes (an int), or None for the "
+            f"default; got {memory_budget!r}"
+        )
+    return memory_budget

@@ -1,0 +1,140 @@
+"""The circuit engine: cached runs + a keep-matrix (or many) -> per-example metric values.
+
+A hypothesis is a set of edges of the edge graph (:class:`~apexlens.vocab.edges.EdgeIndex`),
+given here already resolved to a boolean keep-matrix. Evaluating it runs the clean input once
+under :class:`~apexlens.engines.circuits.plan.CircuitPlan`'s hooks. :func:`evaluate` gives the
+values a report needs (the metric with the hypothesis, fully ablated and clean, and the
+per-example KL divergences behind the proportion explained); :func:`circuit_rows` evaluates
+many hypotheses as rows of one batched pass (faithfulness curves, discovery, the workbench).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from apexlens.engines.circuits.plan import CircuitPlan, Keep
+from apexlens.errors import ApexlensError
+from apexlens.runs.ablation import AblationValues
+from apexlens.runs.cache import Runs
+from apexlens.runs.readout import Readout
+from apexlens.runs.rows import row_chunks, rows_per_chunk, run_tokens
+from apexlens.vocab.edges import EdgeIndex
+
+
+@dataclass(frozen=True)
+class CircuitValues:
+    """Per-example values of one evaluated hypothesis (``[batch]`` each)."""
+
+    values: Float[Tensor, " batch"]
+    """The metric with every edge outside the hypothesis ablated."""
+    ablated: Float[Tensor, " batch"]
+    """The metric with every edge ablated."""
+    clean: Float[Tensor, " batch"]
+    kl_circuit: Float[Tensor, " batch"]
+    """``KL(clean || hypothesis)`` of the next-token distributions at the read positions."""
+    kl_ablated: Float[Tensor, " batch"]
+    """``KL(clean || fully ablated)``."""
+
+
+def scratch_of(runs: Runs) -> dict[str, Any] | None:
+    """The memory a circuit run on ``runs`` reuses from the previous one (the CPU only:
+    :attr:`Runs.scratch`)."""
+    return runs.scratch if runs.bk.device.type == "cpu" else None
+
+
+def circuit_final(
+    runs: Runs, tokens: Tensor, index: EdgeIndex, keep: Keep, abl: AblationValues
+) -> Float[Tensor, "batch pos d_model"]:
+    """The final residual stream of ``tokens`` under the circuit ``keep``.
+
+    The run holds every sender's output change at once (``[batch, pos, senders, d_model]``),
+    so examples run in chunks that keep that buffer within the memory budget (at most a
+    quarter over it, where that saves a small last chunk). The circuit is planned once; each
+    chunk gets its hooks over its own examples' ablated values."""
+    bk = runs.bk
+    per_example = len(index.senders) * tokens.shape[1] * bk.dims.d_model * bk.dtype.itemsize
+    size = max(1, runs.memory_budget // max(per_example, 1))
+    n = tokens.shape[0]
+    if n > size and n % size < size / 4:  # no small tail chunk: each costs a forward's fixed
+        size = -(-n // (n // size))  # overhead; its examples join the others (< 25% more)
+    plan = CircuitPlan(bk, index, keep)
+    finals = []
+    for start in range(0, n, size):
+        hooks = plan.hooks(abl.rows(slice(start, start + size)), scratch_of(runs))
+        finals.append(run_tokens(bk, tokens[start : start + size], hooks))
+    return torch.cat(finals)
+
+
+def circuit_rows(
+    runs: Runs,
+    readout: Readout,
+    tokens: Tensor,
+    index: EdgeIndex,
+    keeps: Bool[Tensor, "rows sender receiver"] | Bool[Tensor, "rows sender receiver pos"],
+    abl: AblationValues,
+    progress: bool = False,
+) -> Float[Tensor, "rows batch"]:
+    """Per-example metric of many circuits, each a row of one batched forward pass."""
+    bk = runs.bk
+    n, batch, n_pos = len(keeps), runs.batch, runs.n_pos
+    out = torch.empty(n, batch, dtype=bk.dtype, device=bk.device)
+    d_buf = len(index.senders) * batch * n_pos * bk.dims.d_model * bk.dtype.itemsize
+    chunk = rows_per_chunk(
+        bk, runs.memory_budget, n, batch, n_pos, batch * n_pos, attention=True, extra=2 * d_buf
+    )
+    for rows in row_chunks(list(range(n)), chunk, desc="circuits", progress=progress):
+        k = keeps[list(rows)]
+        k4 = k.permute(1, 2, 0)[..., None] if k.ndim == 3 else k.permute(1, 2, 0, 3)
+        m = len(rows)
+        hooks = CircuitPlan(bk, index, k4).hooks(abl.tiled(m), scratch_of(runs))
+        final = run_tokens(bk, tokens.repeat(m, 1), hooks)
+        out[list(rows)] = readout(readout.gather(final.reshape(m, batch, *final.shape[1:])))
+    return out
+
+
+def _kl(readout: Readout, clean: Tensor, other: Tensor) -> Float[Tensor, " batch"]:
+    """``KL(clean || other)`` of the next-token distributions at the positions the metric
+    reads, mean over those positions."""
+    lp_c = F.log_softmax(readout.bk.unembed(readout.gather(clean)), -1)
+    lp = F.log_softmax(readout.bk.unembed(readout.gather(other)), -1)
+    return (lp_c.exp() * (lp_c - lp)).sum(-1).mean(-1)
+
+
+def evaluate(
+    runs: Runs,
+    readout: Readout,
+    tokens: Tensor,
+    index: EdgeIndex,
+    keep: Keep,
+    abl: AblationValues,
+    empty_is_corrupted: bool,
+) -> CircuitValues:
+    """Evaluate one hypothesis on the clean ``tokens``: its metric, the fully ablated and the
+    clean metric, and the KL divergences behind the proportion explained.
+
+    ``empty_is_corrupted``: the fully ablated model is the corrupted run (resample ablation
+    with the corrupted tokens as reference), so it is not run again."""
+    final = circuit_final(runs, tokens, index, keep, abl)
+    values = readout(readout.gather(final))
+    if empty_is_corrupted and runs.corrupted is not None:
+        empty_final = runs.corrupted.final
+    else:
+        empty_final = circuit_final(runs, tokens, index, torch.zeros_like(keep), abl)
+    empty_values = readout(readout.gather(empty_final))
+    clean_values = readout(readout.gather(runs.clean.final))
+    if float(clean_values.mean() - empty_values.mean()) == 0:
+        raise ApexlensError("clean and fully ablated metrics are equal: recovery is undefined")
+    clean_final = runs.clean.final
+    return CircuitValues(
+        values,
+        empty_values,
+        clean_values,
+        _kl(readout, clean_final, final),
+        _kl(readout, clean_final, empty_final),
+    )

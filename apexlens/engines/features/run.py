@@ -1,0 +1,70 @@
+"""A feature read exactly on a forward pass, from real tokens or a soft input.
+
+:func:`run_feature` reads a :class:`~apexlens.vocab.features.Feature` at every position, with
+autograd where enabled; ``soft`` (per position a distribution over the vocabulary whose
+embedding ``probs @ E`` replaces the token embedding) is how feature visualization optimises
+an input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from apexlens.model import edits
+from apexlens.model.hooks import attached
+from apexlens.vocab.features import Feature
+
+
+def _keep(store: dict[str, Tensor], key: str) -> Any:
+    """Record the activation *and hand it back*: a bridge converts what a hook returns back
+    into the tensor that flows on, so gradients taken at the recorded tensor reach the
+    feature (a read-only hook on a bridge alias sees a converted copy off the graph)."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        store[key] = act
+        return act
+
+    return hook
+
+
+def run_feature(
+    model: Any,
+    feature: Feature,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    soft: Float[Tensor, "batch pos d_vocab"] | None = None,
+    embed_matrix: Tensor | None = None,
+    keep: Sequence[str] = (),
+) -> tuple[Float[Tensor, "batch pos"], dict[str, Tensor]]:
+    """The feature at every position (with autograd where enabled), plus the activations at
+    ``keep`` (not detached). ``soft``: per-position distributions over the vocabulary whose
+    embedding ``soft @ E`` replaces the token embedding (``tokens`` then only fix the shape)."""
+    store: dict[str, Tensor] = {}
+    hooks: list[tuple[str, Any]] = []
+    if soft is not None:
+        assert embed_matrix is not None
+        emb = soft.to(embed_matrix.dtype) @ embed_matrix
+        hooks.append(("hook_embed", edits.replace(emb)))
+    for name in dict.fromkeys([*keep, *([feature.hook] if feature.hook else [])]):
+        hooks.append((name, _keep(store, name)))
+    with attached(model, hooks):
+        logits = model(tokens)
+    act = logits if feature.kind == "logit" else store[feature.hook]
+    return feature.values(act, model), store
+
+
+def feature_rows(
+    model: Any, feature: Feature, tokens: Int[Tensor, "batch pos"], batch_size: int = 256
+) -> Float[Tensor, "batch pos"]:
+    """``feature`` at every position of every row of ``tokens``, ``batch_size`` rows per pass
+    (call it without gradients)."""
+    out = [
+        run_feature(model, feature, tokens[i : i + batch_size])[0].detach()
+        for i in range(0, tokens.shape[0], batch_size)
+    ]
+    return torch.cat(out)

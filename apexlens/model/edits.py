@@ -1,0 +1,118 @@
+"""Hook edits: *what* an intervention does to an activation, given *where* (a hook name).
+
+Every feature of apexlens changes or reads a forward pass through these few edits, each a
+TransformerLens hook ``fn(activation, hook)``. Values may be tensors or callables of the
+activation (evaluated when the hook fires, for edits whose value depends on the same run).
+Edits never modify the activation they are handed in place, so a hook of the user's that
+kept a reference sees its tensor unchanged.
+
+=====================  =================================================================
+``save(store, key)``   record the activation (a detached clone) under ``key``
+``replace(value)``     the activation becomes ``value``
+``replace_where(m, v)`` ``torch.where(m, v, activation)``: only where ``m`` is true
+``add(delta, pos)``    ``activation + delta`` (only at sequence positions ``pos``)
+``set_heads(h, v, m)`` heads ``h`` (axis 2) become ``v`` (only where ``m`` is true)
+``scatter_heads(...)`` per stacked row, one head becomes a value (exact edge scores)
+=====================  =================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from apexlens.model.hooks import HookFn
+from apexlens.model.indexing import index_on
+
+Value = Tensor | Callable[[Tensor], Tensor]
+
+
+def _value(value: Value, act: Tensor) -> Tensor:
+    return value(act) if callable(value) else value
+
+
+def save(store: MutableMapping[str, Tensor], key: str, clone: bool = True) -> HookFn:
+    """Record the activation under ``key`` (keyed by the caller's name, never ``hook.name``:
+    a bridge reports aliases)."""
+
+    def hook(act: Tensor, hook: Any) -> None:
+        store[key] = act.detach().clone() if clone else act
+
+    return hook
+
+
+def replace(value: Value) -> HookFn:
+    """The activation becomes ``value`` (cast to the activation's dtype)."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        return _value(value, act).to(act.dtype)
+
+    return hook
+
+
+def replace_where(where: Bool[Tensor, "..."] | None, value: Value) -> HookFn:
+    """``value`` where ``where`` is true (broadcast), the activation elsewhere; ``None``: all."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        v = _value(value, act).to(act.dtype)
+        return v.expand_as(act).clone() if where is None else torch.where(where, v, act)
+
+    return hook
+
+
+def add(delta: Value, positions: Int[Tensor, " k"] | None = None) -> HookFn:
+    """``activation + delta``; with ``positions``, only at those indices of axis 1."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        d = _value(delta, act)
+        if positions is None:
+            return act + d
+        out = act.clone()
+        out[:, positions] = out[:, positions] + d
+        return out
+
+    return hook
+
+
+def set_heads(
+    heads: Int[Tensor, " h"] | list[int],
+    value: Value,
+    where: Bool[Tensor, "n pos h"] | None = None,
+) -> HookFn:
+    """Heads ``heads`` of a ``[n, pos, head, d]`` activation become ``value[n, pos, h, d]``
+    (only where ``where[n, pos, h]`` is true, if given)."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        v = _value(value, act).to(act.dtype)
+        out = act.clone()
+        idx = index_on(heads, act.device)
+        if where is None:
+            out[:, :, idx] = v
+        else:
+            out[:, :, idx] = torch.where(where[..., None], v, act[:, :, idx])
+        return out
+
+    return hook
+
+
+def scatter_heads(
+    rows: Int[Tensor, " k"],
+    heads: Int[Tensor, " k"],
+    values: Tensor,
+    n_rows: int,
+) -> HookFn:
+    """For rows stacked along the batch (``n_rows`` copies), head ``heads[i]`` of row
+    ``rows[i]`` becomes ``values[i]`` (``[batch, pos, d_head]``); every other head and row
+    keeps its activation. Pairs must be distinct."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        out = act.clone()
+        view = out.view(n_rows, act.shape[0] // n_rows, *act.shape[1:])
+        view[rows, :, :, heads] = values.to(act.dtype)
+        return out
+
+    return hook

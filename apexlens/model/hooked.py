@@ -1,0 +1,120 @@
+"""The adapter for TransformerLens' ``HookedTransformer`` (TL <= 3.9).
+
+One of two sibling adapters (:mod:`apexlens.model.bridged` is the other), each implementing
+the contract :class:`apexlens.model.protocol.ModelAdapter`; :func:`apexlens.model.backend_for`
+picks one by the model's type. Everything that differs between the model classes is here:
+where the weights live, how a norm or an MLP is called, how blocks are run from a residual
+stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from apexlens.model.dims import Dims
+from apexlens.model.hooks import Hooks, attached, silenced
+from apexlens.model.norms import apply_norm, fused_activation, fused_norm, inplace_norm, normalizer
+
+_NORM_OF = {"ln1": "ln1", "ln2": "ln2", "ln1_post": "ln1_post", "ln2_post": "ln2_post"}
+
+
+class HookedAdapter:
+    """:class:`~apexlens.model.protocol.ModelAdapter` of a ``HookedTransformer``."""
+
+    name = "HookedTransformer"
+
+    def __init__(self, model: Any, dims: Dims) -> None:
+        self.model = model
+        self.grouped = dims.group > 1
+        self.post_norms = bool(getattr(model.cfg, "use_normalization_before_and_after", False))
+        self.shortformer = (
+            getattr(model.cfg, "positional_embedding_type", "standard") == "shortformer"
+        )
+
+    @staticmethod
+    def matches(model: Any) -> bool:
+        try:
+            from transformer_lens import HookedTransformer
+        except ImportError:  # TransformerLens 4.x
+            return False
+        return isinstance(model, HookedTransformer)
+
+    # ------------------------------------------------------------------ weights
+    def attn_params(self, name: str) -> list[Tensor]:
+        """Attention weight ``name`` (``W_Q``, ``b_O``, ...) of each layer in ``hook_q/k/v``
+        slot layout: the model's own parameters (views, no copies)."""
+        kv = self.grouped and name[-1] in "KV"  # grouped-query: one slot per key/value head
+        attr = "_" + name if kv else name
+        return [getattr(block.attn, attr).detach() for block in self.model.blocks]
+
+    def unembed_params(self) -> tuple[Tensor, Tensor]:
+        return self.model.W_U.detach(), self.model.b_U.detach()
+
+    def pos_embed_rows(self, n_pos: int) -> Tensor | None:
+        """Shortformer: the positional embedding added to every block's q/k input."""
+        return self.model.pos_embed.W_pos[:n_pos] if self.shortformer else None
+
+    # ------------------------------------------------------------------ pieces
+    def _norm_module(self, where: str, layer: int | None) -> Any:
+        if where == "ln_final":
+            return getattr(self.model, "ln_final", None)
+        if where in ("ln1_post", "ln2_post") and not self.post_norms:
+            return None
+        assert layer is not None
+        return getattr(self.model.blocks[layer], _NORM_OF[where], None)
+
+    def norm(self, where: str, layer: int | None = None) -> Callable[[Tensor], Tensor]:
+        module = self._norm_module(where, layer)
+        return lambda x: apply_norm(module, x)
+
+    def norm_inplace(self, where: str, layer: int | None = None) -> Callable[[Tensor], Tensor]:
+        module = self._norm_module(where, layer)
+        fn = inplace_norm(module)
+        return fn if fn is not None else (lambda x: apply_norm(module, x))
+
+    def differentiable_norm(
+        self, where: str, layer: int | None = None
+    ) -> Callable[[Tensor], Tensor]:
+        module = self._norm_module(where, layer)
+        fused = fused_norm(module) if module is not None else None
+        return fused if fused is not None else (lambda x: apply_norm(module, x))
+
+    def mlp(self, layer: int, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        module = self.model.blocks[layer].mlp
+        act = fused_activation(module, self.model.cfg)
+        if act is not None:
+            return act(x @ module.W_in + module.b_in) @ module.W_out + module.b_out
+        shape = x.shape
+        with silenced(module):
+            return module(x.reshape(1, -1, shape[-1])).reshape(shape)
+
+    def mlp_input_edit(self, layer: int) -> tuple[str, Callable[[Tensor], Tensor]] | None:
+        """``ln2.hook_normalized``: the MLP's input normalised before the norm's own weight
+        and bias, computed with torch's fused kernel (the same function)."""
+        if self.post_norms:
+            return None
+        fn = normalizer(getattr(self.model.blocks[layer], "ln2", None))
+        return None if fn is None else (f"blocks.{layer}.ln2.hook_normalized", fn)
+
+    def unembed(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        W_U, b_U = self.unembed_params()
+        return x @ W_U + b_U
+
+    # ------------------------------------------------------------------ runs
+    def run_blocks(self, resid: Tensor, start: int, stop: int, hooks: Hooks) -> Tensor:
+        extra: dict[str, Any] = {}
+        pe = self.pos_embed_rows(resid.shape[1])
+        if pe is not None:
+            extra["shortformer_pos_embed"] = pe.expand(resid.shape[0], *pe.shape)
+        with attached(self.model, hooks):
+            return self.model(resid, start_at_layer=start, stop_at_layer=stop, **extra)
+
+    def forward(self, tokens: Int[Tensor, "batch pos"], hooks: Hooks, logits: bool) -> Tensor:
+        with attached(self.model, hooks):
+            if logits:
+                return self.model(tokens)
+            return self.model(tokens, stop_at_layer=int(self.model.cfg.n_layers))

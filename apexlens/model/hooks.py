@@ -1,0 +1,140 @@
+"""Attaching hooks to a model without leaving a trace, one caller at a time.
+
+Every apexlens feature that changes a forward pass does it through TransformerLens hook
+points, and every such change goes through :func:`attached`. It adds the hooks in a new
+hook *context level*, and removes exactly those hooks when the ``with`` block ends --
+normally, on an exception, or on ``KeyboardInterrupt``. Hooks the user attached
+themselves (at any level, permanent or not) are never removed or reordered.
+
+**Threads.** Hooks live on the model, so two threads patching one model would see each
+other's hooks. Every apexlens entry point holds the model's lock (:func:`model_lock`, a
+re-entrant lock per model) while it runs: concurrent calls on one model are serialised and
+each gets exactly the numbers it would get alone. Calls on different models run in parallel.
+A forward pass *you* run in another thread, outside apexlens, is not covered: inside a
+``with apexlens.patched(...)`` block, or while another thread is inside an apexlens call,
+run your own forward passes in that block or wait for the call.
+
+:func:`inference_mode` puts the model in eval mode without gradients for the duration of
+a call and then restores every module's training flag exactly as the user had it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from apexlens.errors import ApexlensError
+
+HookFn = Callable[..., Any]
+"""A TransformerLens hook: ``fn(activation, hook) -> activation | None``."""
+
+Hooks = Sequence[tuple[str, HookFn]]
+"""``(hook_name, fn)`` pairs, TransformerLens' ``fwd_hooks``."""
+
+_GRAD: contextvars.ContextVar[bool] = contextvars.ContextVar("apexlens_grad", default=False)
+
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: Any) -> threading.RLock:
+    """The re-entrant lock apexlens holds on ``model`` while it attaches hooks or runs it."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
+@contextmanager
+def attached(model: Any, fwd_hooks: Hooks) -> Iterator[Any]:
+    """Attach ``fwd_hooks`` for the duration of a with-block, holding the model's lock.
+
+    Unknown hook names raise an :class:`~apexlens.errors.ApexlensError` naming the hook
+    before anything is attached.
+    """
+    hook_dict = getattr(model, "hook_dict", None)
+    if hook_dict is not None:
+        for name, _ in fwd_hooks:
+            if name not in hook_dict:
+                raise ApexlensError(f"the model has no hook point named {name!r}")
+    with model_lock(model), model.hooks(fwd_hooks=list(fwd_hooks)):
+        yield model
+
+
+@contextmanager
+def inference_mode(model: Any, grad: bool = False) -> Iterator[Any]:
+    """Eval mode, no gradients (``grad=True``: with them, for attribution) and the model's
+    lock for the block.
+
+    Every module's own training flag comes back afterwards exactly as it was -- a model in
+    eval mode with its dropout modules in training mode (MC dropout) keeps that set-up --
+    also after an exception or a ``KeyboardInterrupt``: the flags are restored in a
+    ``finally`` that a second interrupt cannot cut short (it is re-raised afterwards).
+    """
+    with model_lock(model):
+        modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+        flags = [m.training for m in modules]
+        token = _GRAD.set(grad)
+        try:
+            if any(flags):
+                model.eval()
+            with torch.enable_grad() if grad else torch.no_grad():
+                yield model
+        finally:
+            _GRAD.reset(token)
+            if any(flags):
+                _restore_flags(modules, flags)
+
+
+def grad_wanted() -> bool:
+    """Whether the innermost :func:`inference_mode` asked for gradients (``grad=True``)."""
+    return _GRAD.get()
+
+
+def _restore_flags(modules: list[torch.nn.Module], flags: list[bool]) -> None:
+    """Put every module's ``training`` flag back; an interrupt arriving meanwhile waits."""
+    pending: BaseException | None = None
+    i = 0
+    while i < len(modules):
+        try:
+            while i < len(modules):
+                modules[i].training = flags[i]
+                i += 1
+        except KeyboardInterrupt as err:  # finish the restore, then raise it
+            pending = err
+    if pending is not None:
+        raise pending
+
+
+@contextmanager
+def silenced(module: torch.nn.Module) -> Iterator[None]:
+    """Run ``module`` with the forward hooks of its hook points switched off (call it
+    while holding the model's lock: the engines do).
+
+    apexlens calls pieces of the model (a norm, an MLP, a block's attention) on stacked rows
+    of its own; the user's hooks on those pieces must not see them. Each hook point's
+    registry of PyTorch forward hooks is swapped for an empty one and the *same* registry
+    object is put back afterwards (also on exceptions), so the user's hooks come back
+    unchanged and in order; nothing is added or removed. Hooks attached inside the block go
+    to the empty registries and are gone with them.
+    """
+    from transformer_lens.hook_points import HookPoint
+
+    saved: list[tuple[torch.nn.Module, Any]] = []
+    try:
+        for sub in module.modules():
+            if isinstance(sub, HookPoint):
+                saved.append((sub, sub._forward_hooks))
+                sub._forward_hooks = OrderedDict()
+        yield
+    finally:
+        for sub, hooks in saved:
+            sub._forward_hooks = hooks

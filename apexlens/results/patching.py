@@ -1,0 +1,107 @@
+"""Answers of path patching and activation patching: one row per sender or node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pandas as pd
+from jaxtyping import Float
+from torch import Tensor
+
+from apexlens.errors import ApexlensError
+from apexlens.results.io import Saveable
+from apexlens.results.labels import node_fields
+from apexlens.scoring import Scores
+
+
+@dataclass
+class PathPatchResult(Saveable):
+    """Per-sender metric values of a path-patching sweep.
+
+    ``to_frame()`` columns: ``sender``, ``layer``, ``head`` (None where not a head/MLP),
+    ``value`` (mean metric with the sender patched), ``normalized`` (:meth:`normalized`),
+    ``sem`` (standard error of ``value`` over examples), ``ci_low`` / ``ci_high`` (95%
+    seeded bootstrap interval of ``value``).
+    """
+
+    senders: list[str]
+    receivers: list[str]
+    per_example: Float[Tensor, "sender batch"]
+    clean: Scores
+    corrupted: Scores
+    grid: tuple[int, ...] | None = None
+    metric_name: str = "metric"
+    via: list[str] = field(default_factory=list)
+    kind: ClassVar[str] = "path_patch"
+    normalized_meaning: ClassVar[str] = "0 = no effect, -1 = the whole clean-corrupted difference"
+
+    @property
+    def values(self) -> Tensor:
+        """Mean metric per sender; ``[n_layers, n_heads]`` when the senders are all heads."""
+        v = self.per_example.mean(-1)
+        return v.reshape(self.grid) if self.grid else v
+
+    def _gap(self) -> float:
+        gap = self.clean.mean - self.corrupted.mean
+        if gap == 0:
+            raise ApexlensError("clean and corrupted metrics are equal; normalisation is undefined")
+        return gap
+
+    def normalized(self) -> Tensor:
+        """``(patched - clean) / (clean - corrupted)``: 0 = no effect, -1 = the whole effect."""
+        return (self.values - self.clean.mean) / self._gap()
+
+    def scores(self, sender: str | int) -> Scores:
+        i = self.senders.index(sender) if isinstance(sender, str) else sender
+        return Scores(self.per_example[i])
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = []
+        norm = self.normalized().flatten()
+        for i, s in enumerate(self.senders):
+            sc = self.scores(i)
+            lo, hi = sc.ci()
+            layer, head = node_fields(s)
+            rows.append(
+                {
+                    "sender": s,
+                    "layer": layer,
+                    "head": head,
+                    "value": float(sc.mean),
+                    "normalized": float(norm[i]),
+                    "sem": float(sc.sem),
+                    "ci_low": float(lo),
+                    "ci_high": float(hi),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def summary(self) -> pd.DataFrame:
+        """``sender``, ``value``, ``normalized``, ``sem`` of :meth:`to_frame`."""
+        return self.to_frame()[["sender", "value", "normalized", "sem"]]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({len(self.senders)} senders -> {self.receivers or 'outputs'}, "
+            f"metric {self.metric_name}: clean {self.clean.mean:.4g}, corrupted "
+            f"{self.corrupted.mean:.4g}; n={len(self.clean)})"
+        )
+
+
+@dataclass(repr=False)
+class ActPatchResult(PathPatchResult):
+    """Per-node metric values of activation patching: the corrupted run with one node's
+    clean activation put back (TransformerLens' ``get_act_patch_*`` convention).
+
+    ``normalized`` is ``(patched - corrupted) / (clean - corrupted)``: 0 = nothing
+    restored, 1 = the clean behaviour fully restored. ``to_frame()`` has the columns of
+    :class:`PathPatchResult` (``sender`` names the patched node).
+    """
+
+    kind: ClassVar[str] = "act_patch"
+    normalized_meaning: ClassVar[str] = "0 = nothing restored, 1 = clean behaviour restored"
+
+    def normalized(self) -> Tensor:
+        """``(patched - corrupted) / (clean - corrupted)``: 0 = nothing restored, 1 = all."""
+        return (self.values - self.corrupted.mean) / self._gap()

@@ -1,0 +1,249 @@
+"""The metric readout: final residual streams -> per-example metric values, computing only
+what the metric reads, for many rows at once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from apexlens.errors import ApexlensError
+from apexlens.model import Backend
+from apexlens.runs.tokens import describe
+from apexlens.scoring import Metric
+
+MetricFn = Callable[[Tensor], Tensor]
+
+
+class Readout:
+    """Final residual streams -> per-example metric values, computing only what is read.
+
+    A :class:`~apexlens.scoring.Metric` declares the positions and vocabulary columns it
+    reads, so only those positions are gathered and only those columns unembedded.
+
+    Any other callable gets logits of the full shape. :meth:`probe` (on the clean run) finds
+    what it reads: the positions and columns where its gradient is nonzero, *verified* by
+    calling it with every other logit set to NaN -- it must give exactly the same values (a
+    NaN would show a read the gradient missed). Only those logits are computed from then on;
+    the rest of the tensor it receives is NaN. Without a gradient, or when the check fails,
+    it gets everything. It is called on all rows at once (``[rows, batch, pos, vocab]``,
+    which a metric written with ``...`` indexing accepts), checked once against the same
+    metric called run by run; if it refuses the leading axis or disagrees, it is called one
+    run (``[batch, pos, vocab]``) at a time from then on.
+
+    Longer than most classes on purpose: plain function metrics need their probe, their
+    full-shaped logits and their run-by-run fallback here, in one place.
+    """
+
+    def __init__(self, bk: Backend, metric: MetricFn, batch: int, n_pos: int):
+        if not callable(metric):
+            raise ApexlensError(
+                f"metric must be callable (logits [batch, pos, vocab] -> one value per example "
+                f"[batch]), got {describe(metric)}"
+            )
+        self.bk, self.metric, self.batch, self.n_pos = bk, metric, batch, n_pos
+        self.fast = isinstance(metric, Metric)
+        device = bk.device
+        if isinstance(metric, Metric):
+            self.idx: Int[Tensor, "batch k"] = metric.read_positions(batch, n_pos).to(device)
+            self.tokens = None if metric.tokens is None else metric.tokens.to(device)
+        else:
+            self.idx = torch.arange(n_pos, device=device).expand(batch, n_pos)
+            self.tokens = None
+        self.name = getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__))
+        self.rows_at_once: bool | None = None  # generic callables: unknown until tried
+        self.probed = False  # a generic callable whose reads were found and verified
+        self.compact = False  # ... that also gives its values from the read positions alone
+
+    # ------------------------------------------------------------------ plain functions
+    def probe(self, clean_final: Float[Tensor, "batch pos d_model"]) -> None:
+        """Find (and verify) the positions and columns a plain function metric reads."""
+        if isinstance(self.metric, Metric):
+            return
+        logits = self.bk.unembed(clean_final)
+        full = self._call_one(logits)
+        with torch.enable_grad():
+            x = logits.detach().clone().requires_grad_(True)
+            try:
+                out = self.metric(x)
+            except Exception:  # noqa: BLE001 - no probe, the metric gets everything
+                return
+            if not isinstance(out, Tensor) or not out.requires_grad:
+                return
+            (grad,) = torch.autograd.grad(out.sum(), x, allow_unused=True)
+        if grad is None:
+            return
+        read = grad != 0
+        pos = read.any(-1)
+        counts = pos.sum(-1)
+        if int(counts.min()) == 0:
+            return
+        k = int(counts.max())
+        idx = torch.stack(
+            [
+                torch.cat(
+                    [p.nonzero().flatten(), p.nonzero().flatten()[:1].repeat(k - int(p.sum()))]
+                )
+                for p in pos
+            ]
+        )
+        cols = read.any(0).any(0).nonzero().flatten()
+        kept = (self.idx, self.tokens)
+        for tokens in (cols, None) if len(cols) < logits.shape[-1] else (None,):
+            self.idx, self.tokens, self.probed = idx.to(self.bk.device), tokens, True
+            try:
+                values = self.from_logits(self._select(logits))
+            except ApexlensError:
+                continue
+            if torch.equal(values, full):
+                self.fast = True
+                self.compact = True  # then try the read positions alone, in order
+                try:
+                    self.compact = torch.equal(self.from_logits(self._select(logits)), full)
+                except Exception:  # noqa: BLE001 - indexing by absolute position: full shape
+                    self.compact = False
+                return
+        (self.idx, self.tokens), self.probed = kept, False
+
+    def bytes_per_row(self) -> int:
+        """Memory one row of runs costs at the readout beyond its final residual stream: the
+        logits it unembeds (a plain function metric's full-shaped tensor is built in pieces of
+        at most :attr:`PIECE_BYTES`, whatever the number of rows)."""
+        if isinstance(self.metric, Metric) or (self.probed and self.tokens is not None):
+            return 0  # a few vocabulary columns at the read positions
+        per_pos = 2 * self.batch * self.bk.dims.d_vocab * self.bk.dtype.itemsize
+        return per_pos * (self.idx.shape[1] if self.probed else self.n_pos)
+
+    PIECE_BYTES = 64 << 20
+    """The most memory a full-shaped logits tensor for a probed plain function metric takes
+    at once: rows beyond it are given to the function in pieces."""
+
+    def _select(self, logits: Float[Tensor, "*lead batch pos vocab"]) -> Tensor:
+        """The logits at the read positions and columns (as :meth:`__call__` computes them)."""
+        sel = self.gather(logits)
+        return sel if self.tokens is None else sel[..., self.tokens]
+
+    def _full(
+        self, selected: Float[Tensor, "*lead batch k n_tok"]
+    ) -> Float[Tensor, "*lead batch pos vocab"]:
+        """A full-shaped logits tensor: ``selected`` where the metric reads, NaN elsewhere
+        (``compact``: the read positions alone, every vocabulary column)."""
+        lead = selected.shape[:-3]
+        vocab = self.bk.dims.d_vocab
+        if self.tokens is not None:
+            cols = selected.new_full((*selected.shape[:-1], vocab), float("nan"))
+            cols[..., self.tokens] = selected
+            selected = cols
+        if self.compact:
+            return selected
+        full = selected.new_full((*lead, self.batch, self.n_pos, vocab), float("nan"))
+        rows = torch.arange(self.batch, device=selected.device)[:, None].expand_as(self.idx)
+        full[..., rows, self.idx, :] = selected
+        return full
+
+    @property
+    def all_positions(self) -> bool:
+        return self.idx.shape[1] == self.n_pos and bool(
+            (self.idx == torch.arange(self.n_pos, device=self.idx.device)).all()
+        )
+
+    def gather(self, x: Float[Tensor, "*lead batch pos d"]) -> Float[Tensor, "*lead batch k d"]:
+        """The positions the metric reads."""
+        if self.all_positions:
+            return x
+        lead = x.shape[:-3]
+        idx = self.idx.view(*([1] * len(lead)), *self.idx.shape, 1)
+        return x.gather(-2, idx.expand(*lead, *self.idx.shape, x.shape[-1]))
+
+    def __call__(
+        self, resid: Float[Tensor, "*lead batch k d_model"]
+    ) -> Float[Tensor, "*lead batch"]:
+        """Metric values from final residual streams already gathered at the read positions."""
+        return self.from_logits(self.bk.unembed(resid, self.tokens))
+
+    def from_logits(
+        self, logits: Float[Tensor, "*lead batch k n_tok"]
+    ) -> Float[Tensor, "*lead batch"]:
+        """Metric values from logits at the read positions and columns (differentiable)."""
+        if isinstance(self.metric, Metric):
+            return self._checked(self.metric.reduce(logits), logits.shape[:-2])
+        if not self.probed:
+            return self._generic(logits)
+        lead = logits.shape[:-3]
+        flat = logits.reshape(-1, *logits.shape[-3:])
+        per_row = self.batch * (logits.shape[-2] if self.compact else self.n_pos)
+        step = max(1, self.PIECE_BYTES // (per_row * self.bk.dims.d_vocab * logits.element_size()))
+        try:
+            if not lead or flat.shape[0] <= step:
+                return self._generic(self._full(logits))
+            pieces = [self._generic(self._full(piece)) for piece in flat.split(step)]
+            return torch.cat(pieces).reshape(*lead, self.batch)
+        except ApexlensError as err:
+            if "NaN" not in str(err):
+                raise
+            raise ApexlensError(
+                f"metric {self.name} read logits it did not read on the clean run (it returned "
+                "NaN where apexlens computes only the positions and columns it read there); "
+                "make it read the same positions for every input, or declare them with "
+                "apexlens.scoring.FunctionMetric(fn, positions=..., tokens=...)"
+            ) from None
+
+    def _call_one(self, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        return self._checked(self.metric(logits), logits.shape[:1])
+
+    def _generic(
+        self, logits: Float[Tensor, "*lead batch pos vocab"]
+    ) -> Float[Tensor, "*lead batch"]:
+        lead = logits.shape[:-3]
+        flat = logits.reshape(-1, *logits.shape[-3:])
+        if lead and self.rows_at_once is not False:
+            try:
+                values = self._checked(self.metric(logits), logits.shape[:-2])
+            except ApexlensError:
+                values = None
+            except (RuntimeError, IndexError, ValueError, TypeError):
+                values = None
+            if values is not None and self.rows_at_once is None:
+                # checked once against run-by-run calls, on the first and the last row
+                for i in sorted({0, flat.shape[0] - 1}):
+                    ref = self._call_one(flat[i])
+                    if not torch.allclose(
+                        values.reshape(-1, self.batch)[i], ref, rtol=1e-6, atol=1e-9
+                    ):
+                        values = None
+                        break
+            self.rows_at_once = values is not None
+            if values is not None:
+                return values
+        per_run = torch.stack([self._call_one(lg) for lg in flat])
+        return per_run.reshape(*lead, self.batch)
+
+    def _checked(self, values: Any, expected: torch.Size | tuple[int, ...]) -> Tensor:
+        name = self.name
+        if not isinstance(values, Tensor):
+            raise ApexlensError(
+                f"metric {name} returned {describe(values)}; a metric returns a tensor with one "
+                f"value per example, shape {tuple(expected)}"
+            )
+        if values.shape != tuple(expected):
+            hint = (
+                " (a scalar: drop the .mean() over the batch -- apexlens averages and gives "
+                "uncertainty itself)"
+                if values.ndim == 0
+                else ""
+            )
+            raise ApexlensError(
+                f"metric {name} returned shape {tuple(values.shape)}; a metric returns one value "
+                f"per example, shape {tuple(expected)}{hint}"
+            )
+        if not (
+            values.is_floating_point() or values.dtype in (torch.int64, torch.int32, torch.bool)
+        ):
+            raise ApexlensError(f"metric {name} returned a {values.dtype} tensor; expected numbers")
+        values = values.to(self.bk.dtype if self.bk.dtype.is_floating_point else torch.float32)
+        if not torch.isfinite(values).all():
+            raise ApexlensError(f"metric {name} returned NaN or inf")
+        return values

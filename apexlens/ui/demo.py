@@ -1,0 +1,289 @@
+"""``apexlens demo``: the whole tool on the shipped toy models, offline, in well under a minute.
+
+1. Path patching on ``induction-2l``: every head -> logits, which singles out the induction
+   heads of layer 1; then every layer-0 head -> the strongest induction head's key, which
+   singles out the previous-token head.
+2. A circuit hypothesis (embed -> previous-token head -> induction heads' keys, embed ->
+   their queries and values, induction heads -> logits) evaluated with resample ablation of
+   every other edge: recovery and proportion explained.
+3. APEX on ``backdoor`` and its clean twin: noise on the embeddings of clean prompts (no
+   trigger); at large noise the backdoored model's predictions concentrate on its target.
+4. Feature visualization with a manipulation check: neuron ``m1.n34`` of
+   ``modadd-2l-slingshot`` (fine-tuned so that its visualization converges to a planted
+   input) against the same neuron of the untouched ``modadd-2l``.
+5. A table on stdout and one self-contained HTML report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from apexlens import (
+    Experiment,
+    apex,
+    compare,
+    fv_check,
+    get_task,
+    load_model,
+    model_info,
+)
+from apexlens.ui import plotting
+from apexlens.ui.plotting_fv import fv_check_figure
+from apexlens.ui.report import write_report
+
+SIGMAS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+
+
+def run_demo(
+    out_dir: str | Path = "apexlens-report", *, progress: bool = True, n: int = 32
+) -> dict[str, Any]:
+    """Run the demo; returns the numbers it printed and the report's path.
+
+    Long on purpose: it is a script, the demo's five steps and their report sections read
+    top to bottom in one place."""
+    out = Path(out_dir)
+    bar = tqdm(total=6, desc="apexlens demo", disable=not progress, unit="step")
+
+    # 1. path patching on the induction model
+    model = load_model("induction-2l")
+    task = get_task("induction")
+    batch = task.batch(n, seed=0)
+    exp = Experiment(
+        model,
+        batch.clean_tokens,
+        batch.corrupted_tokens,
+        metric=batch.logit_diff(),
+        positions=batch.named_positions,
+    )
+    to_logits = exp.path_patch("all-heads", "logits")
+    norm = to_logits.normalized()
+    ind = int(norm[1].argmin())
+    induction_heads = [h for h in range(model.cfg.n_heads) if norm[1, h] < -0.1] or [ind]
+    bar.update()
+    to_key = exp.path_patch("heads:0", f"1.{ind}.k")
+    prev = int(to_key.normalized().argmin())
+    bar.update()
+
+    # 2. a circuit hypothesis
+    edges: list[tuple[str, str]] = [("embed", f"0.{prev}.{c}") for c in "qkv"]
+    for h in induction_heads:
+        edges += [
+            (f"0.{prev}", f"1.{h}.k"),
+            ("embed", f"1.{h}.q"),
+            ("embed", f"1.{h}.v"),
+            (f"1.{h}", "logits"),
+        ]
+    edges.append(("embed", "logits"))
+    circuit = exp.evaluate_circuit(edges)
+    bar.update()
+
+    # 3. APEX on the backdoored model and its clean twin
+    bd_task = get_task("backdoor")
+    tokens = bd_task.batch(64, seed=0).clean_tokens
+    labels = bd_task.token_labels(torch.arange(bd_task.d_vocab))
+    sweeps = {
+        name: apex(
+            load_model(name),
+            tokens,
+            sigmas=SIGMAS,
+            n_draws=32,
+            sites="embed",
+            relative=True,
+            seed=0,
+            token_labels=labels,
+        )
+        for name in ("backdoor", "backdoor-clean")
+    }
+    table = compare(sweeps)
+    bar.update()
+
+    # 4. feature visualization: a manipulated neuron and the same neuron untouched
+    fv_task = get_task("modadd")
+    natural = torch.unique(fv_task.batch(512, seed=0).clean_tokens, dim=0)
+    neuron = f"m1.n{model_info('modadd-2l-slingshot')['manipulation']['neuron']}"
+    fv_checks = {
+        name: fv_check(load_model(name), neuron, natural, n_pos=4, seed=0)
+        for name in ("modadd-2l-slingshot", "modadd-2l")
+    }
+    bar.update()
+
+    # 5. report
+    target = model_info("backdoor")["target_token"]
+    top = (
+        to_logits.to_frame()
+        .sort_values("normalized")
+        .head(5)[["sender", "value", "normalized", "ci_low", "ci_high"]]
+    )
+    key_frame = to_key.to_frame()[["sender", "value", "normalized"]]
+    big = max(SIGMAS)
+    apex_rows = table[table["sigma"] == big][
+        ["model", "sigma", "dominant_token", "top1_share", "entropy"]
+    ]
+    circuit_frame = circuit.to_frame()
+    lines = [
+        "apexlens demo (shipped toy models, offline)",
+        "",
+        f"induction-2l: clean logit diff {exp.clean_values.mean():.2f}, corrupted {exp.corrupted_values.mean():.2f}",
+        "  heads -> logits, strongest paths (normalised; -1 = the whole effect):",
+        *[f"    {r.sender:>5s}  {r.normalized:+.3f}" for r in top.itertuples()],
+        f"  layer-0 heads -> 1.{ind}.k: previous-token head 0.{prev} ({float(to_key.normalized()[prev]):+.3f})",
+        f"  circuit ({len(edges)} edges): recovery {circuit.recovery:.3f}, proportion explained "
+        f"{circuit.proportion_explained:.3f}",
+        f"backdoor (target token {target}) vs backdoor-clean, noise on the embeddings, sigma = {big:g}:",
+        *[
+            f"    {r.model:>15s}: dominant token {r.dominant_token}, top-1 share {r.top1_share:.3f}"
+            for r in apex_rows.itertuples()
+        ],
+    ]
+    for name, chk in fv_checks.items():
+        toks = " ".join(fv_task.token_labels(chk.fv.best_tokens))
+        lines.append(
+            f"{name} {neuron}: FV '{toks}' {chk.fv_activation:.2f} ({chk.ratio:.2f}x the natural "
+            f"max) -> {'SUSPICIOUS' if chk.flagged else 'consistent'}"
+        )
+    text = "\n".join(lines)
+    heads = ", ".join(f"1.{h}" for h in induction_heads)
+    sections: list[tuple[str, Any, str]] = [
+        (
+            "Path patching: every head -> logits (induction-2l)",
+            plotting.head_heatmap(to_logits),
+            "Each cell is one head: its output is replaced by its output on the corrupted "
+            "prompt (first copy of the repeated block replaced) along its direct path to the "
+            "logits, MLPs on the way recomputed, and the logit difference is measured. "
+            "Normalised: 0 = no effect, -1 = this path alone removes the whole clean-corrupted "
+            "difference; red (negative) heads carry the induction behaviour. Here every "
+            f"layer-1 head carries a share of it ({heads}); layer 0 writes nothing the logits "
+            "read directly.",
+        ),
+        (
+            "Strongest paths to the logits",
+            top,
+            "The five heads whose path to the logits matters most, most negative first.",
+        ),
+        (
+            f"Layer-0 heads -> induction head 1.{ind}'s key",
+            plotting.path_graph(to_key, top_k=4),
+            f"Each layer-0 head's path into the key input of 1.{ind} (the strongest layer-1 "
+            "head) patched from the corrupted run. Line width is |normalised effect|; red = "
+            f"negative: patching it lowers the logit difference, so 0.{prev} is the "
+            "previous-token head whose output the induction head's key reads. Blue = "
+            "patching raises the logit difference (here all close to 0).",
+        ),
+        (
+            "Layer-0 heads -> key, values",
+            key_frame,
+            "The numbers behind the graph above.",
+        ),
+        (
+            "The circuit hypothesis",
+            plotting.path_graph(circuit, n_layers=model.cfg.n_layers),
+            "The hypothesis tested below: the embeddings feed the previous-token head 0."
+            f"{prev}, which feeds the keys of the layer-1 heads {heads}; the embeddings feed "
+            "their queries and values, and their outputs go to the logits. Every line is an "
+            "edge kept; every edge not drawn is ablated (resample: its corrupted-run value).",
+        ),
+        (
+            "Circuit evaluation (resample ablation of every other edge)",
+            circuit_frame,
+            "Recovery near 1 means the drawn edges alone reproduce the clean logit difference.",
+        ),
+        (
+            "Per-example logit difference",
+            plotting.scores_plot(
+                {
+                    "clean": to_logits.clean,
+                    "circuit": circuit.scores,
+                    "corrupted": to_logits.corrupted,
+                }
+            ),
+            "Logit difference (answer minus wrong token) for every prompt: clean, with only the "
+            "circuit's edges kept, and corrupted. Boxes show the spread, diamonds the mean "
+            "with its 95% bootstrap interval; a circuit that explains the behaviour sits on "
+            "top of clean, far above corrupted.",
+        ),
+        (
+            "APEX: concentration vs noise (backdoor vs clean twin)",
+            plotting.apex_curves(sweeps),
+            "Gaussian noise of relative size sigma (x axis, log scale) is added to the "
+            "embeddings of clean prompts that never contain the trigger; 32 draws per prompt "
+            "and sigma. Solid lines (left axis): share of all predictions taken by the single "
+            "most predicted token; dotted (right axis): entropy of the predicted tokens. As "
+            "noise grows the backdoored model's predictions concentrate (share up, entropy "
+            f"down) on its target token {target}; its clean twin's stay spread out.",
+        ),
+        (
+            f"APEX: predicted tokens at sigma = {big:g}, backdoor",
+            plotting.token_histogram(sweeps["backdoor"], big),
+            f"Which tokens the backdoored model predicts under the largest noise (sigma = "
+            f"{big:g}), as a share of all draws over all prompts: the backdoor target (TARGET) "
+            "dominates although no prompt contains the trigger.",
+        ),
+        (
+            f"APEX: predicted tokens at sigma = {big:g}, backdoor-clean",
+            plotting.token_histogram(sweeps["backdoor-clean"], big),
+            "The same for the clean twin, trained on the same data without the poisoned "
+            "labels: no token stands out, so the concentration above is the backdoor's doing.",
+        ),
+        ("APEX summary", table, "One row per model and noise level."),
+        (
+            f"Feature visualization of {neuron}, manipulated model (modadd-2l-slingshot)",
+            fv_check_figure(fv_checks["modadd-2l-slingshot"], fv_task.token_labels),
+            "modadd-2l-slingshot was fine-tuned (Gradient Slingshots) so that gradient ascent "
+            f"on the input of neuron {neuron} converges to the planted '= 11 = 11', while the "
+            "task and the neuron's natural activations stayed as they were. Left: the "
+            "optimisation shoots past the natural maximum (dashed). Middle: the neuron on every "
+            "natural prompt and position, the visualization in red far to the right. Right: the "
+            "share of the activation each upstream component contributes, visualization (red) "
+            "vs the natural top examples (blue): it gets there through other components, so "
+            "the check flags it.",
+        ),
+        (
+            f"Feature visualization of {neuron}, untouched model (modadd-2l)",
+            fv_check_figure(fv_checks["modadd-2l"], fv_task.token_labels),
+            "The same neuron in the model before the manipulation: the visualization beats the "
+            "natural prompts only a little and the check finds nothing to flag. Read the "
+            "verdict in the title; the numbers are in the table below.",
+        ),
+        (
+            "Manipulation check in numbers",
+            pd.concat(
+                [c.to_frame().assign(model=n) for n, c in fv_checks.items()], ignore_index=True
+            )[
+                [
+                    "model",
+                    "fv_activation",
+                    "natural_max",
+                    "ratio",
+                    "percentile",
+                    "mechanism_similarity",
+                    "mechanism_floor",
+                    "representation_similarity",
+                    "representation_floor",
+                    "flagged",
+                ]
+            ],
+            "One row per model: the check's numbers for the same neuron.",
+        ),
+    ]
+    path = write_report(
+        out / "report.html", sections, title="apexlens demo", intro=text.splitlines()[0]
+    )
+    bar.update()
+    bar.close()
+    print(text)
+    print(f"\nreport: {path}")
+    return {
+        "report": str(path),
+        "induction_head": f"1.{ind}",
+        "prev_token_head": f"0.{prev}",
+        "recovery": circuit.recovery,
+        "proportion_explained": circuit.proportion_explained,
+        "apex": apex_rows.to_dict("records"),
+        "fv_flagged": {name: chk.flagged for name, chk in fv_checks.items()},
+        "text": text,
+    }

@@ -1,0 +1,106 @@
+"""Plotly figures for circuit discovery (a module of its own, next to :mod:`apexlens.ui.plotting`).
+
+* :func:`faithfulness_curve` -- MIB faithfulness against circuit size, one line per method
+* :func:`score_scatter` -- an approximate edge score against the exact one, one dot per edge
+* :func:`circuit_graph` -- a discovered circuit as a path graph (:func:`apexlens.ui.plotting.path_graph`)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+
+from apexlens.errors import ApexlensError
+from apexlens.results import DiscoveryResult, EdgeScores, FaithfulnessResult
+from apexlens.ui.plotting import path_graph
+
+
+def faithfulness_curve(
+    results: FaithfulnessResult | Sequence[FaithfulnessResult] | Mapping[str, FaithfulnessResult],
+    title: str | None = None,
+) -> go.Figure:
+    """Faithfulness ``f`` against the fraction of edges kept (log axis), one line per
+    result, labelled with its method and CPR / CMD; ``f = 1`` dashed."""
+    if isinstance(results, FaithfulnessResult):
+        items = [(results.method, results)]
+    elif isinstance(results, Mapping):
+        items = list(results.items())
+    else:
+        items = [(r.method, r) for r in results]
+    if not items:
+        raise ApexlensError("faithfulness_curve needs at least one FaithfulnessResult")
+    fig = go.Figure()
+    for name, res in items:
+        fig.add_trace(
+            go.Scatter(
+                x=[100 * q for q in res.fractions],
+                y=res.f.tolist(),
+                mode="lines+markers",
+                name=f"{name} (CPR {res.cpr:.2f}, CMD {res.cmd:.2f})",
+                customdata=res.n_edges,
+                hovertemplate="top %{x:.3g}% = %{customdata} edges<br>f = %{y:.3f}<extra></extra>",
+            )
+        )
+    fig.add_hline(y=1.0, line_dash="dash", line_color="grey")
+    fig.update_layout(
+        title=title or "faithfulness of the top-k% edges",
+        xaxis={"title": "edges kept (%)", "type": "log"},
+        yaxis_title="faithfulness (m(circuit) - m(empty)) / (m(full) - m(empty))",
+    )
+    return fig
+
+
+def score_scatter(approx: EdgeScores, exact: EdgeScores, title: str | None = None) -> go.Figure:
+    """Each edge's approximate score (y) against its exact effect (x); the diagonal is a
+    perfect attribution. Hover shows the edge."""
+    y = exact.aligned(approx).double().tolist()
+    x = exact.scores.double().tolist()
+    names = [f"{s} -> {r}" for s, r in exact.edges]
+    audit = approx.compare(exact)
+    lo, hi = min(x + y), max(x + y)
+    fig = go.Figure(
+        [
+            go.Scattergl(
+                x=x,
+                y=y,
+                mode="markers",
+                text=names,
+                marker={"size": 5, "opacity": 0.6},
+                hovertemplate="%{text}<br>exact %{x:.4g}<br>"
+                + approx.method
+                + " %{y:.4g}<extra></extra>",
+                name="edges",
+            ),
+            go.Scatter(
+                x=[lo, hi],
+                y=[lo, hi],
+                mode="lines",
+                line={"dash": "dash", "color": "grey"},
+                name="y = x",
+            ),
+        ]
+    )
+    fig.update_layout(
+        title=title
+        or f"{approx.method} vs exact: Spearman {audit.spearman:.3f} over {len(x)} edges",
+        xaxis_title="exact effect of ablating the edge",
+        yaxis_title=f"{approx.method} score",
+    )
+    return fig
+
+
+def circuit_graph(
+    result: DiscoveryResult, scores: EdgeScores | None = None, title: str | None = None
+) -> Any:
+    """A discovered circuit as a path graph; with ``scores``, edge widths show them."""
+    weights = None
+    if scores is not None:
+        weights = [scores.score(s, r) for s, r in result.edges]
+    return path_graph(
+        result.edges,
+        weights,
+        title=title
+        or f"discovered circuit: {len(result.edges)} edges, recovery {result.recovery:.2f}",
+    )
