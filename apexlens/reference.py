@@ -25,7 +25,6 @@ TransformerLens hooks, so a bug in the shared machinery cannot hide in both side
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from apexlens.errors import ApexlensError
 from apexlens.model import backend_for
+from apexlens.model.build import ungrouped_copy
 from apexlens.model.hooks import HookFn, inference_mode
 from apexlens.vocab import (
     Node,
@@ -44,24 +44,6 @@ from apexlens.vocab import (
     parse_nodes,
     position_mask,
 )
-
-
-def ungrouped_copy(model: Any) -> Any:
-    """A deep copy of a grouped-query ``HookedTransformer`` with one key/value slot per query
-    head (TransformerLens' own ``ungroup_grouped_query_attention``): the same function, and
-    ``hook_k``/``hook_v`` indexed by query head. The model handed in is not touched."""
-    from transformer_lens import HookedTransformer
-
-    if not isinstance(model, HookedTransformer):
-        raise ApexlensError(
-            "the reference loop needs an ungrouped copy of a grouped-query TransformerBridge: "
-            "pass ungrouped=<the same model with one key/value head per query head>"
-        )
-    cfg = copy.deepcopy(model.cfg)
-    cfg.ungroup_grouped_query_attention = True
-    twin = HookedTransformer(cfg, tokenizer=model.tokenizer)
-    twin.load_state_dict(model.state_dict(), strict=True)
-    return twin.to(model.W_U.device).eval()
 
 
 def naive_path_patch(

@@ -47,7 +47,7 @@ def test_load_model_does_not_block_on_a_cached_model(monkeypatch):
     from helpers import random_model
 
     sentinel = random_model(0)  # a real model: load_model self-checks what it loaded
-    monkeypatch.setattr(models, "_pretrained", lambda *a, **k: sentinel)
+    monkeypatch.setattr(models, "pretrained", lambda *a, **k: sentinel)
     assert load_model("gpt2") is sentinel and calls == []
 
 

@@ -159,7 +159,7 @@ def test_unknown_name_fails_in_one_line_before_any_download(monkeypatch):
     def no_hub(*a, **k):
         raise AssertionError("the hub must not be asked about an unknown name")
 
-    monkeypatch.setattr(models, "_pretrained", no_hub)
+    monkeypatch.setattr(models, "pretrained", no_hub)
     with pytest.raises(apexlens.ApexlensError, match="unknown model 'gpt-7'") as err:
         load_model("gpt-7")
     assert "\n" not in str(err.value)
@@ -170,7 +170,7 @@ def test_pretrained_models_are_self_checked_after_loading(monkeypatch, toy_model
 
     good = toy_model_factory("modadd-2l")
     monkeypatch.setattr(models, "_check_hub", lambda name: None)  # as if the hub answered
-    monkeypatch.setattr(models, "_pretrained", lambda *a, **k: good)
+    monkeypatch.setattr(models, "pretrained", lambda *a, **k: good)
     assert load_model("gpt2") is good
 
     bad = toy_model_factory("modadd-2l", dtype=torch.float64)
@@ -185,7 +185,7 @@ def test_pretrained_models_are_self_checked_after_loading(monkeypatch, toy_model
         res.checks.insert(0, ("blocks.0.hook_mlp_out", 0.5, 1e-7))
         return res
 
-    monkeypatch.setattr(models, "_pretrained", lambda *a, **k: bad)
+    monkeypatch.setattr(models, "pretrained", lambda *a, **k: bad)
     monkeypatch.setattr(check_mod, "check", broken_check)
     with pytest.raises(apexlens.ApexlensError, match="blocks.0.hook_mlp_out disagrees"):
         load_model("gpt2")

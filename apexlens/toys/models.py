@@ -33,17 +33,22 @@ import torch
 from torch import Tensor
 
 from apexlens.errors import ApexlensError
+from apexlens.model import backend_for
+from apexlens.model.build import (
+    has_hooked,
+    hooked_from_state,
+    official_model_name,
+    pretrained,
+)
+from apexlens.model.build import random_gpt2_small as random_gpt2_small
+from apexlens.model.hooks import inference_mode
 
 BACKENDS = ("hooked", "bridge")
 
 
 def default_backend() -> str:
     """``"hooked"`` where TransformerLens has ``HookedTransformer`` (<= 3.9), else ``"bridge"``."""
-    try:
-        from transformer_lens import HookedTransformer  # noqa: F401
-    except ImportError:
-        return "bridge"
-    return "hooked"
+    return "hooked" if has_hooked() else "bridge"
 
 
 def list_models() -> list[str]:
@@ -117,7 +122,7 @@ def load_model(
 
             model = to_bridge(cfg, state, dtype=dtype or next(iter(state.values())).dtype)
         else:
-            model = _hooked(cfg, state)
+            model = hooked_from_state(cfg, state)
         if device is not None:
             model = model.to(device)
         model.eval()
@@ -129,21 +134,15 @@ def official_name(name: str) -> str:
     """TransformerLens' official name for ``name`` (a name or an alias from its list of
     supported pretrained models: the GPT-2 family, Pythia, Llama, Qwen, Gemma, ...), or one
     :class:`ApexlensError` saying the name is neither that nor a shipped toy model."""
-    try:
-        from transformer_lens.loading_from_pretrained import get_official_model_name
-    except ImportError:  # TransformerLens 4.x
-        from transformer_lens.supported_models import (  # type: ignore[attr-defined,no-redef]
-            get_official_model_name,
-        )
-    try:
-        return str(get_official_model_name(name))
-    except (ValueError, KeyError) as err:
+    found = official_model_name(name)
+    if found is None:
         raise ApexlensError(
             f"unknown model {name!r}: not a shipped toy model ({', '.join(list_models())}) and "
             "not in TransformerLens' list of pretrained models (e.g. 'gpt2', "
             "'EleutherAI/pythia-70m', 'meta-llama/Llama-3.2-1B', 'Qwen/Qwen2-0.5B', "
             "'google/gemma-2-2b')"
-        ) from err
+        )
+    return found
 
 
 def _checked_pretrained(
@@ -154,7 +153,7 @@ def _checked_pretrained(
     from apexlens.api.check import check
 
     official_name(name)
-    model = _pretrained(name, backend, device, dtype, **kwargs)
+    model = pretrained(name, backend, device, dtype, list_models(), **kwargs)
     check(model).raise_if_failed()
     return model
 
@@ -181,12 +180,9 @@ def _in_hf_cache(name: str) -> bool:
     TransformerLens is already imported, its official name for an alias."""
     names = {name.lower()}
     if "transformer_lens" in sys.modules:  # never import it here: that alone takes seconds
-        try:
-            from transformer_lens.loading_from_pretrained import get_official_model_name
-
-            names.add(get_official_model_name(name).lower())
-        except Exception:  # an unknown name: TransformerLens will say so itself
-            pass
+        official = official_model_name(name)
+        if official is not None:  # an unknown name: TransformerLens will say so itself
+            names.add(official.lower())
     root = _hub_cache()
     if not root.is_dir():
         return False
@@ -238,81 +234,6 @@ def _check_hub(name: str, timeout: float = HUB_TIMEOUT) -> None:
         )
 
 
-def _hooked(cfg: dict[str, Any], state: dict[str, Tensor]) -> Any:
-    try:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-    except ImportError:  # TransformerLens 4.x
-        raise ApexlensError(
-            "this TransformerLens has no HookedTransformer (removed in 4.0): use backend='bridge'"
-        ) from None
-    dtype = next(iter(state.values())).dtype
-    model = HookedTransformer(HookedTransformerConfig(**cfg, dtype=dtype, device="cpu"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not k.endswith((".mask", ".IGNORE")) for k in missing):
-        raise ApexlensError(
-            f"weights do not fit the config: missing {missing}, unexpected {unexpected}"
-        )
-    return model
-
-
-def _pretrained(
-    name: str, backend: str, device: Any, dtype: torch.dtype | None, **kwargs: Any
-) -> Any:
-    model: Any
-    try:
-        if backend == "bridge":
-            from transformer_lens.model_bridge import TransformerBridge
-
-            model = TransformerBridge.boot_transformers(name, **kwargs)
-        else:
-            try:
-                from transformer_lens import HookedTransformer
-            except ImportError:
-                raise ApexlensError(
-                    "this TransformerLens has no HookedTransformer (removed in 4.0): use backend='bridge'"
-                ) from None
-            extra: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-            model = HookedTransformer.from_pretrained(name, device=device, **extra, **kwargs)
-    except ApexlensError:
-        raise
-    except Exception as e:  # hub unreachable, unknown name, ...
-        raise ApexlensError(
-            f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else 'no message'}). If the hub is unreachable, "
-            f"use a shipped toy model: {', '.join(list_models())}"
-        ) from e
-    model.eval()
-    return model
-
-
-def random_gpt2_small(
-    seed: int = 0,
-    *,
-    n_ctx: int = 1024,
-    tokenizer: Any = None,
-    dtype: torch.dtype | None = None,
-) -> Any:
-    """A random-init ``HookedTransformer`` of GPT-2 small's shape (12 layers, d_model 768, 12
-    heads, d_mlp 3072, vocab 50257, LayerNorm, gelu_new), seeded: for cost and shape checks."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=12,
-        d_model=768,
-        n_ctx=n_ctx,
-        d_head=64,
-        n_heads=12,
-        d_mlp=3072,
-        d_vocab=50257,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        seed=seed,
-        dtype=dtype or torch.float32,
-        device="cpu",
-    )
-    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
-
-
 # ------------------------------------------------------------------------ behaviour
 def attention_scores(
     model: Any, tokens: Tensor, prev: Tensor, nxt: Tensor
@@ -320,9 +241,6 @@ def attention_scores(
     """Previous-token score of every layer-0 head (mean attention from p to p-1 over all
     positions) and induction score of every layer-1 head (attention from the end to the
     position after the current token's earlier occurrence)."""
-    from apexlens.model import backend_for
-    from apexlens.model.hooks import inference_mode
-
     bk = backend_for(model)
     with inference_mode(model):
         _, cache = bk.run_with_cache(tokens, [bk.pattern(0), bk.pattern(1)])
@@ -375,9 +293,9 @@ def measure(name: str, backend: str | None = None) -> dict[str, Any]:
             out["loss_other"] = float(losses[~repeated & (mask > 0)].mean())
         if task_name == "modadd":
             zero = lambda act, hook: torch.zeros_like(act)
-            hooks = [(f"blocks.{la}.hook_mlp_out", zero) for la in range(model.cfg.n_layers)]
-            with model.hooks(fwd_hooks=hooks):
-                ablated = model(batch.clean_tokens)[:, -1]
+            bk = backend_for(model)
+            hooks = [(bk.mlp_out(la), zero) for la in range(bk.dims.n_layers)]
+            ablated = bk.run_with_cache(batch.clean_tokens, [], fwd_hooks=hooks)[0][:, -1]
             out["accuracy_mlps_zeroed"] = float(
                 (ablated.argmax(-1) == batch.answer_tokens).float().mean()
             )
@@ -409,20 +327,20 @@ def check_task_fits(task: Any, model: Any, model_name: str | None = None) -> Non
     if model is None:
         return
     who = repr(model_name) if model_name else "the model"
-    cfg = model.cfg
+    dims = backend_for(model).dims
     vocab = getattr(task, "d_vocab", None)
     tokenizer = getattr(task, "tokenizer", None)
     if vocab is None and tokenizer is not None:
         vocab = len(tokenizer)
-    d_vocab = getattr(cfg, "d_vocab", None)
-    if vocab is not None and d_vocab is not None and int(vocab) != int(d_vocab):
+    d_vocab = dims.d_vocab_in
+    if vocab is not None and int(vocab) != d_vocab:
         raise ApexlensError(
             f"the {task.name!r} task uses a vocabulary of {vocab} tokens but {who} has "
             f"{d_vocab} (d_vocab): the task does not fit this model"
         )
     seq_len = getattr(task, "seq_len", None)
-    n_ctx = getattr(cfg, "n_ctx", None)
-    if seq_len is not None and n_ctx is not None and int(seq_len) > int(n_ctx):
+    n_ctx = dims.n_ctx
+    if seq_len is not None and int(seq_len) > n_ctx:
         raise ApexlensError(
             f"the {task.name!r} task's prompts have {seq_len} tokens but {who} takes at most "
             f"{n_ctx} (n_ctx): the task does not fit this model"

@@ -265,10 +265,9 @@ def _weights(model: Any) -> dict[str, Tensor]:
 
 
 def _model(cfg: dict[str, Any], seed: int) -> Any:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from apexlens.model.build import new_hooked
 
-    torch.manual_seed(seed)
-    return HookedTransformer(HookedTransformerConfig(**cfg, seed=seed, device="cpu"))
+    return new_hooked(cfg, seed)
 
 
 def _data_fn(
