@@ -57,7 +57,9 @@ def test_cli_bad_out_fails_before_computing(tmp_path, capsys, monkeypatch):
     def boom(*a, **k):  # computing anything would be a bug: the check comes first
         raise AssertionError("computed before checking --out")
 
-    monkeypatch.setattr(cli, "_model_and_task", boom)
+    for command in cli.COMMANDS.values():  # each command module's own reference
+        if hasattr(command, "model_and_task"):
+            monkeypatch.setattr(command, "model_and_task", boom)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     for out, message in [

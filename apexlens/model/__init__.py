@@ -20,14 +20,19 @@ from typing import Any
 from apexlens.errors import ApexlensError
 from apexlens.model.backend import Backend, HookNames
 from apexlens.model.bridged import BridgeAdapter
-from apexlens.model.dims import Dims
+from apexlens.model.dims import Dims, dims_of
 from apexlens.model.hooked import HookedAdapter
 from apexlens.model.protocol import ModelAdapter
 
 ADAPTERS: tuple[type[HookedAdapter] | type[BridgeAdapter], ...] = (HookedAdapter, BridgeAdapter)
 """The model classes apexlens knows, each an adapter that says whether it ``matches``."""
 
-__all__ = ["ADAPTERS", "Backend", "Dims", "HookNames", "ModelAdapter", "backend_for"]
+__all__ = ["ADAPTERS", "Backend", "Dims", "HookNames", "ModelAdapter", "backend_for", "shape_of"]
+
+
+def shape_of(model: Any) -> Dims:
+    """A model's :class:`Dims`, read from its config alone (no adapter is built)."""
+    return model.dims if isinstance(model, Backend) else dims_of(model.cfg)
 
 
 def backend_for(model: Any) -> Backend:

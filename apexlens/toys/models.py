@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from apexlens.errors import ApexlensError
-from apexlens.model import backend_for
+from apexlens.model import backend_for, shape_of
 from apexlens.model.build import (
     has_hooked,
     hooked_from_state,
@@ -327,7 +327,7 @@ def check_task_fits(task: Any, model: Any, model_name: str | None = None) -> Non
     if model is None:
         return
     who = repr(model_name) if model_name else "the model"
-    dims = backend_for(model).dims
+    dims = shape_of(model)
     vocab = getattr(task, "d_vocab", None)
     tokenizer = getattr(task, "tokenizer", None)
     if vocab is None and tokenizer is not None:

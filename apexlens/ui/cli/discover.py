@@ -8,14 +8,23 @@ from pathlib import Path
 from typing import Any
 
 from apexlens.errors import ApexlensError
+from apexlens.ui.cli.common import add_common, check_out, model_and_task
 
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "discover", parents=[common], help="circuit discovery: edge scores, MIB curve, pruning"
+def add_parser(sub: Any) -> None:
+    from apexlens.engines.attribution import METHODS
+
+    p = sub.add_parser("discover", help="circuit discovery: edge scores, MIB curve, pruning")
+    add_common(p)
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=next(iter(METHODS)),
+        help="edge scores: " + "; ".join(
+            f"{n} ({'exact' if m.exact else 'an approximation'})" for n, m in METHODS.items()
+        ),
     )
-    p.add_argument("--method", choices=["eap-ig", "eap", "exact"], default="eap-ig")
-    p.add_argument("--ig-steps", type=int, default=5)
+    p.add_argument("--ig-steps", type=int, default=5, help="integration steps of eap-ig")
     p.add_argument(
         "--threshold",
         type=float,
@@ -25,13 +34,14 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prune", action="store_true", help="only scores and the faithfulness curve")
 
 
-def run(args: argparse.Namespace, model_and_task: Any) -> int:
+def run(args: argparse.Namespace) -> int:
     import apexlens
     from apexlens.ui import plotting_discovery as pd_
     from apexlens.ui.report import write_report
 
     if args.n < 1:
         raise ApexlensError("--n must be at least 1")
+    check_out(Path(args.out))
     model, task = model_and_task(args)
     batch = task.batch(args.n, seed=args.seed)
     metric = batch.logit_diff()

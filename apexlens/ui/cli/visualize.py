@@ -10,14 +10,15 @@ from typing import Any
 import torch
 
 from apexlens.errors import ApexlensError
+from apexlens.ui.cli.common import add_common, check_out, model_and_task
 
 
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "visualize",
-        parents=[common],
         help="feature visualization of a neuron / head / logit, with a manipulation check",
     )
+    add_common(p)
     p.add_argument(
         "feature",
         help="the feature: 'm1.n34' (MLP neuron), 'L.H.attn:K' (attention to key K), "
@@ -35,9 +36,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace, model_and_task: Any) -> int:
+def run(args: argparse.Namespace) -> int:
     import apexlens
-    from apexlens.ui.cli import check_out
     from apexlens.ui.plotting_fv import fv_check_figure
     from apexlens.ui.report import write_report
 

@@ -1,0 +1,23 @@
+"""``apexlens demo``: the demo on the shipped toy models, written as an HTML report."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo", help="run the demo on the shipped toy models (offline) and write an HTML report"
+    )
+    p.add_argument(
+        "--out", default="apexlens-report", help="output directory (default: apexlens-report)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from apexlens.ui.demo import run_demo
+
+    run_demo(args.out, progress=not args.no_progress)
+    return 0
