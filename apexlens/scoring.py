@@ -14,6 +14,7 @@ seeded percentile-bootstrap confidence interval.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,7 @@ def check_finite(values: Tensor, what: str = "metric") -> Tensor:
     return values
 
 
-class Metric:
+class Metric(abc.ABC):
     """Base class: a per-example metric that declares the positions and tokens it reads."""
 
     name: str = "metric"
@@ -55,10 +56,11 @@ class Metric:
         """Absolute positions read, one row per example."""
         return position_index(self.positions, batch, n_pos, self.name)
 
+    @abc.abstractmethod
     def reduce(
         self, selected: Float[Tensor, "*lead batch k n_tok"]
     ) -> Float[Tensor, "*lead batch"]:
-        raise NotImplementedError
+        """The metric of the logits at the read positions and columns (``*lead`` rows)."""
 
     def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
         if logits.ndim != 3:

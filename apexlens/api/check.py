@@ -92,7 +92,7 @@ def check(model: Any, tokens: Tensor | None = None, *, tol: float | None = None)
     d = bk.dims
     if tokens is None:
         g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, int(model.cfg.d_vocab), (2, min(8, d.n_ctx)), generator=g)
+        tokens = torch.randint(0, d.d_vocab_in, (2, min(8, d.n_ctx)), generator=g)
     tokens = check_tokens(bk, tokens)
     tol = tol if tol is not None else _TOL.get(bk.dtype, 5e-2)
     out = CheckResult()

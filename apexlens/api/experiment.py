@@ -131,8 +131,7 @@ class Experiment:
     @property
     def meta(self) -> dict[str, Any]:
         """What results computed here record about it (model, metric, examples)."""
-        name = getattr(self.bk.model.cfg, "model_name", None)
-        return {"model": str(name), "metric": self.readout.name, "n_examples": self.batch}
+        return {"model": self.bk.name, "metric": self.readout.name, "n_examples": self.batch}
 
     def nodes(self, spec: NodeSpec) -> list[Node]:
         return parse_nodes(spec, self.bk.dims)

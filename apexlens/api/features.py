@@ -288,7 +288,7 @@ def fv_check(
             natural_tokens[r, : c + 1].cpu()
             for r, c in zip(nat.rows.tolist(), nat.cols.tolist(), strict=True)
         ],
-        int(model.cfg.d_vocab),
+        backend_for(model).dims.d_vocab_in,
     )
     return FVCheck(
         feature=f,

@@ -98,6 +98,11 @@ class Backend(HookNames, HeadAlgebra):
         self.logit_soft_cap = cap if cap > 0 else None
         self._weights: dict[str, Any] = {}
 
+    @property
+    def name(self) -> str:
+        """The model's name as its config gives it (``"gpt2"``, a toy model's name...)."""
+        return str(getattr(self.model.cfg, "model_name", None) or type(self.model).__name__)
+
     # ------------------------------------------------------------------ architecture
     @property
     def mlp_reads_resid_pre(self) -> bool:

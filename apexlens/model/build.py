@@ -71,7 +71,8 @@ def pretrained(
             model = HookedTransformer.from_pretrained(name, device=device, **extra, **kwargs)
     except ApexlensError:
         raise
-    except Exception as e:  # hub unreachable, unknown name, ...
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError, AttributeError) as e:
+        # hub unreachable, unknown name, a missing file: one line naming it
         raise ApexlensError(
             f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200] if str(e) else 'no message'}). If the hub is unreachable, "

@@ -69,7 +69,8 @@ class Readout:
             x = logits.detach().clone().requires_grad_(True)
             try:
                 out = self.metric(x)
-            except Exception:  # noqa: BLE001 - no probe, the metric gets everything
+            except (RuntimeError, ValueError, TypeError, IndexError, KeyError, ApexlensError):
+                # a metric that cannot be differentiated: no probe, it gets everything
                 return
             if not isinstance(out, Tensor) or not out.requires_grad:
                 return
@@ -103,7 +104,8 @@ class Readout:
                 self.compact = True  # then try the read positions alone, in order
                 try:
                     self.compact = torch.equal(self.from_logits(self._select(logits)), full)
-                except Exception:  # noqa: BLE001 - indexing by absolute position: full shape
+                except (RuntimeError, ValueError, TypeError, IndexError, ApexlensError):
+                    # indexing by absolute position: it gets the full shape
                     self.compact = False
                 return
         (self.idx, self.tokens), self.probed = kept, False
@@ -176,32 +178,36 @@ class Readout:
         flat = logits.reshape(-1, *logits.shape[-3:])
         per_row = self.batch * (logits.shape[-2] if self.compact else self.n_pos)
         step = max(1, self.PIECE_BYTES // (per_row * self.bk.dims.d_vocab * logits.element_size()))
-        try:
-            if not lead or flat.shape[0] <= step:
-                return self._generic(self._full(logits))
-            pieces = [self._generic(self._full(piece)) for piece in flat.split(step)]
-            return torch.cat(pieces).reshape(*lead, self.batch)
-        except ApexlensError as err:
-            if "NaN" not in str(err):
-                raise
+        if not lead or flat.shape[0] <= step:
+            return self._nan_checked(self._generic(self._full(logits), finite=False))
+        pieces = [self._generic(self._full(piece), finite=False) for piece in flat.split(step)]
+        return self._nan_checked(torch.cat(pieces).reshape(*lead, self.batch))
+
+    def _nan_checked(self, values: Tensor) -> Tensor:
+        """Values of a probed metric: NaN means it read a logit it did not read on the clean
+        run (every other logit it receives is NaN)."""
+        if not torch.isfinite(values).all():
             raise ApexlensError(
                 f"metric {self.name} read logits it did not read on the clean run (it returned "
                 "NaN where apexlens computes only the positions and columns it read there); "
                 "make it read the same positions for every input, or declare them with "
                 "apexlens.scoring.FunctionMetric(fn, positions=..., tokens=...)"
-            ) from None
+            )
+        return values
 
-    def _call_one(self, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
-        return self._checked(self.metric(logits), logits.shape[:1])
+    def _call_one(self, logits: Float[Tensor, "batch pos vocab"], finite: bool = True) -> Tensor:
+        return self._checked(self.metric(logits), logits.shape[:1], finite)
 
     def _generic(
-        self, logits: Float[Tensor, "*lead batch pos vocab"]
+        self, logits: Float[Tensor, "*lead batch pos vocab"], finite: bool = True
     ) -> Float[Tensor, "*lead batch"]:
+        """The metric of full-shaped logits, on all rows at once where that gives the same
+        values, else run by run (``finite``: NaN/inf values are an error here)."""
         lead = logits.shape[:-3]
         flat = logits.reshape(-1, *logits.shape[-3:])
         if lead and self.rows_at_once is not False:
             try:
-                values = self._checked(self.metric(logits), logits.shape[:-2])
+                values = self._checked(self.metric(logits), logits.shape[:-2], finite)
             except ApexlensError:
                 values = None
             except (RuntimeError, IndexError, ValueError, TypeError):
@@ -209,7 +215,7 @@ class Readout:
             if values is not None and self.rows_at_once is None:
                 # checked once against run-by-run calls, on the first and the last row
                 for i in sorted({0, flat.shape[0] - 1}):
-                    ref = self._call_one(flat[i])
+                    ref = self._call_one(flat[i], finite)
                     if not torch.allclose(
                         values.reshape(-1, self.batch)[i], ref, rtol=1e-6, atol=1e-9
                     ):
@@ -218,10 +224,12 @@ class Readout:
             self.rows_at_once = values is not None
             if values is not None:
                 return values
-        per_run = torch.stack([self._call_one(lg) for lg in flat])
+        per_run = torch.stack([self._call_one(lg, finite) for lg in flat])
         return per_run.reshape(*lead, self.batch)
 
-    def _checked(self, values: Any, expected: torch.Size | tuple[int, ...]) -> Tensor:
+    def _checked(
+        self, values: Any, expected: torch.Size | tuple[int, ...], finite: bool = True
+    ) -> Tensor:
         name = self.name
         if not isinstance(values, Tensor):
             raise ApexlensError(
@@ -244,6 +252,6 @@ class Readout:
         ):
             raise ApexlensError(f"metric {name} returned a {values.dtype} tensor; expected numbers")
         values = values.to(self.bk.dtype if self.bk.dtype.is_floating_point else torch.float32)
-        if not torch.isfinite(values).all():
+        if finite and not torch.isfinite(values).all():
             raise ApexlensError(f"metric {name} returned NaN or inf")
         return values

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,54 +40,66 @@ from apexlens.ui.report import write_report
 SIGMAS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 
 
-def run_demo(
-    out_dir: str | Path = "apexlens-report", *, progress: bool = True, n: int = 32
-) -> dict[str, Any]:
-    """Run the demo; returns the numbers it printed and the report's path.
+@dataclass
+class _State:
+    """What the demo's steps compute, for the report and the returned numbers."""
 
-    Long on purpose: it is a script, the demo's five steps and their report sections read
-    top to bottom in one place."""
-    out = Path(out_dir)
-    bar = tqdm(total=6, desc="apexlens demo", disable=not progress, unit="step")
+    model: Any = None
+    exp: Any = None
+    to_logits: Any = None
+    to_key: Any = None
+    ind: int = 0
+    prev: int = 0
+    induction_heads: list[int] = field(default_factory=list)
+    edges: list[tuple[str, str]] = field(default_factory=list)
+    circuit: Any = None
+    sweeps: dict[str, Any] = field(default_factory=dict)
+    table: Any = None
+    fv_task: Any = None
+    neuron: str = ""
+    fv_checks: dict[str, Any] = field(default_factory=dict)
 
-    # 1. path patching on the induction model
-    model = load_model("induction-2l")
-    task = get_task("induction")
-    batch = task.batch(n, seed=0)
-    exp = Experiment(
-        model,
+
+def _path_patching(s: _State, n: int) -> None:
+    """Every head -> logits, then layer-0 heads -> the strongest induction head's key."""
+    s.model = load_model("induction-2l")
+    batch = get_task("induction").batch(n, seed=0)
+    s.exp = Experiment(
+        s.model,
         batch.clean_tokens,
         batch.corrupted_tokens,
         metric=batch.logit_diff(),
         positions=batch.named_positions,
     )
-    to_logits = exp.path_patch("all-heads", "logits")
-    norm = to_logits.normalized()
-    ind = int(norm[1].argmin())
-    induction_heads = [h for h in range(model.cfg.n_heads) if norm[1, h] < -0.1] or [ind]
-    bar.update()
-    to_key = exp.path_patch("heads:0", f"1.{ind}.k")
-    prev = int(to_key.normalized().argmin())
-    bar.update()
+    s.to_logits = s.exp.path_patch("all-heads", "logits")
+    norm = s.to_logits.normalized()
+    s.ind = int(norm[1].argmin())
+    n_heads = norm.shape[1]
+    s.induction_heads = [h for h in range(n_heads) if norm[1, h] < -0.1] or [s.ind]
+    s.to_key = s.exp.path_patch("heads:0", f"1.{s.ind}.k")
+    s.prev = int(s.to_key.normalized().argmin())
 
-    # 2. a circuit hypothesis
-    edges: list[tuple[str, str]] = [("embed", f"0.{prev}.{c}") for c in "qkv"]
-    for h in induction_heads:
-        edges += [
-            (f"0.{prev}", f"1.{h}.k"),
+
+def _circuit(s: _State, n: int) -> None:
+    """The induction circuit as a hypothesis, evaluated exactly."""
+    s.edges = [("embed", f"0.{s.prev}.{c}") for c in "qkv"]
+    for h in s.induction_heads:
+        s.edges += [
+            (f"0.{s.prev}", f"1.{h}.k"),
             ("embed", f"1.{h}.q"),
             ("embed", f"1.{h}.v"),
             (f"1.{h}", "logits"),
         ]
-    edges.append(("embed", "logits"))
-    circuit = exp.evaluate_circuit(edges)
-    bar.update()
+    s.edges.append(("embed", "logits"))
+    s.circuit = s.exp.evaluate_circuit(s.edges)
 
-    # 3. APEX on the backdoored model and its clean twin
+
+def _apex(s: _State, n: int) -> None:
+    """APEX on the backdoored model and its clean twin."""
     bd_task = get_task("backdoor")
     tokens = bd_task.batch(64, seed=0).clean_tokens
     labels = bd_task.token_labels(torch.arange(bd_task.d_vocab))
-    sweeps = {
+    s.sweeps = {
         name: apex(
             load_model(name),
             tokens,
@@ -99,32 +112,71 @@ def run_demo(
         )
         for name in ("backdoor", "backdoor-clean")
     }
-    table = compare(sweeps)
-    bar.update()
+    s.table = compare(s.sweeps)
 
-    # 4. feature visualization: a manipulated neuron and the same neuron untouched
-    fv_task = get_task("modadd")
-    natural = torch.unique(fv_task.batch(512, seed=0).clean_tokens, dim=0)
-    neuron = f"m1.n{model_info('modadd-2l-slingshot')['manipulation']['neuron']}"
-    fv_checks = {
-        name: fv_check(load_model(name), neuron, natural, n_pos=4, seed=0)
+
+def _features(s: _State, n: int) -> None:
+    """Feature visualization of a manipulated neuron and of the same neuron untouched."""
+    s.fv_task = get_task("modadd")
+    natural = torch.unique(s.fv_task.batch(512, seed=0).clean_tokens, dim=0)
+    s.neuron = f"m1.n{model_info('modadd-2l-slingshot')['manipulation']['neuron']}"
+    s.fv_checks = {
+        name: fv_check(load_model(name), s.neuron, natural, n_pos=4, seed=0)
         for name in ("modadd-2l-slingshot", "modadd-2l")
     }
-    bar.update()
 
-    # 5. report
-    target = model_info("backdoor")["target_token"]
-    top = (
-        to_logits.to_frame()
-        .sort_values("normalized")
-        .head(5)[["sender", "value", "normalized", "ci_low", "ci_high"]]
+
+STEPS = [
+    ("path patching: heads -> logits and -> an induction key", _path_patching),
+    ("a circuit hypothesis", _circuit),
+    ("APEX: backdoor and clean twin", _apex),
+    ("feature visualization and its check", _features),
+]
+"""The demo's steps, in order, each named on the progress bar."""
+
+
+def run_demo(
+    out_dir: str | Path = "apexlens-report", *, progress: bool = True, n: int = 32
+) -> dict[str, Any]:
+    """Run the demo's steps (:data:`STEPS`) and write the report; returns the numbers it
+    printed and the report's path."""
+    out = Path(out_dir)
+    s = _State()
+    bar = tqdm(total=len(STEPS) + 1, desc="apexlens demo", disable=not progress, unit="step")
+    for name, step in STEPS:
+        bar.set_postfix_str(name)
+        step(s, n)
+        bar.update()
+    bar.set_postfix_str("writing the report")
+    text, apex_rows = _text(s)
+    path = write_report(
+        out / "report.html", _sections(s), title="apexlens demo", intro=text.splitlines()[0]
     )
-    key_frame = to_key.to_frame()[["sender", "value", "normalized"]]
+    bar.update()
+    bar.close()
+    print(text)
+    print(f"\nreport: {path}")
+    return {
+        "report": str(path),
+        "induction_head": f"1.{s.ind}",
+        "prev_token_head": f"0.{s.prev}",
+        "recovery": s.circuit.recovery,
+        "proportion_explained": s.circuit.proportion_explained,
+        "apex": apex_rows.to_dict("records"),
+        "fv_flagged": {name: chk.flagged for name, chk in s.fv_checks.items()},
+        "text": text,
+    }
+
+
+def _text(s: _State) -> tuple[str, Any]:
+    """The printed summary, and the APEX rows at the largest sigma."""
+    exp, to_key, circuit, ind, prev = s.exp, s.to_key, s.circuit, s.ind, s.prev
+    target = model_info("backdoor")["target_token"]
+    top = _top(s)
     big = max(SIGMAS)
-    apex_rows = table[table["sigma"] == big][
+    apex_rows = s.table[s.table["sigma"] == big][
         ["model", "sigma", "dominant_token", "top1_share", "entropy"]
     ]
-    circuit_frame = circuit.to_frame()
     lines = [
         "apexlens demo (shipped toy models, offline)",
         "",
@@ -132,7 +184,7 @@ def run_demo(
         "  heads -> logits, strongest paths (normalised; -1 = the whole effect):",
         *[f"    {r.sender:>5s}  {r.normalized:+.3f}" for r in top.itertuples()],
         f"  layer-0 heads -> 1.{ind}.k: previous-token head 0.{prev} ({float(to_key.normalized()[prev]):+.3f})",
-        f"  circuit ({len(edges)} edges): recovery {circuit.recovery:.3f}, proportion explained "
+        f"  circuit ({len(s.edges)} edges): recovery {circuit.recovery:.3f}, proportion explained "
         f"{circuit.proportion_explained:.3f}",
         f"backdoor (target token {target}) vs backdoor-clean, noise on the embeddings, sigma = {big:g}:",
         *[
@@ -140,13 +192,35 @@ def run_demo(
             for r in apex_rows.itertuples()
         ],
     ]
-    for name, chk in fv_checks.items():
-        toks = " ".join(fv_task.token_labels(chk.fv.best_tokens))
+    for name, chk in s.fv_checks.items():
+        toks = " ".join(s.fv_task.token_labels(chk.fv.best_tokens))
         lines.append(
-            f"{name} {neuron}: FV '{toks}' {chk.fv_activation:.2f} ({chk.ratio:.2f}x the natural "
+            f"{name} {s.neuron}: FV '{toks}' {chk.fv_activation:.2f} ({chk.ratio:.2f}x the natural "
             f"max) -> {'SUSPICIOUS' if chk.flagged else 'consistent'}"
         )
-    text = "\n".join(lines)
+    return "\n".join(lines), apex_rows
+
+
+def _top(s: _State) -> Any:
+    return (
+        s.to_logits.to_frame()
+        .sort_values("normalized")
+        .head(5)[["sender", "value", "normalized", "ci_low", "ci_high"]]
+    )
+
+
+def _sections(s: _State) -> list[tuple[str, Any, str]]:
+    """The report: every figure and table with what it shows."""
+    to_logits, to_key, circuit, sweeps, table = s.to_logits, s.to_key, s.circuit, s.sweeps, s.table
+    ind, prev, induction_heads, fv_task, neuron, fv_checks = (
+        s.ind, s.prev, s.induction_heads, s.fv_task, s.neuron, s.fv_checks
+    )
+    target = model_info("backdoor")["target_token"]
+    top = _top(s)
+    key_frame = to_key.to_frame()[["sender", "value", "normalized"]]
+    big = max(SIGMAS)
+    circuit_frame = circuit.to_frame()
+    n_layers = to_logits.grid[0]
     heads = ", ".join(f"1.{h}" for h in induction_heads)
     sections: list[tuple[str, Any, str]] = [
         (
@@ -181,7 +255,7 @@ def run_demo(
         ),
         (
             "The circuit hypothesis",
-            plotting.path_graph(circuit, n_layers=model.cfg.n_layers),
+            plotting.path_graph(circuit, n_layers=n_layers),
             "The hypothesis tested below: the embeddings feed the previous-token head 0."
             f"{prev}, which feeds the keys of the layer-1 heads {heads}; the embeddings feed "
             "their queries and values, and their outputs go to the logits. Every line is an "
@@ -270,20 +344,4 @@ def run_demo(
             "One row per model: the check's numbers for the same neuron.",
         ),
     ]
-    path = write_report(
-        out / "report.html", sections, title="apexlens demo", intro=text.splitlines()[0]
-    )
-    bar.update()
-    bar.close()
-    print(text)
-    print(f"\nreport: {path}")
-    return {
-        "report": str(path),
-        "induction_head": f"1.{ind}",
-        "prev_token_head": f"0.{prev}",
-        "recovery": circuit.recovery,
-        "proportion_explained": circuit.proportion_explained,
-        "apex": apex_rows.to_dict("records"),
-        "fv_flagged": {name: chk.flagged for name, chk in fv_checks.items()},
-        "text": text,
-    }
+    return sections

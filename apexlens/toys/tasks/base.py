@@ -18,6 +18,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from apexlens.errors import ApexlensError
+
 
 @dataclass
 class TaskBatch:
@@ -31,7 +33,7 @@ class TaskBatch:
 
     def __post_init__(self) -> None:
         if self.clean_tokens.shape != self.corrupted_tokens.shape:
-            raise ValueError(
+            raise ApexlensError(
                 f"clean tokens {tuple(self.clean_tokens.shape)} and corrupted tokens "
                 f"{tuple(self.corrupted_tokens.shape)} must have the same shape"
             )
@@ -39,7 +41,7 @@ class TaskBatch:
         for name in ("answer_tokens", "wrong_tokens", "positions"):
             t = getattr(self, name)
             if t.shape != (n,):
-                raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+                raise ApexlensError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
 
     def __len__(self) -> int:
         return int(self.clean_tokens.shape[0])
