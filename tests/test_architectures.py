@@ -38,9 +38,9 @@ import pytest
 import torch
 
 import apexlens
-from apexlens.vocab import full_graph
 from apexlens.reference import naive_act_patch, naive_apex, naive_path_patch
 from apexlens.scoring import LogitDiff
+from apexlens.vocab import full_graph
 
 TOL = 1e-9
 DEVICE = os.environ.get("APEXLENS_TEST_DEVICE", "cpu")

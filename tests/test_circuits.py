@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import apexlens
-from apexlens.vocab import full_graph
 from apexlens.scoring import LogitDiff
+from apexlens.vocab import full_graph
 
 from backends import model_backends
 from helpers import hook_count, random_model, random_tokens

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import apexlens
-from apexlens.ui.cli import main
 from apexlens.toys.models import load_model
 from apexlens.toys.tasks import get_task
+from apexlens.ui.cli import main
 
 
 # ----------------------------------------------------------------------------- 5. progress

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import apexlens
-from apexlens.ui import plotting
 from apexlens.toys.models import load_model
 from apexlens.toys.tasks import get_task
+from apexlens.ui import plotting
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import apexlens
-from apexlens.ui import plotting
-from apexlens.ui.cli import main
 from apexlens.toys.models import load_model
 from apexlens.toys.tasks import get_task
+from apexlens.ui import plotting
+from apexlens.ui.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from apexlens.model import ApexlensError
 from apexlens import ApexResult, apex, compare, noise_hooks
 from apexlens.api.apex import resolve_sites
+from apexlens.model import ApexlensError
 from apexlens.reference import naive_apex
 
 from backends import (

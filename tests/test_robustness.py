@@ -315,8 +315,7 @@ def test_plain_metric_reads_are_found_verified_and_exact():
 @pytest.mark.parametrize("parallel", [False, True])
 def test_edge_index_validity_equals_has_edge(parallel):
     from apexlens.model import backend_for
-    from apexlens.vocab import EdgeIndex
-    from apexlens.vocab import has_edge
+    from apexlens.vocab import EdgeIndex, has_edge
 
     cfg = random_config()
     cfg["parallel_attn_mlp"] = parallel

@@ -14,9 +14,9 @@ import torch
 import apexlens
 from apexlens import ApexlensError
 from apexlens.engines.features import attribution
-from apexlens.vocab import parse_feature
 from apexlens.model.hooks import inference_mode
 from apexlens.toys.tasks.toy import ModAddTask
+from apexlens.vocab import parse_feature
 
 from backends import model_backends
 
@@ -174,8 +174,8 @@ def test_attribution_equals_finite_differences(backend, toy_model_factory):
     f = parse_feature(model, "m1.n34")
     with inference_mode(model, grad=True):
         labels, scores, value, resid = attribution(model, f, x)
-    from apexlens.model import backend_for
     from apexlens.engines.features import components
+    from apexlens.model import backend_for
 
     eps = 1e-5
     for j, (label, hook, head) in enumerate(components(backend_for(model), f)):

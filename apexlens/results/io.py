@@ -80,7 +80,14 @@ class _Encoder:
         if isinstance(v, Scores):
             return {"__scores__": self.tensor(v.values, key)["__tensor__"]}
         if isinstance(v, pd.DataFrame):
-            return {"__frame__": json.loads(v.to_json(orient="split", double_precision=17))}
+            rows = [[_plain(x) for x in row] for row in v.astype(object).values.tolist()]
+            return {
+                "__frame__": {
+                    "columns": [str(c) for c in v.columns],
+                    "dtypes": [str(d) for d in v.dtypes],
+                    "data": self.value(rows, key),
+                }
+            }
         if isinstance(v, Feature):
             return {"__feature__": self.fields(v, key)}
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
@@ -109,6 +116,11 @@ class _Encoder:
                 v = _label_table(obj, v)
             out[f.name] = self.value(v, f"{prefix}.{f.name}" if prefix else f.name)
         return out
+
+
+def _plain(x: Any) -> Any:
+    """A table cell as a plain Python value (NumPy scalars unwrapped)."""
+    return x.item() if hasattr(x, "item") and not isinstance(x, (list, dict, str)) else x
 
 
 def _label_table(obj: Any, labels: Any) -> dict[int, str]:
@@ -167,7 +179,8 @@ class _Decoder:
             return Scores(self.tensors[v["__scores__"]])
         if "__frame__" in v:
             f = v["__frame__"]
-            return pd.DataFrame(f["data"], columns=f["columns"], index=f["index"])
+            frame = pd.DataFrame(self.value(f["data"]), columns=f["columns"])
+            return frame.astype(dict(zip(f["columns"], f["dtypes"], strict=True)))
         if "__feature__" in v:
             return Feature(**self.fields(v["__feature__"]))
         if "__result__" in v:
