@@ -372,33 +372,36 @@ def _run_check(
     peers: tuple[Feature, ...], natural: Tensor, k: int, n_start: int, alpha: float,
     progress: bool,
 ) -> FVCheck:
-    """Visualize what is not known yet (the feature unless ``fv`` is given, uncached peers)
-    in one batch, gather their evidence in one pass, and test."""
+    """Visualize every feature not known yet (the checked one unless ``fv`` is given or it
+    was a peer before; uncached peers) in one batch, gather their evidence in one pass, keep
+    each in the cache, and test."""
     key = CACHE.settings_key(model, _settings(plan, k, n_start), natural)
-    missing = tuple(p for p in peers if CACHE.get(model, key, p) is None)
-    todo = ((f,) if fv is None else ()) + missing
+    wanted = ((f,) if fv is None else ()) + peers
+    todo = tuple(x for x in wanted if CACHE.get(model, key, x) is None)
     bar = progress_bar(
         (plan.steps + plan.refine_steps if todo else 0) + 1 + plan.refine_steps,
-        f"fv_check {f.label} ({len(missing)} of {len(peers)} peers to visualize)", progress,
+        f"fv_check {f.label} ({len(todo)} of {len(wanted)} visualizations to make)", progress,
     )
-    offset = len(todo) - len(missing)  # the checked feature's block comes first if visualized
     with inference_mode(model, grad=True):
+        vis = []
         if todo:
             found = optimise(bk, replace(plan, feature=todo[0]), bar, todo[1:])
-        if fv is None:
-            fv = _visualization(plan, found, 0)
-        best = [fv.tokens[0]] + [
-            _visualization(plan, found, offset + i, p).tokens[0] for i, p in enumerate(missing)
-        ]
-        evs = collect(bk, plan, missing, torch.stack(best), natural, k=k, n_start=n_start,
-                      bar=bar)
+            vis = [_visualization(plan, found, i, x) for i, x in enumerate(todo)]
+        feats = ((f,) if fv is not None else ()) + todo
+        shown = ([fv] if fv is not None else []) + vis
+        evs = []
+        if feats:
+            evs = collect(bk, replace(plan, feature=feats[0]), feats[1:],
+                          torch.stack([v.tokens[0] for v in shown]), natural, k=k,
+                          n_start=n_start, bar=bar)
     bar.close()
-    stats = [statistics(ev) for ev in evs]
-    for p, ev, st in zip(missing, evs[1:], stats[1:], strict=True):
-        CACHE.put(model, key, p, (ev, st))
-    table = {p: CACHE.get(model, key, p) for p in peers}
-    rows = [(evs[0], stats[0])] + [table[p] for p in peers]
-    return _result(model, f, fv, natural, k, peers, rows, alpha)
+    entries = [(v, ev, statistics(ev)) for v, ev in zip(shown, evs, strict=True)]
+    for x, entry in zip(feats, entries, strict=True):
+        if x is not f or fv is None:
+            CACHE.put(model, key, x, entry)
+    target = entries[0] if fv is not None else CACHE.get(model, key, f)
+    rows = [target[1:]] + [CACHE.get(model, key, p)[1:] for p in peers]
+    return _result(model, f, target[0], natural, k, peers, rows, alpha)
 
 
 def _cos(a: Tensor, b: Tensor) -> float:
