@@ -236,7 +236,7 @@ class FVCheck(Saveable):
         n = self.statistics.shape[0]
         out = [
             f"p = {self.p_value:.3g} <= alpha = {self.alpha:g}: more unusual than "
-            f"{n - 1 - round(self.p_value * n - 1)} of {n - 1} peer features"
+            f"{n - round(self.p_value * n)} of {n - 1} peer features"
         ]
         order = sorted(range(len(self.measures)), key=lambda m: float(self.p_values[m]))
         for m in order:
@@ -249,10 +249,11 @@ class FVCheck(Saveable):
     def verdict(self) -> str:
         if self.flagged:
             return "suspicious: " + "; ".join(self.reasons)
+        n = self.statistics.shape[0]
         return (
-            f"consistent: p = {self.p_value:.3g} > alpha = {self.alpha:g} (as unusual as "
-            f"{self.statistics.shape[0] - 1} peer features allow); {self.ratio:.2f}x the "
-            "natural maximum"
+            f"consistent: p = {self.p_value:.3g} > alpha = {self.alpha:g} ({round(self.p_value * n) - 1}"
+            f" of {n - 1} peer features are at least as unusual); {self.ratio:.2f}x the natural "
+            "maximum"
         )
 
     def attribution_frame(self) -> pd.DataFrame:
