@@ -23,6 +23,7 @@ Public API (one screen):
                 :func:`top_examples` (natural top-activating inputs), :func:`fv_check` (is the
                 visualization manipulated? :class:`FVCheck`), :func:`feature_values`
 * errors     -- one type, :class:`ApexlensError`, whose message names the fix
+* workbench  -- :func:`workbench`: test circuit hypotheses interactively (browser / notebook)
 """
 
 from apexlens import graph, scoring
@@ -71,6 +72,7 @@ from apexlens.scoring import (
 )
 from apexlens.tasks import get_task
 from apexlens.tasks.base import Task, TaskBatch
+from apexlens.ui.workbench import workbench
 from apexlens.visualize import fv_check, top_examples, visualize
 
 __all__ = [
@@ -132,5 +134,6 @@ __all__ = [
     "FeatureVisualization",
     "NaturalExamples",
     "FVCheck",
+    "workbench",
 ]
 __version__ = "0.1.0"

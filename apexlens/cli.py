@@ -1,4 +1,5 @@
-"""The ``apexlens`` command line: ``demo``, ``models``, ``path-patch``, ``apex``, ``discover``.
+"""The ``apexlens`` command line: ``demo``, ``models``, ``path-patch``, ``apex``, ``discover``,
+``workbench``.
 
 Every subcommand has ``--help``. A bad argument (unknown model, bad node name, head out of
 range, negative sigma...) prints one line on stderr and exits with status 2.
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     from apexlens import cli_visualize
 
     cli_visualize.add_parser(sub, common)
+    from apexlens.ui.workbench import cli as cli_workbench
+
+    cli_workbench.add_parser(sub)
     return parser
 
 
@@ -371,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             from apexlens import cli_visualize
 
             return cli_visualize.run(args, _model_and_task)
+        if args.command == "workbench":
+            from apexlens.ui.workbench import cli as cli_workbench
+
+            return cli_workbench.run(args, _model_and_task)
         return _apex(args)
     except ApexlensError as e:
         print(f"apexlens: error: {e}", file=sys.stderr)
