@@ -52,9 +52,13 @@ def _free_port(host: str) -> int:
 
 def loopback_warning(host: str) -> str | None:
     """The warning printed when serving on an address other than loopback."""
-    from apexlens.ui.workbench.app import LOOPBACK
+    import ipaddress
 
-    if host in LOOPBACK:
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
         return None
     return (
         f"warning: serving the workbench on {host}: anyone who can reach this address can use "

@@ -912,9 +912,6 @@ def _decode_upload(contents: str, filename: str | None) -> str:
 
 
 # ============================================================================ serving
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 class Server:
     """A running workbench: ``.url``, ``.stop()``."""
 
