@@ -27,7 +27,12 @@ N, SEED = 8, 0
 INDUCTION = [("embed", "0.1.v")] + [
     e
     for h in range(4)
-    for e in [("0.1", f"1.{h}.k"), ("embed", f"1.{h}.q"), ("embed", f"1.{h}.v"), (f"1.{h}", "logits")]
+    for e in [
+        ("0.1", f"1.{h}.k"),
+        ("embed", f"1.{h}.q"),
+        ("embed", f"1.{h}.v"),
+        (f"1.{h}", "logits"),
+    ]
 ]
 
 
@@ -41,7 +46,11 @@ def reference(model):
     """An independent Experiment on the batch the session uses."""
     b = apexlens.get_task("induction").batch(N, seed=SEED)
     return apexlens.Experiment(
-        model, b.clean_tokens, b.corrupted_tokens, metric=b.logit_diff(), positions=b.named_positions
+        model,
+        b.clean_tokens,
+        b.corrupted_tokens,
+        metric=b.logit_diff(),
+        positions=b.named_positions,
     )
 
 
@@ -54,7 +63,9 @@ def _same_numbers(s: Session, ref: apexlens.Experiment) -> None:
     want = ref.evaluate_circuit(s.edge_pairs())
     assert s.current.recovery == want.recovery
     assert s.current.explained == want.proportion_explained
-    assert torch.equal(torch.tensor(s.current.per_example, dtype=torch.float64), want.scores.values.double())
+    assert torch.equal(
+        torch.tensor(s.current.per_example, dtype=torch.float64), want.scores.values.double()
+    )
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -68,7 +79,9 @@ def test_numbers_equal_evaluate_circuit_after_every_change(session, reference):
     session.set_edges(INDUCTION, "README circuit")
     _same_numbers(session, reference)
     session.toggle_node("1.3")
-    assert not any("1.3" in e.split("->")[0] or e.split("->")[1].startswith("1.3.") for e in session.edges)
+    assert not any(
+        "1.3" in e.split("->")[0] or e.split("->")[1].startswith("1.3.") for e in session.edges
+    )
     _same_numbers(session, reference)
     session.add_text("0.1@end->1.3.k@end, 1.3@end->logits")  # positions where the task names them
     assert {"0.1@end->1.3.k@end", "1.3@end->logits@end"} <= session.edges
@@ -110,7 +123,13 @@ def test_toggle_node_removes_then_adds_all_its_edges(session):
     session.toggle_node("0.1")
     assert session.edges == full
     session.toggle_node("1.3.k")  # a port: only the edges into it
-    assert session.edges == full - {"embed->1.3.k", "0.0->1.3.k", "0.1->1.3.k", "0.2->1.3.k", "0.3->1.3.k"}
+    assert session.edges == full - {
+        "embed->1.3.k",
+        "0.0->1.3.k",
+        "0.1->1.3.k",
+        "0.2->1.3.k",
+        "0.3->1.3.k",
+    }
     session.start_empty()
     session.toggle_node("1.3", at="end")
     assert "0.1@end->1.3.k@end" in session.edges and "1.3@end->logits@end" in session.edges
@@ -175,9 +194,15 @@ def test_circuit_json_round_trip(session, model):
         ('{"format": "apexlens.circuit", "version": 2, "edges": []}', "version 2 is not supported"),
         ('{"format": "other", "version": 1, "edges": []}', "not an apexlens circuit"),
         ('{"format": "apexlens.circuit", "version": 1, "edges": [["0.1"]]}', "edge 0 is ['0.1']"),
-        ('{"format": "apexlens.circuit", "version": 1, "edges": [["1.3", "0.1.k"]]}', "goes backwards"),
+        (
+            '{"format": "apexlens.circuit", "version": 1, "edges": [["1.3", "0.1.k"]]}',
+            "goes backwards",
+        ),
         ('{"edges": {"a0.h1->a1.h3<k>": {"score": 1.0}}}', "no edge carries 'in_graph'"),
-        ('{"edges": {"a0.h1->a1.mlp<k>": {"in_graph": true}}}', "node 'a1.mlp<k>' has no apexlens equivalent"),
+        (
+            '{"edges": {"a0.h1->a1.mlp<k>": {"in_graph": true}}}',
+            "node 'a1.mlp<k>' has no apexlens equivalent",
+        ),
     ],
 )
 def test_bad_files_give_a_clear_message_and_change_nothing(session, text, message):
@@ -242,7 +267,9 @@ def test_starting_points_match_the_library(session, reference):
     metric = reference.readout.metric
     scores = apexlens.attribute_edges(reference, None, None, metric=metric, method="eap")
     session.start_top_k("eap", 7)
-    assert session.edge_pairs() == sorted(scores.top(7), key=lambda e: session.universe.index(f"{e[0]}->{e[1]}"))
+    assert session.edge_pairs() == sorted(
+        scores.top(7), key=lambda e: session.universe.index(f"{e[0]}->{e[1]}")
+    )
     session.start_discover(threshold=0.1, method="eap")
     found = apexlens.discover(reference, None, None, metric=metric, threshold=0.1, order=scores)
     assert session.edges == {f"{s}->{r}" for s, r in found.edges}
@@ -377,5 +404,7 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys):
     assert "--circuit" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    assert main(["workbench", "induction-2l", "--n", "2", "--circuit", str(bad), "--no-browser"]) == 2
+    assert (
+        main(["workbench", "induction-2l", "--n", "2", "--circuit", str(bad), "--no-browser"]) == 2
+    )
     assert "bad.json is not valid JSON" in capsys.readouterr().err
