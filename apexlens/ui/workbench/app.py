@@ -106,6 +106,38 @@ def fmt(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:.6f}"
 
 
+def render_numbers(session: Session, entry: Entry) -> tuple[Any, ...]:
+    """What the page shows of an evaluated hypothesis: ``#recovery``, ``#explained``, the
+    edge count, the details, the per-example figure and the undo/redo states."""
+    from dash import html
+
+    detail = [
+        html.Div(
+            f"metric {entry.metric:.4g} ± {entry.sem:.2g} (mean ± sem over {len(entry.per_example)} examples)"
+        ),
+        html.Div(
+            f"clean {entry.clean:.4g} · fully ablated {entry.ablated:.4g} ({session.ablation})"
+        ),
+        html.Div(
+            [
+                f"#{entry.id} ",
+                html.Span(entry.label, title=entry.label),
+                f" · evaluated in {1000 * entry.seconds:.0f} ms",
+            ],
+            style={"overflow": "hidden", "textOverflow": "ellipsis", "whiteSpace": "nowrap"},
+        ),
+    ]
+    return (
+        fmt(entry.recovery),
+        fmt(entry.explained),
+        str(entry.n_edges),
+        detail,
+        figures.spread_dict(entry),
+        not session.can_undo,
+        not session.can_redo,
+    )
+
+
 def _require_dash() -> Any:
     try:
         import dash
@@ -139,37 +171,10 @@ def make_app(session: Session) -> Any:
     }
     big_graph = len(session.universe) > 400
 
-    def numbers(entry: Entry) -> tuple[Any, ...]:
-        detail = [
-            html.Div(
-                f"metric {entry.metric:.4g} ± {entry.sem:.2g} (mean ± sem over {len(entry.per_example)} examples)"
-            ),
-            html.Div(
-                f"clean {entry.clean:.4g} · fully ablated {entry.ablated:.4g} ({session.ablation})"
-            ),
-            html.Div(
-                [
-                    f"#{entry.id} ",
-                    html.Span(entry.label, title=entry.label),
-                    f" · evaluated in {1000 * entry.seconds:.0f} ms",
-                ],
-                style={"overflow": "hidden", "textOverflow": "ellipsis", "whiteSpace": "nowrap"},
-            ),
-        ]
-        return (
-            fmt(entry.recovery),
-            fmt(entry.explained),
-            str(entry.n_edges),
-            detail,
-            figures.spread_figure(entry),
-            not session.can_undo,
-            not session.can_redo,
-        )
-
     def page() -> Any:
         """The page, rendered from the session's current state on every load."""
         with session.lock:
-            first = numbers(session.current)
+            first = render_numbers(session, session.current)
             tools = html.Div(
                 [
                     html.Div(
@@ -576,7 +581,7 @@ def make_app(session: Session) -> Any:
             return (*([no_update] * 7), msg, cls, no_update)
         note = s.last_note
         return (
-            *numbers(s.current),
+            *render_numbers(s, s.current),
             note,
             "wb-msg note" if note else "wb-msg empty",
             (version or 0) + 1,

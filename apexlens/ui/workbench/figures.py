@@ -41,62 +41,70 @@ def _compact(fig: go.Figure, height: int, **layout: Any) -> go.Figure:
     return fig
 
 
-def spread_figure(entry: Entry, labels: list[str] | None = None) -> go.Figure:
+def spread_dict(entry: Entry, labels: list[str] | None = None) -> dict[str, Any]:
     """Per example: the metric fully ablated (grey), under the hypothesis (blue) and clean
-    (green); the line joins ablated and clean."""
+    (green); a band joins ablated and clean. A plain plotly dict (``dcc.Graph`` takes it as
+    is: no figure validation on the toggle path)."""
     n = len(entry.per_example)
     xs = list(range(n))
-    fig = go.Figure()
     lx: list[float | None] = []
     ly: list[float | None] = []
     for i in xs:
         lx += [i, i, None]
         ly += [entry.ablated_per_example[i], entry.clean_per_example[i], None]
-    fig.add_trace(
-        go.Scatter(
-            x=lx,
-            y=ly,
-            mode="lines",
-            line={"color": "#ddd", "width": 6},
-            hoverinfo="skip",
-            showlegend=False,
-        )
-    )
     text = labels or [f"example {i}" for i in xs]
+    traces: list[dict[str, Any]] = [
+        {
+            "type": "scatter",
+            "x": lx,
+            "y": ly,
+            "mode": "lines",
+            "line": {"color": "#ddd", "width": 6},
+            "hoverinfo": "skip",
+            "showlegend": False,
+        }
+    ]
     for name, ys, colour, symbol in (
         ("ablated", entry.ablated_per_example, GREY, "line-ew-open"),
         ("clean", entry.clean_per_example, GREEN, "line-ew-open"),
         ("hypothesis", entry.per_example, BLUE, "circle"),
     ):
-        fig.add_trace(
-            go.Scatter(
-                x=xs,
-                y=list(ys),
-                mode="markers",
-                name=name,
-                text=text,
-                marker={
+        traces.append(
+            {
+                "type": "scatter",
+                "x": xs,
+                "y": list(ys),
+                "mode": "markers",
+                "name": name,
+                "text": text,
+                "marker": {
                     "color": colour,
                     "size": 9 if name == "hypothesis" else 14,
                     "symbol": symbol,
                     "line": {"width": 2, "color": colour},
                 },
-                hovertemplate=f"%{{text}}<br>{name}: %{{y:.4g}}<extra></extra>",
-            )
+                "hovertemplate": f"%{{text}}<br>{name}: %{{y:.4g}}<extra></extra>",
+            }
         )
-    fig.update_xaxes(
-        title="example",
-        showgrid=False,
-        tickmode="linear" if n <= 40 else "auto",
-        dtick=1 if n <= 20 else None,
-    )
-    fig.update_yaxes(title="metric", gridcolor="#eee", zerolinecolor="#bbb")
-    return _compact(
-        fig,
-        230,
-        margin={"l": 50, "r": 10, "t": 28, "b": 40},
-        legend={"orientation": "h", "y": 1.0, "yanchor": "bottom", "x": 0, "xanchor": "left"},
-    )
+    layout = {
+        "height": 230,
+        "font": _FONT,
+        "plot_bgcolor": "white",
+        "margin": {"l": 50, "r": 10, "t": 28, "b": 40},
+        "legend": {"orientation": "h", "y": 1.0, "yanchor": "bottom", "x": 0, "xanchor": "left"},
+        "xaxis": {
+            "title": {"text": "example"},
+            "showgrid": False,
+            **({"dtick": 1} if n <= 20 else {}),
+        },
+        "yaxis": {"title": {"text": "metric"}, "gridcolor": "#eee", "zerolinecolor": "#bbb"},
+    }
+    return {"data": traces, "layout": layout}
+
+
+def spread_figure(entry: Entry, labels: list[str] | None = None) -> go.Figure:
+    """:func:`spread_dict` as a ``go.Figure``."""
+    return go.Figure(spread_dict(entry, labels))
 
 
 def heads_to_logits(result: Any) -> go.Figure:
