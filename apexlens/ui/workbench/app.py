@@ -30,7 +30,7 @@ from apexlens.ui.workbench import figures
 from apexlens.ui.workbench.session import Entry, Session
 from apexlens.ui.workbench.view import circuit_view
 
-AUTO_WEIGH_SECONDS = 0.6
+AUTO_WEIGH_SECONDS = 1.0
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:0;background:#f6f7f9;color:#222}
@@ -56,7 +56,7 @@ input[type=text],input[type=number]{font:inherit;font-size:13px;padding:4px 6px;
 .wb-edge.out .wb-stroke{height:0;border-top:1px dashed #c4c8cf;opacity:1}
 .wb-edge:hover{border-color:#f08c00 !important;background:#f08c00 !important}
 .wb-edge:hover .wb-line{z-index:0}.wb-edge:hover .wb-stroke{background:#f08c00 !important;opacity:1;border-color:#f08c00}
-.wb-at{position:absolute;left:9px;top:-10px;font-size:9px;color:#a05000;pointer-events:none;white-space:nowrap}
+.wb-edge.at{border-radius:1px}
 .wb-node{position:absolute;z-index:4;border:1.5px solid #c3c8d0;border-radius:7px;background:#fafbfc;display:flex;
  align-items:center;justify-content:center;cursor:pointer;font-size:12px;color:#889;box-sizing:border-box}
 .wb-node.on{border-color:#1f2a44;background:#fff;color:#111;font-weight:600}
@@ -242,7 +242,8 @@ def make_app(session: Session) -> Any:
                     html.Span(
                         className="sw", style={"borderTop": "1px dashed #999", "height": "0"}
                     ),
-                    "not in the hypothesis (click to add). Click a node to toggle all its edges.",
+                    "not in the hypothesis (click to add); dashed with a square knob: at named positions "
+                    "only (e.g. @end). Click a node to toggle all its edges.",
                 ],
                 className="wb-legend",
             )

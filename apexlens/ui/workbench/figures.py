@@ -95,6 +95,7 @@ def spread_dict(entry: Entry, labels: list[str] | None = None) -> dict[str, Any]
         "xaxis": {
             "title": {"text": "example"},
             "showgrid": False,
+            "zeroline": False,
             **({"dtick": 1} if n <= 20 else {}),
         },
         "yaxis": {"title": {"text": "metric"}, "gridcolor": "#eee", "zerolinecolor": "#bbb"},

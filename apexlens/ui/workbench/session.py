@@ -138,6 +138,7 @@ class Session:
         self._scores: dict[str, Any] = {}
         self._paths: dict[str, Any] = {}
         self.last_note = ""
+        self._row_seconds: float | None = None
         if start is None:
             start = "full" if len(self.universe) <= 400 else "empty"
         if start == "full":
@@ -600,7 +601,9 @@ class Session:
             if not order:
                 return {}
             rows = [[split_edge(x) for x in edges if x != e] for e in order]
+            t0 = time.perf_counter()
             values = engine.evaluate_many(self.exp, rows, self.ablation).double().mean(-1).cpu()
+            self._row_seconds = (time.perf_counter() - t0) / len(rows)
             gap = entry.clean - entry.ablated
             out = {
                 e: entry.recovery - (float(v) - entry.ablated) / gap
@@ -613,9 +616,10 @@ class Session:
         return self._weights.get(self._edges)
 
     def estimated_weight_seconds(self) -> float:
-        """A rough time for :meth:`weights` of the current hypothesis (one circuit costs
-        about one forward; rows are batched)."""
-        return 0.5 * self.current.seconds * len(self._edges)
+        """A rough time for :meth:`weights` of the current hypothesis: the measured time per
+        row of the last weighing, else a third of one evaluation per edge (rows are batched)."""
+        per_row = self._row_seconds if self._row_seconds is not None else self.current.seconds / 3
+        return per_row * len(self._edges)
 
     def compare(self, a: int, b: int) -> dict[str, Any]:
         """Two hypotheses of the history side by side: their entries, the edges only in
