@@ -373,6 +373,29 @@ def test_notebook_inline_runs_dash_in_jupyter_mode(reference, monkeypatch):
     assert s.app is not None
 
 
+def test_notebook_shows_the_page_inline_in_a_real_kernel():
+    """``apexlens.workbench(...)`` in a Jupyter kernel displays the page inline (an iframe on
+    127.0.0.1) and returns the session."""
+    pytest.importorskip("dash")
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "import apexlens\n"
+        "s = apexlens.workbench('induction-2l', n=4)\n"
+        "print(type(s).__name__, len(s.edges), s.current.recovery)"
+    )
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(code)]
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    outputs = nb.cells[0].outputs
+    frames = [o for o in outputs if "text/html" in o.get("data", {})]
+    assert frames and re.search(
+        r'<iframe[^>]*src="http://127\.0\.0\.1:\d+/"', frames[0]["data"]["text/html"]
+    )
+    assert any(o.get("text", "").startswith("Session 81 1.0") for o in outputs)
+
+
 def test_cli_serves_and_prints_its_url(tmp_path):
     pytest.importorskip("dash")
     circuit = tmp_path / "c.json"

@@ -12,6 +12,7 @@ Skipped only when Chromium is absent and cannot be installed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -155,6 +156,12 @@ def test_load_compare_and_a_corrupt_file(page, served, tmp_path):
         '[data-edge][data-in="1"]', "els => els.map(e => e.dataset.edge)"
     )
     assert sorted(shown) == sorted(f"{s}->{r}" for s, r in INDUCTION)
+
+    # save it again: the download is the same circuit
+    with page.expect_download() as dl:
+        page.click("#export-json")
+    saved_again = json.loads(open(dl.value.path()).read())
+    assert sorted(map(tuple, saved_again["edges"])) == sorted(INDUCTION)
 
     # compare: the full graph (first in the history) as A, the loaded circuit as B
     first = session.history[0].id
