@@ -896,7 +896,7 @@ def figures_html(session: Session) -> str:
             figures.spread_figure(session.current),
         ]
         if "logits" in session._paths:
-            figs.append(figures.heads_to_logits(session._paths["logits"]))
+            figs.append(figures.heads_to_logits(session._paths["logits"], title="heads → logits"))
         parts = [
             "<!DOCTYPE html><html><head><meta charset='utf-8'><title>apexlens workbench figures</title></head><body>"
         ]

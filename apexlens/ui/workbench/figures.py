@@ -108,10 +108,10 @@ def spread_figure(entry: Entry, labels: list[str] | None = None) -> go.Figure:
     return go.Figure(spread_dict(entry, labels))
 
 
-def heads_to_logits(result: Any) -> go.Figure:
-    fig = apexlens.plotting.head_heatmap(
-        result, title="heads → logits (click a head: its q/k/v inputs)"
-    )
+def heads_to_logits(
+    result: Any, title: str = "heads → logits (click a head: its q/k/v inputs)"
+) -> go.Figure:
+    fig = apexlens.plotting.head_heatmap(result, title=title)
     layers, heads = result.grid
     return _compact(fig, max(220, 60 + 34 * layers), xaxis={"title": "head", "constrain": "domain"})
 
@@ -235,7 +235,7 @@ def circuit_figure(session: Session, weights: dict[str, float] | None, cap: int 
     if weights:
         edges = sorted(edges, key=lambda e: -abs(weights.get(e, 0.0)))
     shown = edges[:cap]
-    pairs = session.edge_pairs(shown)
+    pairs = [(e.split("->", 1)[0], e.split("->", 1)[1]) for e in shown]  # aligned with w
     w = [weights.get(e, 0.0) for e in shown] if weights else None
     title = f"hypothesis: {len(edges)} edges, recovery {session.current.recovery:.3f}" + (
         f" (the {cap} heaviest shown)" if len(edges) > cap else ""
@@ -334,7 +334,7 @@ def snapshot(session: Session) -> str:
         sections.append(
             (
                 "heads → logits",
-                heads_to_logits(session._paths["logits"]),
+                heads_to_logits(session._paths["logits"], title="heads → logits"),
                 "Each cell is one head, its direct path to the logits patched from the corrupted run "
                 "(MLPs on the way recomputed). Normalised effect (patched - clean) / (clean - corrupted): "
                 "-1 = the path carries the whole difference, 0 = no effect.",
@@ -352,6 +352,7 @@ def snapshot(session: Session) -> str:
         f"{getattr(engine.experiment_metric(session.exp), 'name', 'metric')}, {session.ablation} ablation, "
         f"{len(session.universe)} edges in the full graph."
     )
+    name = "" if session.title == "apexlens workbench" else f": {session.title}"
     return engine.report_html(
-        sections, title=f"apexlens workbench: {session.title}", intro=intro, definitions=definitions
+        sections, title=f"apexlens workbench snapshot{name}", intro=intro, definitions=definitions
     )
