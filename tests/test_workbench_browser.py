@@ -196,3 +196,5 @@ def test_load_compare_and_a_corrupt_file(page, served, tmp_path):
     _click_edge(page, "1.3->logits")
     _expect_numbers(page, reference, [e for e in INDUCTION if e != ("1.3", "logits")])
     page.wait_for_function("() => !document.querySelector('.wb-msg.error')")  # cleared
+    page.set_input_files("#upload input[type=file]", str(saved))  # the same file again
+    _expect_numbers(page, reference, INDUCTION)

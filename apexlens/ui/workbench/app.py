@@ -28,7 +28,6 @@ from typing import Any
 from apexlens import ApexlensError
 from apexlens.ui.workbench import figures
 from apexlens.ui.workbench.session import Entry, Session
-from apexlens.ui.workbench.view import circuit_view
 
 AUTO_WEIGH_SECONDS = 1.0
 
@@ -152,6 +151,9 @@ def make_app(session: Session) -> Any:
     from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
     from dash.exceptions import PreventUpdate
 
+    from apexlens.ui.workbench.page import page
+    from apexlens.ui.workbench.view import circuit_view
+
     app = dash.Dash(
         __name__,
         title=f"apexlens workbench: {session.title}",
@@ -161,325 +163,7 @@ def make_app(session: Session) -> Any:
         assets_ignore=".*",
     )
     app.index_string = INDEX
-    scopes = [{"label": "all positions", "value": ""}] + [
-        {"label": f"@{p}", "value": p} for p in session.position_names
-    ]
-    loading: dict[str, Any] = {
-        "delay_show": 500,
-        "overlay_style": {"visibility": "visible", "opacity": 0.45},
-        "type": "circle",
-    }
-    big_graph = len(session.universe) > 400
-
-    def page() -> Any:
-        """The page, rendered from the session's current state on every load."""
-        with session.lock:
-            first = render_numbers(session, session.current)
-            tools = html.Div(
-                [
-                    html.Div(
-                        [
-                            html.Button("↶ undo", id="undo", disabled=first[5]),
-                            html.Button("redo ↷", id="redo", disabled=first[6]),
-                        ],
-                        className="grp",
-                    ),
-                    html.Div(
-                        [
-                            dcc.Input(
-                                id="edge-text",
-                                type="text",
-                                placeholder="0.1->1.3.k, embed->1.3.q",
-                                debounce=False,
-                                style={"width": "220px"},
-                                n_submit=0,
-                            ),
-                            html.Button("add", id="edge-add"),
-                            html.Button("remove", id="edge-remove"),
-                        ],
-                        className="grp",
-                    ),
-                    html.Div(
-                        [
-                            html.Span("click adds edges at", className="wb-hint"),
-                            dcc.RadioItems(
-                                id="scope",
-                                options=scopes,
-                                value="",
-                                inline=True,
-                                className="wb-radio",
-                            ),
-                        ],
-                        className="grp",
-                        style={"display": "flex" if session.position_names else "none"},
-                    ),
-                    html.Div(
-                        [
-                            dcc.Checklist(
-                                id="auto-weigh",
-                                options=[
-                                    {"label": " weigh edges after each change", "value": "on"}
-                                ],
-                                value=[] if big_graph else ["on"],
-                                className="wb-radio",
-                            ),
-                            html.Button("weigh now", id="weigh"),
-                        ],
-                        className="grp",
-                    ),
-                ],
-                className="wb-tools",
-            )
-            legend = html.Div(
-                [
-                    "line width = exact change of recovery when that one edge is removed:",
-                    html.Span(className="sw", style={"background": "#2166ac"}),
-                    "the edge helps",
-                    html.Span(className="sw", style={"background": "#b2182b"}),
-                    "it hurts",
-                    html.Span(className="sw", style={"background": "#4a4a4a"}),
-                    "not weighed",
-                    html.Span(
-                        className="sw", style={"borderTop": "1px dashed #999", "height": "0"}
-                    ),
-                    "not in the hypothesis (click to add); dashed with a square knob: at named positions "
-                    "only (e.g. @end). Click a node to toggle all its edges.",
-                ],
-                className="wb-legend",
-            )
-            left = html.Div(
-                [
-                    tools,
-                    html.Div(id="message", className="wb-msg empty", role="alert"),
-                    dcc.Loading(html.Div(html.Div(id="circuit"), className="wb-scroll"), **loading),
-                    html.Div(id="circuit-caption", className="wb-caption"),
-                    legend,
-                ],
-                className="wb-left",
-            )
-            nums = html.Div(
-                [
-                    html.H3("current hypothesis"),
-                    dcc.Loading(
-                        html.Div(
-                            [
-                                html.Div(
-                                    [
-                                        html.Div(
-                                            [
-                                                html.Div("recovery", className="lbl"),
-                                                html.Div(
-                                                    first[0], id="recovery", className="wb-big"
-                                                ),
-                                            ]
-                                        ),
-                                        html.Div(
-                                            [
-                                                html.Div("proportion explained", className="lbl"),
-                                                html.Div(
-                                                    first[1], id="explained", className="wb-big"
-                                                ),
-                                            ]
-                                        ),
-                                    ],
-                                    className="wb-nums",
-                                ),
-                                html.Div(
-                                    [
-                                        "edges: ",
-                                        html.B(first[2], id="n-edges"),
-                                        f" of {len(session.universe)}",
-                                    ],
-                                    className="wb-detail",
-                                ),
-                                html.Div(first[3], id="numbers-detail", className="wb-detail"),
-                            ]
-                        ),
-                        **loading,
-                    ),
-                    html.Div(
-                        "per-example metric: fully ablated (grey) · hypothesis (blue) · clean (green)",
-                        className="wb-hint",
-                        style={"marginTop": "8px"},
-                    ),
-                    dcc.Graph(
-                        id="spread",
-                        figure=first[4],
-                        config={"displaylogo": False, "displayModeBar": False},
-                    ),
-                ],
-                className="wb-card",
-            )
-            starts = html.Div(
-                [
-                    html.H3("starting points"),
-                    html.Div(
-                        [
-                            html.Button("full graph", id="start-full"),
-                            html.Button("nothing", id="start-empty"),
-                        ],
-                        className="wb-row",
-                    ),
-                    html.Div(
-                        [
-                            "top",
-                            dcc.Input(
-                                id="top-k",
-                                type="number",
-                                value=10,
-                                min=0,
-                                step=1,
-                                style={"width": "64px"},
-                            ),
-                            "edges by",
-                            dcc.RadioItems(
-                                id="method",
-                                options=["exact", "eap", "eap-ig"],
-                                value="eap-ig",
-                                inline=True,
-                                className="wb-radio",
-                            ),
-                            html.Button("top-k", id="start-topk"),
-                        ],
-                        className="wb-row",
-                    ),
-                    html.Div(
-                        [
-                            "discover, threshold",
-                            dcc.Input(
-                                id="threshold",
-                                type="number",
-                                placeholder="2% of gap",
-                                min=0,
-                                style={"width": "90px"},
-                            ),
-                            html.Button("discover", id="start-discover"),
-                        ],
-                        className="wb-row",
-                    ),
-                    dcc.Upload(
-                        id="upload",
-                        children=html.Div(
-                            [
-                                "drop or ",
-                                html.U("choose"),
-                                " a circuit JSON (apexlens or EAP-IG/MIB)",
-                            ]
-                        ),
-                        className="wb-upload",
-                        multiple=False,
-                        max_size=20_000_000,
-                    ),
-                ],
-                className="wb-card",
-            )
-            export = html.Div(
-                [
-                    html.H3("save and share"),
-                    html.Div(
-                        [
-                            html.Button("hypothesis JSON", id="export-json"),
-                            html.Button("figures", id="export-figures"),
-                            html.Button("HTML snapshot", id="export-snapshot"),
-                        ],
-                        className="wb-row",
-                    ),
-                    dcc.Download(id="download"),
-                ],
-                className="wb-card",
-            )
-            lower = html.Div(
-                [
-                    html.Div(
-                        [
-                            html.H3("history and comparison"),
-                            html.Div(
-                                "Every hypothesis evaluated in this session. Pick any two as A and B to compare them.",
-                                className="wb-hint",
-                            ),
-                            html.Div(id="history"),
-                            html.Div(id="compare"),
-                        ],
-                        className="wb-card",
-                    ),
-                    html.Div(
-                        [
-                            html.H3("path contributions"),
-                            html.Div(
-                                [
-                                    html.Button(
-                                        "compute heads → logits", id="heat-go", className="primary"
-                                    ),
-                                    html.Span(
-                                        "click a head for heads → its q/k/v; click a q/k/v cell to add that edge",
-                                        className="wb-hint",
-                                    ),
-                                ],
-                                className="wb-row",
-                            ),
-                            dcc.Loading(
-                                html.Div(
-                                    [
-                                        dcc.Graph(
-                                            id="heat-logits",
-                                            style={"display": "none"},
-                                            config={"displaylogo": False},
-                                        ),
-                                        html.Div(
-                                            [
-                                                html.Span(id="heat-head-text", className="wb-hint"),
-                                                html.Button(
-                                                    "add → logits",
-                                                    id="add-logits-edge",
-                                                    n_clicks=0,
-                                                    style={"display": "none"},
-                                                ),
-                                            ],
-                                            className="wb-row",
-                                        ),
-                                        dcc.Graph(
-                                            id="heat-qkv",
-                                            style={"display": "none"},
-                                            config={"displaylogo": False},
-                                        ),
-                                        dcc.Graph(
-                                            id="drill",
-                                            style={"display": "none"},
-                                            config={"displaylogo": False},
-                                        ),
-                                    ]
-                                ),
-                                **loading,
-                            ),
-                        ],
-                        className="wb-card",
-                    ),
-                ],
-                className="wb-lower",
-            )
-            batch_text = f"{session.exp.batch} examples × {session.exp.n_pos} tokens · {session.ablation} ablation · {len(session.universe)} edges"
-            return html.Div(
-                [
-                    html.Div(
-                        [
-                            html.H1("apexlens workbench"),
-                            html.Span(f"{session.title} · {batch_text}", className="ctx"),
-                        ],
-                        className="wb-top",
-                    ),
-                    html.Div(
-                        [left, html.Div([nums, starts, export], className="wb-right")],
-                        className="wb-main",
-                    ),
-                    lower,
-                    dcc.Store(id="version", data=0),
-                    dcc.Store(id="pick-a", data=None),
-                    dcc.Store(id="pick-b", data=None),
-                    dcc.Store(id="sel-head", data=None),
-                ]
-            )
-
-    app.layout = page
+    app.layout = lambda: page(session)  # re-rendered on every page load
 
     def _fail(e: BaseException) -> tuple[str, str]:
         if isinstance(e, ApexlensError):
@@ -489,6 +173,11 @@ def make_app(session: Session) -> Any:
             f"internal error ({type(e).__name__}): {e} -- the session is unchanged",
             "wb-msg error",
         )
+
+    def _report(e: BaseException) -> None:
+        """Show an error of a callback that does not own the message box."""
+        msg, cls = _fail(e)
+        dash.set_props("message", {"children": msg, "className": cls})
 
     # ------------------------------------------------------------------ changes
     @app.callback(
@@ -502,6 +191,7 @@ def make_app(session: Session) -> Any:
         Output("message", "children"),
         Output("message", "className"),
         Output("version", "data"),
+        Output("upload", "contents"),  # cleared, so that the same file can be loaded again
         Input({"type": "edge", "edge": ALL}, "n_clicks"),
         Input({"type": "node", "node": ALL}, "n_clicks"),
         Input({"type": "restore", "id": ALL}, "n_clicks"),
@@ -534,8 +224,8 @@ def make_app(session: Session) -> Any:
             raise PreventUpdate  # a component (re)appearing, not a click
         scope, method, k, threshold, text, filename, head, version = args[-8:]
         s = session
+        kind = trig["type"] if isinstance(trig, dict) else trig
         try:
-            kind = trig["type"] if isinstance(trig, dict) else trig
             if kind == "edge":
                 s.toggle_edge(trig["edge"])
             elif kind == "node":
@@ -579,13 +269,20 @@ def make_app(session: Session) -> Any:
             raise
         except Exception as e:  # nothing crashes the server: the message says what went wrong
             msg, cls = _fail(e)
-            return (*([no_update] * 7), msg, cls, no_update)
+            return (
+                *([no_update] * 7),
+                msg,
+                cls,
+                no_update,
+                None if kind == "upload" else no_update,
+            )
         note = s.last_note
         return (
             *render_numbers(s, s.current),
             note,
             "wb-msg note" if note else "wb-msg empty",
             (version or 0) + 1,
+            None if kind == "upload" else no_update,
         )
 
     @app.callback(
@@ -804,13 +501,10 @@ def make_app(session: Session) -> Any:
     def heat_logits(_n: int) -> tuple[Any, Any]:
         try:
             res = session.path_contributions("logits")
-            return figures.heads_to_logits(res), {"display": "block"}
         except Exception as e:
-            import plotly.graph_objects as go
-
-            fig = go.Figure()
-            fig.add_annotation(text=_fail(e)[0], showarrow=False)
-            return fig, {"display": "block"}
+            _report(e)
+            raise PreventUpdate from None
+        return figures.heads_to_logits(res), {"display": "block"}
 
     @app.callback(
         Output("heat-qkv", "figure"),
@@ -827,6 +521,15 @@ def make_app(session: Session) -> Any:
         prevent_initial_call=True,
     )
     def heat_select(click_logits: Any, click_qkv: Any, head: str | None) -> tuple[Any, ...]:
+        try:
+            return _heat_select(click_logits, click_qkv, head)
+        except PreventUpdate:
+            raise
+        except Exception as e:
+            _report(e)
+            raise PreventUpdate from None
+
+    def _heat_select(click_logits: Any, click_qkv: Any, head: str | None) -> tuple[Any, ...]:
         shown = {"display": "block"}
         if ctx.triggered_id == "heat-logits" and click_logits:
             pt = click_logits["points"][0]
@@ -860,7 +563,15 @@ def make_app(session: Session) -> Any:
         prevent_initial_call=True,
     )
     def export(_j: Any, _f: Any, _s: Any) -> Any:
-        trig = ctx.triggered_id
+        try:
+            return _export(ctx.triggered_id)
+        except PreventUpdate:
+            raise
+        except Exception as e:
+            _report(e)
+            raise PreventUpdate from None
+
+    def _export(trig: Any) -> Any:
         if trig == "export-json":
             return dcc.send_string(session.to_json(), "hypothesis.json")
         if trig == "export-figures":
