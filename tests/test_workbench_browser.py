@@ -128,6 +128,14 @@ def test_clicking_edges_shows_evaluate_circuit_numbers(page, served):
     _, session, reference = served
     drawn = page.eval_on_selector_all("[data-edge]", "els => els.map(e => e.dataset.edge)")
     assert sorted(drawn) == sorted(session.universe)  # every edge of the small graph is drawn
+    covered = page.evaluate(
+        """() => [...document.querySelectorAll('[data-edge]')].filter(el => {
+            const r = el.getBoundingClientRect();
+            const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+            return !hit || hit.closest('[data-edge]') !== el;
+        }).map(el => el.dataset.edge)"""
+    )
+    assert covered == []  # every edge's own element is a free click target
     edges = {f"{s}->{r}" for s, r in apexlens.full_graph(reference.model)}
     for edge in ["0.1->1.3.k", "embed->0.1.v", "1.2->logits"]:
         _click_edge(page, edge)

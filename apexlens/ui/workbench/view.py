@@ -11,10 +11,18 @@ JavaScript build step. Options measured in Chromium:
   ``dash_svg`` is a third-party package), and SVG put into an ``Iframe``/``Markdown`` needs
   hand-written message passing to reach a callback;
 * **absolutely positioned ``html.Div`` elements, one per edge, rotated with a CSS transform**
-  (a transparent hit strip with the visible line inside) are ordinary Dash components: each
-  carries ``data-*`` attributes and ``n_clicks``, a pattern-matching callback
-  (``{"type": "edge", "edge": ALL}``) receives the click, and the browser's own hit-testing
-  follows the rotated box. Hover raises the edge and highlights it; its ``title`` names it.
+  are ordinary Dash components: each carries ``data-*`` attributes and ``n_clicks``, a
+  pattern-matching callback (``{"type": "edge", "edge": ALL}``) receives the click, and the
+  browser's own hit-testing follows the rotated box. Lines alone were not enough: in the
+  full ``induction-2l`` graph 49 of 81 edges had another line on top at their midpoint
+  (measured with ``elementFromPoint`` in Chromium; a symmetric layout crosses lines exactly
+  there). So every edge also has a **knob**, a small dot on its line placed where no other
+  knob or node is (a grid hash keeps the placement linear), and painted above every line
+  (lines sit at ``z-index: -1`` of the canvas' stacking context, knobs at ``auto``). The
+  knob is the element with ``data-edge``/``data-in`` and the line is its child, so a click
+  anywhere on the line or on the knob toggles the edge, and the knob is always a free
+  target (all 81 are hit at their centre). Hovering highlights the line; its ``title``
+  names the edge and its weight.
 
 That is what this module builds. Nodes (embed, heads with their q/k/v input ports, MLPs,
 logits) are ``html.Div`` boxes with ``data-node``. The page stays usable on GPT-2 small
