@@ -6,9 +6,10 @@
     session.edges                            # the hypothesis on the page, from Python
     session.current.recovery                 # = exp.evaluate_circuit(...).recovery
 
-Modules: :mod:`.session` (the state, plain Python), :mod:`.app` (the Dash page over it),
-:mod:`.view` (the clickable circuit view), :mod:`.figures` (plotly figures and the HTML
-snapshot), :mod:`.engine` (the only adapters to apexlens internals), :mod:`.cli`.
+Modules: :mod:`.session` (the state, plain Python), :mod:`.app` (the Dash callbacks over it
+and the server), :mod:`.page` (the page's layout), :mod:`.view` (the clickable circuit
+view), :mod:`.figures` (plotly figures and the HTML snapshot), :mod:`.engine` (the only
+adapters to apexlens internals), :mod:`.cli` (``apexlens workbench``).
 Dash is an optional dependency: ``pip install "apexlens[workbench]"``.
 """
 
