@@ -12,7 +12,7 @@ import sys
 from types import ModuleType
 
 from apexlens.errors import ApexlensError
-from apexlens.ui.cli import apex, demo, discover, models, path_patch, visualize
+from apexlens.ui.cli import apex, demo, discover, models, path_patch, visualize, workbench
 from apexlens.ui.cli.common import Parser, check_out, parse_sigmas, split_sites
 
 COMMANDS: dict[str, ModuleType] = {
@@ -22,6 +22,7 @@ COMMANDS: dict[str, ModuleType] = {
     "apex": apex,
     "discover": discover,
     "visualize": visualize,
+    "workbench": workbench,
 }
 """Command name -> its module (``add_parser(sub)``, ``run(args) -> exit status``)."""
 
