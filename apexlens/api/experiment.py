@@ -79,6 +79,10 @@ class Experiment:
     reads (:class:`apexlens.runs.Readout`). ``positions`` names positions for node
     spellings (``"9.9.q@end"``). ``memory_budget`` (bytes) bounds a call's working memory
     beyond the cached runs (default: :func:`apexlens.runs.default_budget`).
+
+    Every method that may take more than a few seconds shows a progress bar named after its
+    step (tqdm: a widget in Jupyter, else on stderr; it appears after half a second);
+    ``progress=False`` turns it off.
     """
 
     def __init__(
@@ -162,7 +166,7 @@ class Experiment:
         *,
         via: Sequence[NodeSpec] = (),
         mlps: MLPMode = "live",
-        progress: bool = False,
+        progress: bool = True,
     ) -> PathPatchResult:
         """Path-patch each sender (on its own) to ``receivers``; see :func:`path_patch`."""
         sender_nodes = as_senders(self.nodes(senders))
@@ -188,7 +192,7 @@ class Experiment:
         *,
         via: Sequence[NodeSpec] = (),
         mlps: MLPMode = "live",
-        progress: bool = False,
+        progress: bool = True,
     ) -> Float[Tensor, "group batch"]:
         """Per-example metric when each group of senders is patched (jointly) to the receivers."""
         recv, hops = self.nodes(receivers), [self.nodes(h) for h in via]
@@ -199,7 +203,7 @@ class Experiment:
 
     # ------------------------------------------------------------------ activation patching
     def act_patch(
-        self, nodes: NodeSpec = "all-heads", *, per_position: bool = False, progress: bool = False
+        self, nodes: NodeSpec = "all-heads", *, per_position: bool = False, progress: bool = True
     ) -> ActPatchResult:
         """Activation patching: run the corrupted input, put each node's clean activation
         back; see :func:`act_patch`."""
@@ -271,7 +275,7 @@ class Experiment:
         split_embed: bool = False,
         ablation: Ablation = "resample",
         reference_tokens: Int[Tensor, "n pos"] | None = None,
-        progress: bool = False,
+        progress: bool = True,
     ) -> Float[Tensor, "hypothesis batch"]:
         """Per-example metric of many hypotheses, each a row of one batched pass (the same
         numbers as :meth:`evaluate_circuit`'s ``scores`` for each)."""
@@ -303,7 +307,7 @@ class Experiment:
         per_position: bool = False,
         ablation: Ablation = "resample",
         reference_tokens: Tensor | None = None,
-        progress: bool = False,
+        progress: bool = True,
     ) -> EdgeScores:
         """One signed score per edge; see :func:`apexlens.attribute_edges`."""
         if method not in attribution.METHODS:
@@ -334,7 +338,7 @@ class Experiment:
         ablation: Ablation = "resample",
         reference_tokens: Tensor | None = None,
         absolute: bool = True,
-        progress: bool = False,
+        progress: bool = True,
     ) -> FaithfulnessResult:
         """The MIB faithfulness curve of an edge ranking; see :func:`apexlens.faithfulness`."""
         return search.faithfulness(
@@ -351,7 +355,7 @@ class Experiment:
         ablation: Ablation = "resample",
         reference_tokens: Tensor | None = None,
         batch_size: int = 16,
-        progress: bool = False,
+        progress: bool = True,
     ) -> DiscoveryResult:
         """Greedy exact pruning with ACDC's semantics; see :func:`apexlens.discover`."""
         return search.discover(

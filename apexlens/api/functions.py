@@ -41,7 +41,7 @@ def path_patch(
     via: Sequence[NodeSpec] = (),
     positions: Mapping[str, Any] | None = None,
     memory_budget: int | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> PathPatchResult:
     """Path-patch every sender, one at a time, to the receivers.
 
@@ -81,7 +81,7 @@ def act_patch(
     per_position: bool = False,
     positions: Mapping[str, Any] | None = None,
     memory_budget: int | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> ActPatchResult:
     """Activation patching, TransformerLens' convention: run ``corrupted_tokens`` and put each
     node's activation from the clean run back (heads: ``hook_z``; MLPs: ``hook_mlp_out``;
@@ -175,7 +175,7 @@ def attribute_edges(
     reference_tokens: Tensor | None = None,
     positions: Mapping[str, Any] | None = None,
     memory_budget: int | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> EdgeScores:
     """One signed score per edge: the change of the mean metric when that edge alone is
     ablated (``"exact"``), or its gradient estimate (``"eap"``, ``"eap-ig"``); the methods
@@ -219,7 +219,7 @@ def faithfulness(
     absolute: bool = True,
     positions: Mapping[str, Any] | None = None,
     memory_budget: int | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> FaithfulnessResult:
     """The MIB faithfulness curve of an edge ranking: for each fraction ``q`` the circuit of
     the top ``int(q * n_edges)`` edges by ``|score|`` (``absolute=False``: by signed score),
@@ -251,7 +251,7 @@ def discover(
     positions: Mapping[str, Any] | None = None,
     batch_size: int = 16,
     memory_budget: int | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> DiscoveryResult:
     """Greedy exact pruning with ACDC's semantics (:mod:`apexlens.api.search`).
 

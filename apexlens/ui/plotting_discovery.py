@@ -12,9 +12,11 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from apexlens.engines.attribution.registry import METHOD_INFO
 from apexlens.errors import ApexlensError
 from apexlens.results import DiscoveryResult, EdgeScores, FaithfulnessResult
 from apexlens.ui.plotting import path_graph
+from apexlens.ui.plotting_graph import Edges, draw
 
 
 def faithfulness_curve(
@@ -94,13 +96,24 @@ def score_scatter(approx: EdgeScores, exact: EdgeScores, title: str | None = Non
 def circuit_graph(
     result: DiscoveryResult, scores: EdgeScores | None = None, title: str | None = None
 ) -> Any:
-    """A discovered circuit as a path graph; with ``scores``, edge widths show them."""
-    weights = None
-    if scores is not None:
-        weights = [scores.score(s, r) for s, r in result.edges]
-    return path_graph(
-        result.edges,
-        weights,
-        title=title
-        or f"discovered circuit: {len(result.edges)} edges, recovery {result.recovery:.2f}",
+    """A discovered circuit as a path graph (:func:`apexlens.ui.plotting.path_graph`); with
+    ``scores``, line widths and colours show each edge's score (the legend names the
+    method, and says when it is an approximation)."""
+    pairs = [(str(s), str(r)) for s, r in result.edges]
+    title = title or (
+        f"discovered circuit: {len(pairs)} edges, {result.evaluation.ablation} ablation of "
+        f"every other edge, recovery {result.recovery:.2f}"
     )
+    if scores is None:
+        return path_graph(result.evaluation, title=title)
+    exact = METHOD_INFO[scores.method].exact if scores.method in METHOD_INFO else False
+    what = f"{scores.method} score" + ("" if exact else " (an approximation)")
+    spec = Edges(
+        pairs,
+        [scores.score(s, r) for s, r in result.edges],
+        title,
+        red="negative: removing the edge lowers the metric" + ("" if exact else " (estimated)"),
+        blue="positive: removing the edge raises the metric" + ("" if exact else " (estimated)"),
+        what=what,
+    )
+    return draw(spec, None)
