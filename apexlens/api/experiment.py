@@ -48,6 +48,7 @@ from apexlens.runs import (
 from apexlens.scoring import Scores
 from apexlens.vocab import (
     Ablation,
+    Circuit,
     EdgeIndex,
     EdgeList,
     EdgeSpec,
@@ -240,12 +241,15 @@ class Experiment:
 
     def evaluate_circuit(
         self,
-        edges: EdgeSpec,
+        edges: EdgeSpec | Circuit,
         *,
-        ablation: Ablation = "resample",
+        ablation: Ablation | None = None,
         reference_tokens: Int[Tensor, "n pos"] | None = None,
     ) -> CircuitResult:
-        """Evaluate a circuit hypothesis on the cached runs; see :func:`evaluate_circuit`."""
+        """Evaluate a circuit hypothesis on the cached runs; see :func:`evaluate_circuit`.
+        ``edges`` may be an :class:`apexlens.Circuit`, whose ablation is then the default."""
+        if ablation is None:
+            ablation = edges.ablation if isinstance(edges, Circuit) else "resample"
         edge_list = EdgeList(edges)  # read once by everything below
         index = self.edge_index(uses_split_embed(edge_list))
         keep = index.keep(edge_list, self.n_pos, self.named_positions)

@@ -26,7 +26,7 @@ from apexlens.results import (
     PathPatchResult,
 )
 from apexlens.runs import MetricFn
-from apexlens.vocab import Ablation, EdgeSpec, MLPMode, NodeSpec
+from apexlens.vocab import Ablation, Circuit, EdgeSpec, MLPMode, NodeSpec
 
 
 def path_patch(
@@ -108,18 +108,21 @@ def evaluate_circuit(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupted_tokens: Int[Tensor, "batch pos"],
-    edges: EdgeSpec,
+    edges: EdgeSpec | Circuit,
     *,
     metric: MetricFn,
-    ablation: Ablation = "resample",
+    ablation: Ablation | None = None,
     reference_tokens: Int[Tensor, "n pos"] | None = None,
     positions: Mapping[str, Any] | None = None,
 ) -> CircuitResult:
     """Evaluate a circuit hypothesis given as ``(sender, receiver)`` edges.
 
-    Every edge outside the set carries its ablated value (``"resample"``: the corrupted run;
-    ``"mean"``: the mean over ``reference_tokens``, default the corrupted tokens; ``"zero"``),
-    every edge inside carries the value computed from the circuit. Use
+    Every edge outside the set carries its ablated value (``"resample"``, the default: the
+    corrupted run; ``"mean"``: the mean over ``reference_tokens``, default the corrupted
+    tokens; ``"zero"``), every edge inside carries the value computed from the circuit
+    (``edges`` may be an :class:`apexlens.Circuit`, whose ablation is then the default).
+    Each choice asks a different question:
+    :attr:`~apexlens.CircuitResult.ablation_meaning` says which. Use
     :func:`apexlens.graph.full_graph` for all edges of a model. For many hypotheses on the
     same data, build an :class:`Experiment` once and call its ``evaluate_circuit``.
     """

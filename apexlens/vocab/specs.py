@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -85,6 +85,10 @@ class Circuit:
 
     def __len__(self) -> int:
         return len(self.edges)
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        """The edges: a Circuit goes wherever an edge list does."""
+        return iter(self.edges)
 
     def to_json(self) -> str:
         """The circuit as ``apexlens.circuit`` JSON text (one edge per line)."""
