@@ -46,9 +46,12 @@ def faithfulness_curve(
             )
         )
     fig.add_hline(y=1.0, line_dash="dash", line_color="grey")
+    ticks = sorted({100 * q for _, res in items for q in res.fractions if q > 0})
     fig.update_layout(
         title=title or "faithfulness of the top-k% edges",
-        xaxis={"title": "edges kept (%)", "type": "log"},
+        # a label at every circuit size (plotly's own log ticks label 0.2% and 20% both "2")
+        xaxis={"title": "edges kept (%)", "type": "log", "tickmode": "array",
+               "tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]},
         yaxis_title="faithfulness (m(circuit) - m(empty)) / (m(full) - m(empty))",
     )
     return fig

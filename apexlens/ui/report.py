@@ -8,6 +8,7 @@ columns apexlens itself reports, and any passed as ``definitions=``.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,11 +115,11 @@ COLUMNS: dict[str, str] = {
 def _table(frame: pd.DataFrame, definitions: Mapping[str, str]) -> str:
     """A table in a box that scrolls sideways when it is wider than the page (columns are
     never cut), then the definitions of its columns."""
-    out = [
-        "<div class='table'>",
-        frame.to_html(index=False, float_format=lambda x: f"{x:.4g}"),
-        "</div>",
-    ]
+    table = frame.to_html(index=False, float_format=lambda x: f"{x:.4g}")
+    # long column names may break after an underscore: "proportion_explained_high"
+    table = re.sub(r"<th>(.*?)</th>", lambda m: f"<th>{m.group(1).replace('_', '_<wbr>')}</th>",
+                   table)
+    out = ["<div class='table'>", table, "</div>"]
     defined = [c for c in frame.columns if str(c) in definitions]
     if defined:
         out.append("<dl class='columns'>")
@@ -204,6 +205,7 @@ STYLE = (
     "div.table{overflow-x:auto;max-width:100%;margin:0.5em 0}"
     "table{border-collapse:collapse;font-size:0.9em}"
     "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}"
+    "th{white-space:normal;vertical-align:bottom;min-width:4em}"
     "h2{margin-top:2em}p.caption{color:#333;max-width:900px}"
     "dl.columns{font-size:0.85em;color:#444;display:grid;grid-template-columns:max-content 1fr;"
     "gap:2px 12px;max-width:1000px}dl.columns dd{margin:0;overflow-wrap:anywhere}"

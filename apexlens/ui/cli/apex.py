@@ -56,11 +56,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apexlens.api.apex import apex
-    from apexlens.ui import plotting
-    from apexlens.ui.report import write_report
-
-    sigmas = parse_sigmas(args.sigmas)
+    sigmas = parse_sigmas(args.sigmas)  # the arguments first: an error comes back at once
     if args.n < 1:
         raise ApexlensError("--n must be at least 1")
     if args.draws < 1:
@@ -70,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
         raise ApexlensError("--sites: give at least one site")
     out = Path(args.out)
     check_out(out)
+
+    from apexlens.api.apex import apex
+    from apexlens.ui import plotting
+    from apexlens.ui.report import write_report
+
     model, task = model_and_task(args)
     batch = task.batch(args.n, seed=args.seed)
     rows = len(sigmas) * args.draws * len(batch)

@@ -42,15 +42,16 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.n < 1:  # the arguments first: an error comes back at once
+        raise ApexlensError("--n must be at least 1")
+    out = Path(args.out)
+    check_out(out)
+
     import apexlens
     from apexlens.engines.attribution.registry import METHOD_INFO
     from apexlens.ui import plotting_discovery as pd_
     from apexlens.ui.report import write_report
 
-    if args.n < 1:
-        raise ApexlensError("--n must be at least 1")
-    out = Path(args.out)
-    check_out(out)
     model, task = model_and_task(args)
     batch = task.batch(args.n, seed=args.seed)
     progress = not args.no_progress

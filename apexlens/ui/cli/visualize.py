@@ -45,15 +45,16 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.natural < 3:  # the arguments first: an error comes back at once
+        raise ApexlensError("--natural must be at least 3")
+    check_out(Path(args.out))  # before anything is computed
+
     import torch
 
     import apexlens
     from apexlens.ui.plotting_fv import fv_check_figure
     from apexlens.ui.report import write_report
 
-    if args.natural < 3:
-        raise ApexlensError("--natural must be at least 3")
-    check_out(Path(args.out))  # before anything is computed
     model, task = model_and_task(args)
     apexlens.parse_feature(model, args.feature)  # a bad feature fails before any compute
     natural = torch.unique(task.batch(args.natural, seed=args.seed).clean_tokens, dim=0)
