@@ -97,12 +97,13 @@ def run(args: argparse.Namespace) -> int:
         found.circuit.save(out / "circuit.json")
         names += ["circuit.csv", "circuit.json"]
         summary.update(threshold=threshold, circuit=found.edges, recovery=found.recovery)
+        meaning = found.evaluation.ablation_meaning
         figs.append(
             (
                 "discovered circuit",
                 pd_.circuit_graph(found, scores),
                 f"Greedy exact pruning (threshold {threshold:.4g}), {args.method} order; line "
-                f"width = |{args.method} score| ({info.kind}). {found.evaluation.ablation_meaning}",
+                f"width = |{args.method} score| ({info.kind}). {meaning[:1].upper()}{meaning[1:]}",
             )
         )
         print(found)

@@ -108,8 +108,15 @@ def run(args: argparse.Namespace) -> int:
         (
             "paths",
             plotting.path_graph(result, top_k=min(10, len(result.senders))),
-            f"The strongest senders' paths to {receivers}: line width = |normalised effect|, "
-            f"red = negative, blue = positive. {sign}",
+            (
+                f"The strongest senders, each patched into {receivers} at once: one joint "
+                "effect per sender, written on its box and shown by its colour (red = "
+                "negative); the grey lines show the paths patched and carry no number of "
+                f"their own. {sign}"
+                if len(result.receivers) > 1 and not result.via
+                else f"The strongest senders' paths to {receivers}: line width = |normalised "
+                f"effect|, red = negative, blue = positive. {sign}"
+            ),
         ),
         ("values", frame, "One row per sender."),
     ]
