@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import apexlens
+from apexlens.results.circuits import ABLATION_SHORT
 from apexlens.results.stats import bootstrap_weights
 from apexlens.toys.models import load_model
 from apexlens.toys.tasks import get_task
@@ -207,7 +208,7 @@ def test_circuit_recovery_has_an_interval_and_says_what_its_ablation_means(induc
     for ablation in ("resample", "mean", "zero"):
         r = exp.evaluate_circuit(edges, ablation=ablation)
         assert r.ablation_meaning.startswith(f"{ablation} ablation:")
-        assert r.ablation_meaning in repr(r)
+        assert f"{ablation} ablation" in repr(r) and ABLATION_SHORT[ablation] in repr(r)
     found = exp.discover(threshold=0.05, edges=edges, progress=False)
     assert "recovery_low" in found.summary() and "ablation" in repr(found)
 

@@ -80,10 +80,7 @@ class Experiment:
     reads (:class:`apexlens.runs.Readout`). ``positions`` names positions for node
     spellings (``"9.9.q@end"``). ``memory_budget`` (bytes) bounds a call's working memory
     beyond the cached runs (default: :func:`apexlens.runs.default_budget`).
-
-    Every method that may take more than a few seconds shows a progress bar named after its
-    step (tqdm: a widget in Jupyter, else on stderr; it appears after half a second);
-    ``progress=False`` turns it off.
+    Methods that may take long show a named progress bar (``progress=False``: none).
     """
 
     def __init__(
@@ -246,8 +243,8 @@ class Experiment:
         ablation: Ablation | None = None,
         reference_tokens: Int[Tensor, "n pos"] | None = None,
     ) -> CircuitResult:
-        """Evaluate a circuit hypothesis on the cached runs; see :func:`evaluate_circuit`.
-        ``edges`` may be an :class:`apexlens.Circuit`, whose ablation is then the default."""
+        """A circuit hypothesis (edges, or a :class:`apexlens.Circuit` whose ablation is then
+        the default) on the cached runs; see :func:`evaluate_circuit`."""
         if ablation is None:
             ablation = edges.ablation if isinstance(edges, Circuit) else "resample"
         edge_list = EdgeList(edges)  # read once by everything below

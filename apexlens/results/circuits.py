@@ -30,6 +30,13 @@ ABLATION_MEANING: dict[str, str] = {
 }
 """What each ablation means for a circuit's numbers (results, reports and the README)."""
 
+ABLATION_SHORT: dict[str, str] = {
+    "resample": "the share of clean - corrupted the edges carry",
+    "mean": "against an average input",
+    "zero": "everything else zeroed, off-distribution",
+}
+"""The same in a few words, for the repr (``ablation_meaning`` says it in full)."""
+
 
 @dataclass(repr=False)
 class CircuitResult(Saveable):
@@ -170,6 +177,6 @@ class CircuitResult(Saveable):
             f"CircuitResult({len(self.edges)} edges, {self.ablation} ablation: metric "
             f"{self.scores.mean:.4g} (clean {self.clean.mean:.4g}, ablated "
             f"{self.corrupted.mean:.4g}), recovery {self.recovery:.3f} [95% CI {lo:.3f}, "
-            f"{hi:.3f}]; n={len(self.scores)})\n  {self.ablation_meaning}"
+            f"{hi:.3f}]; n={len(self.scores)}: {ABLATION_SHORT.get(self.ablation, '')})"
         )
 
