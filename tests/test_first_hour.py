@@ -320,3 +320,23 @@ def test_report_tables_scroll_and_never_cut_a_column(tmp_path):
     check = json.loads(re.search(r"data-check=\"([^\"]*)\"", dom).group(1).replace("&quot;", '"'))
     assert check["cut"] == 0  # every cell shows its whole text
     assert check["scrolls"] and check["box"] <= check["page"]  # the box scrolls, the page does not
+
+
+# ----------------------------------------------------------------------------- 1. README on TL 4
+def test_random_bridge_is_seeded_and_leaves_the_global_rng_alone():
+    """What random_gpt2_small returns under TransformerLens 4 (no HookedTransformer), on a
+    small shape: the README's GPT-2-small block runs in both environments."""
+    from apexlens.model.convert import random_bridge
+
+    cfg = dict(n_layers=2, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_mlp=64, d_vocab=50,
+               act_fn="gelu_new", normalization_type="LN")
+    torch.manual_seed(5)
+    before = torch.rand(3)
+    torch.manual_seed(5)
+    a, b = random_bridge(cfg, 0), random_bridge(cfg, 0)
+    assert torch.equal(torch.rand(3), before)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(),
+                                                   strict=True))
+    c = random_bridge(cfg, 1)
+    assert not torch.equal(a.state_dict()["embed.weight"], c.state_dict()["embed.weight"])
+    assert apexlens.check(a).ok and not a.training
