@@ -221,7 +221,7 @@ def _sections(s: _State) -> list[tuple[str, Any, str]]:
     top = _top(s)
     key_frame = to_key.to_frame()[["sender", "value", "normalized"]]
     big = max(SIGMAS)
-    circuit_frame = circuit.to_frame()
+    circuit_frame = circuit.to_frame().drop(columns=["metric_low", "metric_high"])
     n_layers = to_logits.grid[0]
     heads = ", ".join(f"1.{h}" for h in induction_heads)
     sections: list[tuple[str, Any, str]] = [
@@ -266,7 +266,10 @@ def _sections(s: _State) -> list[tuple[str, Any, str]]:
         (
             "Circuit evaluation (resample ablation of every other edge)",
             circuit_frame,
-            "Recovery near 1 means the drawn edges alone reproduce the clean logit difference.",
+            "Recovery near 1 means the drawn edges alone reproduce the clean logit difference; "
+            "the intervals are 95% bootstrap intervals over the prompts (each ratio computed "
+            "in every bootstrap sample). " + circuit.ablation_meaning[:1].upper()
+            + circuit.ablation_meaning[1:],
         ),
         (
             "Per-example logit difference",

@@ -201,8 +201,12 @@ def _plain(v: Any) -> str:
 
 
 STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-    "div.table{overflow-x:auto;max-width:100%;margin:0.5em 0}"
+    "body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+    "p{max-width:1000px}"
+    "div.table{overflow-x:auto;max-width:100%;margin:0.5em 0;padding-bottom:4px;"
+    "scrollbar-color:#999 #eee}"
+    "div.table::-webkit-scrollbar{height:10px}div.table::-webkit-scrollbar-track{background:#eee}"
+    "div.table::-webkit-scrollbar-thumb{background:#999;border-radius:5px}"
     "table{border-collapse:collapse;font-size:0.9em}"
     "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}"
     "th{white-space:normal;vertical-align:bottom;min-width:4em}"
@@ -211,4 +215,6 @@ STYLE = (
     "gap:2px 12px;max-width:1000px}dl.columns dd{margin:0;overflow-wrap:anywhere}"
     "footer{margin-top:3em;color:#555}"
 )
-"""The report's CSS: tables scroll sideways in their box rather than being cut."""
+"""The report's CSS: text in readable widths; tables and figures use the window's width up
+to 1400 px, and a wider table scrolls sideways in its box (with a visible scrollbar) rather
+than being cut."""
