@@ -54,7 +54,15 @@ test-tl3: lint chromium
 test-tl4: $(VENV4)/.stamp chromium
 	$(VENV4)/bin/python -m pytest -q
 
-test: test-tl3 test-tl4
+# Both halves run even when the first fails (a busy machine once stopped `make test` after the
+# TL 3 half, so the TL 4 half never ran); each half's result is printed at the end, and the
+# target fails if either did.
+test:
+	@tl3=passed; tl4=passed; \
+	$(MAKE) --no-print-directory test-tl3 || tl3=FAILED; \
+	$(MAKE) --no-print-directory test-tl4 || tl4=FAILED; \
+	echo "make test: TransformerLens 3 half $$tl3, TransformerLens 4 half $$tl4"; \
+	test $$tl3 = passed && test $$tl4 = passed
 
 bench: $(VENV)/.stamp
 	$(VENV)/bin/python benchmarks/run.py

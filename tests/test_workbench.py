@@ -304,11 +304,12 @@ def test_snapshot_is_self_contained_and_defines_its_columns(session):
         "history",
         "heads → logits",
         "circuit JSON",
+        "Provenance",
     ]
     for s in sections:
         head = re.search(r"<thead>(.*?)</thead>", s, re.S)
         if head:
-            cols = re.findall(r"<th[^>]*>(.*?)</th>", head.group(1))
+            cols = [c.replace("<wbr>", "") for c in re.findall(r"<th[^>]*>(.*?)</th>", head.group(1))]
             defined = set(re.findall(r"<dt><code>(.*?)</code></dt>", s))
             assert set(cols) <= defined, (s[:40], set(cols) - defined)
     assert f"{session.current.recovery:.6f}" in page

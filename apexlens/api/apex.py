@@ -234,7 +234,7 @@ def apex(
     max_batch: int | None = None,
     memory_budget: int = 1 << 30,
     token_labels: TokenLabels | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> ApexResult:
     """Sweep activation noise over a ``sigma`` grid and record the predicted tokens.
 

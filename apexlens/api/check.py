@@ -134,7 +134,7 @@ def check(model: Any, tokens: Tensor | None = None, *, tol: float | None = None)
             positions=-1,
         )
         exp = Experiment(model, tokens, tokens, metric=metric)
-        res = exp.path_patch(senders, receivers)
+        res = exp.path_patch(senders, receivers, progress=False)  # a check, not a question
         clean = exp.clean_values.expand_as(res.per_example)
         add("null patch (clean into clean)", res.per_example, clean)
     return out

@@ -48,6 +48,7 @@ from apexlens.runs import (
 from apexlens.scoring import Scores
 from apexlens.vocab import (
     Ablation,
+    Circuit,
     EdgeIndex,
     EdgeList,
     EdgeSpec,
@@ -79,6 +80,7 @@ class Experiment:
     reads (:class:`apexlens.runs.Readout`). ``positions`` names positions for node
     spellings (``"9.9.q@end"``). ``memory_budget`` (bytes) bounds a call's working memory
     beyond the cached runs (default: :func:`apexlens.runs.default_budget`).
+    Methods that may take long show a named progress bar (``progress=False``: none).
     """
 
     def __init__(
@@ -162,7 +164,7 @@ class Experiment:
         *,
         via: Sequence[NodeSpec] = (),
         mlps: MLPMode = "live",
-        progress: bool = False,
+        progress: bool = True,
     ) -> PathPatchResult:
         """Path-patch each sender (on its own) to ``receivers``; see :func:`path_patch`."""
         sender_nodes = as_senders(self.nodes(senders))
@@ -188,7 +190,7 @@ class Experiment:
         *,
         via: Sequence[NodeSpec] = (),
         mlps: MLPMode = "live",
-        progress: bool = False,
+        progress: bool = True,
     ) -> Float[Tensor, "group batch"]:
         """Per-example metric when each group of senders is patched (jointly) to the receivers."""
         recv, hops = self.nodes(receivers), [self.nodes(h) for h in via]
@@ -199,7 +201,7 @@ class Experiment:
 
     # ------------------------------------------------------------------ activation patching
     def act_patch(
-        self, nodes: NodeSpec = "all-heads", *, per_position: bool = False, progress: bool = False
+        self, nodes: NodeSpec = "all-heads", *, per_position: bool = False, progress: bool = True
     ) -> ActPatchResult:
         """Activation patching: run the corrupted input, put each node's clean activation
         back; see :func:`act_patch`."""
@@ -236,12 +238,15 @@ class Experiment:
 
     def evaluate_circuit(
         self,
-        edges: EdgeSpec,
+        edges: EdgeSpec | Circuit,
         *,
-        ablation: Ablation = "resample",
+        ablation: Ablation | None = None,
         reference_tokens: Int[Tensor, "n pos"] | None = None,
     ) -> CircuitResult:
-        """Evaluate a circuit hypothesis on the cached runs; see :func:`evaluate_circuit`."""
+        """A circuit hypothesis (edges, or a :class:`apexlens.Circuit` whose ablation is then
+        the default) on the cached runs; see :func:`evaluate_circuit`."""
+        if ablation is None:
+            ablation = edges.ablation if isinstance(edges, Circuit) else "resample"
         edge_list = EdgeList(edges)  # read once by everything below
         index = self.edge_index(uses_split_embed(edge_list))
         keep = index.keep(edge_list, self.n_pos, self.named_positions)
@@ -271,7 +276,7 @@ class Experiment:
         split_embed: bool = False,
         ablation: Ablation = "resample",
         reference_tokens: Int[Tensor, "n pos"] | None = None,
-        progress: bool = False,
+        progress: bool = True,
     ) -> Float[Tensor, "hypothesis batch"]:
         """Per-example metric of many hypotheses, each a row of one batched pass (the same
         numbers as :meth:`evaluate_circuit`'s ``scores`` for each)."""
@@ -303,7 +308,7 @@ class Experiment:
         per_position: bool = False,
         ablation: Ablation = "resample",
         reference_tokens: Tensor | None = None,
-        progress: bool = False,
+        progress: bool = True,
     ) -> EdgeScores:
         """One signed score per edge; see :func:`apexlens.attribute_edges`."""
         if method not in attribution.METHODS:
@@ -334,7 +339,7 @@ class Experiment:
         ablation: Ablation = "resample",
         reference_tokens: Tensor | None = None,
         absolute: bool = True,
-        progress: bool = False,
+        progress: bool = True,
     ) -> FaithfulnessResult:
         """The MIB faithfulness curve of an edge ranking; see :func:`apexlens.faithfulness`."""
         return search.faithfulness(
@@ -351,7 +356,7 @@ class Experiment:
         ablation: Ablation = "resample",
         reference_tokens: Tensor | None = None,
         batch_size: int = 16,
-        progress: bool = False,
+        progress: bool = True,
     ) -> DiscoveryResult:
         """Greedy exact pruning with ACDC's semantics; see :func:`apexlens.discover`."""
         return search.discover(

@@ -296,20 +296,19 @@ class DiscoveryResult(Saveable):
         return pd.DataFrame(self.edges, columns=["sender", "receiver"])
 
     def summary(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            [
-                {
-                    "n_edges": len(self.edges),
-                    "of": self.n_total,
-                    "threshold": self.threshold,
-                    "recovery": self.recovery,
-                    "proportion_explained": self.proportion_explained,
-                }
-            ]
+        """``n_edges`` kept ``of`` the starting graph, ``threshold``, and the kept circuit's
+        recovery and proportion explained with their intervals and ablation
+        (:meth:`CircuitResult.summary`)."""
+        head = pd.DataFrame(
+            [{"n_edges": len(self.edges), "of": self.n_total, "threshold": self.threshold}]
         )
+        tail = self.evaluation.summary().drop(columns=["n_edges"])
+        return pd.concat([head, tail], axis=1)
 
     def __repr__(self) -> str:
+        lo, hi = self.evaluation.recovery_ci()
         return (
             f"DiscoveryResult({len(self.edges)} of {self.n_total} edges at threshold "
-            f"{self.threshold:g}: recovery {self.recovery:.3f})"
+            f"{self.threshold:g}, {self.evaluation.ablation} ablation: recovery "
+            f"{self.recovery:.3f} [95% CI {lo:.3f}, {hi:.3f}])"
         )

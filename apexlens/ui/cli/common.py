@@ -96,15 +96,44 @@ def model_and_task(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 
+def provenance(args: argparse.Namespace, files: list[str] | None = None) -> dict[str, Any]:
+    """What every output of a command records: the command and every option as parsed (model,
+    task, prompts, seed...), the package versions and the time, and the files it wrote (the
+    CSV tables among them cannot carry it themselves)."""
+    from apexlens.results import provenance as versions
+
+    options = {k: v for k, v in sorted(vars(args).items()) if not callable(v)}
+    out: dict[str, Any] = {"command": f"apexlens {args.command}", "options": options}
+    out.update(versions())
+    if files:
+        out["files"] = files
+    return out
+
+
+def write_json(path: Path, doc: dict[str, Any], args: argparse.Namespace, files: list[str]) -> None:
+    """``doc`` as JSON with a ``provenance`` block first (:func:`provenance`)."""
+    import json
+
+    path.write_text(
+        json.dumps({"provenance": provenance(args, files), **doc}, indent=2, default=str)
+    )
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     """The arguments every model command takes."""
     p.add_argument(
         "model",
         help="a shipped toy model (see `apexlens models`) or a TransformerLens name, e.g. gpt2",
     )
-    p.add_argument("--task", help="task name (default: the toy model's own task)")
-    p.add_argument("--n", type=int, default=32, help="number of prompts (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompts (default 0)")
+    p.add_argument(
+        "--task",
+        help="task name: induction, modadd, backdoor, ioi (default: the toy model's own task; "
+        "required for other models)",
+    )
+    p.add_argument("--n", type=int, default=32, help="number of prompts (default: 32)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the prompts and of any sampling (default: 0)"
+    )
     p.add_argument(
         "--backend",
         choices=["hooked", "bridge"],
@@ -115,6 +144,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         default="apexlens-out",
-        help="output directory (default: apexlens-out; checked before anything is computed)",
+        help="output directory, created if needed (default: apexlens-out; checked before "
+        "anything is computed)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars or messages on stderr (default: show them)",
+    )

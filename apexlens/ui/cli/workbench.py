@@ -27,15 +27,24 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--task", help="task name (default: the toy model's own task)")
     p.add_argument("--n", type=int, default=32, help="number of prompts (default 32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts (default 0)")
     p.add_argument(
         "--backend",
         choices=["hooked", "bridge"],
         default=None,
         help="model class (default: HookedTransformer where TransformerLens has it)",
     )
-    p.add_argument("--ablation", choices=["resample", "mean", "zero"], default="resample")
-    p.add_argument("--circuit", help="start from this circuit JSON (apexlens or EAP-IG/MIB)")
+    p.add_argument(
+        "--ablation",
+        choices=["resample", "mean", "zero"],
+        default="resample",
+        help="what an edge outside the hypothesis carries (default resample: the corrupted "
+        "run's value)",
+    )
+    p.add_argument(
+        "--circuit",
+        help="start from this circuit JSON (apexlens or EAP-IG/MIB; default: the full graph)",
+    )
     p.add_argument("--port", type=int, default=8050, help="port (default 8050; 0: any free one)")
     p.add_argument(
         "--host",
@@ -43,7 +52,7 @@ def add_parser(sub: Any) -> None:
         help="address to bind (default 127.0.0.1; another address prints a warning: the page "
         "has no authentication)",
     )
-    p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser tab (default: open one)")
 
 
 def run(args: argparse.Namespace) -> int:
