@@ -312,6 +312,12 @@ class Experiment:
                 f"{method!r}"
             )
         m = attribution.METHODS[method]
+        if not m.exact and torch.is_inference_mode_enabled():
+            raise ApexlensError(
+                f"method={method!r} needs gradients, which torch.inference_mode() switches off: "
+                "call it outside the torch.inference_mode() block (torch.no_grad() is fine), or "
+                "use method='exact', which needs none"
+            )
         options = m.check({"ig_steps": ig_steps})
         index = self.edge_index(split_embed)
         table, names = index.rows(edges, self.n_pos, self.named_positions, per_position)

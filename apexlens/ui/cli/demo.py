@@ -10,9 +10,12 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo", help="run the demo on the shipped toy models (offline) and write an HTML report"
     )
+    from apexlens.ui.cli.common import add_overwrite
+
     p.add_argument(
         "--out", default="apexlens-report", help="output directory (default: apexlens-report)"
     )
+    add_overwrite(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
