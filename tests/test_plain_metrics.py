@@ -15,6 +15,8 @@ frozen-MLP path patch per edge).
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -176,3 +178,91 @@ def test_a_read_refuted_by_the_refill_check_gets_the_full_logits(monkeypatch):
     assert not exp.readout.probed
     with torch.no_grad():
         torch.testing.assert_close(exp.corrupted_values, where(model(corrupted)), atol=TOL, rtol=0)
+
+
+# ------------------------------------------------------------------ random programs
+def _random_metric(rng: random.Random):
+    """A random metric over ``[3, 6, 11]`` logits, built from views, selections, masks,
+    element-wise ops, comparisons, along-dimension ops and value-dependent indexing (every
+    step keeps the batch axis first; the result is ``[3]``)."""
+    V = 11
+    cols = sorted(rng.sample(range(V), rng.randint(1, 4)))
+    mask = torch.zeros(V, dtype=torch.bool)
+    mask[cols] = True
+    p1, p2 = rng.randrange(6), rng.randrange(-6, 0)
+
+    def branch(lg):  # another tensor derived from the logits, [3, V]
+        return rng_choice[0](lg)
+
+    views = [
+        lambda lg: lg[:, p1, :],
+        lambda lg: lg[..., p2, :],
+        lambda lg: lg[:, [p1, p2], :].sum(1),
+        lambda lg: lg.transpose(1, 2)[:, :, p1],
+        lambda lg: lg.log_softmax(-1)[:, p2],
+        lambda lg: (lg - lg.logsumexp(-1, keepdim=True))[:, p1],
+    ]
+    rng_choice = [rng.choice(views)]
+    steps = [
+        lambda t, lg: t * 2 + 1,
+        lambda t, lg: t.tanh(),
+        lambda t, lg: t + branch(lg)[:, : t.shape[-1]],
+        lambda t, lg: torch.maximum(t, branch(lg)[:, : t.shape[-1]]),
+        lambda t, lg: torch.where(t > branch(lg)[:, : t.shape[-1]], t, -t),
+        lambda t, lg: torch.where(mask[: t.shape[-1]], t, branch(lg)[:, : t.shape[-1]]),
+        lambda t, lg: t.masked_fill(~mask[: t.shape[-1]], -1e4),
+        lambda t, lg: t[:, mask[: t.shape[-1]]] if mask[: t.shape[-1]].any() else t,
+        lambda t, lg: t[:, [c for c in cols if c < t.shape[-1]] or [0]],
+        lambda t, lg: t.gather(-1, torch.zeros(3, 1, dtype=torch.long) + min(cols[0], t.shape[-1] - 1)),
+        lambda t, lg: t.softmax(-1),
+        lambda t, lg: t.cumsum(-1),
+        lambda t, lg: t.sort(-1).values,
+        lambda t, lg: t.topk(min(2, t.shape[-1]), -1).values,
+        lambda t, lg: t.max(-1, keepdim=True).values,
+        lambda t, lg: t.logsumexp(-1, keepdim=True),
+        lambda t, lg: t.argmax(-1, keepdim=True).to(t.dtype),
+        lambda t, lg: t.gather(-1, t.argmax(-1, keepdim=True)),
+        lambda t, lg: branch(lg).gather(-1, t.argmin(-1, keepdim=True).clamp(max=V - 1)),
+        lambda t, lg: torch.cat([t, branch(lg)[:, cols]], -1),
+        lambda t, lg: torch.stack([t[:, 0], branch(lg)[:, cols[-1]]], -1),
+        lambda t, lg: t.flip(-1),
+        # a reduction over a few columns mixed with single columns (spreads and plain reads)
+        lambda t, lg: t[:, [c % t.shape[-1] for c in cols]].amax(-1, keepdim=True) + branch(lg)[:, p1 % V : p1 % V + 1],
+        lambda t, lg: torch.where(mask[:3, None], t[:, [c % t.shape[-1] for c in cols]].amin(-1, keepdim=True), branch(lg)[:, :1]),
+        lambda t, lg: torch.cat([branch(lg)[:, -1:], t[:, [c % t.shape[-1] for c in cols]].logsumexp(-1, keepdim=True)], -1),
+    ]
+    program = [rng.choice(steps) for _ in range(rng.randint(1, 5))]
+    finish = rng.choice([lambda t: t.sum(-1), lambda t: t[:, -1], lambda t: t.amin(-1)])
+
+    def metric(lg):
+        t = rng_choice[0](lg)
+        for step in program:
+            t = step(t, lg)
+        return finish(t)
+
+    return metric
+
+
+def test_random_metrics_never_read_outside_their_proven_reads():
+    """The soundness property itself, on a few hundred random metrics: whatever the logits outside the
+    proven reads hold -- random, huge, very negative -- the values do not change."""
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 11, dtype=torch.float64, generator=g)
+    proven = tried = 0
+    for i in range(250):
+        fn = _random_metric(rng)
+        try:
+            ref = fn(x)
+        except (RuntimeError, IndexError):  # a program whose shapes do not fit: skip it
+            continue
+        tried += 1
+        read = traced_reads(fn, x)
+        if read is None:
+            continue
+        proven += 1
+        for fill in (1e6, -1e6, None, None, None):
+            noise = torch.randn(x.shape, dtype=x.dtype, generator=g) * 10 if fill is None else fill
+            y = torch.where(read, x, noise)
+            torch.testing.assert_close(fn(y), ref, atol=0, rtol=0, equal_nan=True, msg=f"metric {i}")
+    assert tried > 150 and proven > 0.8 * tried, (tried, proven)

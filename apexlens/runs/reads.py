@@ -326,10 +326,26 @@ class Tracer:
         pos = coords[..., None] // self.strides % self.sizes
         return pos.masked_fill(coords[..., None] < 0, -1)
 
+    def joint(self, deps: list[Dep]) -> Spread:
+        """The spread of elements that come from any of ``deps``: the union of theirs, each
+        dimension's indices including those a dependence has there without spreading."""
+        spread = merged([d.spread for d in deps], self.shape)
+        extra: Spread = {}
+        for dim, idx in spread.items():
+            if idx is None:
+                continue
+            own = [
+                self.unravel(d.coords)[..., dim][d.coords >= 0]
+                for d in deps
+                if dim not in d.spread
+            ]
+            extra[dim] = torch.unique(torch.cat([idx, *own]))
+        return merged([spread, extra], self.shape)
+
     def merge(self, found: list[tuple[Tensor, Dep]], shape: torch.Size) -> Dep | None:
         """One dependence for element-wise results of several tracked tensors (broadcast to
         ``shape``), or ``None`` where their coordinates disagree outside their spread."""
-        spread = merged([d.spread for _, d in found], self.shape)
+        spread = self.joint([d for _, d in found])
         coords = found[0][1].coords.expand(shape)
         keep = [i for i in range(len(self.shape)) if i not in spread]
         for _, d in found[1:]:
@@ -444,7 +460,7 @@ def _rearranged(t: Tracer, op: Op) -> None:
     """Views, copies and rearrangements: the same operation applied to the coordinates."""
     found = op.tracked()
     if found:
-        spread = merged([d.spread for _, d in found], t.shape)
+        spread = t.joint([d for _, d in found])
         if op.func in SAME_COORDS:
             coords: Any = found[0][1].coords
         else:
@@ -496,16 +512,16 @@ def _conditional(t: Tracer, op: Op) -> None:
         _pointwise(t, op)
         return
     shape = op.out.shape
-    coords, spreads = [], []
+    coords, deps = [], []
     for branch in branches:
         d = t.dep(branch) if isinstance(branch, Tensor) else False
         if isinstance(d, Dep):
             coords.append(d.coords.expand(shape))
-            spreads.append(d.spread)
+            deps.append(d)
         else:
             coords.append(torch.full(shape, -1, dtype=torch.long, device=op.out.device))
     chosen = torch.where(cond.to(coords[0].device).expand(shape), coords[0], coords[1])
-    t.track(op.out, Dep(chosen.contiguous(), merged(spreads, t.shape)))
+    t.track(op.out, Dep(chosen.contiguous(), t.joint(deps)))
     if op.any_tainted:
         t.taint(op.out)
 
@@ -542,7 +558,7 @@ def _along(t: Tracer, op: Op) -> None:
     rep = coords.amax(dim=dims, keepdim=True) if dims else coords
     pos, at_rep = t.unravel(coords), t.unravel(rep)
     valid = (coords >= 0)[..., None]
-    differs = ((pos != at_rep) & valid).flatten(0, -2).any(0)
+    differs = ((pos != at_rep) & valid).reshape(-1, len(t.shape)).any(0)
     widened = {
         i: torch.unique(pos[..., i][coords >= 0])
         for i in range(len(t.shape))
