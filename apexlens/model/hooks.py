@@ -97,10 +97,12 @@ def inference_mode(model: Any, grad: bool = False) -> Iterator[Any]:
                 model.eval()
             with torch.enable_grad() if grad else torch.no_grad():
                 yield model
-        finally:
-            _GRAD.reset(token)
-            if any(flags):
-                _restore_flags(modules, flags)
+        finally:  # the flags first: a second interrupt has the fewest steps to land in
+            try:
+                if any(flags):
+                    _restore_flags(modules, flags)
+            finally:
+                _GRAD.reset(token)
 
 
 def grad_wanted() -> bool:

@@ -11,8 +11,9 @@ Every tensor the metric computes is classified by what its values may depend on:
 * an **alias** of ``x`` (a view: same storage) -- each element is one element of ``x``,
   known from the view's size, stride and offset;
 * **tracked** -- each element depends on at most one element of ``x`` (its *coordinate*,
-  ``-1`` for none), widened along the dimensions of ``x`` in its *spread* (a softmax over the
-  vocabulary depends on the whole row), and on elements already read;
+  ``-1`` for none), widened along the dimensions of ``x`` in its *spread* to the indices
+  listed there (a softmax over the vocabulary depends on the whole row, a max over three
+  columns on those three), and on elements already read;
 * **tainted** -- depends only on elements already read;
 * independent of ``x``.
 
