@@ -17,6 +17,7 @@ The public API, one screen (layers, lowest first: ``errors`` -> ``model/`` -> ``
 * scoring    -- :class:`LogitDiff`, :class:`KLDivergence`, :class:`AnswerProb`, ... :class:`Scores`
 * models     -- :func:`load_model` (shipped toy models offline, or any TL pretrained name),
                 :func:`random_gpt2_small`, :func:`to_bridge`, :func:`get_task`, :func:`check`
+* workbench  -- :func:`workbench`: test circuit hypotheses interactively (browser / notebook)
 * figures    -- :mod:`apexlens.plotting`, :mod:`apexlens.plotting_discovery`,
                 :mod:`apexlens.plotting_fv` (plotly), the HTML report, the command line
 * errors     -- one type, :class:`ApexlensError`, whose message names the fix
@@ -67,6 +68,7 @@ from apexlens.scoring import (
 )
 from apexlens.toys.models import list_models, load_model, model_info, random_gpt2_small
 from apexlens.toys.tasks import Task, TaskBatch, get_task
+from apexlens.ui.workbench import workbench
 from apexlens.vocab import (
     Circuit,
     Node,
@@ -139,6 +141,7 @@ __all__ = [
     "to_bridge",
     "top_examples",
     "visualize",
+    "workbench",
 ]
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ import sys
 from types import ModuleType
 
 from apexlens.errors import ApexlensError
-from apexlens.ui.cli import apex, demo, discover, models, path_patch, visualize
+from apexlens.ui.cli import apex, demo, discover, models, path_patch, visualize, workbench
 from apexlens.ui.cli.common import (
     Parser,
     check_out,
@@ -29,6 +29,7 @@ COMMANDS: dict[str, ModuleType] = {
     "apex": apex,
     "discover": discover,
     "visualize": visualize,
+    "workbench": workbench,
 }
 """Command name -> its module (``add_parser(sub)``, ``run(args) -> exit status``)."""
 
