@@ -96,9 +96,15 @@ class Readout:
                 values = self.from_logits(self._select(logits))
             except ApexlensError:
                 continue
-            if torch.equal(values, full) and self._refills_agree(logits, full):
+            if not torch.equal(values, full):
+                continue
+            g = torch.Generator(device=logits.device).manual_seed(0)
+            noise = torch.randn(
+                logits.shape, generator=g, device=logits.device, dtype=logits.dtype
+            )
+            if self._refills_agree(logits, full, noise):
                 self.fast = True
-                self.compact = self._compact_agrees(logits, full)
+                self.compact = self._compact_agrees(logits, full, noise)
                 return
         (self.idx, self.tokens), self.probed = kept, False
 
@@ -112,18 +118,22 @@ class Readout:
             mask[rows[..., None], self.idx[..., None], self.tokens.to(self.idx.device)] = True
         return mask
 
-    def _refills_agree(self, logits: Float[Tensor, "batch pos vocab"], full: Tensor) -> bool:
+    def _refills_agree(
+        self, logits: Float[Tensor, "batch pos vocab"], full: Tensor, noise: Tensor
+    ) -> bool:
         """The metric's values stay exactly ``full`` whatever the logits it does not read
         hold: very large, very negative, random (a second check after the trace)."""
         unread = ~self._computed(logits.shape)
         if not bool(unread.any()):
             return True
-        g = torch.Generator(device=logits.device).manual_seed(0)
         big = float(torch.finfo(logits.dtype).max) / 16 if logits.is_floating_point() else 1e6
-        noise = torch.randn(logits.shape, generator=g, device=logits.device, dtype=logits.dtype)
         scale = float(logits.abs().max()) + 1.0
-        for fill in (torch.full_like(logits, big), torch.full_like(logits, -big), noise * scale):
-            refilled = torch.where(unread, fill, logits)
+        for fill in (big, -big, None):
+            refilled = (
+                logits.masked_fill(unread, fill)
+                if fill is not None
+                else torch.where(unread, noise * scale, logits)
+            )
             try:
                 values = self._call_one(refilled, finite=False)
             except (RuntimeError, ValueError, TypeError, IndexError, ApexlensError):
@@ -132,11 +142,11 @@ class Readout:
                 return False
         return True
 
-    def _compact_agrees(self, logits: Float[Tensor, "batch pos vocab"], full: Tensor) -> bool:
+    def _compact_agrees(
+        self, logits: Float[Tensor, "batch pos vocab"], full: Tensor, noise: Tensor
+    ) -> bool:
         """Whether the metric gives its values from the read positions alone, in order (on
         the clean logits and on random ones)."""
-        g = torch.Generator(device=logits.device).manual_seed(1)
-        noise = torch.randn(logits.shape, generator=g, device=logits.device, dtype=logits.dtype)
         cases = [(logits, full)]
         try:
             cases.append((noise, self.from_logits(self._select(noise))))
