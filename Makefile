@@ -34,7 +34,7 @@ env: $(VENV)/.stamp
 env-tl4: $(VENV4)/.stamp
 
 demo: $(VENV)/.stamp
-	$(VENV)/bin/apexlens demo
+	$(VENV)/bin/apexlens demo --overwrite
 
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check apexlens tests benchmarks

@@ -317,6 +317,7 @@ class Experiment:
                 f"{method!r}"
             )
         m = attribution.METHODS[method]
+        _gradients_possible(method, m.exact)
         options = m.check({"ig_steps": ig_steps})
         index = self.edge_index(split_embed)
         table, names = index.rows(edges, self.n_pos, self.named_positions, per_position)
@@ -362,6 +363,16 @@ class Experiment:
         return search.discover(
             self, threshold, order, edges, split_embed, ablation, reference_tokens, batch_size,
             progress,
+        )
+
+
+def _gradients_possible(method: str, exact: bool) -> None:
+    """A gradient method refuses to start inside ``torch.inference_mode()``."""
+    if not exact and torch.is_inference_mode_enabled():
+        raise ApexlensError(
+            f"method={method!r} needs gradients, which torch.inference_mode() switches off: "
+            "call it outside the torch.inference_mode() block (torch.no_grad() is fine), or "
+            "use method='exact', which needs none"
         )
 
 

@@ -95,6 +95,8 @@ def _token_ids(v: Any, name: str, d_vocab: int) -> Int[Tensor, " k"]:
             raise ApexlensError(f"{name} must be integer token ids (a list or 1-D tensor), got {v!r}")
         ids = v.long().cpu()
     else:
+        if not isinstance(v, (list, tuple, range)):
+            raise ApexlensError(f"{name} must be integer token ids (a list or 1-D tensor), got {v!r}")
         items = list(v)
         if any(isinstance(t, bool) or not isinstance(t, int) for t in items):
             raise ApexlensError(f"{name} must be integer token ids, got {v!r}")
@@ -223,26 +225,38 @@ def top_examples(
     back as :attr:`NaturalExamples.values` ``[batch, pos]`` (``NaN`` where not read).
     """
     f = parse_feature(model, feature, direction=direction)
+    _positive_int(k, "k")
     values = feature_values(model, f, tokens, batch_size=batch_size, progress=progress)
     values = values.float().cpu()
     n_pos = values.shape[1]
-    if positions != "all":
-        if isinstance(positions, str):
-            raise ApexlensError(f"positions must be 'all' or a list of ints, got {positions!r}")
+    if not (isinstance(positions, str) and positions == "all"):
         keep = torch.zeros(n_pos, dtype=torch.bool)
-        for p in positions:
-            if not -n_pos <= int(p) < n_pos:
-                raise ApexlensError(f"position {p} is outside sequences of {n_pos} positions")
-            keep[int(p)] = True
+        keep[_read_positions(positions, n_pos)] = True
         values = values.masked_fill(~keep, math.nan)
-    if not isinstance(k, int) or k < 1:
-        raise ApexlensError(f"k must be a positive int, got {k!r}")
     flat = values.flatten()
     finite = ~flat.isnan()
     k = min(k, int(finite.sum()))
     top = torch.topk(flat.masked_fill(~finite, -math.inf), k)
     rows, cols = top.indices // n_pos, top.indices % n_pos
     return NaturalExamples(feature=f, tokens=tokens.cpu(), values=values, rows=rows, cols=cols)
+
+
+def _read_positions(positions: Any, n_pos: int) -> list[int]:
+    """``top_examples``' ``positions``: a non-empty list (or 1-D integer tensor) of ints."""
+    if isinstance(positions, Tensor) and positions.ndim == 1 and not (
+        positions.is_floating_point() or positions.dtype == torch.bool
+    ):
+        positions = positions.tolist()
+    if (
+        not isinstance(positions, (list, tuple, range))
+        or not positions
+        or any(isinstance(p, bool) or not isinstance(p, int) for p in positions)
+    ):
+        raise ApexlensError(f"positions must be 'all' or a non-empty list of ints, got {positions!r}")
+    for p in positions:
+        if not -n_pos <= p < n_pos:
+            raise ApexlensError(f"position {p} is outside sequences of {n_pos} positions")
+    return [p % n_pos for p in positions]
 
 
 def fv_check(
@@ -270,6 +284,10 @@ def fv_check(
     natural_tokens = check_tokens(bk, natural_tokens, "natural_tokens")
     if fv is None:
         fv = visualize(model, f, progress=progress, **visualize_kwargs)
+    elif not isinstance(fv, FeatureVisualization):
+        raise ApexlensError(
+            f"fv must be a FeatureVisualization (from visualize) or None, got {type(fv).__name__}"
+        )
     elif fv.feature.spec != f.spec:
         raise ApexlensError(f"fv visualizes {fv.feature.spec!r}, not {f.spec!r}")
     nat = top_examples(model, f, natural_tokens, k=k, progress=progress)

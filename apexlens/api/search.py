@@ -99,6 +99,10 @@ def faithfulness(
 
 
 def _fractions(fractions: Sequence[float]) -> list[float]:
+    if isinstance(fractions, (str, bytes)) or any(
+        isinstance(q, bool) for q in (fractions if isinstance(fractions, Sequence) else ())
+    ):
+        raise ApexlensError(f"fractions must be numbers in [0, 1], got {fractions!r}")
     try:
         fr = [float(q) for q in fractions]
     except (TypeError, ValueError):

@@ -71,18 +71,66 @@ def check_out(out: Path) -> None:
         ) from None
 
 
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "demo": ("report.html",),
+    "path-patch": ("path_patch.csv", "path_patch.json", "path_patch.html"),
+    "apex": ("apex.csv", "apex.json", "apex.html"),
+    "discover": (
+        "edge_scores.csv",
+        "faithfulness.csv",
+        "circuit.csv",
+        "circuit.json",
+        "discover.json",
+        "discover.html",
+    ),
+    "visualize": ("fv.csv", "natural_top.csv", "check.csv", "visualize.json", "visualize.html"),
+}
+"""The files each command writes into ``--out`` (a test runs each command and compares)."""
+
+
+def check_overwrite(args: argparse.Namespace) -> None:
+    """Refuse to replace files a command would write into an existing ``--out`` unless
+    ``--overwrite`` is given (before anything is computed)."""
+    out = getattr(args, "out", None)
+    if out is None or getattr(args, "overwrite", False):
+        return
+    there = [name for name in OUTPUTS.get(args.command, ()) if (Path(out) / name).exists()]
+    if there:
+        raise ApexlensError(
+            f"--out {out} already holds {', '.join(there)}: pass --overwrite to replace "
+            "them, or choose another --out"
+        )
+
+
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files of an earlier run in --out (default: refuse)",
+    )
+
+
 def say(args: argparse.Namespace, text: str) -> None:
     if not args.no_progress:
         print(text, file=sys.stderr, flush=True)
 
 
 def model_and_task(args: argparse.Namespace) -> tuple[Any, Any]:
-    from apexlens.toys.models import check_task_fits, list_models, load_model, model_info
+    from apexlens.toys.models import (
+        check_task_fits,
+        close_to_toy,
+        list_models,
+        load_model,
+        model_info,
+        official_name,
+    )
     from apexlens.toys.tasks import get_task
 
+    close_to_toy(args.model)  # a misspelt toy name: "did you mean ...?", before anything else
     toy = args.model in list_models()
     task_name = args.task or (model_info(args.model)["task"] if toy else None)
     if task_name is None:
+        official_name(args.model)  # an unknown name is diagnosed as that, not as a task
         raise ApexlensError(
             f"model {args.model!r} has no default task: pass --task (e.g. --task ioi)"
         )
@@ -152,3 +200,4 @@ def add_common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no progress bars or messages on stderr (default: show them)",
     )
+    add_overwrite(p)

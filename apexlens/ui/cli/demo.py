@@ -10,6 +10,8 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo", help="run the demo on the shipped toy models (offline) and write an HTML report"
     )
+    from apexlens.ui.cli.common import add_overwrite
+
     p.add_argument(
         "--out",
         default="apexlens-report",
@@ -18,6 +20,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bar on stderr (default: show it)"
     )
+    add_overwrite(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     model, task = model_and_task(args)
     apexlens.parse_feature(model, args.feature)  # a bad feature fails before any compute
     natural = torch.unique(task.batch(args.natural, seed=args.seed).clean_tokens, dim=0)
-    n_pos = args.n_pos or int(natural.shape[1])
+    n_pos = int(natural.shape[1]) if args.n_pos is None else args.n_pos
     check = apexlens.fv_check(
         model,
         args.feature,
