@@ -27,7 +27,8 @@ import time
 import torch
 
 import apexlens
-from apexlens.ui.workbench.app import render_numbers, serve
+from apexlens.ui.workbench.app import serve
+from apexlens.ui.workbench.render import render_numbers
 from apexlens.ui.workbench.session import Session
 
 CHROMIUM_ARGS = [

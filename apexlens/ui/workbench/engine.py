@@ -13,9 +13,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 import apexlens
 
 CIRCUIT_FORMAT = "apexlens.circuit"
@@ -27,22 +24,6 @@ def experiment_metric(exp: apexlens.Experiment) -> Any:
     Experiment only together with its own metric object)."""
     # ADAPTER: Experiment keeps its metric on its Readout; a public accessor would replace this.
     return exp.readout.metric
-
-
-def evaluate_many(
-    exp: apexlens.Experiment,
-    edge_lists: Sequence[Iterable[tuple[str, str]]],
-    ablation: str = "resample",
-) -> Tensor:
-    """Per-example metric ``[n_hypotheses, batch]`` of many circuit hypotheses, each a row of
-    one batched pass (in chunks of the Experiment's memory budget) -- the same circuit engine
-    as ``exp.evaluate_circuit`` (equal to its ``.scores.values`` up to float rounding of the
-    batched products)."""
-    lists = [list(e) for e in edge_lists]
-    if not lists:
-        return torch.empty(0, exp.batch)
-    split = any(s in ("tok_embed", "pos_embed") for e in lists for s, _ in e)
-    return exp.evaluate_circuits(lists, split_embed=split, ablation=ablation)  # type: ignore[arg-type]
 
 
 def circuit_to_json(edges: Iterable[tuple[str, str]], ablation: str = "resample") -> str:
