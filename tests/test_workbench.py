@@ -8,6 +8,7 @@ every check below builds its own Experiment on the same batch and compares exact
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 import sys
@@ -38,6 +39,7 @@ INDUCTION = [("embed", "0.1.v")] + [
         (f"1.{h}", "logits"),
     ]
 ]
+INDUCTION_NAMES = [f"{s}->{r}" for s, r in INDUCTION]
 
 
 @pytest.fixture(scope="module")
@@ -301,13 +303,24 @@ def test_evaluate_keep_refuses_a_matrix_that_is_not_one(reference):
 
 
 def test_session_keep_matrices_are_edge_index_keep(session, reference):
-    """The matrices a session evaluates are ``EdgeIndex.keep`` of its edges, positions too."""
+    """The matrices a session evaluates are ``EdgeIndex.keep`` of its edges, positions too,
+    whether built afresh or flipped from the last one (random walks of toggles)."""
     index = reference.edge_index()
-    session.set_edges(INDUCTION)
-    session.add_text("0.1@end->1.3.k@end, embed@end->1.0.q@end, 0.1@end->1.2.k@end")
-    for edges in [session.edges, frozenset(session.universe), frozenset(), {"0.1@end->1.3.k@end"}]:
-        want = index.keep(session.edge_pairs(edges), reference.n_pos, reference.named_positions)
-        assert torch.equal(session.evaluator.keeps(edges), want)
+    keeps = session.evaluator.keeps
+    at_end = ["0.1@end->1.3.k@end", "embed@end->1.0.q@end", "0.1@end->1.2.k@end"]
+    rng = random.Random(0)
+    edges = set(INDUCTION_NAMES)
+    walk = [frozenset(session.universe), frozenset(), frozenset(at_end), frozenset(edges)]
+    for _ in range(60):
+        e = rng.choice(session.universe + at_end)
+        edges ^= {e}
+        walk.append(frozenset(edges))
+    walk.append(frozenset(rng.sample(session.universe, 70)))  # more than Keeps.FLIPS away
+    for hyp in walk:
+        want = index.keep(session.edge_pairs(hyp), reference.n_pos, reference.named_positions)
+        got = keeps(hyp)
+        assert torch.equal(got, want), sorted(hyp)
+        got.fill_(True)  # the caller's copy: changing it changes nothing of the next ones
 
 
 def test_weights_rows_equal_evaluate_circuit_per_hypothesis(model):

@@ -37,7 +37,11 @@ class Keeps:
     Each edge of the universe is one entry of the ``[sender, receiver]`` matrix, found by a
     dictionary look-up (no spelling parsed per toggle); edges at named positions
     (``"0.1@end->1.3.k@end"``, few) go through ``EdgeIndex.keep`` itself, so positions mean
-    exactly what they mean to ``evaluate_circuit``."""
+    exactly what they mean to ``evaluate_circuit``. The last matrix is kept: a hypothesis a
+    few plain edges away from it (a toggle, a weighing row) flips those entries of a copy
+    instead of looking up every edge again."""
+
+    FLIPS = 64  # at most this many changed edges are flipped; more: built afresh
 
     def __init__(self, exp: apexlens.Experiment) -> None:
         self.exp = exp
@@ -48,10 +52,32 @@ class Keeps:
         self.flat = {
             edge_name(s[i], r[j]): i * n_r + j for i, j in self.index.valid.nonzero().tolist()
         }
+        self._last: tuple[frozenset[str], Tensor] | None = None
 
     def __call__(
         self, edges: Iterable[str]
     ) -> Bool[Tensor, "sender receiver"] | Bool[Tensor, "sender receiver pos"]:
+        """The keep-matrix of ``edges`` (a new tensor: the caller may keep or change it)."""
+        edges = frozenset(edges)
+        keep = self._flipped(edges)
+        if keep is None:
+            keep = self._built(edges)
+        self._last = (edges, keep)
+        return keep.clone()
+
+    def _flipped(self, edges: frozenset[str]) -> Tensor | None:
+        if self._last is None or self._last[1].ndim != 2:
+            return None
+        changed = edges ^ self._last[0]
+        if len(changed) > self.FLIPS or not all(e in self.flat for e in changed):
+            return None
+        keep = self._last[1].clone()
+        flat = keep.view(-1)
+        for e in changed:
+            flat[self.flat[e]] = e in edges
+        return keep
+
+    def _built(self, edges: frozenset[str]) -> Tensor:
         plain = array.array("q")
         positioned: list[tuple[str, str]] = []
         for e in edges:
