@@ -113,6 +113,8 @@ def heads_to_logits(
     result: Any, title: str = "heads → logits (click a head: its q/k/v inputs)"
 ) -> go.Figure:
     fig = plotting.head_heatmap(result, title=title)
+    # a short colour-bar title: the long one leaves no room for the bar in a compact figure
+    fig.update_traces(colorbar={"title": {"text": "normalised<br>effect"}})
     layers, heads = result.grid
     return _compact(fig, max(220, 60 + 34 * layers), xaxis={"title": "head", "constrain": "domain"})
 
