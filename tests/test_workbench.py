@@ -8,10 +8,12 @@ every check below builds its own Experiment on the same batch and compares exact
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -19,8 +21,11 @@ import torch
 
 import apexlens
 from apexlens import ApexlensError
+from apexlens.reference import naive_path_patch
 from apexlens.ui.workbench import engine, loopback_warning
 from apexlens.ui.workbench.session import Session, mib_node
+
+from backends import model_backends
 
 N, SEED = 8, 0
 # the README's induction circuit (recovery about 1.04 on 32 prompts)
@@ -34,6 +39,7 @@ INDUCTION = [("embed", "0.1.v")] + [
         (f"1.{h}", "logits"),
     ]
 ]
+INDUCTION_NAMES = [f"{s}->{r}" for s, r in INDUCTION]
 
 
 @pytest.fixture(scope="module")
@@ -237,19 +243,95 @@ def test_mib_graph_json_maps_onto_apexlens_edges(session, reference):
 
 
 # ----------------------------------------------------------------------------- batched
-def test_evaluate_many_equals_evaluate_circuit_per_hypothesis(model):
-    m64 = apexlens.load_model("induction-2l", dtype=torch.float64)
-    b = apexlens.get_task("induction").batch(N, seed=SEED)
-    exp = apexlens.Experiment(
-        m64, b.clean_tokens, b.corrupted_tokens, metric=b.logit_diff(), positions=b.named_positions
+def _exp(model, n=N):
+    b = apexlens.get_task("induction").batch(n, seed=SEED)
+    return apexlens.Experiment(
+        model,
+        b.clean_tokens,
+        b.corrupted_tokens,
+        metric=b.logit_diff(),
+        positions=b.named_positions,
     )
+
+
+@pytest.mark.parametrize("backend", model_backends())
+def test_evaluate_keep_is_evaluate_circuit_and_the_reference(toy_model_factory, backend):
+    """``Experiment.evaluate_keep`` (what a toggle runs) on the keep-matrix of a hypothesis is
+    ``evaluate_circuit`` on its edges, bit for bit, on both model classes; and the full graph
+    minus one edge is the naive frozen path patch of that edge (float64, apexlens.reference)."""
+    m64 = toy_model_factory("induction-2l", backend, torch.float64)
+    exp = _exp(m64)
+    index = exp.edge_index()
     full = [(str(s), str(r)) for s, r in apexlens.full_graph(m64)]
-    hyps = [INDUCTION, [], full[::2], full, [("0.1@end", "1.3.k@end"), ("1.3", "logits")]]
-    got = engine.evaluate_many(exp, hyps)
-    assert got.shape == (len(hyps), N)
-    for row, edges in zip(got, hyps, strict=True):
-        want = exp.evaluate_circuit(edges).scores.values
-        torch.testing.assert_close(row, want, rtol=0, atol=1e-10)
+    hyps = [INDUCTION, [], full[::3], full, [("0.1@end", "1.3.k@end"), ("1.3", "logits")]]
+    for edges in hyps:
+        want = exp.evaluate_circuit(edges)
+        got = exp.evaluate_keep(index.keep(edges, exp.n_pos, exp.named_positions))
+        assert got.recovery == want.recovery
+        assert got.proportion_explained == want.proportion_explained
+        assert torch.equal(got.scores.values, want.scores.values)
+        last = exp.n_pos - 1  # named from the matrix: @end is the last position
+        assert sorted(got.edges) == sorted(
+            (s.replace("@end", f"@{last}"), r.replace("@end", f"@{last}")) for s, r in edges
+        )
+    for s, r in [("0.1", "1.3.k"), ("embed", "0.1.v"), ("1.2", "logits")]:
+        keep = index.keep(full, exp.n_pos)
+        i, j = index.sender_id(apexlens.parse_node(s)), index.receiver_id(apexlens.parse_node(r))
+        keep[i, j] = False
+        slow = naive_path_patch(
+            m64,
+            exp.clean_tokens,
+            exp.corrupted_tokens,
+            senders=[s],
+            receivers=[r],
+            metric=exp.readout.metric,
+            mlps="frozen",
+        )[0]
+        torch.testing.assert_close(exp.evaluate_keep(keep).scores.values, slow, rtol=0, atol=1e-9)
+
+
+def test_evaluate_keep_refuses_a_matrix_that_is_not_one(reference):
+    valid = reference.edge_index().valid
+    for bad, message in [
+        (valid.float(), "boolean tensor of shape"),
+        (valid[:, :-1], "boolean tensor of shape"),
+        ([[True]], "got list"),
+        (~valid, "not an edge of this model's graph"),
+    ]:
+        with pytest.raises(ApexlensError, match=re.escape(message)):
+            reference.evaluate_keep(bad)
+
+
+def test_session_keep_matrices_are_edge_index_keep(session, reference):
+    """The matrices a session evaluates are ``EdgeIndex.keep`` of its edges, positions too,
+    whether built afresh or flipped from the last one (random walks of toggles)."""
+    index = reference.edge_index()
+    keeps = session.evaluator.keeps
+    at_end = ["0.1@end->1.3.k@end", "embed@end->1.0.q@end", "0.1@end->1.2.k@end"]
+    rng = random.Random(0)
+    edges = set(INDUCTION_NAMES)
+    walk = [frozenset(session.universe), frozenset(), frozenset(at_end), frozenset(edges)]
+    for _ in range(60):
+        e = rng.choice(session.universe + at_end)
+        edges ^= {e}
+        walk.append(frozenset(edges))
+    walk.append(frozenset(rng.sample(session.universe, 70)))  # more than Keeps.FLIPS away
+    for hyp in walk:
+        want = index.keep(session.edge_pairs(hyp), reference.n_pos, reference.named_positions)
+        got = keeps(hyp)
+        assert torch.equal(got, want), sorted(hyp)
+        got.fill_(True)  # the caller's copy: changing it changes nothing of the next ones
+
+
+def test_weights_rows_equal_evaluate_circuit_per_hypothesis(model):
+    """Weighing runs every leave-one-out hypothesis as a row of batched passes
+    (``Experiment.evaluate_keeps``): each row is ``evaluate_circuit`` of that hypothesis."""
+    s = Session(_exp(apexlens.load_model("induction-2l", dtype=torch.float64)), start=INDUCTION)
+    s.add_text("0.1@end->1.3.k@end")
+    w = s.weights()
+    for edge in s.sorted(s.edges):
+        without = s.exp.evaluate_circuit(s.edge_pairs(s.edges - {edge}))
+        assert w[edge] == pytest.approx(s.current.recovery - without.recovery, abs=1e-10)
 
 
 def test_weights_are_exact_removal_effects(session, reference):
@@ -317,7 +399,8 @@ def test_snapshot_is_self_contained_and_defines_its_columns(session):
 
 def test_figures_export_and_app_builds(session):
     pytest.importorskip("dash")
-    from apexlens.ui.workbench.app import figures_html, make_app
+    from apexlens.ui.workbench.app import make_app
+    from apexlens.ui.workbench.figures import figures_html
 
     html = figures_html(session)
     assert html.count("plotly-graph-div") >= 2
@@ -432,3 +515,99 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys):
         main(["workbench", "induction-2l", "--n", "2", "--circuit", str(bad), "--no-browser"]) == 2
     )
     assert "bad.json is not valid JSON" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- errors in the page
+def _callback(url: str, app, output: str, trigger: str | dict, value, states=None):
+    """POST one Dash callback request to a running workbench, as the page does: the
+    callback whose outputs start with ``output``, fired by ``trigger`` (an id, or a
+    pattern-matching id such as an edge's) with ``value``; ``states``: id -> value.
+    Returns ``(status, JSON body or None)``."""
+    key = next(k for k in app.callback_map if k.lstrip(".").startswith(output))
+    spec = app.callback_map[key]
+    inputs, changed = [], None
+    for i in spec["inputs"]:
+        if i["id"].startswith("{"):  # a pattern-matching input: only the triggering component
+            hit = isinstance(trigger, dict) and trigger["type"] == json.loads(i["id"])["type"]
+            inputs.append(
+                [{"id": trigger, "property": i["property"], "value": value}] if hit else []
+            )
+            tid = json.dumps(trigger, sort_keys=True, separators=(",", ":")) if hit else None
+        else:
+            hit, tid = i["id"] == trigger, i["id"]
+            inputs.append({**i, "value": value if hit else None})
+        changed = f"{tid}.{i['property']}" if hit else changed
+    names = key.split("@")[0].strip(".").split("...")
+    outputs = [dict(zip(("id", "property"), o.split("."), strict=True)) for o in names]
+    body = {
+        "output": key,
+        "outputs": outputs if len(outputs) > 1 else outputs[0],
+        "inputs": inputs,
+        "state": [{**s, "value": (states or {}).get(s["id"])} for s in spec.get("state", [])],
+        "changedPropIds": [changed],
+    }
+    req = urllib.request.Request(
+        url + "_dash-update-component",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            text = r.read().decode()
+            return r.status, json.loads(text) if text else None
+    except urllib.error.HTTPError as e:
+        return e.code, None
+
+
+@pytest.fixture()
+def served(model):
+    pytest.importorskip("dash")
+    from apexlens.ui.workbench.app import serve
+
+    s = Session.for_model(model, "induction", n=N, seed=SEED)
+    server = serve(s, port=0)
+    yield s, server
+    server.stop()
+
+
+def test_bad_input_in_a_callback_is_shown_in_the_page(served, monkeypatch):
+    s, server = served
+
+    def refuse(receiver):
+        raise ApexlensError("no paths today")
+
+    monkeypatch.setattr(s.evaluator, "path_contributions", refuse)
+    status, body = _callback(server.url, server.app, "heat-logits.figure", "heat-go", 1)
+    assert status == 200 and body["sideUpdate"]["message"]["children"] == "no paths today"
+    # malformed click data (a click with no point): a message, not a crash
+    status, body = _callback(
+        server.url, server.app, "heat-qkv.figure", "heat-logits", {"points": []}
+    )
+    assert status == 200 and "bad input (IndexError" in body["sideUpdate"]["message"]["children"]
+    status, body = _callback(
+        server.url, server.app, "recovery", "edge-add", 1, {"edge-text": "1.3->0.1.k"}
+    )
+    assert status == 200 and "goes backwards" in body["response"]["message"]["children"]
+
+
+def test_a_bug_in_a_callback_is_dashs_error_and_the_server_goes_on(served, reference):
+    """An unexpected exception is not caught by the workbench: Dash answers that request
+    with an error (500), the change is rolled back, and the next requests work."""
+    s, server = served
+    before, n = s.edges, len(s.history)
+    working = s.state._evaluate_new
+
+    def bug(*args):
+        raise RuntimeError("a bug")
+
+    s.state._evaluate_new = bug
+    edge = {"type": "edge", "edge": "0.1->1.3.k"}
+    assert _callback(server.url, server.app, "recovery", edge, 1)[0] == 500
+    assert s.edges == before and len(s.history) == n
+    s.state._evaluate_new = working
+    status, body = _callback(server.url, server.app, "recovery", edge, 1)
+    assert status == 200 and "0.1->1.3.k" not in s.edges
+    want = reference.evaluate_circuit(s.edge_pairs())
+    assert body["response"]["recovery"]["children"] == f"{want.recovery:.6f}"
+    with urllib.request.urlopen(server.url, timeout=10) as r:
+        assert r.status == 200

@@ -21,7 +21,8 @@ import pytest
 
 import apexlens
 from apexlens.ui.workbench import engine
-from apexlens.ui.workbench.app import fmt, serve
+from apexlens.ui.workbench.app import serve
+from apexlens.ui.workbench.render import fmt
 from apexlens.ui.workbench.session import Session
 
 pytest.importorskip("dash")

@@ -6,10 +6,20 @@
     session.edges                            # the hypothesis on the page, from Python
     session.current.recovery                 # = exp.evaluate_circuit(...).recovery
 
-Modules: :mod:`.session` (the state, plain Python), :mod:`.app` (the Dash callbacks over it
-and the server), :mod:`.page` (the page's layout), :mod:`.view` (the clickable circuit
-view), :mod:`.figures` (plotly figures and the HTML snapshot), :mod:`.engine` (the only
-adapters to apexlens internals), :mod:`.cli` (``apexlens workbench``).
+Modules, plain Python first:
+
+* :mod:`.session` -- :class:`Session`, the state the page shows, joining :mod:`.names` (the
+  edge universe and the checks of edge names), :mod:`.state` (the hypothesis, undo/redo,
+  history) and :mod:`.evaluation` (the exact numbers: ``Experiment.evaluate_keep``);
+  :mod:`.formats` reads circuit files, :mod:`.engine` holds the only adapters to apexlens
+  internals;
+* the page (Dash): :mod:`.app` (the app and its server), :mod:`.page` (the layout),
+  :mod:`.callbacks` (one registering function per panel) over :mod:`.actions` (every change
+  of the hypothesis, as a table), :mod:`.render` (numbers, history, comparison),
+  :mod:`.view` (the clickable circuit view), :mod:`.figures` (plotly figures and the HTML
+  snapshot), :mod:`.style`;
+* ``apexlens workbench`` is :mod:`apexlens.ui.cli.workbench`.
+
 Dash is an optional dependency: ``pip install "apexlens[workbench]"``.
 """
 
@@ -100,10 +110,10 @@ def workbench(
             browser tab), ``"server"`` (background server only).
     """
     import apexlens
-    from apexlens.ui.workbench.app import _require_dash, make_app, serve
+    from apexlens.ui.workbench.app import make_app, require_dash, serve
     from apexlens.ui.workbench.session import Session
 
-    _require_dash()
+    require_dash()
     if mode not in ("auto", "inline", "tab", "server"):
         raise ApexlensError(f"mode must be auto, inline, tab or server, got {mode!r}")
     if isinstance(source, Session):

@@ -6,7 +6,8 @@
 * :func:`heads_to_qkv` -- every earlier head's path to one head's q, k and v;
 * :func:`drill_figure` -- one path's effect on every example;
 * :func:`circuit_figure` -- the hypothesis as ``apexlens.plotting.path_graph`` (the snapshot);
-* :func:`snapshot` -- the self-contained HTML file of a session.
+* :func:`snapshot` -- the self-contained HTML file of a session;
+* :func:`figures_html` -- the view's figures in one HTML file (the page's "figures" export).
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def heads_to_logits(
     result: Any, title: str = "heads → logits (click a head: its q/k/v inputs)"
 ) -> go.Figure:
     fig = plotting.head_heatmap(result, title=title)
+    # a short colour-bar title: the long one leaves no room for the bar in a compact figure
+    fig.update_traces(colorbar={"title": {"text": "normalised<br>effect"}})
     layers, heads = result.grid
     return _compact(fig, max(220, 60 + 34 * layers), xaxis={"title": "head", "constrain": "domain"})
 
@@ -131,7 +134,7 @@ def heads_to_qkv(session: Session, head: str) -> go.Figure:
         z, custom = [], []
         for la in range(max(layer, 1)):
             zr, cr = [], []
-            for h in range(session.n_heads):
+            for h in range(session.names.n_heads):
                 ok = la < layer
                 zr.append(float(norm[la, h]) if ok else None)
                 cr.append([f"{la}.{h}", f"{head}.{c}", float(raw[la, h]), float(norm[la, h])])
@@ -140,7 +143,7 @@ def heads_to_qkv(session: Session, head: str) -> go.Figure:
         fig.add_trace(
             go.Heatmap(
                 z=z,
-                x=list(range(session.n_heads)),
+                x=list(range(session.names.n_heads)),
                 y=list(range(len(z))),
                 customdata=custom,
                 zmid=0,
@@ -244,7 +247,7 @@ def circuit_figure(session: Session, weights: dict[str, float] | None, cap: int 
         fig = go.Figure()
         fig.update_layout(title="hypothesis: no edges")
         return fig
-    return plotting.path_graph(pairs, w, n_layers=session.n_layers, title=title)
+    return plotting.path_graph(pairs, w, n_layers=session.names.n_layers, title=title)
 
 
 def _fmt(x: float) -> str:
@@ -330,11 +333,12 @@ def snapshot(session: Session) -> str:
         ]
     )
     sections.append(("history", history, "Every hypothesis evaluated in this session, in order."))
-    if "logits" in session._paths:
+    paths = session.computed_paths("logits")
+    if paths is not None:
         sections.append(
             (
                 "heads → logits",
-                heads_to_logits(session._paths["logits"], title="heads → logits"),
+                heads_to_logits(paths, title="heads → logits"),
                 "Each cell is one head, its direct path to the logits patched from the corrupted run "
                 "(MLPs on the way recomputed). Normalised effect (patched - clean) / (clean - corrupted): "
                 "-1 = the path carries the whole difference, 0 = no effect.",
@@ -356,3 +360,20 @@ def snapshot(session: Session) -> str:
     return engine.report_html(
         sections, title=f"apexlens workbench snapshot{name}", intro=intro, definitions=definitions
     )
+
+
+def figures_html(session: Session) -> str:
+    """The view's figures (circuit graph, per-example spread, path contributions computed
+    so far) in one self-contained HTML file."""
+    with session.lock:
+        figs = [circuit_figure(session, session.weights_cached()), spread_figure(session.current)]
+        paths = session.computed_paths("logits")
+        if paths is not None:
+            figs.append(heads_to_logits(paths, title="heads → logits"))
+        parts = [
+            "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            "<title>apexlens workbench figures</title></head><body>"
+        ]
+        parts += [f.to_html(full_html=False, include_plotlyjs=i == 0) for i, f in enumerate(figs)]
+        parts.append("</body></html>")
+        return "\n".join(parts)

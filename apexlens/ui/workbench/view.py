@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from dash import html
 
-from apexlens.ui.workbench.session import _base, _owner, edge_name, split_edge
+from apexlens.ui.workbench.names import at_scope, base, edge_name, owner, split_edge
 
 if TYPE_CHECKING:
     from apexlens.ui.workbench.session import Session
@@ -70,16 +70,16 @@ def _data(attrs: dict[str, str]) -> dict[str, Any]:
 
 
 def layout(session: Session) -> Layout:
-    L, H = session.n_layers, session.n_heads
+    L, H = session.names.n_layers, session.names.n_heads
     row = 70 if H <= 8 else 58
-    span = (L - 0.5) if not session.has_mlps else L
+    span = (L - 0.5) if not session.names.has_mlps else L
     col = max(150.0, min(420.0, 620.0 / max(span, 0.5)))
     top = 44.0
     x0 = 150.0
     heads_mid = top + row * H / 2
     centre: dict[str, tuple[float, float]] = {"embed": (50.0, heads_mid)}
     columns: list[tuple[float, str]] = [(50.0, "embed")]
-    mlp_y = top + row * H + 34 if session.has_mlps else None
+    mlp_y = top + row * H + 34 if session.names.has_mlps else None
     last = x0
     for la in range(L):
         x = x0 + la * col
@@ -87,10 +87,10 @@ def layout(session: Session) -> Layout:
         for h in range(H):
             centre[f"{la}.{h}"] = (x, top + row * h + row / 2)
         last = x
-        if session.has_mlps and mlp_y is not None:
+        if session.names.has_mlps and mlp_y is not None:
             centre[f"m{la}"] = (x + col / 2, mlp_y)
             last = x + col / 2
-    lx = last + (col / 2 if not session.has_mlps else col / 2) + 20
+    lx = last + (col / 2 if not session.names.has_mlps else col / 2) + 20
     centre["logits"] = (lx, heads_mid)
     columns.append((lx, "logits"))
     out: dict[str, tuple[float, float]] = {}
@@ -116,26 +116,18 @@ def drawn_edges(
     shown = hyp[:MAX_EDGES]
     cand: list[str] = []
     if candidates:
-        present = {edge_name(_base(s), _base(r)) for s, r in (split_edge(e) for e in session.edges)}
+        present = {edge_name(base(s), base(r)) for s, r in (split_edge(e) for e in session.edges)}
         pool = [e for e in session.universe if e not in present]
         if len(session.universe) > 400:  # large graphs: the top candidates of an attribution
-            scores = next(
-                (session._scores[m] for m in ("exact", "eap-ig", "eap") if m in session._scores),
-                None,
-            )
+            scores = session.computed_scores()
             if scores is None:
                 pool = []
             else:
                 rank = {edge_name(s, r): i for i, (s, r) in enumerate(scores.top(len(scores)))}
                 pool = sorted((e for e in pool if e in rank), key=rank.__getitem__)
         pool = pool[: MAX_CANDIDATES if len(session.universe) > 400 else len(pool)]
-        cand = [e if scope is None else _at_scope(e, scope) for e in pool]
+        cand = [e if scope is None else at_scope(e, scope) for e in pool]
     return shown, cand, len(hyp) - len(shown)
-
-
-def _at_scope(edge: str, scope: str) -> str:
-    s, r = split_edge(edge)
-    return edge_name(f"{s}@{scope}", f"{r}@{scope}")
 
 
 _TRIES = (
@@ -209,8 +201,8 @@ def _edge(
     """One edge: its knob (the element with ``data-edge``; above every line) holding the
     line as a child (clicking the line clicks the edge too)."""
     s, r = split_edge(name)
-    x1, y1 = lay.out[_base(s)]
-    x2, y2 = lay.inp[_base(r)]
+    x1, y1 = lay.out[base(s)]
+    x2, y2 = lay.inp[base(r)]
     y1 += offset
     y2 += offset
     dx, dy = x2 - x1, y2 - y1
@@ -320,8 +312,8 @@ def circuit_view(
     touched: set[str] = set()
     for e in session.edges:
         s, r = split_edge(e)
-        touched.add(_base(s))
-        touched.add(_owner(_base(r)))
+        touched.add(base(s))
+        touched.add(owner(base(r)))
     parts: list[Any] = []
     for x, text in lay.columns:
         parts.append(html.Div(text, className="wb-col", style={"left": f"{x - 50}px"}))
@@ -337,9 +329,9 @@ def circuit_view(
         parts.append(_edge(e, lay, placer, False, None, wmax, 0))
     for e in shown:
         s, r = split_edge(e)
-        base = edge_name(_base(s), _base(r))
-        k = seen.get(base, 0)
-        seen[base] = k + 1
+        plain = edge_name(base(s), base(r))
+        k = seen.get(plain, 0)
+        seen[plain] = k + 1
         offset = 0 if k == 0 else (3 * ((k + 1) // 2) * (1 if k % 2 else -1))
         parts.append(
             _edge(e, lay, placer, True, None if weights is None else weights.get(e), wmax, offset)
@@ -347,8 +339,8 @@ def circuit_view(
     parts += _node(
         "embed", "embed", lay, "embed" in touched, "end", "embed: click to toggle all its edges"
     )
-    for la in range(session.n_layers):
-        for h in range(session.n_heads):
+    for la in range(session.names.n_layers):
+        for h in range(session.names.n_heads):
             name = f"{la}.{h}"
             parts += _node(
                 name,
@@ -358,7 +350,7 @@ def circuit_view(
                 "head",
                 f"head {name}: click to toggle all its edges (as sender and through q/k/v)",
             )
-        if session.has_mlps:
+        if session.names.has_mlps:
             parts += _node(
                 f"m{la}",
                 f"m{la}",
