@@ -77,14 +77,16 @@ def feature_values(
     *,
     direction: Any = None,
     batch_size: int = 256,
+    progress: bool = True,
 ) -> Float[Tensor, "batch pos"]:
-    """``feature`` at every position of every row of ``tokens`` (no gradients)."""
+    """``feature`` at every position of every row of ``tokens`` (no gradients), in chunks
+    of ``batch_size`` rows (a progress bar over them unless ``progress=False``)."""
     f = parse_feature(model, feature, direction=direction)
     bk = backend_for(model)
     tokens = check_tokens(bk, tokens)
     _positive_int(batch_size, "batch_size")
     with inference_mode(model):
-        return feature_rows(model, f, tokens, batch_size)
+        return feature_rows(model, f, tokens, batch_size, progress)
 
 
 def _positive_int(v: Any, name: str, lo: int = 1) -> int:
@@ -108,6 +110,8 @@ def _token_ids(v: Any, name: str, d_vocab: int) -> Int[Tensor, " k"]:
             raise ApexlensError(f"{name} must be integer token ids (a list or 1-D tensor), got {v!r}")
         ids = v.long().cpu()
     else:
+        if not isinstance(v, (list, tuple, range)):
+            raise ApexlensError(f"{name} must be integer token ids (a list or 1-D tensor), got {v!r}")
         items = list(v)
         if any(isinstance(t, bool) or not isinstance(t, int) for t in items):
             raise ApexlensError(f"{name} must be integer token ids, got {v!r}")
@@ -134,7 +138,7 @@ def visualize(
     entropy: float = 0.1,
     refine_steps: int = 20,
     top_k: int = 32,
-    progress: bool = False,
+    progress: bool = True,
 ) -> FeatureVisualization:
     """Maximise ``feature`` over inputs of ``n_pos`` tokens (``prefix`` tokens first, fixed).
 
@@ -151,6 +155,7 @@ def visualize(
         vocab: the token ids the input may use (default: all).
         temperature, entropy: the annealing schedule (geometric from the first temperature to
             the second; the entropy penalty grows linearly from 0 to ``entropy``).
+        progress: a progress bar over the steps (default on).
     """
     bk = backend_for(model)
     plan = _plan(bk, model, feature, n_pos, steps, seed, restarts, prefix, vocab, direction,
@@ -235,6 +240,7 @@ def top_examples(
     direction: Any = None,
     positions: str | Sequence[int] = "all",
     batch_size: int = 256,
+    progress: bool = True,
 ) -> NaturalExamples:
     """The ``k`` (example, position) pairs of ``tokens`` where ``feature`` is largest, each
     context once.
@@ -246,19 +252,14 @@ def top_examples(
     back as :attr:`NaturalExamples.values` ``[batch, pos]`` (``NaN`` where not read).
     """
     f = parse_feature(model, feature, direction=direction)
-    values = feature_values(model, f, tokens, batch_size=batch_size).float().cpu()
+    _positive_int(k, "k")
+    values = feature_values(model, f, tokens, batch_size=batch_size, progress=progress)
+    values = values.float().cpu()
     n_pos = values.shape[1]
-    if positions != "all":
-        if isinstance(positions, str):
-            raise ApexlensError(f"positions must be 'all' or a list of ints, got {positions!r}")
+    if not (isinstance(positions, str) and positions == "all"):
         keep = torch.zeros(n_pos, dtype=torch.bool)
-        for p in positions:
-            if not -n_pos <= int(p) < n_pos:
-                raise ApexlensError(f"position {p} is outside sequences of {n_pos} positions")
-            keep[int(p)] = True
+        keep[_read_positions(positions, n_pos)] = True
         values = values.masked_fill(~keep, math.nan)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ApexlensError(f"k must be a positive int, got {k!r}")
     rows, cols = top_contexts(values, tokens.cpu(), k)
     return NaturalExamples(feature=f, tokens=tokens.cpu(), values=values, rows=rows, cols=cols)
 
@@ -267,6 +268,24 @@ _VISUALIZE_DEFAULTS: dict[str, Any] = dict(
     n_pos=8, steps=200, seed=0, restarts=8, prefix=(), vocab=None, lr=0.1, init_scale=1.0,
     temperature=(1.0, 0.05), entropy=0.1, refine_steps=20, top_k=32,
 )
+
+
+def _read_positions(positions: Any, n_pos: int) -> list[int]:
+    """``top_examples``' ``positions``: a non-empty list (or 1-D integer tensor) of ints."""
+    if isinstance(positions, Tensor) and positions.ndim == 1 and not (
+        positions.is_floating_point() or positions.dtype == torch.bool
+    ):
+        positions = positions.tolist()
+    if (
+        not isinstance(positions, (list, tuple, range))
+        or not positions
+        or any(isinstance(p, bool) or not isinstance(p, int) for p in positions)
+    ):
+        raise ApexlensError(f"positions must be 'all' or a non-empty list of ints, got {positions!r}")
+    for p in positions:
+        if not -n_pos <= p < n_pos:
+            raise ApexlensError(f"position {p} is outside sequences of {n_pos} positions")
+    return [p % n_pos for p in positions]
 
 
 def fv_check(
@@ -281,7 +300,7 @@ def fv_check(
     alpha: float = 0.05,
     n_start: int = 8,
     peer_seed: int = 0,
-    progress: bool = False,
+    progress: bool = True,
     **visualize_kwargs: Any,
 ) -> FVCheck:
     """Is the visualization of ``feature`` an honest picture of it? A calibrated test.
@@ -298,7 +317,9 @@ def fv_check(
 
     Args:
         fv: a :func:`visualize` result of this feature made with ``visualize_kwargs``
-            (computed here, in one batch with the peers, when not given).
+            (computed here, in one batch with the peers, when not given). The settings it
+            records (``n_pos``, ``restarts``, ``steps``, ``seed``) are the defaults; pass any
+            other non-default setting it was made with.
         peers: how many peers to draw (default 31, so that ``p_value`` can reach 1/32) or the
             peer features themselves. Peer statistics are cached per model while its
             weights and the settings are unchanged, so checking several features of a layer
@@ -308,6 +329,7 @@ def fv_check(
         peer_seed: seeds the draw of peers (and of random directions for direction features).
         visualize_kwargs: :func:`visualize`'s settings (``n_pos``, ``steps``, ``seed``, ...),
             used for the FV and for every peer.
+        progress: progress bars, named by step (visualizations, evidence); default on.
     """
     f = parse_feature(model, feature, direction=direction)
     bk = backend_for(model)
@@ -322,7 +344,7 @@ def fv_check(
     unknown = set(visualize_kwargs) - set(_VISUALIZE_DEFAULTS)
     if unknown:
         raise ApexlensError(f"fv_check got unknown arguments {sorted(unknown)}")
-    settings = {**_VISUALIZE_DEFAULTS, **visualize_kwargs}
+    settings = {**_VISUALIZE_DEFAULTS, **_recorded(fv), **visualize_kwargs}
     plan = _plan(bk, model, f, direction=None, **settings)
     if fv is not None:
         _check_fv(fv, f, plan)
@@ -336,8 +358,21 @@ def fv_check(
                       progress)
 
 
+def _recorded(fv: Any) -> dict[str, Any]:
+    """The settings a given FV records (``n_pos``, ``restarts``, ``steps``, ``seed``): the
+    defaults of its check, so that its peers are visualized the same way."""
+    if not isinstance(fv, FeatureVisualization):
+        return {}
+    return dict(n_pos=int(fv.tokens.shape[1]), restarts=int(fv.tokens.shape[0]),
+                steps=fv.soft_steps, seed=fv.seed)
+
+
 def _check_fv(fv: FeatureVisualization, f: Feature, plan: Plan) -> None:
     """A given FV must be of this feature and made with these settings (what it records)."""
+    if not isinstance(fv, FeatureVisualization):
+        raise ApexlensError(
+            f"fv must be a FeatureVisualization (from visualize) or None, got {type(fv).__name__}"
+        )
     if fv.feature.spec != f.spec:
         raise ApexlensError(f"fv visualizes {fv.feature.spec!r}, not {f.spec!r}")
     made = dict(n_pos=fv.tokens.shape[1], restarts=fv.tokens.shape[0], steps=fv.soft_steps,
