@@ -259,9 +259,7 @@ def edge_auc(scores: EdgeScores, true_edges: Sequence[tuple[str, str]] | Circuit
         raise ApexlensError(
             "edge_auc: scores hold NaN or inf; an AUC needs a finite score for every edge"
         )
-    if isinstance(true_edges, Circuit):  # a hypothesis: its edges
-        true_edges = list(true_edges.edges)
-    pairs = list(true_edges) if isinstance(true_edges, (list, tuple)) else None
+    pairs = list(true_edges) if isinstance(true_edges, (list, tuple, Circuit)) else None
     if pairs is None or not all(isinstance(e, (list, tuple)) and len(e) == 2 for e in pairs):
         raise ApexlensError(
             "edge_auc: true_edges must be a list of (sender, receiver) pairs of node names, "
