@@ -122,7 +122,8 @@ def audit(name: str, cache: Path) -> list[dict[str, Any]]:
                 planted_activation=spec.get("planted_activation") if spec else None,
                 agree=float((fv == torch.tensor(planted)).float().mean()) if planted else None,
                 fv_activation=chk.fv_activation, ratio=chk.ratio, p_value=chk.p_value,
-                p=chk.p_values.tolist(), flagged=chk.flagged))
+                p=chk.p_values.tolist(), flagged=chk.flagged,
+                measures=list(chk.measures), statistics=chk.statistics[0].tolist()))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(found, indent=1))
         print(f"  {name} layer {pool[0][0].layer}: {len(pool)} features checked in "
@@ -150,10 +151,11 @@ def table(rows: list[dict[str, Any]], split: str) -> None:
 
     planted = [r for r in sel if r["planted"]]
     for label, key in (("nominal", "nominal"), ("FV ratio", "ratio")):
-        for lo, hi in ((0, 1.35), (1.35, 1.5), (1.5, 1.8), (1.8, 2.5), (2.5, 99)):
+        for lo, hi in ((0, 1.4), (1.4, 1.6), (1.6, 2.0), (2.0, 2.5), (2.5, 99)):
             rs = [r for r in planted if lo <= r[key] < hi]
             if rs:
-                print(f"{label + f' {lo:.2f}-{hi:.2f}':>22} | {cell([r for r in rs if _landed(r)]):>9}"
+                span = f"{lo:.1f}-{hi:.1f}" if hi < 99 else f">= {lo:.1f}"
+                print(f"{label + ' ' + span:>22} | {cell([r for r in rs if _landed(r)]):>9}"
                       f" | {cell([r for r in rs if _reached(r)]):>9} | {cell(rs):>11}")
     big = [r for r in planted if r["ratio"] >= 1.4]
     print(f"{'FV ratio >= 1.4':>22} | {cell([r for r in big if _landed(r)]):>9} | "
