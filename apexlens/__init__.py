@@ -19,6 +19,8 @@ The public API, one screen (layers, lowest first: ``errors`` -> ``model/`` -> ``
                 :func:`random_gpt2_small`, :func:`to_bridge`, :func:`get_task`, :func:`check`
 * figures    -- :mod:`apexlens.plotting`, :mod:`apexlens.plotting_discovery`,
                 :mod:`apexlens.plotting_fv` (plotly), the HTML report, the command line
+* scale      -- :func:`sharded` (every question split across ``torch.distributed`` ranks),
+                :func:`estimate_memory` (a question's peak memory, before running it)
 * errors     -- one type, :class:`ApexlensError`, whose message names the fix
 """
 
@@ -55,6 +57,7 @@ from apexlens.results import (
     edge_auc,
     load_result,
 )
+from apexlens.runs.shard import sharded
 from apexlens.scoring import (
     AnswerLogProb,
     AnswerProb,
@@ -136,6 +139,7 @@ __all__ = [
     "path_patch",
     "random_gpt2_small",
     "scores_frame",
+    "sharded",
     "to_bridge",
     "top_examples",
     "visualize",

@@ -94,6 +94,7 @@ from apexlens.model import backend_for
 from apexlens.model.hooks import HookFn, attached, inference_mode
 from apexlens.results.apex import ApexResult
 from apexlens.results.labels import TokenLabels
+from apexlens.runs.shard import guarded
 from apexlens.runs.tokens import check_tokens, describe
 from apexlens.vocab.positions import position_index, shared_positions
 from apexlens.vocab.sites import SITE_PRESETS, parse_sites
@@ -219,6 +220,7 @@ def noise_hooks(
         yield model
 
 
+@guarded
 def apex(
     model: Any,
     tokens: Int[Tensor, "batch pos"] | Any,
@@ -298,7 +300,9 @@ def apex(
     )
     with inference_mode(backend.model):
         clean = clean_pass(backend, tokens, plan)
-        preds, prob_sum, n_finite = sweep(backend, tokens, plan, clean, generator, progress)
+        preds, prob_sum, n_finite = sweep(
+            backend, tokens, plan, clean, generator, progress, advance=used_seed is None
+        )
     clean_at = clean.logits_at
     top2 = clean_at.topk(min(2, clean_at.shape[-1]), dim=-1).values
     nonfinite = n_draws * len(ex_idx) - n_finite

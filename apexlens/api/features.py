@@ -52,9 +52,11 @@ from apexlens.model import Backend, backend_for
 from apexlens.model.hooks import inference_mode
 from apexlens.results import FeatureVisualization, FVCheck, NaturalExamples
 from apexlens.runs import check_tokens, progress_bar
+from apexlens.runs.shard import guarded
 from apexlens.vocab.features import Feature, parse_feature, read_position
 
 
+@guarded
 def feature_values(
     model: Any,
     feature: str | Feature,
@@ -102,6 +104,7 @@ def _token_ids(v: Any, name: str, d_vocab: int) -> Int[Tensor, " k"]:
     return ids
 
 
+@guarded
 def visualize(
     model: Any,
     feature: str | Feature,
@@ -202,6 +205,7 @@ def _plan(
                 float(init_scale), (t0, t1), float(entropy), refine_steps, top_k)
 
 
+@guarded
 def top_examples(
     model: Any,
     feature: str | Feature,
@@ -240,6 +244,7 @@ def top_examples(
     return NaturalExamples(feature=f, tokens=tokens.cpu(), values=values, rows=rows, cols=cols)
 
 
+@guarded
 def fv_check(
     model: Any,
     feature: str | Feature,

@@ -33,6 +33,7 @@ from apexlens.errors import ApexlensError
 from apexlens.model import Backend, edits
 from apexlens.model.hooks import HookFn
 from apexlens.runs.rows import row_chunks, rows_per_chunk, run_rows
+from apexlens.runs.shard import Share
 from apexlens.vocab.positions import shared_positions
 
 
@@ -221,50 +222,87 @@ def sweep(
     clean: CleanPass,
     generator: torch.Generator,
     progress: bool = False,
+    advance: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Every (draw, sigma) as rows of one batched run; returns predictions
     ``[n_sigma, n_draws, n_samples]`` (``-1``: the logits were not finite), the summed
-    softmax per sigma and the count of finite draws per sigma."""
+    softmax per sigma and the count of finite draws per sigma.
+
+    Under a shard each rank runs a contiguous block of the (draw, sigma) rows, draw-major. It
+    still consumes the generator from the first draw (drawing and discarding the draws before
+    its block: the same numbers whatever the split); ``advance``: also draw the ones after
+    its block, so the caller's generator ends where one process would leave it."""
     n, seq_len = tokens.shape
     sig = plan.sigmas
-    order = list(clean.like)
-    shapes = _noise_shapes(plan, clean, n)
     n_combo = plan.n_draws * len(sig)
     per_chunk = _rows_per_pass(bk, plan, clean, n, seq_len)
     samples = len(plan.sample_example)
     d_vocab = clean.logits_at.shape[-1]
-    preds = torch.empty(len(sig), plan.n_draws, samples, dtype=torch.long)
-    prob_sum = torch.zeros(len(sig), d_vocab, dtype=torch.float64, device=bk.device)
-    n_finite = torch.zeros(len(sig), dtype=torch.long)
-    xi: dict[int, dict[str, Tensor]] = {}
-    next_draw = 0
-    sig_dev = sig.to(bk.device)
-    for combos in row_chunks(list(range(n_combo)), per_chunk, desc="apex", progress=progress):
-        combo = torch.tensor(list(combos))
-        draws, sidx = combo // len(sig), combo % len(sig)
-        while next_draw <= int(draws[-1]):  # fixed order: draw by draw, site by site
-            xi[next_draw] = {
-                name: plan.noise.draw(generator, shapes[name], clean.like[name]) for name in order
+    xi = _Draws(plan, clean, n, generator)
+    with Share("apex", n_combo) as share:
+        mine = list(share.block(n_combo))
+        prob_sum = torch.zeros(len(sig), d_vocab, dtype=torch.float64, device=bk.device)
+        n_finite = torch.zeros(len(sig), dtype=torch.long)
+        for combos in row_chunks(mine, per_chunk, desc="apex", progress=progress):
+            combo = torch.tensor(list(combos))
+            draws, sidx = combo // len(sig), combo % len(sig)
+            noise = xi.scaled(draws, sidx, int(mine[0]) // len(sig), bk.device)
+            logits = _noisy_logits(bk, tokens, plan, clean, noise)
+            finite = torch.isfinite(logits).all(dim=-1)
+            pred = torch.where(
+                finite, logits.argmax(dim=-1), torch.full_like(finite, -1, dtype=torch.long)
+            )
+            share.put(combo, pred.cpu())
+            probs = torch.where(finite[..., None], logits.softmax(dim=-1), torch.zeros_like(logits))
+            prob_sum.index_add_(0, sidx.to(bk.device), probs.sum(dim=1))
+            n_finite.index_add_(0, sidx, finite.sum(dim=1).cpu())
+        if mine:
+            share.add(prob_sum, "probs")
+            share.add(n_finite, "finite")
+        if advance:
+            xi.through(plan.n_draws - 1)
+    by_combo = share.fill(torch.empty(n_combo, samples, dtype=torch.long))
+    preds = by_combo.view(plan.n_draws, len(sig), samples).transpose(0, 1).contiguous()
+    return preds, share.sum("probs", bk.device), share.sum("finite")
+
+
+class _Draws:
+    """The standard draws ``xi_d`` of every site, made in the one fixed order (draw by draw,
+    site by site) from the generator, kept while rows still need them."""
+
+    def __init__(self, plan: SweepPlan, clean: CleanPass, n: int, generator: torch.Generator):
+        self.plan, self.clean, self.generator = plan, clean, generator
+        self.order = list(clean.like)
+        self.shapes = _noise_shapes(plan, clean, n)
+        self.kept: dict[int, dict[str, Tensor]] = {}
+        self.next = 0
+
+    def through(self, last: int, first_kept: int = 0) -> None:
+        """Draw up to draw ``last``, keeping those from ``first_kept`` on."""
+        while self.next <= last:
+            d = {
+                name: self.plan.noise.draw(self.generator, self.shapes[name], self.clean.like[name])
+                for name in self.order
             }
-            next_draw += 1
-        for d in [d for d in xi if d < int(draws[0])]:
-            del xi[d]
+            if self.next >= first_kept:
+                self.kept[self.next] = d
+            self.next += 1
+
+    def scaled(
+        self, draws: Tensor, sidx: Tensor, first_kept: int, device: torch.device
+    ) -> dict[str, Tensor]:
+        """The noise of every row ``(draws[i], sigmas[sidx[i]])``, per site."""
+        self.through(int(draws[-1]), first_kept)
+        for d in [d for d in self.kept if d < int(draws[0])]:
+            del self.kept[d]
+        sig_dev = self.plan.sigmas.to(device)
         noise: dict[str, Tensor] = {}
-        for name in order:
-            stack = torch.stack([xi[int(d)][name] for d in draws])  # [chunk, n, ...]
+        for name in self.order:
+            stack = torch.stack([self.kept[int(d)][name] for d in draws])  # [chunk, n, ...]
             s = sig_dev[sidx].to(stack.dtype).view(-1, *([1] * (stack.dim() - 1)))
-            site_rms = clean.rms[name].unsqueeze(0) if plan.relative else None
+            site_rms = self.clean.rms[name].unsqueeze(0) if self.plan.relative else None
             noise[name] = scaled(stack, s, site_rms)
-        logits = _noisy_logits(bk, tokens, plan, clean, noise)
-        finite = torch.isfinite(logits).all(dim=-1)
-        pred = torch.where(
-            finite, logits.argmax(dim=-1), torch.full_like(finite, -1, dtype=torch.long)
-        )
-        preds[sidx, draws] = pred.cpu()
-        probs = torch.where(finite[..., None], logits.softmax(dim=-1), torch.zeros_like(logits))
-        prob_sum.index_add_(0, sidx.to(bk.device), probs.sum(dim=1))
-        n_finite.index_add_(0, sidx, finite.sum(dim=1).cpu())
-    return preds, prob_sum, n_finite
+        return noise
 
 
 def _noisy_logits(

@@ -3,7 +3,9 @@
 What an engine computes is a set of *rows* -- one per sender, node, circuit or (sigma, draw)
 -- each a modified copy of the batch, stacked along the batch axis and run together
 (:func:`run_rows`), in chunks that fit the memory budget with one progress bar
-(:func:`row_chunks`).
+(:func:`row_chunks`). Under :func:`apexlens.sharded`, an engine takes its rows from a
+:class:`~apexlens.runs.shard.Share` (this rank's part) and gives the per-row results back to
+it; progress bars show on rank 0 only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from apexlens.model import Backend
 from apexlens.model.hooks import Hooks
+from apexlens.runs.shard import is_writer
 
 T = TypeVar("T")
 
@@ -26,7 +29,7 @@ def row_chunks(
 ) -> Iterator[Sequence[T]]:
     """``items`` in consecutive chunks of ``size``, with one progress bar (on stderr)."""
     chunks = [items[i : i + size] for i in range(0, len(items), max(1, size))]
-    if not progress:
+    if not (progress and is_writer()):
         yield from chunks
         return
     with progress_bar(len(items), desc, True, unit="row") as bar:
@@ -36,12 +39,12 @@ def row_chunks(
 
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "step") -> Any:
-    """A tqdm bar on stderr counting ``total`` steps (a silent one when not ``enabled``)."""
+    """A tqdm bar on stderr counting ``total`` steps (a silent one when not ``enabled``, and
+    on every rank but 0 of a shard: progress is shown once)."""
     from tqdm import tqdm
 
-    return tqdm(
-        total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=not enabled
-    )
+    show = enabled and is_writer()
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=not show)
 
 
 def stack_rows(x: Float[Tensor, "rows batch ..."]) -> Float[Tensor, "n ..."]:

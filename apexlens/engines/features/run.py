@@ -15,8 +15,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from apexlens.model import edits
+from apexlens.model import backend_for, edits
 from apexlens.model.hooks import attached
+from apexlens.runs.shard import Share
 from apexlens.vocab.features import Feature
 
 
@@ -62,9 +63,13 @@ def feature_rows(
     model: Any, feature: Feature, tokens: Int[Tensor, "batch pos"], batch_size: int = 256
 ) -> Float[Tensor, "batch pos"]:
     """``feature`` at every position of every row of ``tokens``, ``batch_size`` rows per pass
-    (call it without gradients)."""
-    out = [
-        run_feature(model, feature, tokens[i : i + batch_size])[0].detach()
-        for i in range(0, tokens.shape[0], batch_size)
-    ]
-    return torch.cat(out)
+    (call it without gradients). Under a shard, each rank reads a contiguous block of the
+    rows."""
+    n = tokens.shape[0]
+    with Share("feature values", n) as share:
+        mine = share.block(n)
+        for i in range(mine.start, mine.stop, batch_size):
+            stop = min(i + batch_size, mine.stop)
+            share.put(range(i, stop), run_feature(model, feature, tokens[i:stop])[0].detach())
+    dtype = share.parts()[0][1].dtype
+    return share.fill(torch.empty(n, tokens.shape[1], dtype=dtype, device=backend_for(model).device))
