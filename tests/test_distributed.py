@@ -65,3 +65,21 @@ def check_faults(tmp_path: Path) -> None:
     timeout = r0[4]
     assert "got no answer from every other rank within 3 s" in timeout["message"]
     assert timeout["seconds"] < 30 and timeout["hooks_left"] == 0
+
+
+def test_command_line_under_torchrun(tmp_path):
+    """``torchrun -m apexlens path-patch``: the same numbers as one process, written once,
+    printed once."""
+    from apexlens.ui.cli import main
+
+    args = ["path-patch", "induction-2l", "--n", "6", "--senders", "heads:0",
+            "--receivers", "1.3.k"]
+    assert main([*args, "--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    # "--": torchrun would read apexlens' --n as an abbreviation of its own --nnodes
+    done = torchrun(2, "-m", "apexlens", "--", *args, "--out", str(tmp_path / "many"))
+    assert done.stdout.count("wrote ") == 1 and done.stdout.count("normalized") == 1
+    one = json.loads((tmp_path / "one" / "path_patch.json").read_text())
+    many = json.loads((tmp_path / "many" / "path_patch.json").read_text())
+    assert one == many
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == [
+        "path_patch.csv", "path_patch.html", "path_patch.json"]

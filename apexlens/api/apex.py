@@ -94,6 +94,7 @@ from apexlens.model import backend_for
 from apexlens.model.hooks import HookFn, attached, inference_mode
 from apexlens.results.apex import ApexResult
 from apexlens.results.labels import TokenLabels
+from apexlens.runs.cache import free_share
 from apexlens.runs.shard import guarded
 from apexlens.runs.tokens import check_tokens, describe
 from apexlens.vocab.positions import position_index, shared_positions
@@ -234,7 +235,7 @@ def apex(
     seed: int = 0,
     generator: torch.Generator | None = None,
     max_batch: int | None = None,
-    memory_budget: int = 1 << 30,
+    memory_budget: int | None = None,
     token_labels: TokenLabels | None = None,
     progress: bool = False,
 ) -> ApexResult:
@@ -259,7 +260,8 @@ def apex(
         seed: seeds a fresh ``torch.Generator`` on the model's device.
         generator: use this generator instead of ``seed`` (it is advanced).
         max_batch: rows per forward pass (one row = one example at one (sigma, draw));
-            default from ``memory_budget`` (bytes, a rough estimate).
+            default from ``memory_budget`` (bytes, a rough estimate; default 1 GiB, at most
+            half the memory free on the model's device).
         token_labels: token id -> label (a callable on a tensor of ids such as
             ``task.token_labels``, or a sequence indexed by id), for tables and plots.
         progress: show a progress bar on stderr.
@@ -295,6 +297,9 @@ def apex(
         raise ApexlensError(f"generator must be a torch.Generator, got {describe(generator)}")
     if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
         raise ApexlensError(f"max_batch must be a positive integer, got {max_batch!r}")
+    if memory_budget is None:
+        free = free_share(backend.device)
+        memory_budget = 1 << 30 if free is None else max(16 << 20, min(1 << 30, free // 2))
     plan = SweepPlan(
         names, sig, n_draws, bool(relative), noise_pos, ex_idx, pos_idx, max_batch, memory_budget
     )

@@ -253,7 +253,9 @@ class Share:
 
 
 # ============================================================================ the exchange
-def _raised_by_exchange(err: BaseException | None) -> bool:
+def raised_on_every_rank(err: BaseException | None) -> bool:
+    """Whether ``err`` came out of an exchange: every rank raised it alike (so one rank's
+    report of it is enough)."""
     return bool(getattr(err, "apexlens_exchanged", False))
 
 
@@ -271,7 +273,7 @@ def exchange(
     """Every rank's payload ``mine`` (this rank's outcome: ``err``), over the shard's gloo
     group with its timeout. When any rank failed, every rank raises one ApexlensError naming
     the failing rank(s); an error that already went through an exchange passes through."""
-    if _raised_by_exchange(err):
+    if raised_on_every_rank(err):
         assert err is not None
         raise err
     mine = dict(mine, desc=desc)

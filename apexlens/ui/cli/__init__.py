@@ -12,8 +12,10 @@ import sys
 from types import ModuleType
 
 from apexlens.errors import ApexlensError
+from apexlens.runs.shard import raised_on_every_rank
 from apexlens.ui.cli import apex, demo, discover, models, path_patch, visualize
 from apexlens.ui.cli.common import Parser, check_out, parse_sigmas, split_sites
+from apexlens.ui.cli.launch import run_command, speaks
 
 COMMANDS: dict[str, ModuleType] = {
     "demo": demo,
@@ -57,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(_join_negative_values(argv))
-        return int(COMMANDS[args.command].run(args))
+        return run_command(args, COMMANDS[args.command].run)
     except ApexlensError as e:
-        print(f"apexlens: error: {e}", file=sys.stderr)
+        if speaks() or not raised_on_every_rank(e):  # under torchrun: said once
+            print(f"apexlens: error: {e}", file=sys.stderr)
         return 2
 
 

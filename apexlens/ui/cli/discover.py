@@ -50,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
         exp, None, None, metric=metric, method=args.method, ig_steps=args.ig_steps
     )
     curve = apexlens.faithfulness(exp, None, None, scores, metric=metric)
+    found, threshold = None, None
+    if not args.no_prune:  # computed before anything is written
+        gap = float(exp.clean_values.mean() - exp.corrupted_values.mean())
+        threshold = args.threshold if args.threshold is not None else 0.02 * abs(gap)
+        found = apexlens.discover(exp, None, None, metric=metric, threshold=threshold, order=scores)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scores.to_frame().to_csv(out / "edge_scores.csv", index=False)
@@ -64,10 +69,7 @@ def run(args: argparse.Namespace) -> int:
         "top_edges": scores.top(10),
     }
     figs: list[tuple[str, Any]] = [("faithfulness", pd_.faithfulness_curve(curve))]
-    if not args.no_prune:
-        gap = float(exp.clean_values.mean() - exp.corrupted_values.mean())
-        threshold = args.threshold if args.threshold is not None else 0.02 * abs(gap)
-        found = apexlens.discover(exp, None, None, metric=metric, threshold=threshold, order=scores)
+    if found is not None:
         found.to_frame().to_csv(out / "circuit.csv", index=False)
         summary.update(
             threshold=threshold,
