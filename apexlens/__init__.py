@@ -37,6 +37,7 @@ from apexlens.api.functions import (
     faithfulness,
     path_patch,
 )
+from apexlens.api.memory import estimate_memory
 from apexlens.api.patched import patched
 from apexlens.errors import ApexlensError
 from apexlens.model.convert import to_bridge
@@ -121,6 +122,7 @@ __all__ = [
     "compare",
     "discover",
     "edge_auc",
+    "estimate_memory",
     "evaluate_circuit",
     "faithfulness",
     "feature_values",
