@@ -61,23 +61,22 @@ class _Shape:
         residual stream)."""
         return self.per * (sum(self.width(n) for n in cache_names(self.bk)) + self.bk.dims.d_model)
 
-    def block(self, rows: int = 1) -> int:
-        """Bytes one block's forward pass holds at its peak beyond its input, for ``rows``
-        copies of the batch: the MLP's activations, or attention's scores."""
+    def peak_inside(self) -> int:
+        """Bytes a block holds at its peak for one copy of the batch, beyond residual-sized
+        tensors: the MLP's activations (four ``d_mlp``-wide per token) or attention's
+        scores (four ``[batch, head, pos, pos]``), whichever is larger."""
         d = self.bk.dims
-        mlp = 4 * d.d_mlp if d.has_mlps else 0
-        attn = 3 * d.n_heads * self.n_pos * self.bk.dtype.itemsize * self.batch * self.n_pos
-        return rows * max(self.per * (mlp + 2 * d.d_model), attn + 2 * self.per * d.d_model)
+        mlp = self.per * 4 * d.d_mlp if d.has_mlps else 0
+        return max(mlp, 4 * self.batch * d.n_heads * self.n_pos**2 * self.bk.dtype.itemsize)
 
     def setup(self) -> int:
         """An Experiment: both runs cached, the second one's last block in flight."""
-        return 2 * self.cache() + self.block()
+        return 2 * self.cache() + self.row(2)
 
-    def row(self, dm: int) -> int:
-        """One row (a copy of the batch) running blocks: the MLP's activations and ``dm``
-        residual-sized tensors."""
-        d = self.bk.dims
-        return self.per * ((4 * d.d_mlp if d.has_mlps else 0) + dm * d.d_model)
+    def row(self, dm: int, more: int = 0) -> int:
+        """One row (a copy of the batch) running blocks: :meth:`peak_inside`, ``dm``
+        residual-sized tensors and ``more`` floats per token."""
+        return self.peak_inside() + self.per * (dm * self.bk.dims.d_model + more)
 
     def chunk(self, n_rows: int, n_tok: int, extra: int = 0) -> int:
         """Rows per chunk, as the engines size them from the budget."""
@@ -120,7 +119,7 @@ def _circuit(s: _Shape, opts: dict[str, Any]) -> int:
     per_example = n_senders * s.n_pos * d.d_model * s.bk.dtype.itemsize
     examples = min(s.batch, max(1, s.budget // max(per_example, 1)))
     share = examples / s.batch  # the examples of one chunk
-    work = s.per * ((n_senders + 2) * d.d_model + (4 * d.d_mlp if d.has_mlps else 0) + 13 * d.d_model)
+    work = s.row(n_senders + 15)
     return max(s.setup(), 2 * s.cache() + int(work * share))
 
 
@@ -130,7 +129,7 @@ def _exact(s: _Shape, opts: dict[str, Any]) -> int:
     n_edges = int(index.valid.sum())
     chunk = s.chunk(n_edges, s.batch * s.n_pos)
     held = s.per * len(index.senders) * d.d_model + n_edges * s.batch * s.bk.dtype.itemsize
-    return max(s.setup(), 2 * s.cache() + held + chunk * s.row(6))
+    return max(s.setup(), 2 * s.cache() + held + chunk * s.row(7))
 
 
 def _gradients(s: _Shape, alphas: int) -> int:
@@ -156,7 +155,7 @@ def _apex(s: _Shape, opts: dict[str, Any]) -> int:
     n_sigmas = int(opts.get("n_sigmas", 8))
     draws_kept = chunk // n_sigmas + 2
     sites = sum(s.width(n) for n in names)
-    work = chunk * s.per * ((4 * d.d_mlp if d.has_mlps else 0) + 5 * d.d_model + sites)
+    work = chunk * s.row(5, sites)
     clean = s.per * (d.d_vocab + d.d_model + sites)
     return work + s.per * (draws_kept * sites + d.d_model) + clean // 4
 
