@@ -24,6 +24,10 @@ from apexlens.runs.shard import is_writer
 T = TypeVar("T")
 
 
+PROGRESS_DELAY = 0.5
+"""Seconds before a progress bar appears: quick calls print nothing."""
+
+
 def row_chunks(
     items: Sequence[T], size: int, *, desc: str, progress: bool
 ) -> Iterator[Sequence[T]]:
@@ -38,13 +42,25 @@ def row_chunks(
             bar.update(len(chunk))
 
 
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "step") -> Any:
-    """A tqdm bar on stderr counting ``total`` steps (a silent one when not ``enabled``, and
-    on every rank but 0 of a shard: progress is shown once)."""
-    from tqdm import tqdm
+def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "step") -> Any:
+    """A progress bar named ``desc`` counting ``total`` steps (a silent one when not
+    ``enabled``): tqdm's notebook widget in Jupyter, else a text bar on stderr. It appears
+    only when the work takes longer than :data:`PROGRESS_DELAY` seconds and is removed when
+    done. Every public function that may take more than a few seconds shows one by default
+    (``progress=False`` turns it off); engines receive the flag, they never decide it. Under
+    a shard, only rank 0 shows it: progress is shown once."""
+    from tqdm.auto import tqdm
 
-    show = enabled and is_writer()
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=not show)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        leave=False,
+        disable=not (enabled and is_writer()),
+        delay=PROGRESS_DELAY,
+        dynamic_ncols=True,
+    )
 
 
 def stack_rows(x: Float[Tensor, "rows batch ..."]) -> Float[Tensor, "n ..."]:

@@ -79,6 +79,12 @@ def receiver_grads(
     d = bk.dims
     ex = slice(None) if examples is None else slice(examples.start, examples.stop)
     x_full = runs.clean[bk.resid_pre(0)]
+    if x_full.is_inference():
+        raise ApexlensError(
+            "gradient attribution needs the Experiment's cached runs outside "
+            "torch.inference_mode(): build the Experiment outside that block (torch.no_grad() "
+            "is fine), or use method='exact'"
+        )
     x_clean = x_full[ex]
     x_corr = job.abl.embed.expand_as(x_full)[ex]  # the corrupted run's, for resample ablation
     pieces = Pieces(job)
@@ -142,6 +148,12 @@ def _grads_once(
         final_leaf = torch.zeros_like(resid, requires_grad=True)
         final = resid + final_leaf
         values = pieces.metric(_whole_batch(job, final.reshape(rows, -1, *final.shape[1:]), ex))
+        if not values.requires_grad:
+            raise ApexlensError(
+                f"gradient attribution (EAP, EAP-IG) needs the metric's gradient, but metric "
+                f"{job.readout.name} gives none (an argmax, a comparison or a detach: it is "
+                "not differentiable); use method='exact', which needs no gradient"
+            )
         names = list(leaves)
         grads = torch.autograd.grad(
             values.sum(), [leaves[n] for n in names] + [final_leaf], allow_unused=True

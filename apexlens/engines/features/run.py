@@ -17,6 +17,7 @@ from torch import Tensor
 
 from apexlens.model import backend_for, edits
 from apexlens.model.hooks import attached
+from apexlens.runs.rows import row_chunks
 from apexlens.runs.shard import Share
 from apexlens.vocab.features import Feature
 
@@ -60,16 +61,20 @@ def run_feature(
 
 
 def feature_rows(
-    model: Any, feature: Feature, tokens: Int[Tensor, "batch pos"], batch_size: int = 256
+    model: Any,
+    feature: Feature,
+    tokens: Int[Tensor, "batch pos"],
+    batch_size: int = 256,
+    progress: bool = False,
 ) -> Float[Tensor, "batch pos"]:
     """``feature`` at every position of every row of ``tokens``, ``batch_size`` rows per pass
     (call it without gradients). Under a shard, each rank reads a contiguous block of the
     rows."""
     n = tokens.shape[0]
     with Share("feature values", n) as share:
-        mine = share.block(n)
-        for i in range(mine.start, mine.stop, batch_size):
-            stop = min(i + batch_size, mine.stop)
-            share.put(range(i, stop), run_feature(model, feature, tokens[i:stop])[0].detach())
+        mine = list(share.block(n))
+        for chunk in row_chunks(mine, batch_size, desc=f"{feature.label}: values", progress=progress):
+            rows = range(chunk[0], chunk[-1] + 1)
+            share.put(rows, run_feature(model, feature, tokens[rows.start : rows.stop])[0].detach())
     dtype = share.parts()[0][1].dtype
     return share.fill(torch.empty(n, tokens.shape[1], dtype=dtype, device=backend_for(model).device))

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 from apexlens.errors import ApexlensError
-from apexlens.runs.shard import launched_by_torchrun, sharded
+from apexlens.runs.shard import Guard, launched_by_torchrun, sharded
 
 
 @contextlib.contextmanager
@@ -47,11 +47,22 @@ def speaks() -> bool:
     return not launched_by_torchrun() or os.environ.get("RANK", "0") == "0"
 
 
-def run_command(args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
-    """``run(args)``, sharded across torchrun's processes when launched by torchrun."""
+def run_command(
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace], int],
+    check: Callable[[argparse.Namespace], None] | None = None,
+) -> int:
+    """``check(args)`` then ``run(args)``, sharded across torchrun's processes when launched
+    by torchrun (there rank 0 alone checks ``--out``, the folder it writes, and a refusal
+    there is raised on every rank alike)."""
     if not launched_by_torchrun():
+        if check is not None:
+            check(args)
         return int(run(args))
     with _process_group() as rank, sharded():
+        with Guard("checking --out"):
+            if rank == 0 and check is not None:
+                check(args)
         if rank == 0:
             return int(run(args))
         with tempfile.TemporaryDirectory(prefix=f"apexlens-rank{rank}-") as scratch:
