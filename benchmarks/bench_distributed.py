@@ -11,7 +11,9 @@ already cached (every rank caches them itself: that part is not split, and is ti
 * ``exact edge scores``: ``exp.attribute_edges(method="exact")`` on ``induction-2l`` (every
   edge a row), its induction task, batch 32.
 
-Throughput ratio = time on 1 rank / time on 2 ranks (2.0 = perfect). Each launch is a
+Throughput ratio = time on 1 rank / time on 2 ranks (2.0 = perfect). Printed beside them,
+the machine's ceiling at that moment: two independent processes of the same float32 matmuls
+against one (on a machine whose cores other jobs share, below 2.0; sharding cannot beat it). Each launch is a
 ``torchrun --standalone`` of this file with ``--worker``; the 1-rank and 2-rank launches
 alternate (1, 2, 1, 2) and each ratio uses the median of its launches. ``bytes/call``: what
 one rank receives in each exchange of the call (from ``ShardPlan.traffic``: the pickled
@@ -19,6 +21,7 @@ results of the other ranks, plus the per-question status exchange).
 
     python benchmarks/bench_distributed.py            # ~10 minutes on 2 quiet cores
     python benchmarks/bench_distributed.py --quick    # batch 8 x 64, one launch each
+    python benchmarks/bench_distributed.py --rounds 1 --repeats 2 --cost-batch 8  # shorter
 """
 
 from __future__ import annotations
@@ -102,6 +105,28 @@ def launch(n: int, batch: int, repeats: int) -> dict[str, Any]:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def _matmuls() -> float:
+    """Seconds of 40 float32 products [1152, 768] x [768, 3072] on one thread."""
+    torch.set_num_threads(1)
+    a, b = torch.randn(1152, 768), torch.randn(768, 3072)
+    t = time.perf_counter()
+    for _ in range(40):
+        a @ b
+    return time.perf_counter() - t
+
+
+def ceiling() -> float:
+    """What this machine gives a second process right now: the throughput of two independent
+    processes of the same matmuls over one (2.0: two free cores). Sharding cannot beat it."""
+    code = f"import sys; sys.path.insert(0, {str(HERE.parent)!r}); import bench_distributed as b; print(b._matmuls())"
+    alone = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout)
+    pair = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    both = max(float(p.communicate()[0]) for p in pair)
+    return 2 * alone / both
+
+
 # ---------------------------------------------------------------------------- extrapolation
 LLAMA3_8B = dict(n_layers=32, d_model=4096, n_heads=32, d_head=128, n_key_value_heads=8,
                  d_mlp=14336, d_vocab=128256, gated_mlp=True, normalization_type="RMS",
@@ -179,20 +204,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="launches of each rank count")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cost-batch", type=int, default=None,
+                        help="batch of the per-edge cost measurement (default: --batch)")
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.batch, args.repeats)
         return {}
     if args.quick:
         args.batch, args.rounds, args.repeats = 8, 1, 1
-    cost = per_edge_cost(args.batch)
+    cost = per_edge_cost(args.cost_batch or args.batch)
     runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
     for _ in range(args.rounds):
         for n in (1, 2):
             runs[n].append(launch(n, args.batch, args.repeats))
     print(f"sharding, 2 ranks x 1 thread vs 1 rank x 1 thread (GPT-2-small shape at batch "
           f"{args.batch} x 64; induction-2l at 32), load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores")
+          f"on {os.cpu_count()} cores; the machine's ceiling now (two independent matmul "
+          f"processes over one): x{ceiling():.2f}")
     ratios: dict[str, float] = {}
     for name in ("setup", "heads->logits", "random-half circuit", "exact edge scores"):
         one = statistics.median(r[name] for r in runs[1])

@@ -25,13 +25,16 @@ REORDERED = {"evaluate_circuits", "faithfulness", "discover", "eap_ig", "apex",
 sums over a rank's share (EAP-IG's alphas, APEX's probabilities), circuits batched as rows."""
 
 
-def torchrun(n: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def torchrun(
+    n: int, *args: str, timeout: float = 300, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={n}", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=Path(__file__).parents[1])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    if ok:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done
 
 
@@ -69,7 +72,8 @@ def check_faults(tmp_path: Path) -> None:
 
 def test_command_line_under_torchrun(tmp_path):
     """``torchrun -m apexlens path-patch``: the same numbers as one process, written once,
-    printed once."""
+    printed once; asked again into the same ``--out`` without ``--overwrite``, it refuses once
+    (rank 0 checks, every rank stops) and leaves the files as they were."""
     from apexlens.ui.cli import main
 
     args = ["path-patch", "induction-2l", "--n", "6", "--senders", "heads:0",
@@ -77,9 +81,19 @@ def test_command_line_under_torchrun(tmp_path):
     assert main([*args, "--out", str(tmp_path / "one"), "--no-progress"]) == 0
     # "--": torchrun would read apexlens' --n as an abbreviation of its own --nnodes
     done = torchrun(2, "-m", "apexlens", "--", *args, "--out", str(tmp_path / "many"))
-    assert done.stdout.count("wrote ") == 1 and done.stdout.count("normalized") == 1
+    lines = done.stdout.splitlines()  # the table and the files, printed by rank 0 alone
+    assert sum(ln.startswith("wrote ") for ln in lines) == 1
+    assert sum(ln.split()[:2] == ["sender", "layer"] for ln in lines if ln.strip()) == 1
     one = json.loads((tmp_path / "one" / "path_patch.json").read_text())
     many = json.loads((tmp_path / "many" / "path_patch.json").read_text())
+    assert many["provenance"]["options"]["out"] == str(tmp_path / "many")  # rank 0's
+    one.pop("provenance"), many.pop("provenance")  # the time and --out differ
     assert one == many
     assert sorted(p.name for p in (tmp_path / "many").iterdir()) == [
         "path_patch.csv", "path_patch.html", "path_patch.json"]
+    before = {p.name: p.read_bytes() for p in (tmp_path / "many").iterdir()}
+    again = torchrun(2, "-m", "apexlens", "--", *args, "--out", str(tmp_path / "many"), ok=False)
+    assert again.returncode != 0
+    assert again.stderr.count("already holds path_patch.csv") == 1, again.stderr[-3000:]
+    assert "wrote " not in again.stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / "many").iterdir()} == before
