@@ -11,7 +11,8 @@ The public API, one screen (layers, lowest first: ``errors`` -> ``model/`` -> ``
                 and one-shot :func:`path_patch`, :func:`act_patch`, :func:`evaluate_circuit`,
                 :func:`attribute_edges`, :func:`faithfulness`, :func:`discover`;
                 :func:`patched` (any forward pass under :class:`Paths` or a :class:`Circuit`)
-* probes     -- :func:`apex`, :func:`noise_hooks` (APEX noise); :func:`visualize`,
+* probes     -- :func:`apex`, :func:`apex_bias`, :func:`escape_noise`, :func:`noise_hooks`
+                (APEX noise); :func:`visualize`,
                 :func:`top_examples`, :func:`fv_check`, :func:`feature_values` (features)
 * answers    -- results with ``to_frame()`` / ``summary()`` / ``save()``; :func:`load_result`
 * scoring    -- :class:`LogitDiff`, :class:`KLDivergence`, :class:`AnswerProb`, ... :class:`Scores`
@@ -23,7 +24,7 @@ The public API, one screen (layers, lowest first: ``errors`` -> ``model/`` -> ``
 """
 
 from apexlens import _compat
-from apexlens.api.apex import apex, noise_hooks
+from apexlens.api.apex import apex, apex_bias, escape_noise, noise_hooks
 from apexlens.api.check import CheckResult, check
 from apexlens.api.experiment import Experiment
 from apexlens.api.features import feature_values, fv_check, top_examples, visualize
@@ -41,11 +42,14 @@ from apexlens.model.convert import to_bridge
 from apexlens.results import (
     MIB_FRACTIONS,
     ActPatchResult,
+    ApexBias,
     ApexResult,
     CircuitResult,
     DiscoveryResult,
     EdgeAudit,
     EdgeScores,
+    EscapeComparison,
+    EscapeNoise,
     FaithfulnessResult,
     FeatureVisualization,
     FVCheck,
@@ -86,6 +90,7 @@ __all__ = [
     "ActPatchResult",
     "AnswerLogProb",
     "AnswerProb",
+    "ApexBias",
     "ApexResult",
     "ApexlensError",
     "CheckResult",
@@ -94,6 +99,8 @@ __all__ = [
     "DiscoveryResult",
     "EdgeAudit",
     "EdgeScores",
+    "EscapeComparison",
+    "EscapeNoise",
     "Experiment",
     "FVCheck",
     "FaithfulnessResult",
@@ -113,11 +120,13 @@ __all__ = [
     "all_heads",
     "all_mlps",
     "apex",
+    "apex_bias",
     "attribute_edges",
     "check",
     "compare",
     "discover",
     "edge_auc",
+    "escape_noise",
     "evaluate_circuit",
     "faithfulness",
     "feature_values",
