@@ -25,10 +25,12 @@ class ApexResult(Saveable):
 
     A *sample* is one scored (example, position) pair; ``sample_example`` and
     ``sample_position`` map samples back to the input. Probabilities and the histogram
-    statistics are over the ``n_draws * n_samples`` predictions per ``sigma`` whose logits
-    were finite; a noisy pass with NaN/inf logits predicts nothing (``-1`` in
-    ``predictions``) and is counted in ``nonfinite``. ``to_frame()`` / ``summary()``: one
-    row per sigma, columns defined in :meth:`to_frame`.
+    statistics are over the ``n_draws * n_samples`` predictions per ``sigma`` that are not
+    degenerate; a degenerate pass (NaN/inf logits, an overflowed norm, constant or tied
+    logits: :attr:`codes`) predicts nothing (``-1`` in ``predictions``) and is counted in
+    ``degenerate`` (``nonfinite``: the NaN/inf ones). ``to_frame()`` / ``summary()``: one row
+    per sigma, columns defined in :meth:`to_frame`; :meth:`bias` is :func:`apexlens.apex_bias`'s
+    decision from this sweep.
 
     Longer than most classes on purpose: it is the one home of the APEX statistics (per
     sample, per sigma, histograms, escape noise), each a short property or method.
@@ -137,7 +139,9 @@ class ApexResult(Saveable):
 
     @property
     def escape_noise(self) -> Float[Tensor, "n_samples"]:
-        """Per sample: the smallest ``sigma`` where the clean token loses its majority.
+        """Per sample: the smallest ``sigma`` where the clean token loses its majority -- a
+        coarse estimate from this grid; :func:`apexlens.escape_noise` measures it (adaptive
+        search along each draw, stated precision, an interval, censoring flagged).
 
         The clean token has the majority while more than half of the draws predict it
         (``clean_share > 0.5``). The escape noise is where ``clean_share`` first reaches
@@ -257,7 +261,7 @@ class ApexResult(Saveable):
                 "effective_n": [math.exp(h) for h in ent],
                 "top1_share": probs.max(dim=1).values.tolist(),
                 "top1_share_se": [self._share_se(s, t) for s, t in enumerate(dominant)],
-                "top1_share_heldout": self._heldout_top1().tolist(),
+                "top1_share_heldout": _heldout_top1(self).tolist(),
                 "dominant_token": dominant,
                 "dominant_label": [self.label(t) if t >= 0 else "" for t in dominant],
                 "flip_rate": self.sample_flip_rate.mean(dim=1).tolist(),
@@ -297,33 +301,34 @@ class ApexResult(Saveable):
         out = torch.zeros(self.n_examples, dtype=torch.float64)
         return out.index_add_(0, self.sample_example, per_sample.double())
 
-    def _heldout_top1(self) -> Tensor:
-        """Per sigma: the share of the token picked on one half of the draws, measured on
-        the other half (even/odd draws, both ways, averaged)."""
-        out = torch.full((self.n_sigma,), float("nan"), dtype=torch.float64)
-        if self.n_draws < 2:
-            return out
-        halves = [self.predictions[:, 0::2], self.predictions[:, 1::2]]
-        counts = []
-        for h in halves:
-            flat = h.reshape(self.n_sigma, -1)
-            c = torch.zeros(self.n_sigma, self.d_vocab, dtype=torch.float64)
-            counts.append(c.scatter_add_(1, flat.clamp_min(0), (flat >= 0).double()))
-        for s in range(self.n_sigma):
-            vals = []
-            for pick, measure in ((counts[0][s], counts[1][s]), (counts[1][s], counts[0][s])):
-                if float(pick.sum()) > 0 and float(measure.sum()) > 0:
-                    vals.append(float(measure[int(pick.argmax())] / measure.sum()))
-            if vals:
-                out[s] = sum(vals) / len(vals)
-        return out
-
     def bias(
         self, *, delta: float = 0.2, alpha: float = 0.01, max_degenerate: float = 0.01
     ) -> ApexBias:
         """Is the model biased toward one output token? The decision of
         :func:`apexlens.apex_bias`, from this sweep (see :class:`ApexBias`)."""
         return bias_test(self, delta=delta, alpha=alpha, max_degenerate=max_degenerate)
+
+
+def _heldout_top1(res: ApexResult) -> Tensor:
+    """Per sigma: the share of the token picked on one half of the draws, measured on
+    the other half (even/odd draws, both ways, averaged)."""
+    out = torch.full((res.n_sigma,), float("nan"), dtype=torch.float64)
+    if res.n_draws < 2:
+        return out
+    halves = [res.predictions[:, 0::2], res.predictions[:, 1::2]]
+    counts = []
+    for h in halves:
+        flat = h.reshape(res.n_sigma, -1)
+        c = torch.zeros(res.n_sigma, res.d_vocab, dtype=torch.float64)
+        counts.append(c.scatter_add_(1, flat.clamp_min(0), (flat >= 0).double()))
+    for s in range(res.n_sigma):
+        vals = []
+        for pick, measure in ((counts[0][s], counts[1][s]), (counts[1][s], counts[0][s])):
+            if float(pick.sum()) > 0 and float(measure.sum()) > 0:
+                vals.append(float(measure[int(pick.argmax())] / measure.sum()))
+        if vals:
+            out[s] = sum(vals) / len(vals)
+    return out
 
 
 def _se(per_example: Tensor) -> float:

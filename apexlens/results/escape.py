@@ -95,8 +95,9 @@ class EscapeNoise(Saveable):
             torch.isfinite(hi), torch.sqrt(lo.clamp_min(1e-300) * hi), torch.full_like(hi, math.inf)
         )
         point = torch.where((lo == 0) & torch.isfinite(hi), hi, point)
-        order = point.argsort(dim=0, stable=True)
-        s_point, s_lo, s_hi = (x.gather(0, order) for x in (point, lo, hi))
+        # e_d lies in (lo_d, hi_d], so the j-th smallest e lies between the j-th smallest lo
+        # and the j-th smallest hi: sort each on its own
+        s_point, s_lo, s_hi = (x.sort(dim=0).values for x in (point, lo, hi))
         k = (k_draws + 1) // 2  # the lower median
         lower, upper = median_ci_ranks(k_draws, confidence)
         n = hi.shape[1]
@@ -143,7 +144,9 @@ class EscapeNoise(Saveable):
         intervals, forwards per sample."""
         v = self.values[torch.isfinite(self.values)]
         width = ((self.high - self.low) / self.values)[torch.isfinite(self.high) & ~self.censored]
-        q = self.values.quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        q = self.values.quantile(
+            torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), interpolation="lower"
+        )  # censored samples are inf: no interpolation between inf and a number
         return pd.DataFrame(
             [
                 {

@@ -409,7 +409,7 @@ vs random labels, APEX's small-noise claim. Full batch, 2000 steps, weight decay
 true-label model then generalises to the held-out pairs; the random one memorises);
 every sample's correctness is recorded every 10 steps (a learning-speed C-score proxy)."""
 
-LABEL_RECIPE = dict(steps=2000, lr=3e-3, weight_decay=0.3, every=10, split_seed=0, seed=0)
+LABEL_RECIPE: dict[str, Any] = dict(steps=2000, lr=3e-3, weight_decay=0.3, every=10, split_seed=0, seed=0)
 
 
 def backdoor_task(trigger: int, target: int, insert_rate: float) -> BackdoorTask:
