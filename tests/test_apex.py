@@ -98,10 +98,15 @@ def test_block_in_without_norms_is_the_same_on_both_model_classes():
         preds, _ = naive_apex(model, x, [0.5, 2.0], 3, resolve_sites(model, "block_in"), seed=1,
                               relative=True)
         assert torch.equal(out[backend].predictions, preds)
-    hooked_sites = resolve_sites(model, "block_in")  # the bridge's
-    assert hooked_sites[0].hook == "blocks.0.ln1.hook_out"
+        if backend == "hooked":
+            assert resolve_sites(model, "block_in")[0].hook == "blocks.0.hook_attn_in"
+            assert not model.cfg.use_attn_in and not model.cfg.use_hook_mlp_in  # restored
+            with pytest.raises(ApexlensError, match="noise_hooks"):  # plain hooks cannot fire
+                apexlens.api.apex.noise_fwd_hooks(model, 1.0)
+            with noise_hooks(model, 2.0, seed=1, draw=1) as m:  # the context manager can
+                assert torch.equal(m(x)[:, -1].argmax(-1), out[backend].predictions[1, 1])
+    assert resolve_sites(model, "block_in")[0].hook == "blocks.0.ln1.hook_out"  # the bridge's
     assert torch.equal(out["hooked"].predictions, out["bridge"].predictions)
-    assert not model.cfg.use_attn_in if hasattr(model.cfg, "use_attn_in") else True
 
 
 def test_noise_hooks_clean_pass_is_invisible_to_the_users_hooks():

@@ -86,7 +86,14 @@ from apexlens.engines.noise import (
 from apexlens.engines.noise import noise_fwd_hooks as engine_hooks
 from apexlens.errors import ApexlensError
 from apexlens.model import Backend, backend_for
-from apexlens.model.hooks import HookFn, attached, before_each_forward, firing, inference_mode
+from apexlens.model.hooks import (
+    FLAGGED_HOOKS,
+    HookFn,
+    attached,
+    before_each_forward,
+    firing,
+    inference_mode,
+)
 from apexlens.results.apex import ApexBias, ApexResult
 from apexlens.results.escape import EscapeNoise
 from apexlens.results.labels import TokenLabels
@@ -272,6 +279,12 @@ def noise_fwd_hooks(
     noise; ``None`` means all."""
     backend = backend_for(model)
     state = _state(backend, sigma, sites, False, positions, seed, draw, example_ids)
+    flagged = [s.hook for s in state.sites if s.hook.endswith(tuple(FLAGGED_HOOKS))]
+    if flagged:
+        raise ApexlensError(
+            f"{flagged[0]!r} fires only with a TransformerLens flag switched on (a model without "
+            "norms); use the noise_hooks context manager, which switches it on for the block"
+        )
     return engine_hooks(state)
 
 
