@@ -11,8 +11,8 @@
    the adaptive search against every point of a x1.01 grid along the same directions (share
    of rays whose grid escape lies in the search's bracket, error of the medians, forwards).
 
-Run: ``python benchmarks/apex_protocols.py [--quick]`` (minutes; ``--quick``: fewer draws,
-samples and sigmas).
+Run: ``python benchmarks/apex_protocols.py [--quick] [--parts large,small,escape]`` (minutes;
+``--quick``: fewer draws, samples and sigmas).
 """
 
 from __future__ import annotations
@@ -106,22 +106,44 @@ def escape_check(quick: bool) -> None:
     inside = (first >= est.first_low / 1.0101) & (first <= est.first_high * 1.0101)
     ok = torch.isfinite(median) & torch.isfinite(est.values)
     err = (est.values[ok] / median[ok] - 1).abs()
+    # coverage: intervals from disjoint sets of 16 directions vs the median of all directions
+    many = apexlens.escape_noise(model, x, n_draws=8 * draws, sigma_lo=lo, sigma_hi=hi, seed=2)
+    population = many.values
+    covered = []
+    for j in range(0, 8 * draws, 16):
+        part = type(many).from_rays(
+            many.first_low[j : j + 16], many.first_high[j : j + 16],
+            many.escape_token[j : j + 16], 0.95,
+            **{f: getattr(many, f) for f in ("clean_predictions", "clean_runner_up",
+               "clean_margin", "prompt_tokens", "sample_position", "d_vocab", "sigma_lo",
+               "sigma_hi", "rtol", "n_forwards", "n_degenerate", "sites", "relative", "seed")},
+        )
+        covered.append((part.low <= population) & (population <= part.high))
+    coverage = float(torch.stack(covered).double().mean())
     print(f"\nescape noise vs a x1.01 grid ({n} samples x {draws} directions, backdoor-clean, "
           f"block_in): {float(inside[fin].double().mean()):.3f} of the escaped rays inside the "
           f"search's bracket; medians within {float(err.max()):.2%} (mean {float(err.mean()):.2%}); "
-          f"{est.n_forwards} forwards ({t_est:.1f} s) vs {len(grid) * n * draws} ({t_grid:.1f} s)")
+          f"{est.n_forwards} forwards ({t_est:.1f} s) vs {len(grid) * n * draws} ({t_grid:.1f} s); "
+          f"95% intervals from 16 directions cover the median of {8 * draws} in "
+          f"{coverage:.3f} of {len(covered) * n} cases")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", default="large,small,escape",
+                        help="which parts to run, comma-separated (default: all three)")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
     torch.set_num_threads(1)
     for name, _, _, what in MAPPINGS:
         print(f"  {name:>14}: {what}", file=sys.stderr)
-    large_noise(args.quick)
-    small_noise(args.quick)
-    escape_check(args.quick)
+    if "large" in parts:
+        large_noise(args.quick)
+    if "small" in parts:
+        small_noise(args.quick)
+    if "escape" in parts:
+        escape_check(args.quick)
 
 
 if __name__ == "__main__":
