@@ -65,6 +65,7 @@ left out of every statistic, counted per sigma (``ApexResult.codes``) and warned
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -97,7 +98,7 @@ from apexlens.model.hooks import (
 from apexlens.results.apex import ApexBias, ApexResult
 from apexlens.results.escape import EscapeNoise
 from apexlens.results.labels import TokenLabels
-from apexlens.runs.tokens import check_tokens
+from apexlens.runs.tokens import check_tokens, describe
 from apexlens.vocab.positions import position_index, shared_positions
 from apexlens.vocab.sites import DEFAULT_SITES, SITE_PRESETS, Site, parse_sites
 
@@ -139,17 +140,24 @@ def resolve_sites(model: Any, sites: Sites) -> list[Site]:
 
 
 def _check_sigma(sigma: Any) -> float:
-    try:
-        value = float(sigma)
-    except (TypeError, ValueError):
-        raise ApexlensError(f"sigma must be a number, got {sigma!r}") from None
+    if isinstance(sigma, Tensor) and sigma.numel() == 1 and not sigma.dtype == torch.bool:
+        sigma = sigma.item()
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+        raise ApexlensError(f"sigma must be a number, got {sigma!r}")
+    value = float(sigma)
     if not math.isfinite(value) or value < 0:
         raise ApexlensError(f"sigma must be a finite number >= 0, got {sigma!r}")
     return value
 
 
 def _check_sigmas(sigmas: Sequence[float] | Tensor) -> Tensor:
-    values = [_check_sigma(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
+    if isinstance(sigmas, Tensor):
+        if sigmas.ndim != 1 or sigmas.dtype == torch.bool:
+            raise ApexlensError(f"sigmas must be a 1-D list of numbers, got {describe(sigmas)}")
+        sigmas = sigmas.tolist()
+    if isinstance(sigmas, (str, bytes)) or not isinstance(sigmas, Sequence):
+        raise ApexlensError(f"sigmas must be a list of numbers, got {sigmas!r}")
+    values = [_check_sigma(s) for s in sigmas]
     if not values:
         raise ApexlensError("sigmas is empty: give at least one noise level")
     if any(b <= a for a, b in zip(values, values[1:], strict=False)):
@@ -183,6 +191,10 @@ def _scored_positions(positions: Any, n: int, seq_len: int) -> Int[Tensor, "batc
     if isinstance(positions, Tensor) and positions.shape[0] != n:
         raise ApexlensError(f"positions has {positions.shape[0]} rows but tokens has {n} examples")
     if not isinstance(positions, Tensor):
+        if not isinstance(positions, (int, Sequence)) or isinstance(positions, (str, bytes)):
+            raise ApexlensError(
+                f"positions must be an int, a list of ints or an integer tensor, got {positions!r}"
+            )
         raw = [positions] if isinstance(positions, int) else list(positions)
         if not raw or not all(isinstance(p, int) and not isinstance(p, bool) for p in raw):
             raise ApexlensError(
@@ -230,6 +242,12 @@ def _plan_fields(
     _check_int(seed, "seed", -(2**63))
     if max_batch is not None:
         _check_int(max_batch, "max_batch", 1)
+    if memory_budget is None:
+        memory_budget = 1 << 30
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+        raise ApexlensError(
+            f"memory_budget must be a positive number of bytes (an int), got {memory_budget!r}"
+        )
     noise_pos = (
         None
         if noise_positions is None
@@ -357,7 +375,7 @@ def apex(
     max_batch: int | None = None,
     memory_budget: int = 1 << 30,
     token_labels: TokenLabels | None = None,
-    progress: bool = False,
+    progress: bool = True,
     generator: Any = None,
 ) -> ApexResult:
     """Sweep activation noise over a ``sigma`` grid and record the predicted tokens.
@@ -437,7 +455,7 @@ def apex_bias(
     max_batch: int | None = None,
     memory_budget: int = 1 << 30,
     token_labels: TokenLabels | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> ApexBias:
     """Is ``model`` biased toward one output token? Decided from clean prompts ``tokens``
     and the model alone -- no clean twin, no trigger.
@@ -486,7 +504,7 @@ def escape_noise(
     max_batch: int | None = None,
     memory_budget: int = 1 << 30,
     token_labels: TokenLabels | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> EscapeNoise:
     """Per-sample escape noise: the noise level at which half of the noise directions have
     moved the sample's prediction away from its clean one, with an interval.

@@ -78,7 +78,16 @@ def inference_mode(model: Any, grad: bool = False) -> Iterator[Any]:
     eval mode with its dropout modules in training mode (MC dropout) keeps that set-up --
     also after an exception or a ``KeyboardInterrupt``: the flags are restored in a
     ``finally`` that a second interrupt cannot cut short (it is re-raised afterwards).
+
+    ``grad=True`` inside ``torch.inference_mode()`` raises one
+    :class:`~apexlens.errors.ApexlensError`: no gradient can be taken there.
     """
+    if grad and torch.is_inference_mode_enabled():
+        raise ApexlensError(
+            "this needs gradients, which torch.inference_mode() switches off: call it outside "
+            "the torch.inference_mode() block (torch.no_grad() is fine: apexlens turns "
+            "gradients on where it needs them)"
+        )
     with model_lock(model):
         modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
         flags = [m.training for m in modules]
@@ -88,10 +97,12 @@ def inference_mode(model: Any, grad: bool = False) -> Iterator[Any]:
                 model.eval()
             with torch.enable_grad() if grad else torch.no_grad():
                 yield model
-        finally:
-            _GRAD.reset(token)
-            if any(flags):
-                _restore_flags(modules, flags)
+        finally:  # the flags first: a second interrupt has the fewest steps to land in
+            try:
+                if any(flags):
+                    _restore_flags(modules, flags)
+            finally:
+                _GRAD.reset(token)
 
 
 def grad_wanted() -> bool:
