@@ -50,14 +50,14 @@ def add_parser(sub: Any) -> None:
         "--relative",
         action="store_true",
         default=True,
-        help="sigma in units of each site's clean activation RMS (the default, as in "
+        help="sigma in units of each site's clean activation RMS (default: relative, as in "
         "apexlens.apex; block_in's activations have RMS 1)",
     )
     scale.add_argument(
         "--absolute",
         dest="relative",
         action="store_false",
-        help="absolute sigma, as in the paper",
+        help="absolute sigma, as in the paper (default: relative; on block_in the two agree)",
     )
 
 
