@@ -244,12 +244,11 @@ def _count(k: object, what: str) -> int:
     return k
 
 
-def edge_auc(scores: EdgeScores, true_edges: Sequence[tuple[str, str]] | Circuit) -> float:
+def edge_auc(scores: EdgeScores, true_edges: Sequence[tuple[str, str]]) -> float:
     """ROC AUC of ``|score|`` as a detector of the edges in ``true_edges`` (the ACDC /
     auto-circuit convention: every threshold on ``|score|`` is a circuit; ties count half).
 
-    ``true_edges``: ``(sender, receiver)`` pairs or a :class:`Circuit`. Edges are matched by
-    spelling after parsing (``"0.1" -> "1.3"`` means
+    Edges of ``true_edges`` are matched by spelling after parsing (``"0.1" -> "1.3"`` means
     its q, k and v edges). 1.0: every true edge scores above every other edge.
     """
     if not isinstance(scores, EdgeScores):
@@ -260,8 +259,6 @@ def edge_auc(scores: EdgeScores, true_edges: Sequence[tuple[str, str]] | Circuit
         raise ApexlensError(
             "edge_auc: scores hold NaN or inf; an AUC needs a finite score for every edge"
         )
-    if isinstance(true_edges, Circuit):  # a hypothesis: its edges
-        true_edges = list(true_edges.edges)
     pairs = list(true_edges) if isinstance(true_edges, (list, tuple)) else None
     if pairs is None or not all(isinstance(e, (list, tuple)) and len(e) == 2 for e in pairs):
         raise ApexlensError(
