@@ -244,7 +244,7 @@ def _count(k: object, what: str) -> int:
     return k
 
 
-def edge_auc(scores: EdgeScores, true_edges: Sequence[tuple[str, str]]) -> float:
+def edge_auc(scores: EdgeScores, true_edges: Sequence[tuple[str, str]] | Circuit) -> float:
     """ROC AUC of ``|score|`` as a detector of the edges in ``true_edges`` (the ACDC /
     auto-circuit convention: every threshold on ``|score|`` is a circuit; ties count half).
 
@@ -259,7 +259,7 @@ def edge_auc(scores: EdgeScores, true_edges: Sequence[tuple[str, str]]) -> float
         raise ApexlensError(
             "edge_auc: scores hold NaN or inf; an AUC needs a finite score for every edge"
         )
-    pairs = list(true_edges) if isinstance(true_edges, (list, tuple)) else None
+    pairs = list(true_edges) if isinstance(true_edges, (list, tuple, Circuit)) else None
     if pairs is None or not all(isinstance(e, (list, tuple)) and len(e) == 2 for e in pairs):
         raise ApexlensError(
             "edge_auc: true_edges must be a list of (sender, receiver) pairs of node names, "
