@@ -11,7 +11,8 @@ The public API, one screen (layers, lowest first: ``errors`` -> ``model/`` -> ``
                 and one-shot :func:`path_patch`, :func:`act_patch`, :func:`evaluate_circuit`,
                 :func:`attribute_edges`, :func:`faithfulness`, :func:`discover`;
                 :func:`patched` (any forward pass under :class:`Paths` or a :class:`Circuit`)
-* probes     -- :func:`apex`, :func:`noise_hooks` (APEX noise); :func:`visualize`,
+* probes     -- :func:`apex`, :func:`apex_bias`, :func:`escape_noise`, :func:`noise_hooks`
+                (APEX noise); :func:`visualize`,
                 :func:`top_examples`, :func:`fv_check`, :func:`feature_values` (features)
 * answers    -- results with ``to_frame()`` / ``summary()`` / ``save()``; :func:`load_result`
 * scoring    -- :class:`LogitDiff`, :class:`KLDivergence`, :class:`AnswerProb`, ... :class:`Scores`
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from apexlens import _compat
 
 if TYPE_CHECKING:
-    from apexlens.api.apex import apex, noise_hooks
+    from apexlens.api.apex import apex, apex_bias, escape_noise, noise_hooks
     from apexlens.api.check import CheckResult, check
     from apexlens.api.experiment import Experiment
     from apexlens.api.features import feature_values, fv_check, top_examples, visualize
@@ -57,11 +58,14 @@ if TYPE_CHECKING:
     from apexlens.results import (
         MIB_FRACTIONS,
         ActPatchResult,
+        ApexBias,
         ApexResult,
         CircuitResult,
         DiscoveryResult,
         EdgeAudit,
         EdgeScores,
+        EscapeComparison,
+        EscapeNoise,
         FaithfulnessResult,
         FeatureVisualization,
         FVCheck,
@@ -98,7 +102,7 @@ if TYPE_CHECKING:
     )
 
 _PUBLIC: dict[str, tuple[str, ...]] = {
-    "apexlens.api.apex": ("apex", "noise_hooks"),
+    "apexlens.api.apex": ("apex", "apex_bias", "escape_noise", "noise_hooks"),
     "apexlens.api.check": ("CheckResult", "check"),
     "apexlens.api.experiment": ("Experiment",),
     "apexlens.api.features": ("feature_values", "fv_check", "top_examples", "visualize"),
@@ -111,8 +115,9 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "apexlens.errors": ("ApexlensError",),
     "apexlens.model.convert": ("to_bridge",),
     "apexlens.results": (
-        "MIB_FRACTIONS", "ActPatchResult", "ApexResult", "CircuitResult", "DiscoveryResult",
-        "EdgeAudit", "EdgeScores", "FaithfulnessResult", "FeatureVisualization", "FVCheck",
+        "MIB_FRACTIONS", "ActPatchResult", "ApexBias", "ApexResult", "CircuitResult",
+        "DiscoveryResult", "EdgeAudit", "EdgeScores", "EscapeComparison", "EscapeNoise",
+        "FaithfulnessResult", "FeatureVisualization", "FVCheck",
         "NaturalExamples", "PathPatchResult", "compare", "edge_auc", "load_result",
     ),
     "apexlens.runs.shard": ("sharded",),
@@ -139,6 +144,7 @@ __all__ = [
     "ActPatchResult",
     "AnswerLogProb",
     "AnswerProb",
+    "ApexBias",
     "ApexResult",
     "ApexlensError",
     "CheckResult",
@@ -147,6 +153,8 @@ __all__ = [
     "DiscoveryResult",
     "EdgeAudit",
     "EdgeScores",
+    "EscapeComparison",
+    "EscapeNoise",
     "Experiment",
     "FVCheck",
     "FaithfulnessResult",
@@ -166,11 +174,13 @@ __all__ = [
     "all_heads",
     "all_mlps",
     "apex",
+    "apex_bias",
     "attribute_edges",
     "check",
     "compare",
     "discover",
     "edge_auc",
+    "escape_noise",
     "estimate_memory",
     "evaluate_circuit",
     "faithfulness",

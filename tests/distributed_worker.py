@@ -41,15 +41,17 @@ def tensors(x: Any) -> dict[str, torch.Tensor]:
         return {f"{i}.{k}": v for i, part in enumerate(x) for k, v in tensors(part).items()}
     out: dict[str, torch.Tensor] = {}
     for name in ("per_example", "values", "predictions", "mean_probs", "nonfinite", "tokens",
-                 "activation", "trajectory", "soft_trajectory", "rows", "cols", "scores"):
+                 "activation", "trajectory", "soft_trajectory", "rows", "cols", "scores",
+                 "codes", "low", "high", "censored", "first_low", "first_high", "escape_token"):
         v = getattr(x, name, None)
         if isinstance(v, torch.Tensor):
             out[name] = v
         elif hasattr(v, "values") and isinstance(v.values, torch.Tensor):
             out[name] = v.values
-    for name in ("recovery", "full", "empty"):
-        if isinstance(getattr(x, name, None), float):
-            out[name] = torch.tensor(getattr(x, name), dtype=torch.float64)
+    for name in ("recovery", "full", "empty", "share", "share_low", "share_high", "gain",
+                 "p_value", "n_forwards", "n_degenerate", "token", "flagged"):
+        if isinstance(getattr(x, name, None), (float, int)):
+            out[name] = torch.tensor(float(getattr(x, name)), dtype=torch.float64)
     if hasattr(x, "kl_circuit"):
         out["kl_circuit"] = x.kl_circuit.values
     if hasattr(x, "evaluation"):  # discover
@@ -94,11 +96,6 @@ def questions(backend: str) -> dict[str, Any]:
     g = torch.Generator().manual_seed(5)
     hyps = [[e for e in half if torch.rand((), generator=g) < 0.5] for _ in range(5)]
 
-    def apex_gen() -> Any:
-        gen = torch.Generator().manual_seed(11)
-        res = apexlens.apex(model, clean, sigmas=[0.5, 2.0, 8.0], n_draws=5, sites="resid_pre",
-                            relative=True, generator=gen, max_batch=14)
-        return res, torch.randn(3, generator=gen)  # and the generator's state after the call
 
     return {
         "path_patch": lambda: apexlens.path_patch(
@@ -129,7 +126,12 @@ def questions(backend: str) -> dict[str, Any]:
             edges=half[::3]),
         "apex": lambda: apexlens.apex(
             model, clean, sigmas=[0.1, 1.0, 4.0], n_draws=7, seed=3, max_batch=21),
-        "apex_relative_generator": apex_gen,
+        "apex_ids": lambda: apexlens.apex(
+            model, clean, sigmas=[0.5, 2.0, 8.0], n_draws=5, sites="resid_pre", relative=False,
+            example_ids=torch.arange(10, 17), max_batch=5),
+        "apex_bias": lambda: apexlens.apex_bias(model, clean, sigmas=[2.0, 8.0], n_draws=4, seed=2),
+        "escape_noise": lambda: apexlens.escape_noise(
+            model, clean, n_draws=5, sigma_lo=0.05, sigma_hi=50.0, seed=4, max_batch=6),
         "top_examples": lambda: apexlens.top_examples(model, "m1.n3", clean, k=5, batch_size=2),
         "visualize": lambda: apexlens.visualize(
             model, "m2.n5", n_pos=4, steps=6, restarts=5, refine_steps=3, top_k=4, seed=1),

@@ -19,8 +19,8 @@ import pytest
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
-REORDERED = {"evaluate_circuits", "faithfulness", "discover", "eap_ig", "apex",
-             "apex_relative_generator"}
+REORDERED = {"evaluate_circuits", "faithfulness", "discover", "eap_ig", "apex", "apex_ids",
+             "apex_bias"}
 """Questions whose sharded numbers add up in a different order (or shape) than one process's:
 sums over a rank's share (EAP-IG's alphas, APEX's probabilities), circuits batched as rows."""
 

@@ -27,7 +27,7 @@ from apexlens.runs.cache import cache_names, default_budget, free_share
 from apexlens.runs.rows import rows_per_chunk
 from apexlens.vocab import parse_nodes
 from apexlens.vocab.edges import EdgeIndex
-from apexlens.vocab.sites import parse_sites
+from apexlens.vocab.sites import DEFAULT_SITES, parse_sites
 
 
 @dataclass(frozen=True)
@@ -145,19 +145,22 @@ def _gradients(s: _Shape, alphas: int) -> int:
 
 
 def _apex(s: _Shape, opts: dict[str, Any]) -> int:
+    """One row is one example under one (sigma, draw): rows per pass as the noise engine
+    sizes them (:func:`apexlens.engines.noise.sweep.rows_per_pass`); each row holds its noise
+    at every site, the forward's working set and float64 logits at the scored positions (the
+    counter-based draw's temporaries, one site at a time, stay below the forward's peak)."""
     d, itemsize = s.bk.dims, s.bk.dtype.itemsize
-    names = parse_sites(opts.get("sites", "resid_post"), d.n_layers)
-    n_combo = int(opts.get("n_sigmas", 8)) * int(opts.get("n_draws", 32))
-    site_numel = sum(s.width(n) for n in names) * s.n_pos
-    extra = 3 * site_numel * itemsize + 8 * 3 * 2 * d.d_vocab
-    rows = rows_per_chunk(s.bk, s.budget, 10**9, 1, s.n_pos, s.n_pos, True, extra)
-    chunk = max(1, min(n_combo, rows // s.batch))
-    n_sigmas = int(opts.get("n_sigmas", 8))
-    draws_kept = chunk // n_sigmas + 2
-    sites = sum(s.width(n) for n in names)
-    work = chunk * s.row(5, sites)
-    clean = s.per * (d.d_vocab + d.d_model + sites)
-    return work + s.per * (draws_kept * sites + d.d_model) + clean // 4
+    sites = parse_sites(opts.get("sites", DEFAULT_SITES), s.bk)
+    n_rows = int(opts.get("n_sigmas", 8)) * int(opts.get("n_draws", 32)) * s.batch
+    widths = [s.width(site.hook) * (d.n_heads if site.shared_axes else 1) for site in sites]
+    site_numel = sum(widths) * s.n_pos
+    k = int(opts.get("read_positions", 1))
+    extra = site_numel * (56 + 3 * itemsize) + 8 * 4 * k * d.d_vocab
+    rows = rows_per_chunk(s.bk, s.budget, n_rows, 1, s.n_pos, s.n_pos, True, extra)
+    one = _Shape(s.bk, 1, s.n_pos, s.budget)
+    per_row = one.row(4, sum(widths)) + 8 * 4 * k * d.d_vocab
+    clean = s.per * (d.d_vocab + d.d_model + sum(widths))
+    return rows * per_row + clean
 
 
 QUESTIONS: dict[str, Callable[[_Shape, dict[str, Any]], int]] = {
