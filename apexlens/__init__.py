@@ -21,6 +21,8 @@ The public API, one screen (layers, lowest first: ``errors`` -> ``model/`` -> ``
 * workbench  -- :func:`workbench`: test circuit hypotheses interactively (browser / notebook)
 * figures    -- :mod:`apexlens.plotting`, :mod:`apexlens.plotting_discovery`,
                 :mod:`apexlens.plotting_fv` (plotly), the HTML report, the command line
+* scale      -- :func:`sharded` (every question split across ``torch.distributed`` ranks),
+                :func:`estimate_memory` (a question's peak memory, before running it)
 * errors     -- one type, :class:`ApexlensError`, whose message names the fix
 
 ``import apexlens`` is cheap: it imports neither torch nor TransformerLens. Each public
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
         faithfulness,
         path_patch,
     )
+    from apexlens.api.memory import estimate_memory
     from apexlens.api.patched import patched
     from apexlens.errors import ApexlensError
     from apexlens.model.convert import to_bridge
@@ -72,6 +75,7 @@ if TYPE_CHECKING:
         edge_auc,
         load_result,
     )
+    from apexlens.runs.shard import sharded
     from apexlens.scoring import (
         AnswerLogProb,
         AnswerProb,
@@ -106,6 +110,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "act_patch", "attribute_edges", "discover", "evaluate_circuit", "faithfulness",
         "path_patch",
     ),
+    "apexlens.api.memory": ("estimate_memory",),
     "apexlens.api.patched": ("patched",),
     "apexlens.errors": ("ApexlensError",),
     "apexlens.model.convert": ("to_bridge",),
@@ -115,6 +120,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "FaithfulnessResult", "FeatureVisualization", "FVCheck",
         "NaturalExamples", "PathPatchResult", "compare", "edge_auc", "load_result",
     ),
+    "apexlens.runs.shard": ("sharded",),
     "apexlens.scoring": (
         "AnswerLogProb", "AnswerProb", "KLDivergence", "LogitDiff", "LogitDiffRecovery",
         "Metric", "Scores", "scores_frame",
@@ -175,6 +181,7 @@ __all__ = [
     "discover",
     "edge_auc",
     "escape_noise",
+    "estimate_memory",
     "evaluate_circuit",
     "faithfulness",
     "feature_values",
@@ -193,6 +200,7 @@ __all__ = [
     "path_patch",
     "random_gpt2_small",
     "scores_frame",
+    "sharded",
     "to_bridge",
     "top_examples",
     "visualize",

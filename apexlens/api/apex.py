@@ -98,6 +98,8 @@ from apexlens.model.hooks import (
 from apexlens.results.apex import ApexBias, ApexResult
 from apexlens.results.escape import EscapeNoise
 from apexlens.results.labels import TokenLabels
+from apexlens.runs.cache import free_share
+from apexlens.runs.shard import guarded
 from apexlens.runs.tokens import check_tokens, describe
 from apexlens.vocab.positions import position_index, shared_positions
 from apexlens.vocab.sites import DEFAULT_SITES, SITE_PRESETS, Site, parse_sites
@@ -236,14 +238,15 @@ def _example_ids(example_ids: Any, n: int) -> Tensor:
 def _plan_fields(
     backend: Backend, tokens: Tensor, positions: Tensor, *, sites: Sites, relative: bool,
     seed: Any, n_draws: Any, example_ids: Any, noise_positions: Any, max_batch: Any,
-    memory_budget: int,
+    memory_budget: int | None,
 ) -> dict[str, Any]:
     """The arguments every noise plan shares, checked."""
     _check_int(seed, "seed", -(2**63))
     if max_batch is not None:
         _check_int(max_batch, "max_batch", 1)
-    if memory_budget is None:
-        memory_budget = 1 << 30
+    if memory_budget is None:  # 1 GiB, at most half the memory free on the model's device
+        free = free_share(backend.device)
+        memory_budget = 1 << 30 if free is None else max(16 << 20, min(1 << 30, free // 2))
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
         raise ApexlensError(
             f"memory_budget must be a positive number of bytes (an int), got {memory_budget!r}"
@@ -360,6 +363,7 @@ def noise_hooks(
 
 
 # ---------------------------------------------------------------------------- questions
+@guarded
 def apex(
     model: Any,
     tokens: Int[Tensor, "batch pos"] | Any,
@@ -373,7 +377,7 @@ def apex(
     seed: int = 0,
     example_ids: Any = None,
     max_batch: int | None = None,
-    memory_budget: int = 1 << 30,
+    memory_budget: int | None = None,
     token_labels: TokenLabels | None = None,
     progress: bool = True,
     generator: Any = None,
@@ -397,7 +401,8 @@ def apex(
         example_ids: each example's id for its noise (default: its row), e.g. dataset
             indices, to reproduce an example's draws inside any other batch.
         max_batch: rows per forward pass (one row = one example at one (sigma, draw));
-            default from ``memory_budget`` (bytes, a rough estimate).
+            default from ``memory_budget`` (bytes, a rough estimate; default 1 GiB, at most
+            half the memory free on the model's device).
         token_labels: token id -> label (a callable on a tensor of ids such as
             ``task.token_labels``, or a sequence indexed by id), for tables and plots.
         progress: show a progress bar on stderr.
@@ -439,6 +444,7 @@ def apex(
     )
 
 
+@guarded
 def apex_bias(
     model: Any,
     tokens: Int[Tensor, "batch pos"] | Any,
@@ -485,6 +491,7 @@ def apex_bias(
     return sweep_result.bias(delta=delta, alpha=alpha, max_degenerate=max_degenerate)
 
 
+@guarded
 def escape_noise(
     model: Any,
     tokens: Int[Tensor, "batch pos"] | Any,

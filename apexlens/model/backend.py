@@ -36,6 +36,7 @@ from torch import Tensor
 
 from apexlens.errors import ApexlensError
 from apexlens.model import edits
+from apexlens.model.devices import check_one_device
 from apexlens.model.dims import Dims, dims_of
 from apexlens.model.heads import HeadAlgebra
 from apexlens.model.hooks import HookFn, silenced
@@ -100,6 +101,7 @@ class Backend(HookNames, HeadAlgebra):
     :func:`apexlens.model.backend_for`."""
 
     def __init__(self, model: Any, adapter: type[ModelAdapter]) -> None:
+        check_one_device(model)
         self.model = model
         cfg = model.cfg
         self.dims: Dims = dims_of(cfg)

@@ -30,6 +30,7 @@ from torch import Tensor
 from apexlens.engines.noise.sweep import CleanPass, NoisePlan, noisy_logits, rows_per_pass
 from apexlens.model import Backend
 from apexlens.runs.rows import progress_bar, row_chunks
+from apexlens.runs.shard import Share
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +75,8 @@ def first_escapes(
     progress: bool = False,
 ) -> Rays:
     """The search of the module docstring for every (draw, example) ray of ``plan`` (one
-    scored position per example)."""
+    scored position per example). Under a shard, each rank searches a contiguous block of
+    the rays (a ray's search depends on its own passes alone) and the brackets are gathered."""
     n = tokens.shape[0]
     clean_pred = clean.logits_at[:, 0].argmax(dim=-1).cpu()
     ray_ex = torch.arange(n).repeat(plan.n_draws)
@@ -85,44 +87,51 @@ def first_escapes(
     token = torch.full((n_rays,), -1, dtype=torch.long)
     per_pass = rows_per_pass(bk, plan, clean, tokens.shape[1], n_rays)
     count = {"forwards": 0, "degenerate": 0}
-    bound = n_rays * (len(plan.scan) + plan.halvings)
-    with progress_bar(bound, "escape noise", progress, unit="forward") as bar:
+    with Share("escape noise", n_rays) as share:
+        mine = share.block(n_rays)
+        bound = len(mine) * (len(plan.scan) + plan.halvings)
+        with progress_bar(bound, "escape noise", progress, unit="forward") as bar:
 
-        def escaped(idx: Tensor, sigma: Tensor) -> Tensor:
-            """Run rays ``idx`` at ``sigma``; record escapes; whether each escaped."""
-            out = torch.empty(len(idx), dtype=torch.bool)
-            for chunk in row_chunks(range(len(idx)), per_pass, desc="", progress=False):
-                j = torch.arange(chunk[0], chunk[-1] + 1)
-                rays = idx[j]
-                logits, code = noisy_logits(
-                    bk, tokens, plan, clean, ray_ex[rays], ray_draw[rays], sigma[j]
-                )
-                pred = logits[:, 0].argmax(dim=-1).cpu()
-                ok = code[:, 0].cpu() == 0
-                hit = ok & (pred != clean_pred[ray_ex[rays]])
-                out[j] = hit
-                hi[rays[hit]], token[rays[hit]] = sigma[j][hit], pred[hit]
-                lo[rays[~hit]] = sigma[j][~hit]
-                count["forwards"] += len(j)
-                count["degenerate"] += int((~ok).sum())
-                bar.update(len(j))
-            return out
+            def escaped(idx: Tensor, sigma: Tensor) -> Tensor:
+                """Run rays ``idx`` at ``sigma``; record escapes; whether each escaped."""
+                out = torch.empty(len(idx), dtype=torch.bool)
+                for chunk in row_chunks(range(len(idx)), per_pass, desc="", progress=False):
+                    j = torch.arange(chunk[0], chunk[-1] + 1)
+                    rays = idx[j]
+                    logits, code = noisy_logits(
+                        bk, tokens, plan, clean, ray_ex[rays], ray_draw[rays], sigma[j]
+                    )
+                    pred = logits[:, 0].argmax(dim=-1).cpu()
+                    ok = code[:, 0].cpu() == 0
+                    hit = ok & (pred != clean_pred[ray_ex[rays]])
+                    out[j] = hit
+                    hi[rays[hit]], token[rays[hit]] = sigma[j][hit], pred[hit]
+                    lo[rays[~hit]] = sigma[j][~hit]
+                    count["forwards"] += len(j)
+                    count["degenerate"] += int((~ok).sum())
+                    bar.update(len(j))
+                return out
 
-        active = torch.ones(n_rays, dtype=torch.bool)
-        for s in plan.scan:
-            idx = torch.nonzero(active).flatten()
-            if not len(idx):
-                break
-            active[idx[escaped(idx, torch.full((len(idx),), s, dtype=torch.float64))]] = False
-        first = torch.isfinite(hi) & (hi <= plan.scan[0])
-        lo[first] = 0.0  # escaped at the first scan point: (0, sigma_lo]
-        while True:
-            idx = torch.nonzero(torch.isfinite(hi) & (lo > 0) & (hi > lo * (1 + plan.rtol)))
-            idx = idx.flatten()
-            if not len(idx):
-                break
-            escaped(idx, torch.sqrt(lo[idx] * hi[idx]))
+            active = torch.zeros(n_rays, dtype=torch.bool)
+            active[mine.start : mine.stop] = True  # this rank's rays
+            for s in plan.scan:
+                idx = torch.nonzero(active).flatten()
+                if not len(idx):
+                    break
+                active[idx[escaped(idx, torch.full((len(idx),), s, dtype=torch.float64))]] = False
+            first = torch.isfinite(hi) & (hi <= plan.scan[0])
+            lo[first] = 0.0  # escaped at the first scan point: (0, sigma_lo]
+            while True:
+                idx = torch.nonzero(torch.isfinite(hi) & (lo > 0) & (hi > lo * (1 + plan.rtol)))
+                idx = idx.flatten()
+                if not len(idx):
+                    break
+                escaped(idx, torch.sqrt(lo[idx] * hi[idx]))
+        share.put(mine, torch.stack([lo[mine.start : mine.stop], hi[mine.start : mine.stop]], 1), "bracket")
+        share.put(mine, token[mine.start : mine.stop].clone(), "token")
+        share.add(torch.tensor([count["forwards"], count["degenerate"]]), "count")
+    bracket = share.fill(torch.stack([lo, hi], 1), "bracket")
+    lo, hi, token = bracket[:, 0].contiguous(), bracket[:, 1].contiguous(), share.fill(token, "token")
+    forwards, degenerate = (int(c) for c in share.sum("count"))
     shape = (plan.n_draws, n)
-    return Rays(
-        lo.view(shape), hi.view(shape), token.view(shape), count["forwards"], count["degenerate"]
-    )
+    return Rays(lo.view(shape), hi.view(shape), token.view(shape), forwards, degenerate)

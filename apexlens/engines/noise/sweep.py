@@ -35,6 +35,7 @@ from apexlens.errors import ApexlensError
 from apexlens.model import Backend, edits
 from apexlens.model.hooks import HookFn
 from apexlens.runs.rows import row_chunks, rows_per_chunk
+from apexlens.runs.shard import Share
 from apexlens.vocab.sites import Site
 
 
@@ -249,7 +250,9 @@ def sweep(
     progress: bool = False,
 ) -> SweepOut:
     """Every (sigma, draw, example) of ``plan`` as rows, in chunks; samples are
-    (example, scored position) pairs, example-major."""
+    (example, scored position) pairs, example-major. Under a shard, each rank runs a
+    contiguous block of the rows (their noise depends on the row's coordinates alone, so the
+    split changes no draw) and the summed probabilities add up across ranks."""
     n, seq_len = tokens.shape
     n_sigma, n_draws, k = len(plan.sigmas), plan.n_draws, plan.positions.shape[1]
     total = n_sigma * n_draws * n
@@ -258,14 +261,20 @@ def sweep(
     codes = torch.empty(n_sigma, n_draws, n, k, dtype=torch.uint8)
     prob_sum = torch.zeros(n_sigma, vocab, dtype=torch.float64, device=bk.device)
     per_pass = rows_per_pass(bk, plan, clean, seq_len, total)
-    for chunk in row_chunks(range(total), per_pass, desc="apex", progress=progress):
-        r = torch.arange(chunk[0], chunk[-1] + 1)
-        s, d, i = r // (n_draws * n), (r // n) % n_draws, r % n
-        logits, code = noisy_logits(bk, tokens, plan, clean, i, d, plan.sigmas[s])
-        ok = code == 0
-        pred = torch.where(ok, logits.argmax(dim=-1), torch.full_like(code, -1, dtype=torch.long))
-        preds[s, d, i], codes[s, d, i] = pred.cpu(), code.cpu()
-        probs = torch.where(ok[..., None], logits.softmax(dim=-1), torch.zeros_like(logits))
-        prob_sum.index_add_(0, s.to(bk.device), probs.sum(dim=1))
+    with Share("apex", total) as share:
+        for chunk in row_chunks(share.block(total), per_pass, desc="apex", progress=progress):
+            r = torch.arange(chunk[0], chunk[-1] + 1)
+            s, d, i = r // (n_draws * n), (r // n) % n_draws, r % n
+            logits, code = noisy_logits(bk, tokens, plan, clean, i, d, plan.sigmas[s])
+            ok = code == 0
+            pred = torch.where(ok, logits.argmax(dim=-1), torch.full_like(code, -1, dtype=torch.long))
+            share.put(r, pred.cpu(), "preds")
+            share.put(r, code.cpu(), "codes")
+            probs = torch.where(ok[..., None], logits.softmax(dim=-1), torch.zeros_like(logits))
+            prob_sum.index_add_(0, s.to(bk.device), probs.sum(dim=1))
+        share.add(prob_sum, "probs")
+    flat = (total, k)
+    preds = share.fill(preds.view(flat), "preds").view(n_sigma, n_draws, n, k)
+    codes = share.fill(codes.view(flat), "codes").view(n_sigma, n_draws, n, k)
     shape = (n_sigma, n_draws, n * k)
-    return SweepOut(preds.reshape(shape), codes.reshape(shape), prob_sum.cpu())
+    return SweepOut(preds.reshape(shape), codes.reshape(shape), share.sum("probs").cpu())
