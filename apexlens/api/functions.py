@@ -26,9 +26,11 @@ from apexlens.results import (
     PathPatchResult,
 )
 from apexlens.runs import MetricFn
+from apexlens.runs.shard import guarded
 from apexlens.vocab import Ablation, Circuit, EdgeSpec, MLPMode, NodeSpec
 
 
+@guarded
 def path_patch(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
@@ -71,6 +73,7 @@ def path_patch(
     return exp.path_patch(senders, receivers, via=via, mlps=mlps, progress=progress)
 
 
+@guarded
 def act_patch(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
@@ -104,6 +107,7 @@ def act_patch(
     return exp.act_patch(nodes, per_position=per_position, progress=progress)
 
 
+@guarded
 def evaluate_circuit(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
@@ -163,6 +167,7 @@ def _experiment(
     )
 
 
+@guarded
 def attribute_edges(
     model: Any,
     clean_tokens: Tensor | None,
@@ -209,6 +214,7 @@ def attribute_edges(
     )
 
 
+@guarded
 def faithfulness(
     model: Any,
     clean_tokens: Tensor | None,
@@ -239,6 +245,7 @@ def faithfulness(
     )
 
 
+@guarded
 def discover(
     model: Any,
     clean_tokens: Tensor | None,

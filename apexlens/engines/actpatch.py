@@ -20,6 +20,7 @@ from torch import Tensor
 from apexlens.errors import ApexlensError
 from apexlens.model import edits
 from apexlens.runs import Readout, Runs, row_chunks, run_rows, stack_rows
+from apexlens.runs.shard import Share
 from apexlens.vocab import Node, unique
 
 
@@ -69,20 +70,23 @@ def act_patch_rows(
     for i, n in enumerate(nodes):
         by_layer.setdefault(0 if n.kind == "embed" else n.layer, []).append(i)
     chunk = runs.rows_per_chunk(len(nodes), runs.batch * runs.n_pos, attention=True, readout=readout)
-    work = [
-        (layer, idx[j : j + chunk])
-        for layer, idx in sorted(by_layer.items())
-        for j in range(0, len(idx), chunk)
-    ]
-    for piece in row_chunks(work, 1, desc="activation patching", progress=progress):
-        layer, idx = piece[0]
-        rows = [nodes[i] for i in idx]
-        resid = k.resid(layer, bk).expand(len(rows), *k.resid(layer, bk).shape).clone()
-        _restore_resid(runs, rows, resid, layer)
-        hooks = _restore_hooks(runs, rows, layer)
-        final = run_rows(bk, resid, layer, hooks) if layer < n_layers else resid
-        out[idx] = readout(readout.gather(final))
-    return out
+    with Share("activation patching", len(nodes)) as share:
+        # every rank takes its share of every layer (later layers cost less)
+        mine = {layer: share.mine(idx) for layer, idx in sorted(by_layer.items())}
+        work = [
+            (layer, idx[j : j + chunk])
+            for layer, idx in mine.items()
+            for j in range(0, len(idx), chunk)
+        ]
+        for piece in row_chunks(work, 1, desc="activation patching", progress=progress):
+            layer, idx = piece[0]
+            rows = [nodes[i] for i in idx]
+            resid = k.resid(layer, bk).expand(len(rows), *k.resid(layer, bk).shape).clone()
+            _restore_resid(runs, rows, resid, layer)
+            hooks = _restore_hooks(runs, rows, layer)
+            final = run_rows(bk, resid, layer, hooks) if layer < n_layers else resid
+            share.put(idx, readout(readout.gather(final)))
+    return share.fill(out)
 
 
 def _restore_resid(runs: Runs, rows: list[Node], resid: Tensor, layer: int) -> None:

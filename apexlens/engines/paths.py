@@ -42,6 +42,7 @@ from apexlens.model.grouped import grouped_kv_hooks
 from apexlens.model.hooks import Hooks
 from apexlens.model.indexing import index_on
 from apexlens.runs import Readout, Runs, row_chunks, run_rows, stack_rows
+from apexlens.runs.shard import Share
 from apexlens.vocab import Node, as_receivers
 from apexlens.vocab.specs import MLPMode
 
@@ -91,11 +92,13 @@ def path_patch_rows(
     only_logits = not hops and all(r.kind == "logits" for r in recv) and readout.fast
     n_tok = runs.batch * (readout.idx.shape[1] if only_logits else runs.n_pos)
     chunk = runs.rows_per_chunk(len(active), n_tok, attention=not only_logits, readout=readout)
-    for rows in row_chunks(active, chunk, desc="path patching", progress=progress):
-        out[list(rows)] = _patch_chunk(
-            runs, readout, [groups[i] for i in rows], recv, hops, mlps, only_logits
-        )
-    return out
+    with Share("path patching", len(active)) as share:
+        for rows in row_chunks(share.mine(active), chunk, desc="path patching", progress=progress):
+            share.put(
+                rows,
+                _patch_chunk(runs, readout, [groups[i] for i in rows], recv, hops, mlps, only_logits),
+            )
+    return share.fill(out)
 
 
 def _check_chain(hops: list[list[Node]], recv: list[Node], order: Callable[[Node], int]) -> None:

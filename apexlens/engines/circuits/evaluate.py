@@ -24,6 +24,7 @@ from apexlens.runs.ablation import AblationValues
 from apexlens.runs.cache import Runs
 from apexlens.runs.readout import Readout
 from apexlens.runs.rows import row_chunks, rows_per_chunk, run_tokens
+from apexlens.runs.shard import Share
 from apexlens.vocab.edges import EdgeIndex
 
 
@@ -56,19 +57,24 @@ def circuit_final(
     The run holds every sender's output change at once (``[batch, pos, senders, d_model]``),
     so examples run in chunks that keep that buffer within the memory budget (at most a
     quarter over it, where that saves a small last chunk). The circuit is planned once; each
-    chunk gets its hooks over its own examples' ablated values."""
+    chunk gets its hooks over its own examples' ablated values. Under a shard, each rank runs
+    a contiguous block of the examples (one hypothesis has one row: its examples are split)."""
     bk = runs.bk
     per_example = len(index.senders) * tokens.shape[1] * bk.dims.d_model * bk.dtype.itemsize
     size = max(1, runs.memory_budget // max(per_example, 1))
     n = tokens.shape[0]
-    if n > size and n % size < size / 4:  # no small tail chunk: each costs a forward's fixed
-        size = -(-n // (n // size))  # overhead; its examples join the others (< 25% more)
     plan = CircuitPlan(bk, index, keep)
-    finals = []
-    for start in range(0, n, size):
-        hooks = plan.hooks(abl.rows(slice(start, start + size)), scratch_of(runs))
-        finals.append(run_tokens(bk, tokens[start : start + size], hooks))
-    return torch.cat(finals)
+    with Share("circuit (examples)", n) as share:
+        mine = share.block(n)
+        m = len(mine)
+        if m > size and m % size < size / 4:  # no small tail chunk: each costs a forward's
+            size = -(-m // (m // size))  # fixed overhead; its examples join the others (< 25%)
+        for start in range(mine.start, mine.stop, size):
+            stop = min(start + size, mine.stop)
+            hooks = plan.hooks(abl.rows(slice(start, stop)), scratch_of(runs))
+            share.put(range(start, stop), run_tokens(bk, tokens[start:stop], hooks))
+    d = bk.dims.d_model
+    return share.fill(torch.empty(n, tokens.shape[1], d, dtype=bk.dtype, device=bk.device))
 
 
 def circuit_rows(
@@ -88,14 +94,15 @@ def circuit_rows(
     chunk = rows_per_chunk(
         bk, runs.memory_budget, n, batch, n_pos, batch * n_pos, attention=True, extra=2 * d_buf
     )
-    for rows in row_chunks(list(range(n)), chunk, desc="circuits", progress=progress):
-        k = keeps[list(rows)]
-        k4 = k.permute(1, 2, 0)[..., None] if k.ndim == 3 else k.permute(1, 2, 0, 3)
-        m = len(rows)
-        hooks = CircuitPlan(bk, index, k4).hooks(abl.tiled(m), scratch_of(runs))
-        final = run_tokens(bk, tokens.repeat(m, 1), hooks)
-        out[list(rows)] = readout(readout.gather(final.reshape(m, batch, *final.shape[1:])))
-    return out
+    with Share("circuits", n) as share:
+        for rows in row_chunks(share.mine(range(n)), chunk, desc="circuits", progress=progress):
+            k = keeps[list(rows)]
+            k4 = k.permute(1, 2, 0)[..., None] if k.ndim == 3 else k.permute(1, 2, 0, 3)
+            m = len(rows)
+            hooks = CircuitPlan(bk, index, k4).hooks(abl.tiled(m), scratch_of(runs))
+            final = run_tokens(bk, tokens.repeat(m, 1), hooks)
+            share.put(rows, readout(readout.gather(final.reshape(m, batch, *final.shape[1:]))))
+    return share.fill(out)
 
 
 def _kl(readout: Readout, clean: Tensor, other: Tensor) -> Float[Tensor, " batch"]:

@@ -33,6 +33,7 @@ from torch import Tensor
 from apexlens.engines.features.run import read_rows
 from apexlens.errors import ApexlensError
 from apexlens.model import Backend
+from apexlens.runs.shard import Share
 from apexlens.vocab.features import Feature
 
 
@@ -205,19 +206,63 @@ def optimise(bk: Backend, plan: Plan, bar: Any, peers: tuple[Feature, ...] = ())
     """Run both phases (call it with gradients enabled, the model in eval mode).
 
     ``peers``: features visualized in the same batch (module docstring); the rows of
-    :class:`Found` are then ``restarts`` per feature, the plan's feature first."""
-    pb = Problem(bk, plan, peers)
+    :class:`Found` are then ``restarts`` per feature, the plan's feature first, every one
+    optimised in this process. Without peers, every restart's starting point is drawn from
+    the one generator, so under a shard each rank draws all of them and optimises its
+    contiguous block of restarts; a restart's optimisation never depends on the others'."""
     g = torch.Generator().manual_seed(plan.seed)
-    n_allowed = plan.allowed.numel()
-    theta0 = plan.init_scale * torch.randn(plan.restarts, pb.n_free, n_allowed, generator=g)
-    theta0 = theta0.repeat(len(pb.features), 1, 1)
+    n_allowed, n_free = plan.allowed.numel(), plan.n_pos - plan.prefix.numel()
+    theta0 = plan.init_scale * torch.randn(plan.restarts, n_free, n_allowed, generator=g)
+    ids0 = None
+    if not plan.steps:
+        ids0 = torch.randint(0, n_allowed, (plan.restarts, n_free), generator=g)
+    if peers:
+        n = 1 + len(peers)
+        return _optimise_rows(
+            bk, plan, peers, theta0.repeat(n, 1, 1), None if ids0 is None else ids0.repeat(n, 1),
+            bar,
+        )
+    with Share("visualize", plan.restarts) as share:
+        mine = share.block(plan.restarts)
+        if len(mine):
+            sl = slice(mine.start, mine.stop)
+            found = _optimise_rows(bk, plan, (), theta0[sl], None if ids0 is None else ids0[sl],
+                                   bar)
+            share.put(mine, found.tokens, "tokens")
+            share.put(mine, found.activation, "activation")
+            share.put(mine, found.trajectory.T, "trajectory")
+            share.put(mine, found.soft_trajectory.T, "soft")
+    tokens = share.fill(torch.empty(plan.restarts, plan.n_pos, dtype=torch.long), "tokens")
+    activation = share.fill(torch.empty(plan.restarts), "activation")
+    soft = share.fill(torch.empty(plan.restarts, plan.steps), "soft").T
+    return Found(tokens, activation, _trajectories(share.parts("trajectory"), plan.restarts), soft)
+
+
+def _trajectories(parts: list[tuple[Tensor, Tensor]], restarts: int) -> Tensor:
+    """``[steps, restarts]`` from every rank's ``[its restarts, its steps]``: a rank whose
+    restarts all stopped improving stopped early, and one process would have recorded their
+    final values for the remaining rounds."""
+    steps = max(v.shape[1] for _, v in parts)
+    out = torch.empty(restarts, steps)
+    for index, v in parts:
+        out[index] = torch.cat([v, v[:, -1:].expand(-1, steps - v.shape[1])], 1)
+    return out.T
+
+
+def _optimise_rows(
+    bk: Backend, plan: Plan, peers: tuple[Feature, ...], theta0: Tensor, ids0: Tensor | None,
+    bar: Any,
+) -> Found:
+    """Both phases for the rows starting at ``theta0`` (or, without a soft phase, at
+    ``ids0``): the same number of rows per feature, the plan's feature first."""
+    pb = Problem(bk, plan, peers, per=theta0.shape[0] // (1 + len(peers)))
     trajectory: list[Tensor] = []
     soft_traj: list[Tensor] = []
     if plan.steps:
         ids = soft_phase(pb, theta0, trajectory, soft_traj, bar).argmax(-1)
     else:
-        ids = torch.randint(0, n_allowed, (plan.restarts, pb.n_free), generator=g).to(bk.device)
-        ids = ids.repeat(len(pb.features), 1)
+        assert ids0 is not None
+        ids = ids0.to(bk.device)
     current = pb.exact(ids, pb.owner)
     if not plan.steps:
         trajectory.append(current)
