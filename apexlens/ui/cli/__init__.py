@@ -13,7 +13,6 @@ import sys
 from types import ModuleType
 
 from apexlens.errors import ApexlensError
-from apexlens.runs.shard import raised_on_every_rank
 from apexlens.ui.cli import apex, demo, discover, models, path_patch, visualize, workbench
 from apexlens.ui.cli.common import (
     Parser,
@@ -70,12 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(_join_negative_values(argv))
         return run_command(args, COMMANDS[args.command].run, check=check_overwrite)
     except ApexlensError as e:
-        if speaks() or not raised_on_every_rank(e):  # under torchrun: said once
+        if speaks() or not _raised_on_every_rank(e):  # under torchrun: said once
             print(f"apexlens: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("apexlens: interrupted", file=sys.stderr)
         return 130
+
+
+def _raised_on_every_rank(e: ApexlensError) -> bool:
+    from apexlens.runs.shard import raised_on_every_rank  # torch: only under torchrun
+
+    return raised_on_every_rank(e)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 from apexlens.errors import ApexlensError
-from apexlens.runs.shard import Guard, launched_by_torchrun, sharded
 
 
 @contextlib.contextmanager
@@ -42,6 +41,15 @@ def _process_group() -> Iterator[int]:
         dist.destroy_process_group()
 
 
+def launched_by_torchrun() -> bool:
+    """``apexlens.runs.shard.launched_by_torchrun`` read without importing torch (the
+    command line asks before it knows whether it will compute)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
 def speaks() -> bool:
     """Whether this process prints: not one of torchrun's processes, or its rank 0."""
     return not launched_by_torchrun() or os.environ.get("RANK", "0") == "0"
@@ -59,6 +67,8 @@ def run_command(
         if check is not None:
             check(args)
         return int(run(args))
+    from apexlens.runs.shard import Guard, sharded  # torch: only under torchrun
+
     with _process_group() as rank, sharded():
         with Guard("checking --out"):
             if rank == 0 and check is not None:
