@@ -52,10 +52,19 @@ class HeadAlgebra:
         def qkv(self, layer: int, channel: str) -> str: ...
         def z(self, layer: int) -> str: ...
 
-    def _with_pos(self, channel: str, x: Tensor, pos_axis: int) -> Tensor:
-        pe = self.pos_embed_rows(x.shape[pos_axis]) if channel in ("q", "k") else None
+    def _with_pos(
+        self, channel: str, x: Tensor, pos_axis: int, positions: Tensor | None = None
+    ) -> Tensor:
+        """Shortformer: the q/k input plus the positional embedding of its positions (the
+        first ``n`` unless ``positions`` says which)."""
+        if channel not in ("q", "k"):
+            return x
+        n = x.shape[pos_axis] if positions is None else int(positions.max()) + 1
+        pe = self.pos_embed_rows(n)
         if pe is None:
             return x
+        if positions is not None:
+            pe = pe[positions]
         return x + pe.view(pe.shape[0], *([1] * (-pos_axis - 2)), pe.shape[1]).to(x.dtype)
 
     def head_input(
@@ -64,15 +73,17 @@ class HeadAlgebra:
         channel: str,
         resid: Float[Tensor, "... pos d_model"],
         slots: Tensor | list[int] | None = None,
+        positions: Tensor | None = None,
     ) -> Float[Tensor, "... pos slot d_head"]:
         """``hook_q/k/v`` values at ``slots`` (see :meth:`slot`; all if ``None``) of
-        ``layer`` when the block's input is ``resid`` (positions on axis -2)."""
+        ``layer`` when the block's input is ``resid`` (positions on axis -2: the first ones,
+        or those ``positions`` names)."""
         W = self.W_in(channel)[layer]
         b = self.b_in(channel)[layer]
         if slots is not None:
             idx = index_on(slots, W.device)
             W, b = W[idx], b[idx]
-        x = self._with_pos(channel, self.ln1(layer, resid), -2)
+        x = self._with_pos(channel, self.ln1(layer, resid), -2, positions)
         return torch.einsum("...m,hmd->...hd", x, W) + b
 
     def heads_input(
