@@ -162,23 +162,28 @@ class Experiment:
         *,
         via: Sequence[NodeSpec] = (),
         mlps: MLPMode = "live",
+        separate: bool = False,
         progress: bool = False,
     ) -> PathPatchResult:
         """Path-patch each sender (on its own) to ``receivers``; see :func:`path_patch`."""
         sender_nodes = as_senders(self.nodes(senders))
-        per_example = self.path_patch_groups(
-            [[s] for s in sender_nodes], receivers, via=via, mlps=mlps, progress=progress
-        )
+        recv, hops = self.nodes(receivers), [self.nodes(h) for h in via]
+        with inference_mode(self.model):
+            per_example = paths.path_patch_rows(
+                self.runs, self.readout, [[s] for s in sender_nodes], recv, via=hops,
+                mlps=mlps, separate=separate, progress=progress,
+            )
         clean, corrupted = self._scores()
         return PathPatchResult(
             senders=[str(n) for n in sender_nodes],
-            receivers=[str(r) for r in as_receivers(self.nodes(receivers))],
+            receivers=[str(r) for r in (recv if separate else as_receivers(recv))],
             per_example=per_example,
             clean=clean,
             corrupted=corrupted,
             grid=self._grid(sender_nodes),
             metric_name=self.readout.name,
             via=[str(n) for hop in via for n in self.nodes(hop)],
+            separate=separate,
         )
 
     def path_patch_groups(

@@ -65,8 +65,43 @@ def attached(model: Any, fwd_hooks: Hooks) -> Iterator[Any]:
         for name, _ in fwd_hooks:
             if name not in hook_dict:
                 raise ApexlensError(f"the model has no hook point named {name!r}")
-    with model_lock(model), model.hooks(fwd_hooks=list(fwd_hooks)):
+    with model_lock(model), _hooks_of(model, list(fwd_hooks)):
         yield model
+
+
+def _hooks_of(model: Any, fwd_hooks: list[tuple[str, HookFn]]) -> Any:
+    """``model.hooks(fwd_hooks)``, or, for TransformerLens' own ``HookedRootModule.hooks``,
+    the same context touching only the hook points given: its exit walks every hook point
+    of the model (about as long as a forward of a two-layer toy model)."""
+    try:
+        from transformer_lens.hook_points import HookedRootModule
+    except ImportError:  # pragma: no cover - TransformerLens is a dependency
+        return model.hooks(fwd_hooks=fwd_hooks)
+    if getattr(type(model), "hooks", None) is not HookedRootModule.hooks or not hasattr(
+        model, "mod_dict"
+    ):
+        return model.hooks(fwd_hooks=fwd_hooks)
+    return _touched_hooks(model, fwd_hooks)
+
+
+@contextmanager
+def _touched_hooks(model: Any, fwd_hooks: list[tuple[str, HookFn]]) -> Iterator[None]:
+    """``HookedRootModule.hooks`` (same level bookkeeping, same removal of this level's
+    non-permanent hooks, ``is_caching`` reset), removing from the touched hook points only."""
+    model.context_level += 1
+    level = model.context_level
+    touched: dict[int, Any] = {}
+    try:
+        for name, fn in fwd_hooks:
+            hp = model.mod_dict[name]
+            touched[id(hp)] = hp
+            hp.add_hook(fn, dir="fwd", level=level)
+        yield
+    finally:
+        for hp in touched.values():
+            hp.remove_hooks("fwd", including_permanent=False, level=level)
+        model.is_caching = False
+        model.context_level -= 1
 
 
 @contextmanager

@@ -22,7 +22,9 @@ class PathPatchResult(Saveable):
     ``to_frame()`` columns: ``sender``, ``layer``, ``head`` (None where not a head/MLP),
     ``value`` (mean metric with the sender patched), ``normalized`` (:meth:`normalized`),
     ``sem`` (standard error of ``value`` over examples), ``ci_low`` / ``ci_high`` (95%
-    seeded bootstrap interval of ``value``).
+    seeded bootstrap interval of ``value``). With ``separate`` (one value per receiver,
+    ``per_example`` ``[sender, receiver, batch]``), one row per sender and receiver, with a
+    ``receiver`` column.
     """
 
     senders: list[str]
@@ -33,14 +35,18 @@ class PathPatchResult(Saveable):
     grid: tuple[int, ...] | None = None
     metric_name: str = "metric"
     via: list[str] = field(default_factory=list)
+    separate: bool = False
     kind: ClassVar[str] = "path_patch"
     normalized_meaning: ClassVar[str] = "0 = no effect, -1 = the whole clean-corrupted difference"
 
     @property
     def values(self) -> Tensor:
-        """Mean metric per sender; ``[n_layers, n_heads]`` when the senders are all heads."""
+        """Mean metric per sender; ``[n_layers, n_heads]`` when the senders are all heads
+        (``[..., n_receivers]`` with :attr:`separate`)."""
         v = self.per_example.mean(-1)
-        return v.reshape(self.grid) if self.grid else v
+        if not self.grid:
+            return v
+        return v.reshape(*self.grid, v.shape[1]) if self.separate else v.reshape(self.grid)
 
     def _gap(self) -> float:
         gap = self.clean.mean - self.corrupted.mean
@@ -52,34 +58,43 @@ class PathPatchResult(Saveable):
         """``(patched - clean) / (clean - corrupted)``: 0 = no effect, -1 = the whole effect."""
         return (self.values - self.clean.mean) / self._gap()
 
-    def scores(self, sender: str | int) -> Scores:
+    def scores(self, sender: str | int, receiver: str | int | None = None) -> Scores:
+        """Per-example values of a sender (and, with :attr:`separate`, a receiver)."""
         i = self.senders.index(sender) if isinstance(sender, str) else sender
-        return Scores(self.per_example[i])
+        if not self.separate:
+            return Scores(self.per_example[i])
+        if receiver is None:
+            raise ApexlensError("separate results have one value per receiver: name one")
+        j = self.receivers.index(receiver) if isinstance(receiver, str) else receiver
+        return Scores(self.per_example[i, j])
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
-        norm = self.normalized().flatten()
+        norm = self.normalized().reshape(len(self.senders), -1)
         for i, s in enumerate(self.senders):
-            sc = self.scores(i)
-            lo, hi = sc.ci()
             layer, head = node_fields(s)
-            rows.append(
-                {
-                    "sender": s,
-                    "layer": layer,
-                    "head": head,
-                    "value": float(sc.mean),
-                    "normalized": float(norm[i]),
-                    "sem": float(sc.sem),
-                    "ci_low": float(lo),
-                    "ci_high": float(hi),
-                }
-            )
+            for j, r in enumerate(self.receivers if self.separate else [None]):
+                sc = self.scores(i, j if self.separate else None)
+                lo, hi = sc.ci()
+                row = {"sender": s} if r is None else {"sender": s, "receiver": r}
+                row.update(
+                    {
+                        "layer": layer,
+                        "head": head,
+                        "value": float(sc.mean),
+                        "normalized": float(norm[i, j]),
+                        "sem": float(sc.sem),
+                        "ci_low": float(lo),
+                        "ci_high": float(hi),
+                    }
+                )
+                rows.append(row)
         return pd.DataFrame(rows)
 
     def summary(self) -> pd.DataFrame:
-        """``sender``, ``value``, ``normalized``, ``sem`` of :meth:`to_frame`."""
-        return self.to_frame()[["sender", "value", "normalized", "sem"]]
+        """``sender`` (``receiver``), ``value``, ``normalized``, ``sem`` of :meth:`to_frame`."""
+        first = ["sender", "receiver"] if self.separate else ["sender"]
+        return self.to_frame()[[*first, "value", "normalized", "sem"]]
 
     def __repr__(self) -> str:
         return (

@@ -98,12 +98,23 @@ def circuit_rows(
     return out
 
 
-def _kl(readout: Readout, clean: Tensor, other: Tensor) -> Float[Tensor, " batch"]:
-    """``KL(clean || other)`` of the next-token distributions at the positions the metric
-    reads, mean over those positions."""
-    lp_c = F.log_softmax(readout.bk.unembed(readout.gather(clean)), -1)
-    lp = F.log_softmax(readout.bk.unembed(readout.gather(other)), -1)
+def _log_probs(readout: Readout, final: Tensor) -> Tensor:
+    """Next-token log-probabilities at the positions the metric reads."""
+    return F.log_softmax(readout.bk.unembed(readout.gather(final)), -1)
+
+
+def _kl_of(lp_c: Tensor, lp: Tensor) -> Float[Tensor, " batch"]:
+    """``KL(clean || other)`` from log-probabilities, mean over the read positions."""
     return (lp_c.exp() * (lp_c - lp)).sum(-1).mean(-1)
+
+
+def _once(runs: Runs, readout: Readout, what: str, make: Any) -> Any:
+    """What depends only on the cached runs and the readout, computed on the first
+    hypothesis and kept with the runs (:attr:`Runs.scratch`) for the next ones."""
+    key = ("circuit-fixed", id(readout), what)
+    if key not in runs.scratch:
+        runs.scratch[key] = make()
+    return runs.scratch[key]
 
 
 def evaluate(
@@ -119,22 +130,25 @@ def evaluate(
     clean metric, and the KL divergences behind the proportion explained.
 
     ``empty_is_corrupted``: the fully ablated model is the corrupted run (resample ablation
-    with the corrupted tokens as reference), so it is not run again."""
+    with the corrupted tokens as reference), so it is not run again; its values, the clean
+    ones and the clean log-probabilities are kept with the runs for the next hypothesis."""
     final = circuit_final(runs, tokens, index, keep, abl)
     values = readout(readout.gather(final))
+    clean_final = runs.clean.final
+    lp_c = _once(runs, readout, "clean-lp", lambda: _log_probs(readout, clean_final))
+    clean_values = _once(runs, readout, "clean", lambda: readout(readout.gather(clean_final)))
     if empty_is_corrupted and runs.corrupted is not None:
-        empty_final = runs.corrupted.final
+        k_final = runs.corrupted.final
+        empty_values = _once(runs, readout, "empty", lambda: readout(readout.gather(k_final)))
+        kl_empty = _once(
+            runs, readout, "kl-empty", lambda: _kl_of(lp_c, _log_probs(readout, k_final))
+        )
     else:
         empty_final = circuit_final(runs, tokens, index, torch.zeros_like(keep), abl)
-    empty_values = readout(readout.gather(empty_final))
-    clean_values = readout(readout.gather(runs.clean.final))
+        empty_values = readout(readout.gather(empty_final))
+        kl_empty = _kl_of(lp_c, _log_probs(readout, empty_final))
     if float(clean_values.mean() - empty_values.mean()) == 0:
         raise ApexlensError("clean and fully ablated metrics are equal: recovery is undefined")
-    clean_final = runs.clean.final
     return CircuitValues(
-        values,
-        empty_values,
-        clean_values,
-        _kl(readout, clean_final, final),
-        _kl(readout, clean_final, empty_final),
+        values, empty_values, clean_values, _kl_of(lp_c, _log_probs(readout, final)), kl_empty
     )

@@ -29,8 +29,12 @@ from apexlens.errors import ApexlensError
 from apexlens.model import Backend, edits
 from apexlens.model.grouped import grouped_kv_hooks
 from apexlens.model.hooks import HookFn
+from apexlens.model.indexing import index_on
 from apexlens.runs.ablation import AblationValues
 from apexlens.vocab.edges import EdgeIndex
+
+_FUSED_COPY = 16 * 2**20
+"""Bytes up to which a layer's q/k/v inputs are copied to one batched product."""
 
 Keep = Bool[Tensor, "sender receiver"] | Bool[Tensor, "sender receiver pos"] | Bool[
     Tensor, "sender receiver rows pos"
@@ -50,6 +54,29 @@ class InputsPlan:
     groups: dict[str, list[tuple[int, list[int]]]]
     slots: dict[str, list[int]]
     mlp_col: int | None
+    picks: list[tuple[str, int, int]] | None = None
+    """Every ``(channel, slot, column)`` in channel order where each slot reads a column of
+    its own (then all channels are projected by one batched product, :meth:`project`)."""
+
+    def project(self, bk: Backend, layer: int, normed: Tensor) -> dict[str, Tensor]:
+        """The q/k/v values of every channel's slots from the normalised columns ``normed``
+        (``[column, n, pos, d_model]``): one gather of the columns, one of the weights and
+        one batched product for the whole layer."""
+        assert self.picks is not None
+        dev = normed.device
+        W = torch.cat([bk.W_in(ch)[layer][index_on(self.slots[ch], dev)] for ch in self.slots])
+        b = torch.cat([bk.b_in(ch)[layer][index_on(self.slots[ch], dev)] for ch in self.slots])
+        cols = index_on([c for _, _, c in self.picks], dev)
+        m, lead, dm = len(self.picks), normed.shape[1:-1], normed.shape[-1]
+        x = normed[cols] if isinstance(cols, slice) else normed.index_select(0, cols)
+        y = torch.baddbmm(b[:, None], x.reshape(m, -1, dm), W)
+        out: dict[str, Tensor] = {}
+        at = 0
+        for ch, slots in self.slots.items():
+            k = len(slots)
+            out[ch] = y[at : at + k].permute(1, 0, 2).reshape(*lead, k, y.shape[-1])
+            at += k
+        return out
 
     @staticmethod
     def build(
@@ -66,11 +93,18 @@ class InputsPlan:
             for i, c in enumerate(w.tolist()):
                 by_col.setdefault(c, []).append(i)
             groups[ch] = list(by_col.items())
+        slots = {ch: reads[ch][0] for ch in chans}
+        singles = all(len(m) == 1 for ch in chans for _, m in groups[ch])
+        picks = None
+        if singles:
+            col_of = {(ch, m[0]): c for ch in chans for c, m in groups[ch]}
+            picks = [(ch, s, col_of[(ch, i)]) for ch in chans for i, s in enumerate(slots[ch])]
         return InputsPlan(
             Exclusion(columns),
             groups,
-            {ch: reads[ch][0] for ch in chans},
+            slots,
             int(which[-1]) if mlp is not None else None,
+            picks,
         )
 
 
@@ -290,6 +324,10 @@ class _Inputs:
         self.normed: Tensor | None = None
         self.work: Tensor | None = None  # the buffer's workspace that ``normed`` lives in
         self.mlp_partial: Tensor | None = None
+        self.values: dict[str, Tensor] | None = None
+        # one product for the layer where each slot has a column of its own and the q/k
+        # inputs add no positional embedding (shortformer), within the batched-copy size
+        self.fused = plan.picks is not None and p.bk.pos_embed_rows(1) is None
 
     def value(self, ch: str) -> Any:
         plan = self.plan
@@ -305,11 +343,19 @@ class _Inputs:
                     self.mlp_partial = x[:, :, plan.mlp_col].clone()
                 # [column, n, pos, d_model], a view; normalised in place where it can be
                 self.normed = self.bk.ln1_(self.layer, x).permute(2, 0, 1, 3)
+                size = len(plan.picks or ()) * x.numel() // x.shape[2] * x.element_size()
+                if self.fused and size <= _FUSED_COPY:  # every channel in one product
+                    self.values = plan.project(self.bk, self.layer, self.normed)
             normed = self.normed
             self.served.add(ch)
-            out = self.bk.project_columns(self.layer, ch, normed, plan.groups[ch], plan.slots[ch])
+            if self.values is not None:
+                out = self.values.pop(ch)
+            else:
+                out = self.bk.project_columns(
+                    self.layer, ch, normed, plan.groups[ch], plan.slots[ch]
+                )
             if self.served == self.chans:  # the layer's last q/k/v: its inputs are done
-                self.normed = self.source = None
+                self.normed = self.source = self.values = None
                 self.buf.release(self.work)
             return out
 
