@@ -489,6 +489,11 @@ def logits_delta(runs: Runs, node: Node, acc: Tensor) -> Tensor:
     return acc if m is None else acc * m[..., None].to(acc.dtype)
 
 
+def _from(m: Tensor | None, p0: int) -> Tensor | None:
+    """A ``[batch, pos]`` mask from position ``p0`` on (``None``: every position)."""
+    return None if m is None else m[:, p0:]
+
+
 def _logits_mask(runs: Runs, node: Node, like: Tensor, where: _Where) -> Tensor | None:
     """A ``logits`` receiver's positions as a multiplier at the positions of ``where``."""
     m = runs.mask(node)
@@ -524,7 +529,7 @@ def _finish(
             bk,
             others,
             vals.__getitem__,
-            lambda t: None if masks[t] is None else masks[t][:, p0:],
+            lambda t: _from(masks[t], p0),
             rows,
             runs.batch,
             n_pos - p0,

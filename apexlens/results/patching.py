@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pandas as pd
 from jaxtyping import Float
@@ -76,7 +76,7 @@ class PathPatchResult(Saveable):
             for j, r in enumerate(self.receivers if self.separate else [None]):
                 sc = self.scores(i, j if self.separate else None)
                 lo, hi = sc.ci()
-                row = {"sender": s} if r is None else {"sender": s, "receiver": r}
+                row: dict[str, Any] = {"sender": s} if r is None else {"sender": s, "receiver": r}
                 row.update(
                     {
                         "layer": layer,

@@ -82,7 +82,7 @@ def suffix_start(bk: Backend, p0: int) -> int:
 def prefix_of(runs: Runs, run: Run, start: int, p0: int) -> Any:
     """The keys/values of ``run``'s first ``p0`` positions from block ``start`` on, computed
     once per :class:`Runs` (a partial forward of one batch over the prefix)."""
-    key = ("prefix", id(run), start, p0)
+    key = f"prefix:{id(run)}:{start}:{p0}"
     hit = runs.scratch.get(key)
     if hit is None:
         resid = run.resid(start, runs.bk)[:, :p0]

@@ -17,8 +17,7 @@ from torch import Tensor
 
 from apexlens.engines.attribution.base import Job
 from apexlens.errors import ApexlensError
-from apexlens.model import Backend
-from apexlens.model import edits
+from apexlens.model import Backend, edits
 from apexlens.runs.rows import row_chunks
 from apexlens.runs.suffix import run_suffix_rows, suffix_start
 from apexlens.vocab import Node

@@ -111,7 +111,7 @@ def _kl_of(lp_c: Tensor, lp: Tensor) -> Float[Tensor, " batch"]:
 def _once(runs: Runs, readout: Readout, what: str, make: Any) -> Any:
     """What depends only on the cached runs and the readout, computed on the first
     hypothesis and kept with the runs (:attr:`Runs.scratch`) for the next ones."""
-    key = ("circuit-fixed", id(readout), what)
+    key = f"circuit-fixed:{id(readout)}:{what}"
     if key not in runs.scratch:
         runs.scratch[key] = make()
     return runs.scratch[key]
