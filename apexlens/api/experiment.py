@@ -167,12 +167,9 @@ class Experiment:
     ) -> PathPatchResult:
         """Path-patch each sender (on its own) to ``receivers``; see :func:`path_patch`."""
         sender_nodes = as_senders(self.nodes(senders))
-        recv, hops = self.nodes(receivers), [self.nodes(h) for h in via]
-        with inference_mode(self.model):
-            per_example = paths.path_patch_rows(
-                self.runs, self.readout, [[s] for s in sender_nodes], recv, via=hops,
-                mlps=mlps, separate=separate, progress=progress,
-            )
+        recv = self.nodes(receivers)
+        groups = [[s] for s in sender_nodes]
+        per_example = self.path_patch_groups(groups, recv, via=via, mlps=mlps, separate=separate, progress=progress)
         clean, corrupted = self._scores()
         return PathPatchResult(
             senders=[str(n) for n in sender_nodes],
@@ -193,14 +190,14 @@ class Experiment:
         *,
         via: Sequence[NodeSpec] = (),
         mlps: MLPMode = "live",
+        separate: bool = False,
         progress: bool = False,
-    ) -> Float[Tensor, "group batch"]:
-        """Per-example metric when each group of senders is patched (jointly) to the receivers."""
+    ) -> Float[Tensor, "group batch"] | Float[Tensor, "group receiver batch"]:
+        """Per-example metric of each group of senders patched jointly (``separate``: per receiver)."""
         recv, hops = self.nodes(receivers), [self.nodes(h) for h in via]
         with inference_mode(self.model):
-            return paths.path_patch_rows(
-                self.runs, self.readout, groups, recv, via=hops, mlps=mlps, progress=progress
-            )
+            return paths.path_patch_rows(self.runs, self.readout, groups, recv, via=hops, mlps=mlps,
+                                         separate=separate, progress=progress)
 
     # ------------------------------------------------------------------ activation patching
     def act_patch(
