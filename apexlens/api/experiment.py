@@ -247,19 +247,18 @@ class Experiment:
         edge_list = EdgeList(edges)  # read once by everything below
         index = self.edge_index(uses_split_embed(edge_list))
         keep = index.keep(edge_list, self.n_pos, self.named_positions)
-        abl = self.ablation(ablation, reference_tokens)
         empty_is_corrupted = ablation == "resample" and reference_tokens is None
         with inference_mode(self.model):
+            abl = self.ablation(ablation, reference_tokens)
             v = circuits.evaluate(
                 self.runs, self.readout, self.clean_tokens, index, keep, abl, empty_is_corrupted
             )
-        gap = float(v.clean.mean() - v.ablated.mean())
         return CircuitResult(
             edges=edge_names(edge_list),
             scores=Scores(v.values),
             clean=Scores(v.clean),
             corrupted=Scores(v.ablated),
-            recovery=float((v.values.mean() - v.ablated.mean()) / gap),
+            recovery=v.recovery,
             ablation=ablation,
             kl_circuit=Scores(v.kl_circuit),
             kl_ablated=Scores(v.kl_ablated),

@@ -170,19 +170,20 @@ class HeadAlgebra:
         layer: int,
         z: Float[Tensor, "... head d_head"],
         out: Float[Tensor, "... head d_model"],
-        total: Float[Tensor, "... d_model"],
+        total: Float[Tensor, "... d_model"] | None = None,
     ) -> None:
         """:meth:`head_outputs` of every head written into ``out`` (heads before ``d_model``;
         any strides that merge the leading axes, ``d_model`` contiguous), and their sum added
-        to ``total``: one batched product (a head per batch entry) straight into place and
-        one for the sum, no temporary of the whole output and no copy of it. Outside
-        autograd (``out=`` products are not differentiable)."""
+        to ``total`` where given: one batched product (a head per batch entry) straight into
+        place and one for the sum, no temporary of the whole output and no copy of it.
+        Outside autograd (``out=`` products are not differentiable)."""
         W_O = self.W_O_stacked[layer]
         n_heads, d_head, dm = W_O.shape
         zf = z.reshape(-1, n_heads, d_head)
         torch.bmm(zf.transpose(0, 1), W_O, out=out.view(-1, n_heads, dm).transpose(0, 1))
-        tf = total.view(-1, dm)
-        tf.addmm_(zf.reshape(-1, n_heads * d_head), W_O.reshape(n_heads * d_head, dm))
+        if total is not None:
+            tf = total.view(-1, dm)
+            tf.addmm_(zf.reshape(-1, n_heads * d_head), W_O.reshape(n_heads * d_head, dm))
 
     def attn_output(
         self, layer: int, z: Float[Tensor, "... head d_head"]

@@ -63,11 +63,13 @@ class HookedAdapter:
     # ------------------------------------------------------------------ pieces
     def _norm_module(self, where: str, layer: int | None) -> Any:
         if where == "ln_final":
-            return getattr(self.model, "ln_final", None)
+            module = getattr(self.model, "ln_final", None)
+            return None if isinstance(module, torch.nn.Identity) else module
         if where in ("ln1_post", "ln2_post") and not self.post_norms:
             return None
         assert layer is not None
-        return getattr(self.model.blocks[layer], _NORM_OF[where], None)
+        module = getattr(self.model.blocks[layer], _NORM_OF[where], None)
+        return None if isinstance(module, torch.nn.Identity) else module
 
     def norm(self, where: str, layer: int | None = None) -> Callable[[Tensor], Tensor]:
         module = self._norm_module(where, layer)

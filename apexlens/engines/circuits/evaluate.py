@@ -40,6 +40,14 @@ class CircuitValues:
     """``KL(clean || hypothesis)`` of the next-token distributions at the read positions."""
     kl_ablated: Float[Tensor, " batch"]
     """``KL(clean || fully ablated)``."""
+    gap: tuple[float, float]
+    """The means of ``clean`` and ``ablated`` (float64 of their float values)."""
+
+    @property
+    def recovery(self) -> float:
+        """``(mean metric - mean ablated) / (mean clean - mean ablated)``."""
+        clean, ablated = self.gap
+        return (float(self.values.double().mean()) - ablated) / (clean - ablated)
 
 
 def scratch_of(runs: Runs) -> dict[str, Any] | None:
@@ -63,7 +71,9 @@ def circuit_final(
     n = tokens.shape[0]
     if n > size and n % size < size / 4:  # no small tail chunk: each costs a forward's fixed
         size = -(-n // (n // size))  # overhead; its examples join the others (< 25% more)
-    plan = CircuitPlan(bk, index, keep)
+    plan = CircuitPlan(bk, index, keep, runs.scratch)
+    if n <= size:  # one chunk: the whole batch
+        return run_tokens(bk, tokens, plan.hooks(abl, scratch_of(runs)))
     finals = []
     for start in range(0, n, size):
         hooks = plan.hooks(abl.rows(slice(start, start + size)), scratch_of(runs))
@@ -92,15 +102,16 @@ def circuit_rows(
         k = keeps[list(rows)]
         k4 = k.permute(1, 2, 0)[..., None] if k.ndim == 3 else k.permute(1, 2, 0, 3)
         m = len(rows)
-        hooks = CircuitPlan(bk, index, k4).hooks(abl.tiled(m), scratch_of(runs))
+        hooks = CircuitPlan(bk, index, k4, runs.scratch).hooks(abl.tiled(m), scratch_of(runs))
         final = run_tokens(bk, tokens.repeat(m, 1), hooks)
         out[list(rows)] = readout(readout.gather(final.reshape(m, batch, *final.shape[1:])))
     return out
 
 
-def _log_probs(readout: Readout, final: Tensor) -> Tensor:
-    """Next-token log-probabilities at the positions the metric reads."""
-    return F.log_softmax(readout.bk.unembed(readout.gather(final)), -1)
+def _log_probs(readout: Readout, read: Tensor) -> Tensor:
+    """Next-token log-probabilities from final residuals at the positions the metric reads
+    (:meth:`Readout.gather`)."""
+    return F.log_softmax(readout.bk.unembed(read), -1)
 
 
 def _kl_of(lp_c: Tensor, lp: Tensor) -> Float[Tensor, " batch"]:
@@ -132,23 +143,33 @@ def evaluate(
     ``empty_is_corrupted``: the fully ablated model is the corrupted run (resample ablation
     with the corrupted tokens as reference), so it is not run again; its values, the clean
     ones and the clean log-probabilities are kept with the runs for the next hypothesis."""
-    final = circuit_final(runs, tokens, index, keep, abl)
-    values = readout(readout.gather(final))
-    clean_final = runs.clean.final
-    lp_c = _once(runs, readout, "clean-lp", lambda: _log_probs(readout, clean_final))
-    clean_values = _once(runs, readout, "clean", lambda: readout(readout.gather(clean_final)))
+    read = readout.gather(circuit_final(runs, tokens, index, keep, abl))
+    values = readout(read)
+    clean_read = _once(runs, readout, "clean-read", lambda: readout.gather(runs.clean.final))
+    lp_c = _once(runs, readout, "clean-lp", lambda: _log_probs(readout, clean_read))
+    clean_values = _once(runs, readout, "clean", lambda: readout(clean_read))
     if empty_is_corrupted and runs.corrupted is not None:
         k_final = runs.corrupted.final
-        empty_values = _once(runs, readout, "empty", lambda: readout(readout.gather(k_final)))
+        k_read = _once(runs, readout, "empty-read", lambda: readout.gather(k_final))
+        empty_values = _once(runs, readout, "empty", lambda: readout(k_read))
         kl_empty = _once(
-            runs, readout, "kl-empty", lambda: _kl_of(lp_c, _log_probs(readout, k_final))
+            runs, readout, "kl-empty", lambda: _kl_of(lp_c, _log_probs(readout, k_read))
         )
+        gap = _once(runs, readout, "gap", lambda: _gap(clean_values, empty_values))
     else:
-        empty_final = circuit_final(runs, tokens, index, torch.zeros_like(keep), abl)
-        empty_values = readout(readout.gather(empty_final))
-        kl_empty = _kl_of(lp_c, _log_probs(readout, empty_final))
-    if float(clean_values.mean() - empty_values.mean()) == 0:
+        empty_read = readout.gather(
+            circuit_final(runs, tokens, index, torch.zeros_like(keep), abl)
+        )
+        empty_values = readout(empty_read)
+        kl_empty = _kl_of(lp_c, _log_probs(readout, empty_read))
+        gap = _gap(clean_values, empty_values)
+    kl = _kl_of(lp_c, _log_probs(readout, read))
+    return CircuitValues(values, empty_values, clean_values, kl, kl_empty, gap)
+
+
+def _gap(clean: Tensor, empty: Tensor) -> tuple[float, float]:
+    """The clean and fully ablated means; an error where they are equal."""
+    c, e = torch.stack([clean, empty]).double().mean(-1).tolist()
+    if c == e:
         raise ApexlensError("clean and fully ablated metrics are equal: recovery is undefined")
-    return CircuitValues(
-        values, empty_values, clean_values, _kl_of(lp_c, _log_probs(readout, final)), kl_empty
-    )
+    return c, e
