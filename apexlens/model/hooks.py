@@ -39,6 +39,10 @@ Hooks = Sequence[tuple[str, HookFn]]
 """``(hook_name, fn)`` pairs, TransformerLens' ``fwd_hooks``."""
 
 _GRAD: contextvars.ContextVar[bool] = contextvars.ContextVar("apexlens_grad", default=False)
+_ACTIVE: contextvars.ContextVar[frozenset[tuple[int, bool]]] = contextvars.ContextVar(
+    "apexlens_inference", default=frozenset()
+)
+"""The ``(id(model), grad)`` of the :func:`inference_mode` blocks this context is inside."""
 
 _LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -115,18 +119,41 @@ def inference_mode(model: Any, grad: bool = False) -> Iterator[Any]:
     ``finally`` that a second interrupt cannot cut short (it is re-raised afterwards).
     """
     with model_lock(model):
-        modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+        active = _ACTIVE.get()
+        if (id(model), grad) in active and torch.is_grad_enabled() == grad:
+            # inside a block of the same kind on this model: it set the flags and the grad
+            # mode, and restores them (no second walk over the modules)
+            yield model
+            return
+        modules = _all_modules(model) if isinstance(model, torch.nn.Module) else []
         flags = [m.training for m in modules]
         token = _GRAD.set(grad)
+        inside = _ACTIVE.set(active | {(id(model), grad)})
         try:
             if any(flags):
                 model.eval()
             with torch.enable_grad() if grad else torch.no_grad():
                 yield model
         finally:
+            _ACTIVE.reset(inside)
             _GRAD.reset(token)
             if any(flags):
                 _restore_flags(modules, flags)
+
+
+def _all_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every module of ``model`` once (``model.modules()`` without the names it builds)."""
+    out: list[torch.nn.Module] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return out
 
 
 def grad_wanted() -> bool:

@@ -27,7 +27,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from apexlens.engines.circuits.buffer import Exclusion, SenderBuffer
-from apexlens.engines.circuits.masks import Planned, Request, plan_exclusions
+from apexlens.engines.circuits.masks import Planned, Request, longs, plan_exclusions
 from apexlens.errors import ApexlensError
 from apexlens.model import Backend, edits
 from apexlens.model.grouped import grouped_kv_hooks
@@ -180,8 +180,8 @@ class CircuitPlan:
         if not d.has_mlps:
             return E
         S, L = E.shape[0], d.n_layers
-        mlp = E.index_select(1, torch.tensor([index.mlp_receiver[la] for la in range(L)]))
-        n_up = torch.tensor([index.head_sender[la].start for la in range(L)])
+        mlp = E.index_select(1, longs([index.mlp_receiver[la] for la in range(L)]))
+        n_up = longs([index.head_sender[la].start for la in range(L)])
         up = (torch.arange(S)[:, None] < n_up)[..., None]
         return torch.cat([E, mlp & up, mlp & ~up], 1)
 
@@ -198,7 +198,7 @@ class CircuitPlan:
             for la in range(d.n_layers)
             for ch in "kv"
         ]
-        G = E.index_select(1, torch.tensor(cols).flatten())
+        G = E.index_select(1, longs([c for cs in cols for c in cs]))
         G = G.view(E.shape[0], d.n_layers, 2, d.kv_heads, d.group, E.shape[-1])
         same = (G == G[:, :, :, :, :1]).all(-1).all(0).all(-1)  # [layer, 2, kv]
         return same.tolist()
