@@ -64,13 +64,13 @@ def exact_scores(job: Job) -> Float[Tensor, "edge batch"]:
         out[r] = ro(final)
     n_tok = runs.batch * P
     per_row_chunk = runs.rows_per_chunk(len(table), n_tok, attention=True)
-    pos = table[:, 2].tolist()
+    pos = _first_positions(bk, recv, table[:, 2].tolist(), int(ro.idx.min()))
     for layer in range(bk.dims.n_layers):
         for kind in ("head", "mlp"):
             groups: dict[int, list[int]] = {}
             for i in (start == (layer if kind == "head" else layer + 1)).nonzero().flatten().tolist():
                 if recv[i].kind == kind:
-                    groups.setdefault(suffix_start(bk, max(0, pos[i])), []).append(i)
+                    groups.setdefault(suffix_start(bk, pos[i]), []).append(i)
             for p0, sel in sorted(groups.items()):
                 for rows in row_chunks(
                     sel, per_row_chunk, desc=f"exact (layer {layer})", progress=progress
@@ -80,6 +80,24 @@ def exact_scores(job: Job) -> Float[Tensor, "edge batch"]:
                         job, [recv[i] for i in rows], row_delta(table[r]), layer, kind, p0
                     )
     return out - job.clean_values
+
+
+def _first_positions(bk: Backend, recv: list[Node], pos: list[int], read: int) -> list[int]:
+    """Each row's first position that can change what the metric reads (``read``: the
+    earliest position it reads). An edge at one position changes its receiver there only.
+    In the last layer, a query input or an MLP input changes the output at its own position
+    only, and nothing after it mixes positions: there only the read positions count, so the
+    row runs from the first of them (keys and values -- and, with them, every position of a
+    key/value receiver -- still count everywhere)."""
+    last = bk.dims.n_layers - 1
+    out = []
+    for r, p in zip(recv, pos, strict=True):
+        p = max(0, p)
+        own_position = r.kind == "mlp" or (r.kind == "head" and r.channel == "q")
+        if r.layer == last and own_position:
+            p = max(p, read)
+        out.append(p)
+    return out
 
 
 def _exact_chunk(
