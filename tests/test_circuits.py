@@ -282,3 +282,33 @@ def test_buffer_layouts_and_plans_agree(model, toks, monkeypatch):
     torch.testing.assert_close(rows[0], got[0][0], atol=TOL, rtol=0)
     torch.testing.assert_close(rows[1], got[0][1], atol=TOL, rtol=0)
     torch.testing.assert_close(got[0][4][0], got[0][2], atol=TOL, rtol=0)
+
+
+def test_plans_kept_per_hypothesis(exp, model):
+    """A re-evaluated hypothesis reuses its plan (the most recent ones are kept, the oldest
+    dropped) and gives the numbers of a fresh plan, also after the model's weights changed
+    in place (the stacked q/k/v weights are looked up again)."""
+    from apexlens.engines.circuits.plan import PLANS_KEPT
+
+    g = full_graph(model)
+    gen = torch.Generator().manual_seed(9)
+    hyps = [[g[i] for i in torch.randperm(len(g), generator=gen)[: len(g) // 2].tolist()] for _ in range(PLANS_KEPT + 1)]
+    first = [exp.evaluate_circuit(h).scores.values for h in hyps]
+    plans = exp.runs.scratch["circuit-plans"]
+    assert len(plans) == PLANS_KEPT  # the first hypothesis' plan was dropped
+    kept = {id(p) for _, p in plans.values()}
+    again = exp.evaluate_circuit(hyps[-1]).scores.values
+    assert torch.equal(again, first[-1]) and {id(p) for _, p in plans.values()} == kept
+    saved = [p.detach().clone() for p in model.parameters()]
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5)
+        reused = exp.evaluate_circuit(hyps[-1]).scores.values
+        plans.clear()
+        planned = exp.evaluate_circuit(hyps[-1]).scores.values
+        assert torch.equal(reused, planned) and not torch.allclose(reused, first[-1])
+    finally:
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), saved, strict=True):
+                p.copy_(s)

@@ -231,10 +231,7 @@ class Experiment:
 
     def ablation(self, ablation: Ablation, reference_tokens: Any = None) -> AblationValues:
         """What an ablated edge carries (``reference_tokens``: run once, for ``"mean"``)."""
-        with inference_mode(self.model):
-            return ablation_for(
-                self.bk, ablation, self.runs.corrupted, reference_tokens, self.n_pos
-            )
+        return _ablation(self, ablation, reference_tokens)
 
     def evaluate_circuit(
         self,
@@ -371,3 +368,16 @@ def _budget(memory_budget: Any) -> int:
             f"default; got {memory_budget!r}"
         )
     return memory_budget
+
+
+def _ablation(exp: Experiment, ablation: Ablation, reference_tokens: Any) -> AblationValues:
+    """:meth:`Experiment.ablation`; without reference tokens the values depend on the cached
+    runs only, and are kept with them for the next call."""
+    key = f"ablation:{ablation}"
+    if reference_tokens is None and key in exp.runs.scratch:
+        return exp.runs.scratch[key]
+    with inference_mode(exp.model):
+        values = ablation_for(exp.bk, ablation, exp.runs.corrupted, reference_tokens, exp.n_pos)
+    if reference_tokens is None:
+        exp.runs.scratch[key] = values
+    return values

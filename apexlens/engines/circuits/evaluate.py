@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from apexlens.engines.circuits.plan import CircuitPlan, Keep
+from apexlens.engines.circuits.plan import CircuitPlan, Keep, plan_for
 from apexlens.errors import ApexlensError
 from apexlens.runs.ablation import AblationValues
 from apexlens.runs.cache import Runs
@@ -63,15 +63,16 @@ def circuit_final(
 
     The run holds every sender's output change at once (``[batch, pos, senders, d_model]``),
     so examples run in chunks that keep that buffer within the memory budget (at most a
-    quarter over it, where that saves a small last chunk). The circuit is planned once; each
-    chunk gets its hooks over its own examples' ablated values."""
+    quarter over it, where that saves a small last chunk). The circuit is planned once (and
+    kept for the next evaluation of the same hypothesis: :func:`plan_for`); each chunk gets
+    its hooks over its own examples' ablated values."""
     bk = runs.bk
     per_example = len(index.senders) * tokens.shape[1] * bk.dims.d_model * bk.dtype.itemsize
     size = max(1, runs.memory_budget // max(per_example, 1))
     n = tokens.shape[0]
     if n > size and n % size < size / 4:  # no small tail chunk: each costs a forward's fixed
         size = -(-n // (n // size))  # overhead; its examples join the others (< 25% more)
-    plan = CircuitPlan(bk, index, keep, runs.scratch)
+    plan = plan_for(bk, index, keep, runs.scratch)
     if n <= size:  # one chunk: the whole batch
         return run_tokens(bk, tokens, plan.hooks(abl, scratch_of(runs)))
     finals = []

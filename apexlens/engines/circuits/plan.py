@@ -19,7 +19,7 @@ logits through the final residual stream.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -318,6 +318,19 @@ class CircuitPlan:
         fused = Fused(hit[0], hit[1], index_on(picks, dev), ranges)
         return InputsPlan(inputs.columns, inputs.groups, inputs.slots, inputs.mlp_col, fused)
 
+    def refreshed(self, cache: dict[str, Any] | None) -> CircuitPlan:
+        """The plan again for the next pass of the same hypothesis: everything it planned
+        depends on the keep-matrix and the model's structure only, except the stacked q/k/v
+        weights of fused layers, which are looked up again (:meth:`_fused`: rebuilt where
+        the model's weights changed since)."""
+        self.layers = [
+            replace(lp, inputs=self._fused(layer, lp.inputs, cache))
+            if lp.inputs is not None and lp.inputs.fused is not None
+            else lp
+            for layer, lp in enumerate(self.layers)
+        ]
+        return self
+
     def hooks(
         self, abl: AblationValues, scratch: dict[str, Any] | None = None
     ) -> list[tuple[str, HookFn]]:
@@ -325,6 +338,33 @@ class CircuitPlan:
         ``abl`` the ablated values of its examples. ``scratch``: where the sender buffer's
         memory comes from and stays for the next call (:attr:`apexlens.runs.Runs.scratch`)."""
         return _Pass(self, abl, scratch).hooks()
+
+
+PLANS_KEPT = 8
+"""Hypotheses whose plans :func:`plan_for` keeps (the most recently evaluated ones)."""
+
+
+def plan_for(
+    bk: Backend, index: EdgeIndex, keep: Keep, cache: dict[str, Any] | None
+) -> CircuitPlan:
+    """The :class:`CircuitPlan` of ``keep``, kept in ``cache`` (:attr:`Runs.scratch`) for the
+    next evaluation of the same hypothesis (the same edges of the same edge graph: the
+    keep-matrix's bytes are the key, compared exactly) -- re-evaluating a hypothesis (a
+    workbench toggling an edge back, another ablation or report of it) plans nothing."""
+    if cache is None:
+        return CircuitPlan(bk, index, keep, cache)
+    k = keep.cpu()
+    key = (tuple(k.shape), k.numpy().tobytes())
+    plans: dict[Any, tuple[EdgeIndex, CircuitPlan]] = cache.setdefault("circuit-plans", {})
+    hit = plans.pop(key, None)
+    if hit is not None and hit[0] is index:
+        plan = hit[1].refreshed(cache)
+    else:
+        plan = CircuitPlan(bk, index, keep, cache)
+    plans[key] = (index, plan)  # the most recent last
+    while len(plans) > PLANS_KEPT:
+        del plans[next(iter(plans))]
+    return plan
 
 
 class _Pass:
