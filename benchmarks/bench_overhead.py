@@ -149,6 +149,7 @@ def part2(quick: bool) -> dict[str, float]:
         ),
         1,
     )
+    print(f"  (heads -> name movers: every position {t_all:.2f} s, @end {t_end:.2f} s, naive {t_naive:.1f} s)", flush=True)
     out.update(
         hh_all_s=t_all,
         hh_end_s=t_end,
@@ -161,8 +162,8 @@ def part2(quick: bool) -> dict[str, float]:
     edges = edges[:: 8 if quick else 2]
     end_edges = [(s, r.at(-1)) for s, r in edges]
     every = [(s, r.at(p)) for s, r in edges[: max(1, len(edges) // 8)] for p in range(16)]
-    t_end_e = timed(lambda: exp.attribute_edges(end_edges, method="exact"), 1) / len(end_edges)
-    t_every = timed(lambda: exp.attribute_edges(every, method="exact"), 1) / len(every)
+    t_end_e = timed(lambda: exp.attribute_edges(edges=end_edges, method="exact"), 1) / len(end_edges)
+    t_every = timed(lambda: exp.attribute_edges(edges=every, method="exact"), 1) / len(every)
     out.update(
         exact_pos_end_ms=t_end_e * 1e3,
         exact_pos_every_ms=t_every * 1e3,
