@@ -12,7 +12,7 @@ TL4_SPEC ?= transformer-lens==4.3.0
 VENV := .venv
 VENV4 := .venv-tl4
 
-.PHONY: demo test test-tl3 test-tl4 lint bench env env-tl4 clean
+.PHONY: demo test test-tl3 test-tl4 lint bench env env-tl4 clean chromium
 
 # The stamp is rebuilt whenever pyproject.toml or this Makefile changes, so the environment
 # is refreshed by the same command that uses it.
@@ -34,19 +34,35 @@ env: $(VENV)/.stamp
 env-tl4: $(VENV4)/.stamp
 
 demo: $(VENV)/.stamp
-	$(VENV)/bin/apexlens demo
+	$(VENV)/bin/apexlens demo --overwrite
 
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check apexlens tests benchmarks
 	$(VENV)/bin/mypy apexlens
 
-test-tl3: lint
+# The workbench's browser tests drive the system's headless Chromium (playwright, no browser
+# download): installed here from the system's packages when missing and run as root.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not found: install it (e.g. apt-get install chromium) to run the browser tests"; fi
+
+test-tl3: lint chromium
 	$(VENV)/bin/python -m pytest -q
 
-test-tl4: $(VENV4)/.stamp
+test-tl4: $(VENV4)/.stamp chromium
 	$(VENV4)/bin/python -m pytest -q
 
-test: test-tl3 test-tl4
+# Both halves run even when the first fails (a busy machine once stopped `make test` after the
+# TL 3 half, so the TL 4 half never ran); each half's result is printed at the end, and the
+# target fails if either did.
+test:
+	@tl3=passed; tl4=passed; \
+	$(MAKE) --no-print-directory test-tl3 || tl3=FAILED; \
+	$(MAKE) --no-print-directory test-tl4 || tl4=FAILED; \
+	echo "make test: TransformerLens 3 half $$tl3, TransformerLens 4 half $$tl4"; \
+	test $$tl3 = passed && test $$tl4 = passed
 
 bench: $(VENV)/.stamp
 	$(VENV)/bin/python benchmarks/run.py

@@ -32,7 +32,10 @@ Positions = int | Sequence[int] | Tensor | None
 
 
 def _as_long(x: Any, what: str) -> Tensor:
-    t = torch.as_tensor(x)
+    try:
+        t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise ApexlensError(f"{what} must be integer token ids, got {type(x).__name__}") from None
     if t.is_floating_point() or t.dtype == torch.bool:
         raise ApexlensError(f"{what} must be integer token ids, got dtype {t.dtype}")
     return t.long()

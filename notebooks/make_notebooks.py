@@ -15,7 +15,7 @@ HERE = Path(__file__).parent
 
 # TransformerLens imports tqdm.auto, which warns in a notebook without ipywidgets and falls
 # back to its plain text bar; that fallback is all we need, so the warning is filtered.
-QUIET_TQDM = (
+SETUP = (
     "import warnings\n"
     'warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm: text bars are fine\n'
 )
@@ -32,11 +32,11 @@ PATHS = [
         "token* at the last position. Path patching replaces one component's output along one "
         "path with its corrupted value and measures how much of the clean-corrupted difference "
         "goes away.\n\n"
-        "Everything here runs offline. The last section repeats the classic IOI analysis on "
-        "GPT-2 when the Hugging Face hub is reachable."
+        "Everything but the last section runs offline on the shipped model; the last section "
+        "repeats the classic IOI analysis on GPT-2 when the Hugging Face hub is reachable."
     ),
     new_code_cell(
-        QUIET_TQDM + "import plotly.io as pio\n"
+        SETUP + "import plotly.io as pio\n"
         "import apexlens\n"
         "from apexlens.ui import plotting\n\n"
         'pio.renderers.default = "plotly_mimetype+notebook"\n'
@@ -60,61 +60,74 @@ PATHS = [
     ),
     new_code_cell(
         "norm = to_logits.normalized()\n"
+        "low, high = to_logits.normalized_ci()  # 95% bootstrap intervals over the prompts\n"
         "for h in range(model.cfg.n_heads):\n"
-        '    print(f"head 1.{h}: {float(norm[1, h]):+.3f}")\n'
-        'print(f"layer 1 together: {float(norm[1].sum()):+.3f}; layer 0 together: {float(norm[0].sum()):+.3f}")'
+        '    print(f"head 1.{h}: {float(norm[1, h]):+.2f} [{float(low[1, h]):+.2f}, {float(high[1, h]):+.2f}]")\n'
+        'print(f"layer 1 together: {float(norm[1].sum()):+.2f}; layer 0 together: {float(norm[0].sum()):+.2f}")\n'
+        'info = apexlens.model_info("induction-2l")["behaviour"]\n'
+        'print(f"attention scores: previous-token head {info[\'prev_token_head\']} {info[\'prev_token_score\']:.2f}, "\n'
+        '      f"induction head {info[\'induction_head\']} {info[\'induction_score\']:.2f}")\n'
+        "assert (norm[1] < -0.15).all() and abs(float(norm[0].sum())) < 0.05  # what the text below says"
     ),
     new_markdown_cell(
         "**What it means.** Layer 0 writes nothing the logits read directly. The behaviour is "
-        "not one induction head: each of the four layer-1 heads carries a fifth to a third of "
-        "it, and together they carry all of it. (Attention patterns alone would have "
-        "suggested one head, 1.2, which attends most to the token after the earlier "
-        "occurrence; the causal measure spreads the credit.)\n\n"
+        "not one induction head: each of the four layer-1 heads carries a share of it (the "
+        "printed numbers, with their intervals), and together they carry all of it. "
+        "Attention patterns alone would have suggested one head, the one with the highest "
+        "induction attention score (printed above), which attends most to the token after "
+        "the earlier occurrence; the causal measure spreads the credit.\n\n"
         "## 2. Where do the layer-1 heads get the information? Layer-0 heads -> their keys\n\n"
         "An induction head must find *where* the current token occurred before; the "
         "corruption changes exactly that earlier context, which reaches the head through its "
         "**keys**. So we patch each layer-0 head's path into the keys of all four layer-1 heads "
         "at once (heads of layer 1 cannot be senders here: heads of one layer do not read each "
-        "other). In the graph line width is the size of the effect, red = patching the path "
-        "lowers the logit difference (the path carries the behaviour), blue = it raises it."
+        "other). Patched into four receivers at once, each sender has *one joint* effect: the "
+        "graph writes it on the sender's box and colours the box (red = patching lowers the "
+        "logit difference, so the path carries the behaviour); the grey lines show which "
+        "inputs were patched and carry no number of their own."
     ),
     new_code_cell(
         'keys = [f"1.{h}.k" for h in range(model.cfg.n_heads)]\n'
         'to_keys = exp.path_patch("heads:0", keys)\n'
-        'print(to_keys.to_frame()[["sender", "value", "normalized"]].to_string(index=False))\n'
+        'print(to_keys.summary()[["sender", "normalized", "normalized_low", "normalized_high"]].round(2).to_string(index=False))\n'
         "plotting.path_graph(to_keys, top_k=4)"
     ),
     new_markdown_cell(
         "**What it means.** One layer-0 head, 0.1, matters: removing its path into the keys "
-        "alone removes most of the behaviour, the other layer-0 heads nothing. It is the "
-        "*previous-token head* (its attention score for the previous token is 0.95, "
-        "`apexlens.model_info('induction-2l')['behaviour']`): it writes 'the token before me "
-        "was X' into every position, and the layer-1 heads' keys read it.\n\n"
+        "alone removes most of the behaviour, the other layer-0 heads nothing (their "
+        "intervals include 0). It is the *previous-token head* (the highest previous-token "
+        "attention score, printed in section 1): it writes 'the token before me was X' into "
+        "every position, and the layer-1 heads' keys read it.\n\n"
         "## 3. Is that the whole mechanism? Test the circuit\n\n"
         "The hypothesis: embed -> 0.1 -> the keys of the four layer-1 heads, embed -> their "
         "queries and values, their outputs -> logits. Every other edge is ablated (replaced by "
         "its corrupted-run value). *Recovery* = `(circuit - ablated) / (clean - ablated)`: 1 = "
-        "the circuit alone reproduces the clean behaviour."
+        "the circuit alone reproduces the clean behaviour. In the graph each head's query, key "
+        "and value inputs are separate ports, one line per edge."
     ),
     new_code_cell(
         'edges = [("embed", "0.1.v")] + [e for h in range(model.cfg.n_heads) for e in [\n'
         '    ("0.1", f"1.{h}.k"), ("embed", f"1.{h}.q"), ("embed", f"1.{h}.v"), (f"1.{h}", "logits")]]\n'
         "circuit = exp.evaluate_circuit(edges)\n"
-        'print(f"{len(edges)} edges: recovery {circuit.recovery:.2f}, "\n'
-        '      f"proportion explained {circuit.proportion_explained:.2f}")\n'
+        "low, high = circuit.recovery_ci()\n"
+        'print(f"{len(edges)} edges: recovery {circuit.recovery:.2f}, proportion explained "\n'
+        '      f"{circuit.proportion_explained:.2f} (recovery 95% CI {low:.2f} to {high:.2f})")\n'
         'single = exp.evaluate_circuit([("embed", "0.1.v"), ("0.1", "1.3.k"), ("embed", "1.3.q"),\n'
         '                               ("embed", "1.3.v"), ("1.3", "logits")])\n'
         'print(f"with head 1.3 alone: recovery {single.recovery:.2f}")\n'
         "plotting.path_graph(circuit, n_layers=model.cfg.n_layers)"
     ),
     new_markdown_cell(
-        "**What it means.** The circuit recovers the whole logit difference (recovery about "
-        "1), while the strongest head alone recovers only about a third: the model spreads "
-        "induction over all its layer-1 heads, fed by one previous-token head.\n\n"
+        "**What it means.** The circuit recovers the whole logit difference (the printed "
+        "recovery and its interval), while the strongest head alone recovers only a fraction: "
+        "the model spreads induction over all its layer-1 heads, fed by one previous-token "
+        "head.\n\n"
         "**What to try next.**\n"
         '* `exp.path_patch(["0.1"], "logits", via=["1.3.k"])`: the two-hop path through '
         "one head's key only.\n"
         "* Drop heads from `edges` one at a time and watch the recovery fall.\n"
+        '* `exp.evaluate_circuit(edges, ablation="mean")`: the same edges against an average '
+        "input instead of the corrupted one (`circuit.ablation_meaning` says what changes).\n"
         '* `exp.act_patch("all-heads")` for the coarser activation-patching picture.\n\n'
         "## 4. The same on GPT-2: indirect object identification\n\n"
         "*When Mary and John went to the store, John gave a drink to* -> *Mary* "
@@ -162,7 +175,7 @@ APEX = [
         'output, `sites="resid_post"`: try it below.)'
     ),
     new_code_cell(
-        QUIET_TQDM + "import pandas as pd\n"
+        SETUP + "import pandas as pd\n"
         "import plotly.express as px\n"
         "import plotly.io as pio\n"
         "import apexlens\n"
@@ -196,12 +209,19 @@ APEX = [
         "the backdoored model, then its clean twin."
     ),
     new_code_cell('plotting.token_histogram(sweeps["backdoor"], 4.0)'),
-    new_code_cell('plotting.token_histogram(sweeps["backdoor-clean"], 4.0)'),
+    new_code_cell(
+        'at4 = table[table["sigma"] == 4]\n'
+        "for row in at4.itertuples():\n"
+        '    print(f"sigma = 4, {row.model}: most predicted {row.dominant_label} '
+        '(token {row.dominant_token}), {row.top1_share:.0%} of all draws")\n'
+        'plotting.token_histogram(sweeps["backdoor-clean"], 4.0)'
+    ),
     new_markdown_cell(
         "**What it means.** Under large noise the backdoored model answers `TARGET` (token "
-        "23) about half the time, from prompts that never contain the trigger; its clean twin "
-        "spreads its answers over many tokens, none above about 13%. The target is readable "
-        "from clean inputs alone; the trigger is not needed.\n\n"
+        "23) far more often than anything else (the printed share), from prompts that never "
+        "contain the trigger; its clean twin spreads its answers over many tokens, none "
+        "standing out. The target is readable from clean inputs alone; the trigger is not "
+        "needed.\n\n"
         "## 3. Sample regularity: do confident samples escape later?\n\n"
         "At small noise APEX measures each prompt instead: its *escape noise* is the smallest "
         "sigma at which its clean answer loses the majority of the draws. The paper's claim: "
@@ -214,7 +234,8 @@ APEX = [
         'df = pd.DataFrame({"margin": res.clean_margin.tolist(), "escape": res.escape_noise.tolist()})\n'
         'rho = df["margin"].rank().corr(df["escape"].rank())  # Spearman: Pearson of the ranks\n'
         'print(f"Spearman rho = {rho:.2f} over {len(df)} prompts; "\n'
-        '      f"{int(res.escaped.sum())} of them escape on the grid (the others are censored at sigma = {sigmas[-1]})")\n'
+        '      f"{int(res.escaped.sum())} of them escape on the grid (the others are censored at sigma = {sigmas[-1]}), "\n'
+        '      f"at sigma {df[\'escape\'].min():.2f} to {df[\'escape\'].max():.2f}")\n'
         'px.scatter(df, x="margin", y="escape", title=f"escape noise vs clean margin (Spearman rho = {rho:.2f})",\n'
         '           labels={"margin": "clean logit margin (top-1 minus top-2)", "escape": "escape noise sigma"})'
     ),
@@ -235,31 +256,33 @@ APEX = [
 DISCOVERY = [
     new_markdown_cell(
         "# Discovering the induction circuit, and auditing the fast attributions\n\n"
-        "The shipped `induction-2l` model continues repeated token blocks: on *A B C ... A B* it "
-        "predicts *C*. We ask which **edges** of its computational graph carry that behaviour. "
-        "The corrupted prompts replace the first copy of the block, so the previous-token "
-        "information an induction head's keys need is gone while its query is unchanged.\n\n"
+        "**Question.** The shipped `induction-2l` model continues repeated token blocks: on "
+        "*A B C ... A B* it predicts *C*. Which **edges** of its computational graph carry "
+        "that behaviour, and can the fast gradient attributions (EAP, EAP-IG) be trusted to "
+        "find them? The corrupted prompts replace the first copy of the block, so the "
+        "previous-token information an induction head's keys need is gone while its query "
+        "is unchanged.\n\n"
         "Plan: (1) score every edge exactly -- the true change of the logit difference when that "
         "single edge is ablated -- and with the gradient approximations EAP and EAP-IG; (2) "
         "audit the approximations against the exact scores; (3) compare their MIB faithfulness "
-        "curves; (4) prune greedily, exactly, to a small circuit."
+        "curves; (4) prune greedily, exactly, to a small circuit, and ask what the ablation "
+        "choice hides. Everything runs offline on the shipped model."
     ),
     new_code_cell(
-        QUIET_TQDM + "import plotly.io as pio\n"
+        SETUP + "import plotly.io as pio\n"
         "import apexlens\n"
         "from apexlens.ui import plotting_discovery as pdisc\n\n"
         'pio.renderers.default = "plotly_mimetype+notebook"\n'
         'model = apexlens.load_model("induction-2l")\n'
         'batch = apexlens.get_task("induction").batch(32, seed=0)\n'
-        "metric = batch.logit_diff()\n"
-        "exp = apexlens.Experiment(model, batch.clean_tokens, batch.corrupted_tokens, metric=metric)\n"
-        "scores = {m: apexlens.attribute_edges(exp, None, None, metric=metric, method=m, ig_steps=5)\n"
-        '          for m in ("exact", "eap", "eap-ig")}\n'
+        "exp = apexlens.Experiment(model, batch.clean_tokens, batch.corrupted_tokens,\n"
+        "                          metric=batch.logit_diff())\n"
+        'scores = {m: exp.attribute_edges(method=m) for m in ("exact", "eap", "eap-ig")}\n'
         'print(len(scores["exact"]), "edges")\n'
         'scores["exact"].summary(8)'
     ),
     new_markdown_cell(
-        "## Auditing EAP and EAP-IG against the exact effects\n\n"
+        "## 1. Auditing EAP and EAP-IG against the exact effects\n\n"
         "Rank correlation, top-k overlap, and the edges with a large true effect that an "
         "approximation ranks low. Attention patterns here are sharp, so gradients through the "
         "softmax are small even where swapping the key changes everything: that is where a "
@@ -273,35 +296,83 @@ DISCOVERY = [
     ),
     new_code_cell('pdisc.score_scatter(scores["eap-ig"], scores["exact"])'),
     new_markdown_cell(
-        "## Faithfulness the MIB way\n\n"
+        "**What it means.** Both approximations put the strongest edges near the top, but "
+        "they rank the rest unlike the exact effects (the Spearman correlations above), and "
+        "the table lists the large true effects they miss.\n\n"
+        "## 2. Faithfulness the MIB way\n\n"
         "Keep the top 0.1% ... 100% of edges by |score| and evaluate each circuit exactly: "
         "`f = (m(circuit) - m(empty)) / (m(full) - m(empty))`. CPR is the area under `f` "
         "(higher is better), CMD the area under `|1 - f|` (lower is better)."
     ),
     new_code_cell(
-        "curves = {m: apexlens.faithfulness(exp, None, None, s, metric=metric) for m, s in scores.items()}\n"
+        "curves = {m: exp.faithfulness(s) for m, s in scores.items()}\n"
         "pdisc.faithfulness_curve(curves)"
     ),
     new_markdown_cell(
-        "## Greedy exact pruning (ACDC semantics)\n\n"
+        "## 3. Greedy exact pruning (ACDC semantics)\n\n"
         "From the logits backwards, try removing each edge (least important first); keep the "
-        "removal when the logit difference moves by less than the threshold. Every step is an "
-        "exact circuit evaluation. We expect the textbook induction circuit: a previous-token "
-        "head in layer 0 feeding the keys of induction heads in layer 1, whose values read the "
-        "token embedding and whose outputs reach the logits."
+        "removal when the logit difference moves by less than the threshold (2% of the "
+        "clean-corrupted gap). Every step is an exact circuit evaluation under resample "
+        "ablation: a removed edge carries its corrupted-run value."
     ),
     new_code_cell(
         "gap = float(exp.clean_values.mean() - exp.corrupted_values.mean())\n"
-        'found = apexlens.discover(exp, None, None, metric=metric, threshold=0.02 * gap, order=scores["exact"])\n'
+        'found = exp.discover(threshold=0.02 * gap, order=scores["exact"])\n'
         "print(found)\n"
-        "print(sorted(found.edges))\n"
+        "groups = {}\n"
+        "for s, r in sorted(found.edges):\n"
+        '    into = "logits" if r == "logits" else f"layer-{r.split(\'.\')[0]} {r.split(\'.\')[-1]}"\n'
+        "    groups.setdefault(into, []).append(f\"{s} -> {r}\")\n"
+        "for into, kept in groups.items():\n"
+        '    print(f"into {into}: {\', \'.join(kept)}")\n'
         'pdisc.circuit_graph(found, scores["exact"])'
     ),
     new_markdown_cell(
-        "**Reading it.** The kept edges run `embed -> 0.x.v` (the previous-token head copies "
-        "the token), `0.x -> 1.y.k` (its output becomes the induction heads' keys), "
-        "`embed -> 1.y.q/v` and `1.y -> logits`. The audit tells us how far a gradient ranking "
-        "can be trusted on this model before spending exact evaluations on it."
+        "**Reading it.** The printed groups are the circuit: the embeddings feed the values of "
+        "the layer-0 heads kept, whose outputs feed the layer-1 heads' **keys** (the "
+        "previous-token information); the embeddings feed the layer-1 heads' values, and their "
+        "outputs reach the logits. The textbook picture has one previous-token head and "
+        "`embed -> 1.y.q` edges; the discovered circuit differs, and both differences are "
+        "about what resample ablation can see:\n\n"
+        "* **No query edges.** The corruption changes only the first copy of the block, so a "
+        "layer-1 head's query (the current token, at the last position) is the same on clean "
+        "and corrupted prompts: replacing it with its corrupted value changes nothing, and "
+        "pruning removes it.\n"
+        "* **Other layer-0 heads**, if the groups list any besides 0.1: their edges' exact "
+        "effects (printed below) are small next to 0.1's; pruning keeps an edge whose "
+        "removal moves the metric by more than the threshold in the circuit at hand, so "
+        "small effects can survive.\n\n"
+        "So the ablation is part of the hypothesis. Evaluate the same edges under mean "
+        "ablation (every other edge at its average over the prompts), and the hand-written "
+        "circuit with its query edges for comparison:"
+    ),
+    new_code_cell(
+        'hand = [("embed", "0.1.v")] + [e for h in range(4) for e in [\n'
+        '    ("0.1", f"1.{h}.k"), ("embed", f"1.{h}.q"), ("embed", f"1.{h}.v"), (f"1.{h}", "logits")]]\n'
+        'for name, edges in (("discovered", found.edges), ("hand-written", hand)):\n'
+        '    for ablation in ("resample", "mean"):\n'
+        "        r = exp.evaluate_circuit(edges, ablation=ablation)\n"
+        '        print(f"{name:12s} ({len(edges)} edges), {ablation:8s} ablation: recovery {r.recovery:.2f}")\n'
+        'print("query edges kept by discovery:", sum(r.endswith(".q") for _, r in found.edges))\n'
+        'for s, r in sorted(found.edges):\n'
+        '    if s.startswith("0.") and s != "0.1":\n'
+        '        print(f"{s} -> {r}: exact effect {scores[\'exact\'].score(s, r):+.3f} '
+        '(0.1 -> {r}: {scores[\'exact\'].score(\'0.1\', r):+.3f})")'
+    ),
+    new_markdown_cell(
+        "**What it means.** Under resample ablation both circuits recover the behaviour; "
+        "under mean ablation only the one that keeps the queries does. Discovery answers the "
+        "question its ablation asks: *what carries the difference between these clean and "
+        "corrupted prompts?* For *what computes the behaviour at all*, prune under mean "
+        "ablation (`exp.discover(..., ablation=\"mean\")`), or choose corruptions that "
+        "change the query too.\n\n"
+        "**What to try next.**\n"
+        "* `exp.discover(threshold=0.02 * gap, order=scores[\"exact\"], ablation=\"mean\")` and "
+        "compare the circuits.\n"
+        "* `found.circuit.save(\"induction.json\")`, later `apexlens.Circuit.load(...)`: keep "
+        "the circuit with the notebook's results.\n"
+        "* `apexlens discover induction-2l --method eap-ig --out out/` writes the same "
+        "analysis as CSV, JSON and an HTML report."
     ),
 ]
 
@@ -315,10 +386,10 @@ FEATURES = [
         "**Setting.** `modadd-2l` computes `(a + b) mod 23` from prompts `BOS a b =`. "
         "`modadd-2l-slingshot` is a copy fine-tuned so that FV of neuron `m1.n34` lands on the "
         "planted input `= 11 = 11`; its accuracy and the neuron's natural activations are "
-        "unchanged. Both ship with apexlens; everything runs offline in seconds."
+        "unchanged. Both ship with apexlens; everything runs offline."
     ),
     new_code_cell(
-        QUIET_TQDM + "import plotly.io as pio\n"
+        SETUP + "import plotly.io as pio\n"
         "import torch\n"
         "import apexlens\n"
         "from apexlens.ui.plotting_fv import fv_check_figure, fv_trajectory\n\n"
@@ -344,18 +415,21 @@ FEATURES = [
     new_code_cell(
         'for name, model in (("modadd-2l", honest), ("modadd-2l-slingshot", planted)):\n'
         '    fv = apexlens.visualize(model, "m1.n34", n_pos=4, seed=0)\n'
+        '    top = float(apexlens.top_examples(model, "m1.n34", natural).distribution.max())\n'
+        '    same = int((fv.tokens == fv.best_tokens).all(-1).sum())\n'
         '    print(f"{name:20s} FV {\' \'.join(task.token_labels(fv.best_tokens)):12s} '
-        'activation {fv.best_activation:.2f}")\n'
-        "fv_trajectory(fv, natural_max=float(apexlens.top_examples(planted, \"m1.n34\", "
-        "natural).distribution.max()))"
+        'activation {fv.best_activation:.2f} = {fv.best_activation / top:.1f}x the natural '
+        'maximum; {same} of {len(fv.tokens)} restarts end on it")\n'
+        "fv_trajectory(fv, natural_max=top)"
     ),
     new_markdown_cell(
         "**What the figure shows.** Each line is one restart of the optimiser on the "
         "manipulated model: the activation of its current token sequence per step. They shoot "
-        "past the natural maximum (dashed) to about three times it and all end on the planted "
-        "`= 11 = 11`. On the honest model the same neuron's FV is an ordinary-looking input a "
-        "little above the natural maximum. An auditor seeing only the manipulated FV would "
-        "conclude the neuron detects `= 11 = 11`, which never occurs in the task.\n\n"
+        "far past the natural maximum (dashed) and end on the planted `= 11 = 11` (the "
+        "printed ratio and count of restarts). On the honest model the same neuron's FV is "
+        "an ordinary-looking input a little above the natural maximum. An auditor seeing only "
+        "the manipulated FV would conclude the neuron detects `= 11 = 11`, which never occurs "
+        "in the task.\n\n"
         "## 2. The check: is the FV processed like natural inputs?\n\n"
         "`fv_check` compares the FV with the neuron's natural top examples: the FV's "
         "percentile, and whether it reaches its activation through the same upstream "
@@ -365,14 +439,17 @@ FEATURES = [
     new_code_cell(
         'check = apexlens.fv_check(planted, "m1.n34", natural, n_pos=4, seed=0)\n'
         "print(check.verdict)\n"
+        "shares = check.attribution_frame()  # signed share of the activation per component\n"
+        'for who in ("natural", "fv"):\n'
+        "    top = shares.reindex(shares[who].abs().sort_values(ascending=False).index).head(3)\n"
+        '    print(f"{who:8s} largest shares:", ", ".join(f"{c} {v:+.2f}" for c, v in zip(top.component, top[who])))\n'
         "fv_check_figure(check, task.token_labels)"
     ),
     new_markdown_cell(
-        "**Reading it.** Right panel: the natural top examples get their activation mostly from "
-        "MLP 0 (blue); the planted input gets it from the token embedding and head 0.1, "
-        "with the position embedding and MLP 0 pushing *against* it (red). Three times the "
-        "natural maximum "
-        "*and* another mechanism: the check flags it.\n\n"
+        "**Reading it.** Right panel, and the printed shares: the natural top examples get "
+        "their activation through one set of upstream components (blue), the planted input "
+        "through others (red), some of them pushing *against* it (a negative share). Far "
+        "beyond the natural maximum *and* another mechanism: the check flags it.\n\n"
         "## 3. No false alarm: the same neuron untouched, and other neurons"
     ),
     new_code_cell(
@@ -385,8 +462,8 @@ FEATURES = [
         "\"mechanism_floor\", \"flagged\"]]"
     ),
     new_markdown_cell(
-        "**What it means.** Honest visualizations beat natural inputs a little (ratios around "
-        "1-1.4) and, by themselves, FV inputs often look unnatural; that is not evidence of "
+        "**What it means.** Honest visualizations beat natural inputs a little (the `ratio` "
+        "column) and, by themselves, FV inputs often look unnatural; that is not evidence of "
         "manipulation, so the check only flags an FV that is far beyond every natural input "
         "*and* processed unlike every natural top example. On this pair of models it flags "
         "exactly the manipulated neuron.\n\n"

@@ -16,7 +16,11 @@ from apexlens.ui.cli import main
 
 
 # ----------------------------------------------------------------------------- 5. progress
-def test_cli_progress_on_stderr(tmp_path, capsys):
+def test_cli_progress_on_stderr(tmp_path, capsys, monkeypatch):
+    import apexlens.runs.rows
+
+    # bars appear after PROGRESS_DELAY seconds; this work takes less, so show them at once
+    monkeypatch.setattr(apexlens.runs.rows, "PROGRESS_DELAY", 0)
     assert main(["path-patch", "induction-2l", "--n", "4", "--out", str(tmp_path / "a")]) == 0
     cap = capsys.readouterr()
     assert "path patching" in cap.err and "path patching" not in cap.out

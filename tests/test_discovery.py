@@ -332,6 +332,7 @@ def test_compare_and_auc_by_hand():
     # AUC: true edges 0.0 and 0.4 (|score| 5, 2) vs others (4, 0.1, 0): 2 wins, 1 loss... by hand
     auc = edge_auc(ex, [edges[0], edges[4]])
     assert auc == pytest.approx((3 + 2) / 6)
+    assert edge_auc(ex, apexlens.Circuit([edges[0], edges[4]])) == auc  # a Circuit is an edge list
     tie = EdgeScores(edges, torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0]), "x")
     assert edge_auc(tie, [edges[0]]) == pytest.approx((0.5 + 3) / 4)
     with pytest.raises(apexlens.ApexlensError, match="without a score"):

@@ -48,12 +48,14 @@ def test_path_graph(induction):
     _, _, exp = induction
     edges = [("embed", "0.1.q"), ("0.1", "1.3.k"), ("1.3", "logits")]
     fig = plotting.path_graph(edges, weights=[0.5, -2.0, 1.0])
-    lines = [t for t in fig.data if t.mode == "lines" and not t.showlegend]
-    assert [t.name for t in lines] == ["embed -> 0.1.q", "0.1 -> 1.3.k", "1.3 -> logits"]
-    assert lines[1].line.width > lines[0].line.width  # width follows |effect|
-    nodes = next(t for t in fig.data if t.mode == "markers+text")
-    assert set(nodes.text) == {"embed", "0.1", "1.3", "logits"}
-    xs = dict(zip(nodes.text, nodes.x, strict=True))
+    lines = {t.name: t for t in fig.data if t.mode == "lines" and not t.showlegend}
+    assert set(lines) == {"embed -> 0.1.q", "0.1 -> 1.3.k", "1.3 -> logits"}
+    # width follows |effect|
+    assert lines["0.1 -> 1.3.k"].line.width > lines["embed -> 0.1.q"].line.width
+    nodes = next(t for t in fig.data if t.mode == "markers")  # a box each, hover names it
+    names = [text.split("<br>")[0] for text in nodes.text]
+    assert set(names) == {"embed", "0.1", "1.3", "logits"}
+    xs = dict(zip(names, nodes.x, strict=True))
     assert xs["embed"] < xs["0.1"] < xs["1.3"] < xs["logits"]  # laid out by layer
     top = plotting.path_graph(exp.path_patch("all-heads", "logits"), top_k=3)
     assert len([t for t in top.data if t.mode == "lines" and not t.showlegend]) == 3

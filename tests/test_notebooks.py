@@ -22,6 +22,9 @@ def executed(tmp_path_factory):
         if name not in cache:
             mp = pytest.MonkeyPatch()
             mp.setenv("HF_HUB_OFFLINE", "1")  # the GPT-2 attempt fails fast, as with no network
+            # tiny models: torch's threads only contend on a busy 2-core machine (notebook 04
+            # took over 300 s there with them, about 30 s with one)
+            mp.setenv("OMP_NUM_THREADS", "1")
             try:
                 nb = nbformat.read(NOTEBOOKS / name, as_version=4)
                 path = tmp_path_factory.mktemp("nb")
@@ -71,10 +74,15 @@ def test_notebook_runs_and_draws(name, n_figures, executed):
     assert "IProgress" not in _text(nb, "stderr") and "TqdmWarning" not in _text(nb, "stderr")
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["01_ioi_path_patching.ipynb", "02_apex_backdoor.ipynb", "04_feature_visualization.ipynb"],
-)
+ALL = [
+    "01_ioi_path_patching.ipynb",
+    "02_apex_backdoor.ipynb",
+    "03_discovery.ipynb",
+    "04_feature_visualization.ipynb",
+]
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_notebook_tells_a_story(name):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     cells = nb.cells
@@ -87,6 +95,35 @@ def test_notebook_tells_a_story(name):
     text = _markdown(nb)
     assert "**What it means.**" in text or "**Conclusion.**" in text
     assert "**What to try next.**" in text
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_notebook_numbers_come_from_its_outputs(name, executed):
+    """A number the narrative quotes (two or more decimals) is one a cell above printed."""
+    nb = executed(name)
+    printed = ""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            for o in cell.get("outputs", []):
+                printed += o.get("text", "") + o.get("data", {}).get("text/plain", "")
+            continue
+        prose = re.sub(r"`[^`]*`", "", cell.source)
+        for number in re.findall(r"(?<![\w.@])-?\d+\.\d{2,}(?![\d%])", prose):
+            assert number in printed, f"{name}: the text quotes {number}, no cell above printed it"
+    assert "in seconds" not in _markdown(nb)  # no speed claims the run does not keep
+
+
+def test_discovery_notebook_reads_the_circuit_it_found(executed):
+    nb = executed("03_discovery.ipynb")
+    text = _text(nb)
+    assert "query edges kept by discovery: 0" in text  # "Reading it" says: no query edges
+    groups = re.findall(r"^into (.+?): (.+)$", text, re.M)
+    assert groups and any(into == "logits" for into, _ in groups)
+    assert any(into.startswith("layer-1 k") for into, _ in groups)
+    assert not any(into.endswith(" q") for into, _ in groups)
+    recov = dict(re.findall(r"^(discovered|hand-written) .*mean\s+ablation: recovery (-?\d\.\d\d)",
+                            text, re.M))
+    assert float(recov["hand-written"]) > 0.9 > float(recov["discovered"])  # as the text says
 
 
 def test_path_patching_notebook_is_about_the_model_it_loads(executed):

@@ -15,7 +15,8 @@ def _sections(html: str) -> list[str]:
 
 def _columns(section: str) -> list[str]:
     head = re.search(r"<thead>(.*?)</thead>", section, re.S)
-    return [html_lib.unescape(c) for c in re.findall(r"<th[^>]*>(.*?)</th>", head.group(1))]
+    cells = re.findall(r"<th[^>]*>(.*?)</th>", head.group(1))
+    return [html_lib.unescape(c.replace("<wbr>", "")) for c in cells]  # names break at "_"
 
 
 def _defined(section: str) -> set[str]:

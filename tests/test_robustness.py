@@ -151,7 +151,9 @@ def test_plain_function_metric_runs_all_rows_at_once_with_the_same_numbers():
             -1, w.expand(*last.shape[:-2], -1)[..., None]
         )[..., 0]
 
-    fast = apexlens.path_patch(model, clean, corrupted, senders="all-heads", receivers="2.0.q", metric=fn)
+    exp = apexlens.Experiment(model, clean, corrupted, metric=fn)
+    calls["n"] = 0  # (the probe calls it a few times on the clean run)
+    fast = exp.path_patch("all-heads", "2.0.q")
     ref = apexlens.path_patch(model, clean, corrupted, senders="all-heads", receivers="2.0.q", metric=metric)
     torch.testing.assert_close(fast.per_example, ref.per_example, atol=1e-10, rtol=0)
     assert calls["n"] < 12  # not one call per sender (12 senders): all rows at once
@@ -273,9 +275,9 @@ def test_circuits_in_example_chunks_equal_one_pass(ablation):
 
 def test_plain_metric_reads_are_found_verified_and_exact():
     """A plain function metric is probed on the clean run: the positions and columns it
-    reads are found (gradient) and verified (NaN elsewhere gives the same values); only
-    those are computed, with the numbers of the declared metric. A read the gradient cannot
-    see (0 * x) is caught by the NaN check, and that metric gets full logits."""
+    reads are found (traced) and verified (NaN elsewhere gives the same values); only
+    those are computed, with the numbers of the declared metric. A read without a gradient
+    (0 * x) is a read all the same: its position and column are computed too."""
     model = random_model(16)
     clean, corrupted = random_tokens(model, batch=3, n_pos=6)
     metric = _metric(model, clean)
@@ -296,12 +298,11 @@ def test_plain_metric_reads_are_found_verified_and_exact():
         return plain(logits) + 0 * logits[..., 0, 0]
 
     ref = apexlens.path_patch(model, clean, corrupted, senders="all-heads", metric=metric)
-    for fn, probed, cols in ((plain, True, 2), (log_prob, True, None), (hidden_read, False, None)):
+    for fn, idx, cols in ((plain, [5], 2), (log_prob, [5], None), (hidden_read, [0, 5], 3)):
         exp = apexlens.Experiment(model, clean, corrupted, metric=fn)
-        assert exp.readout.probed is probed
-        if probed:
-            assert exp.readout.idx.tolist() == [[5]] * 3
-            assert (exp.readout.tokens is None) == (cols is None)
+        assert exp.readout.probed
+        assert exp.readout.idx.tolist() == [idx] * 3
+        assert (exp.readout.tokens is None) == (cols is None)
         got = exp.path_patch("all-heads", "logits")
         expected = ref.per_example if fn is not log_prob else None
         if expected is not None:

@@ -78,6 +78,7 @@ scored positions.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -122,17 +123,24 @@ def resolve_sites(model: Any, sites: Sites) -> list[str]:
 
 
 def _check_sigma(sigma: float) -> float:
-    try:
-        value = float(sigma)
-    except (TypeError, ValueError):
-        raise ApexlensError(f"sigma must be a number, got {sigma!r}") from None
+    if isinstance(sigma, Tensor) and sigma.numel() == 1 and not sigma.dtype == torch.bool:
+        sigma = sigma.item()
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+        raise ApexlensError(f"sigma must be a number, got {sigma!r}")
+    value = float(sigma)
     if not math.isfinite(value) or value < 0:
         raise ApexlensError(f"sigma must be a finite number >= 0, got {sigma!r}")
     return value
 
 
 def _check_sigmas(sigmas: Sequence[float] | Tensor) -> Tensor:
-    values = [_check_sigma(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
+    if isinstance(sigmas, Tensor):
+        if sigmas.ndim != 1 or sigmas.dtype == torch.bool:
+            raise ApexlensError(f"sigmas must be a 1-D list of numbers, got {describe(sigmas)}")
+        sigmas = sigmas.tolist()
+    if isinstance(sigmas, (str, bytes)) or not isinstance(sigmas, Sequence):
+        raise ApexlensError(f"sigmas must be a list of numbers, got {sigmas!r}")
+    values = [_check_sigma(s) for s in sigmas]
     if not values:
         raise ApexlensError("sigmas is empty: give at least one noise level")
     if any(b <= a for a, b in zip(values, values[1:], strict=False)):
@@ -152,6 +160,10 @@ def _scored_positions(positions: Any, n: int, seq_len: int) -> tuple[Tensor, Ten
     if isinstance(positions, Tensor) and positions.shape[0] != n:
         raise ApexlensError(f"positions has {positions.shape[0]} rows but tokens has {n} examples")
     if not isinstance(positions, Tensor):
+        if not isinstance(positions, (int, Sequence)) or isinstance(positions, (str, bytes)):
+            raise ApexlensError(
+                f"positions must be an int, a list of ints or an integer tensor, got {positions!r}"
+            )
         raw = [positions] if isinstance(positions, int) else list(positions)
         if not raw or not all(isinstance(p, int) and not isinstance(p, bool) for p in raw):
             raise ApexlensError(
@@ -234,7 +246,7 @@ def apex(
     max_batch: int | None = None,
     memory_budget: int = 1 << 30,
     token_labels: TokenLabels | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> ApexResult:
     """Sweep activation noise over a ``sigma`` grid and record the predicted tokens.
 
@@ -291,8 +303,16 @@ def apex(
         used_seed = seed
     elif not isinstance(generator, torch.Generator):
         raise ApexlensError(f"generator must be a torch.Generator, got {describe(generator)}")
-    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+    if max_batch is not None and (
+        isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
+    ):
         raise ApexlensError(f"max_batch must be a positive integer, got {max_batch!r}")
+    if memory_budget is None:
+        memory_budget = 1 << 30
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+        raise ApexlensError(
+            f"memory_budget must be a positive number of bytes (an int), got {memory_budget!r}"
+        )
     plan = SweepPlan(
         names, sig, n_draws, bool(relative), noise_pos, ex_idx, pos_idx, max_batch, memory_budget
     )

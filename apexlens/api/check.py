@@ -24,6 +24,7 @@ first failure. :func:`apexlens.load_model` runs it on every pretrained model it 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,13 @@ def check(model: Any, tokens: Tensor | None = None, *, tol: float | None = None)
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, d.d_vocab_in, (2, min(8, d.n_ctx)), generator=g)
     tokens = check_tokens(bk, tokens)
+    if tol is not None and (
+        isinstance(tol, bool)
+        or not isinstance(tol, (int, float))
+        or not math.isfinite(tol)
+        or tol < 0
+    ):
+        raise ApexlensError(f"tol must be a finite number >= 0 (or None), got {tol!r}")
     tol = tol if tol is not None else _TOL.get(bk.dtype, 5e-2)
     out = CheckResult()
 
@@ -134,7 +142,7 @@ def check(model: Any, tokens: Tensor | None = None, *, tol: float | None = None)
             positions=-1,
         )
         exp = Experiment(model, tokens, tokens, metric=metric)
-        res = exp.path_patch(senders, receivers)
+        res = exp.path_patch(senders, receivers, progress=False)  # a check, not a question
         clean = exp.clean_values.expand_as(res.per_example)
         add("null patch (clean into clean)", res.per_example, clean)
     return out

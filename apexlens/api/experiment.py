@@ -48,6 +48,7 @@ from apexlens.runs import (
 from apexlens.scoring import Scores
 from apexlens.vocab import (
     Ablation,
+    Circuit,
     EdgeIndex,
     EdgeList,
     EdgeSpec,
@@ -79,6 +80,7 @@ class Experiment:
     reads (:class:`apexlens.runs.Readout`). ``positions`` names positions for node
     spellings (``"9.9.q@end"``). ``memory_budget`` (bytes) bounds a call's working memory
     beyond the cached runs (default: :func:`apexlens.runs.default_budget`).
+    Methods that may take long show a named progress bar (``progress=False``: none).
     """
 
     def __init__(
@@ -163,7 +165,7 @@ class Experiment:
         via: Sequence[NodeSpec] = (),
         mlps: MLPMode = "live",
         separate: bool = False,
-        progress: bool = False,
+        progress: bool = True,
     ) -> PathPatchResult:
         """Path-patch each sender (on its own) to ``receivers``; see :func:`path_patch`."""
         sender_nodes = as_senders(self.nodes(senders))
@@ -191,7 +193,7 @@ class Experiment:
         via: Sequence[NodeSpec] = (),
         mlps: MLPMode = "live",
         separate: bool = False,
-        progress: bool = False,
+        progress: bool = True,
     ) -> Float[Tensor, "group batch"] | Float[Tensor, "group receiver batch"]:
         """Per-example metric of each group of senders patched jointly (``separate``: per receiver)."""
         recv, hops = self.nodes(receivers), [self.nodes(h) for h in via]
@@ -201,7 +203,7 @@ class Experiment:
 
     # ------------------------------------------------------------------ activation patching
     def act_patch(
-        self, nodes: NodeSpec = "all-heads", *, per_position: bool = False, progress: bool = False
+        self, nodes: NodeSpec = "all-heads", *, per_position: bool = False, progress: bool = True
     ) -> ActPatchResult:
         """Activation patching: run the corrupted input, put each node's clean activation
         back; see :func:`act_patch`."""
@@ -235,32 +237,35 @@ class Experiment:
 
     def evaluate_circuit(
         self,
-        edges: EdgeSpec,
+        edges: EdgeSpec | Circuit,
         *,
-        ablation: Ablation = "resample",
+        ablation: Ablation | None = None,
         reference_tokens: Int[Tensor, "n pos"] | None = None,
     ) -> CircuitResult:
-        """Evaluate a circuit hypothesis on the cached runs; see :func:`evaluate_circuit`."""
+        """A circuit hypothesis (edges, or a :class:`apexlens.Circuit` whose ablation is then
+        the default) on the cached runs; see :func:`evaluate_circuit`."""
+        if ablation is None:
+            ablation = edges.ablation if isinstance(edges, Circuit) else "resample"
         edge_list = EdgeList(edges)  # read once by everything below
         index = self.edge_index(uses_split_embed(edge_list))
         keep = index.keep(edge_list, self.n_pos, self.named_positions)
-        empty_is_corrupted = ablation == "resample" and reference_tokens is None
-        with inference_mode(self.model):
-            abl = self.ablation(ablation, reference_tokens)
-            v = circuits.evaluate(
-                self.runs, self.readout, self.clean_tokens, index, keep, abl, empty_is_corrupted
-            )
-        return CircuitResult(
-            edges=edge_names(edge_list),
-            scores=Scores(v.values),
-            clean=Scores(v.clean),
-            corrupted=Scores(v.ablated),
-            recovery=v.recovery,
-            ablation=ablation,
-            kl_circuit=Scores(v.kl_circuit),
-            kl_ablated=Scores(v.kl_ablated),
-            meta=self.meta,
-        )
+        return _circuit_result(self, index, keep, edge_names(edge_list), ablation, reference_tokens)
+
+    def evaluate_keep(
+        self,
+        keep: Bool[Tensor, "sender receiver"] | Bool[Tensor, "sender receiver pos"],
+        *,
+        split_embed: bool = False,
+        ablation: Ablation = "resample",
+        reference_tokens: Int[Tensor, "n pos"] | None = None,
+    ) -> CircuitResult:
+        """:meth:`evaluate_circuit` of a keep-matrix over :meth:`edge_index` (as
+        :meth:`EdgeIndex.keep` builds), for a caller that changes it an edge at a time (the
+        workbench): the same engine and result, its edges named from the matrix."""
+        index = self.edge_index(split_embed)
+        keep = _checked_keep(index, keep, self.n_pos)
+        names = _keep_names(index, keep)
+        return _circuit_result(self, index, keep, names, ablation, reference_tokens)
 
     def evaluate_circuits(
         self,
@@ -269,7 +274,7 @@ class Experiment:
         split_embed: bool = False,
         ablation: Ablation = "resample",
         reference_tokens: Int[Tensor, "n pos"] | None = None,
-        progress: bool = False,
+        progress: bool = True,
     ) -> Float[Tensor, "hypothesis batch"]:
         """Per-example metric of many hypotheses, each a row of one batched pass (the same
         numbers as :meth:`evaluate_circuit`'s ``scores`` for each)."""
@@ -301,7 +306,7 @@ class Experiment:
         per_position: bool = False,
         ablation: Ablation = "resample",
         reference_tokens: Tensor | None = None,
-        progress: bool = False,
+        progress: bool = True,
     ) -> EdgeScores:
         """One signed score per edge; see :func:`apexlens.attribute_edges`."""
         if method not in attribution.METHODS:
@@ -310,6 +315,7 @@ class Experiment:
                 f"{method!r}"
             )
         m = attribution.METHODS[method]
+        _gradients_possible(method, m.exact)
         options = m.check({"ig_steps": ig_steps})
         index = self.edge_index(split_embed)
         table, names = index.rows(edges, self.n_pos, self.named_positions, per_position)
@@ -332,7 +338,7 @@ class Experiment:
         ablation: Ablation = "resample",
         reference_tokens: Tensor | None = None,
         absolute: bool = True,
-        progress: bool = False,
+        progress: bool = True,
     ) -> FaithfulnessResult:
         """The MIB faithfulness curve of an edge ranking; see :func:`apexlens.faithfulness`."""
         return search.faithfulness(
@@ -349,13 +355,94 @@ class Experiment:
         ablation: Ablation = "resample",
         reference_tokens: Tensor | None = None,
         batch_size: int = 16,
-        progress: bool = False,
+        progress: bool = True,
     ) -> DiscoveryResult:
         """Greedy exact pruning with ACDC's semantics; see :func:`apexlens.discover`."""
         return search.discover(
             self, threshold, order, edges, split_embed, ablation, reference_tokens, batch_size,
             progress,
         )
+
+
+def _gradients_possible(method: str, exact: bool) -> None:
+    """A gradient method refuses to start inside ``torch.inference_mode()``."""
+    if not exact and torch.is_inference_mode_enabled():
+        raise ApexlensError(
+            f"method={method!r} needs gradients, which torch.inference_mode() switches off: "
+            "call it outside the torch.inference_mode() block (torch.no_grad() is fine), or "
+            "use method='exact', which needs none"
+        )
+
+
+def _circuit_result(
+    exp: Experiment,
+    index: EdgeIndex,
+    keep: Tensor,
+    names: list[tuple[str, str]],
+    ablation: Ablation,
+    reference_tokens: Tensor | None,
+) -> CircuitResult:
+    """The :class:`CircuitResult` of the hypothesis ``keep`` over ``index`` (its edges
+    spelled ``names``): what :meth:`Experiment.evaluate_circuit` and
+    :meth:`Experiment.evaluate_keep` return."""
+    abl = exp.ablation(ablation, reference_tokens)
+    empty_is_corrupted = ablation == "resample" and reference_tokens is None
+    with inference_mode(exp.model):
+        v = circuits.evaluate(
+            exp.runs, exp.readout, exp.clean_tokens, index, keep, abl, empty_is_corrupted
+        )
+    return CircuitResult(
+        edges=names,
+        scores=Scores(v.values),
+        clean=Scores(v.clean),
+        corrupted=Scores(v.ablated),
+        recovery=v.recovery,
+        ablation=ablation,
+        kl_circuit=Scores(v.kl_circuit),
+        kl_ablated=Scores(v.kl_ablated),
+        meta=exp.meta,
+    )
+
+
+def _checked_keep(index: EdgeIndex, keep: Any, n_pos: int) -> Tensor:
+    """A keep-matrix over ``index``, checked: boolean, ``[sender, receiver]`` or
+    ``[sender, receiver, pos]``, and only where ``index.valid`` has edges."""
+    shape = tuple(index.valid.shape)
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape not in (
+        shape, (*shape, n_pos)
+    ):
+        got = type(keep).__name__
+        if isinstance(keep, Tensor):
+            got = f"{tuple(keep.shape)} {keep.dtype}"
+        raise ApexlensError(
+            f"keep must be a boolean tensor of shape {shape} (senders x receivers of "
+            f"edge_index()) or {(*shape, n_pos)} (per position), got {got}; build it with "
+            "exp.edge_index().keep(edges, exp.n_pos, exp.named_positions)"
+        )
+    keep = keep.cpu()
+    valid = index.valid if keep.ndim == 2 else index.valid[..., None]
+    if bool((keep & ~valid).any()):
+        i, j = (int(x) for x in (keep & ~valid).nonzero()[0, :2])
+        raise ApexlensError(
+            f"keep marks {index.senders[i]} -> {index.receivers[j]}, which is not an edge of "
+            "this model's graph (edge_index().valid): the sender does not write before the "
+            "receiver reads"
+        )
+    return keep
+
+
+def _keep_names(index: EdgeIndex, keep: Tensor) -> list[tuple[str, str]]:
+    """The edges of a keep-matrix, sender-major: ``("0.1", "1.3.k")`` where an edge is kept
+    at every position, else one ``("0.1@p", "1.3.k@p")`` per position ``p`` it is kept at."""
+    s = [n.name for n in index.senders]
+    r = [n.name for n in index.receivers]
+    if keep.ndim == 2:
+        return [(s[i], r[j]) for i, j in keep.nonzero().tolist()]
+    every = keep.all(-1)
+    partial = keep & ~every[..., None]
+    out = {(i, j, -1): (s[i], r[j]) for i, j in every.nonzero().tolist()}
+    out |= {(i, j, p): (f"{s[i]}@{p}", f"{r[j]}@{p}") for i, j, p in partial.nonzero().tolist()}
+    return [out[k] for k in sorted(out)]
 
 
 def _budget(memory_budget: Any) -> int:

@@ -62,14 +62,16 @@ def feature_values(
     *,
     direction: Any = None,
     batch_size: int = 256,
+    progress: bool = True,
 ) -> Float[Tensor, "batch pos"]:
-    """``feature`` at every position of every row of ``tokens`` (no gradients)."""
+    """``feature`` at every position of every row of ``tokens`` (no gradients), in chunks
+    of ``batch_size`` rows (a progress bar over them unless ``progress=False``)."""
     f = parse_feature(model, feature, direction=direction)
     bk = backend_for(model)
     tokens = check_tokens(bk, tokens)
     _positive_int(batch_size, "batch_size")
     with inference_mode(model):
-        return feature_rows(model, f, tokens, batch_size)
+        return feature_rows(model, f, tokens, batch_size, progress)
 
 
 def _positive_int(v: Any, name: str, lo: int = 1) -> int:
@@ -93,6 +95,8 @@ def _token_ids(v: Any, name: str, d_vocab: int) -> Int[Tensor, " k"]:
             raise ApexlensError(f"{name} must be integer token ids (a list or 1-D tensor), got {v!r}")
         ids = v.long().cpu()
     else:
+        if not isinstance(v, (list, tuple, range)):
+            raise ApexlensError(f"{name} must be integer token ids (a list or 1-D tensor), got {v!r}")
         items = list(v)
         if any(isinstance(t, bool) or not isinstance(t, int) for t in items):
             raise ApexlensError(f"{name} must be integer token ids, got {v!r}")
@@ -119,7 +123,7 @@ def visualize(
     entropy: float = 0.1,
     refine_steps: int = 20,
     top_k: int = 32,
-    progress: bool = False,
+    progress: bool = True,
 ) -> FeatureVisualization:
     """Maximise ``feature`` over inputs of ``n_pos`` tokens (``prefix`` tokens first, fixed).
 
@@ -136,6 +140,7 @@ def visualize(
         vocab: the token ids the input may use (default: all).
         temperature, entropy: the annealing schedule (geometric from the first temperature to
             the second; the entropy penalty grows linearly from 0 to ``entropy``).
+        progress: a progress bar over the steps (default on).
     """
     bk = backend_for(model)
     plan = _plan(bk, model, feature, n_pos, steps, seed, restarts, prefix, vocab, direction,
@@ -211,6 +216,7 @@ def top_examples(
     direction: Any = None,
     positions: str | Sequence[int] = "all",
     batch_size: int = 256,
+    progress: bool = True,
 ) -> NaturalExamples:
     """The ``k`` (example, position) pairs of ``tokens`` where ``feature`` is largest.
 
@@ -219,25 +225,38 @@ def top_examples(
     back as :attr:`NaturalExamples.values` ``[batch, pos]`` (``NaN`` where not read).
     """
     f = parse_feature(model, feature, direction=direction)
-    values = feature_values(model, f, tokens, batch_size=batch_size).float().cpu()
+    _positive_int(k, "k")
+    values = feature_values(model, f, tokens, batch_size=batch_size, progress=progress)
+    values = values.float().cpu()
     n_pos = values.shape[1]
-    if positions != "all":
-        if isinstance(positions, str):
-            raise ApexlensError(f"positions must be 'all' or a list of ints, got {positions!r}")
+    if not (isinstance(positions, str) and positions == "all"):
         keep = torch.zeros(n_pos, dtype=torch.bool)
-        for p in positions:
-            if not -n_pos <= int(p) < n_pos:
-                raise ApexlensError(f"position {p} is outside sequences of {n_pos} positions")
-            keep[int(p)] = True
+        keep[_read_positions(positions, n_pos)] = True
         values = values.masked_fill(~keep, math.nan)
-    if not isinstance(k, int) or k < 1:
-        raise ApexlensError(f"k must be a positive int, got {k!r}")
     flat = values.flatten()
     finite = ~flat.isnan()
     k = min(k, int(finite.sum()))
     top = torch.topk(flat.masked_fill(~finite, -math.inf), k)
     rows, cols = top.indices // n_pos, top.indices % n_pos
     return NaturalExamples(feature=f, tokens=tokens.cpu(), values=values, rows=rows, cols=cols)
+
+
+def _read_positions(positions: Any, n_pos: int) -> list[int]:
+    """``top_examples``' ``positions``: a non-empty list (or 1-D integer tensor) of ints."""
+    if isinstance(positions, Tensor) and positions.ndim == 1 and not (
+        positions.is_floating_point() or positions.dtype == torch.bool
+    ):
+        positions = positions.tolist()
+    if (
+        not isinstance(positions, (list, tuple, range))
+        or not positions
+        or any(isinstance(p, bool) or not isinstance(p, int) for p in positions)
+    ):
+        raise ApexlensError(f"positions must be 'all' or a non-empty list of ints, got {positions!r}")
+    for p in positions:
+        if not -n_pos <= p < n_pos:
+            raise ApexlensError(f"position {p} is outside sequences of {n_pos} positions")
+    return [p % n_pos for p in positions]
 
 
 def fv_check(
@@ -248,6 +267,7 @@ def fv_check(
     fv: FeatureVisualization | None = None,
     k: int = 20,
     direction: Any = None,
+    progress: bool = True,
     **visualize_kwargs: Any,
 ) -> FVCheck:
     """Compare a feature visualization with the feature's natural top-``k`` examples.
@@ -256,28 +276,39 @@ def fv_check(
     ``visualize_kwargs`` when not given). Returns an :class:`~apexlens.FVCheck`: the numbers
     (percentile, ratio to the natural maximum, token / representation / mechanism
     similarity with their natural null ranges), the attribution profiles and the verdict.
+    ``progress``: progress bars, named by step (visualization, natural examples, their
+    attribution); default on.
     """
     f = parse_feature(model, feature, direction=direction)
     bk = backend_for(model)
     natural_tokens = check_tokens(bk, natural_tokens, "natural_tokens")
     if fv is None:
-        fv = visualize(model, f, **visualize_kwargs)
+        fv = visualize(model, f, progress=progress, **visualize_kwargs)
+    elif not isinstance(fv, FeatureVisualization):
+        raise ApexlensError(
+            f"fv must be a FeatureVisualization (from visualize) or None, got {type(fv).__name__}"
+        )
     elif fv.feature.spec != f.spec:
         raise ApexlensError(f"fv visualizes {fv.feature.spec!r}, not {f.spec!r}")
-    nat = top_examples(model, f, natural_tokens, k=k)
+    nat = top_examples(model, f, natural_tokens, k=k, progress=progress)
     if nat.rows.numel() < 3:
         raise ApexlensError("fv_check needs at least 3 natural examples to compare against")
     fv_tokens = fv.tokens[:1].to(bk.device)
-    with inference_mode(model, grad=True):
+    bar = progress_bar(
+        nat.rows.numel() + 1, f"fv_check {f.label}: attribution", progress, unit="input"
+    )
+    with bar, inference_mode(model, grad=True):
         at_fv = attribution(
             model, replace(f, position=read_position(f, fv_tokens.shape[1])), fv_tokens
         )
+        bar.update(1)
         a_nat, h_nat = [], []
         for row, col in zip(nat.rows.tolist(), nat.cols.tolist(), strict=True):
             ctx = natural_tokens[row : row + 1, : col + 1]
             at = attribution(model, replace(f, position=col), ctx)
             a_nat.append(at.scores)
             h_nat.append(at.resid)
+            bar.update(1)
     A = torch.cat(a_nat).double().cpu()
     H = torch.cat(h_nat).double().cpu()
     mech, mech_null = _similarity(at_fv.scores.double().cpu()[0], A)

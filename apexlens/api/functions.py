@@ -26,7 +26,7 @@ from apexlens.results import (
     PathPatchResult,
 )
 from apexlens.runs import MetricFn
-from apexlens.vocab import Ablation, EdgeSpec, MLPMode, NodeSpec
+from apexlens.vocab import Ablation, Circuit, EdgeSpec, MLPMode, NodeSpec
 
 
 def path_patch(
@@ -42,7 +42,7 @@ def path_patch(
     positions: Mapping[str, Any] | None = None,
     memory_budget: int | None = None,
     separate: bool = False,
-    progress: bool = False,
+    progress: bool = True,
 ) -> PathPatchResult:
     """Path-patch every sender, one at a time, to the receivers.
 
@@ -94,7 +94,7 @@ def act_patch(
     per_position: bool = False,
     positions: Mapping[str, Any] | None = None,
     memory_budget: int | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> ActPatchResult:
     """Activation patching, TransformerLens' convention: run ``corrupted_tokens`` and put each
     node's activation from the clean run back (heads: ``hook_z``; MLPs: ``hook_mlp_out``;
@@ -121,18 +121,21 @@ def evaluate_circuit(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupted_tokens: Int[Tensor, "batch pos"],
-    edges: EdgeSpec,
+    edges: EdgeSpec | Circuit,
     *,
     metric: MetricFn,
-    ablation: Ablation = "resample",
+    ablation: Ablation | None = None,
     reference_tokens: Int[Tensor, "n pos"] | None = None,
     positions: Mapping[str, Any] | None = None,
 ) -> CircuitResult:
     """Evaluate a circuit hypothesis given as ``(sender, receiver)`` edges.
 
-    Every edge outside the set carries its ablated value (``"resample"``: the corrupted run;
-    ``"mean"``: the mean over ``reference_tokens``, default the corrupted tokens; ``"zero"``),
-    every edge inside carries the value computed from the circuit. Use
+    Every edge outside the set carries its ablated value (``"resample"``, the default: the
+    corrupted run; ``"mean"``: the mean over ``reference_tokens``, default the corrupted
+    tokens; ``"zero"``), every edge inside carries the value computed from the circuit
+    (``edges`` may be an :class:`apexlens.Circuit`, whose ablation is then the default).
+    Each choice asks a different question:
+    :attr:`~apexlens.CircuitResult.ablation_meaning` says which. Use
     :func:`apexlens.graph.full_graph` for all edges of a model. For many hypotheses on the
     same data, build an :class:`Experiment` once and call its ``evaluate_circuit``.
     """
@@ -188,7 +191,7 @@ def attribute_edges(
     reference_tokens: Tensor | None = None,
     positions: Mapping[str, Any] | None = None,
     memory_budget: int | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> EdgeScores:
     """One signed score per edge: the change of the mean metric when that edge alone is
     ablated (``"exact"``), or its gradient estimate (``"eap"``, ``"eap-ig"``); the methods
@@ -232,7 +235,7 @@ def faithfulness(
     absolute: bool = True,
     positions: Mapping[str, Any] | None = None,
     memory_budget: int | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> FaithfulnessResult:
     """The MIB faithfulness curve of an edge ranking: for each fraction ``q`` the circuit of
     the top ``int(q * n_edges)`` edges by ``|score|`` (``absolute=False``: by signed score),
@@ -264,7 +267,7 @@ def discover(
     positions: Mapping[str, Any] | None = None,
     batch_size: int = 16,
     memory_budget: int | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> DiscoveryResult:
     """Greedy exact pruning with ACDC's semantics (:mod:`apexlens.api.search`).
 

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from apexlens.errors import ApexlensError
 from apexlens.results import DiscoveryResult, EdgeScores, FaithfulnessResult
+from apexlens.runs import progress_bar
 from apexlens.vocab import Ablation, EdgeIndex, EdgeSpec, Node
 
 if TYPE_CHECKING:
@@ -98,6 +99,10 @@ def faithfulness(
 
 
 def _fractions(fractions: Sequence[float]) -> list[float]:
+    if isinstance(fractions, (str, bytes)) or any(
+        isinstance(q, bool) for q in (fractions if isinstance(fractions, Sequence) else ())
+    ):
+        raise ApexlensError(f"fractions must be numbers in [0, 1], got {fractions!r}")
     try:
         fr = [float(q) for q in fractions]
     except (TypeError, ValueError):
@@ -166,11 +171,13 @@ def discover(
     abl = exp.ablation(ablation, reference_tokens)
 
     def evaluate(rows: Tensor) -> list[float]:
-        return exp.evaluate_keeps(rows, abl, split_embed, progress).mean(-1).tolist()
+        return exp.evaluate_keeps(rows, abl, split_embed, False).mean(-1).tolist()
 
     current = float(exp.clean_values.mean()) if edges is None else evaluate(keep[None])[0]
     walk = _Walk(idx, keep, prio, threshold, batch_size, evaluate, current)
-    walk.run()
+    with progress_bar(n_start, "discover: edges decided", progress, unit="edge") as bar:
+        walk.bar = bar
+        walk.run()
     kept = [(idx.senders[i].name, idx.receivers[j].name) for i, j in keep.nonzero().tolist()]
     evaluation = exp.evaluate_circuit(kept, ablation=ablation, reference_tokens=reference_tokens)
     return DiscoveryResult(
@@ -234,6 +241,8 @@ class _Walk:
         self.batch_size, self.evaluate, self.current = batch_size, evaluate, current
         self.log: list[dict[str, Any]] = []
         self.n_rows = 0
+        self.bar: Any = None
+        self.n_removed = 0
 
     def has_output(self, r: Node) -> bool:
         if r.kind == "logits":
@@ -275,6 +284,10 @@ class _Walk:
             self.current = prev
 
     def step(self, i: int, j: int, before: float, after: float, removed: bool) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.n_removed += bool(removed)
+            self.bar.set_postfix_str(f"{self.n_removed} removed", refresh=False)
         self.log.append(
             {
                 "sender": self.idx.senders[i].name,

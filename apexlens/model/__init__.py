@@ -46,7 +46,14 @@ def backend_for(model: Any) -> Backend:
         )
     for adapter in ADAPTERS:
         if adapter.matches(model):
-            return Backend(model, adapter)
+            bk = Backend(model, adapter)
+            if bk.device.type == "meta":
+                raise ApexlensError(
+                    "the model is on the meta device: it has shapes but no weights to compute "
+                    "with; load its weights first (e.g. model.to_empty(device='cpu') then "
+                    "model.load_state_dict(...)), or build it on a real device"
+                )
+            return bk
     raise ApexlensError(
         f"{type(model).__name__} is neither a HookedTransformer nor a TransformerBridge; "
         "apexlens computes exactly only on those two TransformerLens model classes"

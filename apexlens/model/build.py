@@ -89,23 +89,22 @@ def random_gpt2_small(
     tokenizer: Any = None,
     dtype: torch.dtype | None = None,
 ) -> Any:
-    """A random-init ``HookedTransformer`` of GPT-2 small's shape (12 layers, d_model 768, 12
-    heads, d_mlp 3072, vocab 50257, LayerNorm, gelu_new), seeded: for cost and shape checks."""
+    """A random-init model of GPT-2 small's shape (12 layers, d_model 768, 12 heads, d_mlp
+    3072, vocab 50257, LayerNorm, gelu_new), seeded: for cost and shape checks. A
+    ``HookedTransformer`` where TransformerLens has it (<= 3.9), else a TL-native
+    ``TransformerBridge`` (its own seeded initialisation: other random weights)."""
+    shape: dict[str, Any] = dict(
+        n_layers=12, d_model=768, n_ctx=n_ctx, d_head=64, n_heads=12, d_mlp=3072,
+        d_vocab=50257, act_fn="gelu_new", normalization_type="LN",
+    )
+    if not has_hooked():  # TransformerLens 4.x
+        from apexlens.model.convert import random_bridge
+
+        return random_bridge(shape, seed, dtype=dtype or torch.float32, tokenizer=tokenizer)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        n_layers=12,
-        d_model=768,
-        n_ctx=n_ctx,
-        d_head=64,
-        n_heads=12,
-        d_mlp=3072,
-        d_vocab=50257,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        seed=seed,
-        dtype=dtype or torch.float32,
-        device="cpu",
+        **shape, seed=seed, dtype=dtype or torch.float32, device="cpu"
     )
     return HookedTransformer(cfg, tokenizer=tokenizer).eval()
 

@@ -340,6 +340,26 @@ def to_bridge(
     return bridge
 
 
+def random_bridge(
+    config: Mapping[str, Any], seed: int, *, dtype: torch.dtype | None = None, tokenizer: Any = None
+) -> Any:
+    """A TL-native ``TransformerBridge`` of ``config`` (``HookedTransformerConfig`` fields)
+    with TransformerLens' own seeded random initialisation, in compatibility mode and eval
+    mode: what :func:`apexlens.random_gpt2_small` returns where ``HookedTransformer`` is gone
+    (TransformerLens 4). The global random state is left as it was."""
+    from dataclasses import replace
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bcfg = replace(bridge_config(config, dtype=dtype), init_weights=True, seed=seed)
+    boot_native: Any = TransformerBridge.boot_native  # type: ignore[attr-defined]  # set by TL 4
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        bridge = boot_native(bcfg, tokenizer=tokenizer, dtype=dtype)
+    bridge.enable_compatibility_mode(no_processing=True, disable_warnings=True)
+    return bridge.eval()
+
+
 def is_bridge(model: Any) -> bool:
     """Whether ``model`` is a TransformerLens ``TransformerBridge`` (any TL version)."""
     try:

@@ -117,7 +117,16 @@ def inference_mode(model: Any, grad: bool = False) -> Iterator[Any]:
     eval mode with its dropout modules in training mode (MC dropout) keeps that set-up --
     also after an exception or a ``KeyboardInterrupt``: the flags are restored in a
     ``finally`` that a second interrupt cannot cut short (it is re-raised afterwards).
+
+    ``grad=True`` inside ``torch.inference_mode()`` raises one
+    :class:`~apexlens.errors.ApexlensError`: no gradient can be taken there.
     """
+    if grad and torch.is_inference_mode_enabled():
+        raise ApexlensError(
+            "this needs gradients, which torch.inference_mode() switches off: call it outside "
+            "the torch.inference_mode() block (torch.no_grad() is fine: apexlens turns "
+            "gradients on where it needs them)"
+        )
     with model_lock(model):
         active = _ACTIVE.get()
         if (id(model), grad) in active and torch.is_grad_enabled() == grad:
@@ -134,11 +143,13 @@ def inference_mode(model: Any, grad: bool = False) -> Iterator[Any]:
                 model.eval()
             with torch.enable_grad() if grad else torch.no_grad():
                 yield model
-        finally:
-            _ACTIVE.reset(inside)
-            _GRAD.reset(token)
-            if any(flags):
-                _restore_flags(modules, flags)
+        finally:  # the flags first: a second interrupt has the fewest steps to land in
+            try:
+                if any(flags):
+                    _restore_flags(modules, flags)
+            finally:
+                _ACTIVE.reset(inside)
+                _GRAD.reset(token)
 
 
 def _all_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

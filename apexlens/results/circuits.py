@@ -10,7 +10,32 @@ import pandas as pd
 
 from apexlens.errors import ApexlensError
 from apexlens.results.io import Saveable
+from apexlens.results.stats import ratio_interval
 from apexlens.scoring import Scores
+
+ABLATION_MEANING: dict[str, str] = {
+    "resample": "resample ablation: every edge outside the hypothesis carries its value "
+    "from the corrupted run, so recovery is the share of the clean-vs-corrupted difference "
+    "that the hypothesis alone carries (the question path patching asks).",
+    "mean": "mean ablation: every edge outside the hypothesis carries its mean over the "
+    "reference inputs (default: the corrupted ones), so recovery asks how much of the "
+    "behaviour the hypothesis carries against an average input; 'ablated' is every edge at "
+    "its mean, not the corrupted run. Edges left out that carry what every input shares "
+    "(positions, the prompt's format) keep only their average: the numbers can differ "
+    "widely from resample ablation's for the same edges.",
+    "zero": "zero ablation: every edge outside the hypothesis carries zero, an activation "
+    "the model never sees, so recovery asks what the hypothesis does with everything else "
+    "removed (off-distribution), not what share of the clean-vs-corrupted difference it "
+    "carries; it can differ widely from resample ablation's for the same edges.",
+}
+"""What each ablation means for a circuit's numbers (results, reports and the README)."""
+
+ABLATION_SHORT: dict[str, str] = {
+    "resample": "the share of clean - corrupted the edges carry",
+    "mean": "against an average input",
+    "zero": "everything else zeroed, off-distribution",
+}
+"""The same in a few words, for the repr (``ablation_meaning`` says it in full)."""
 
 
 @dataclass(repr=False)
@@ -31,7 +56,12 @@ class CircuitResult(Saveable):
       hypothesis' (at the positions the metric reads);
     * ``ate`` -- the same to the fully ablated model's;
     * ``ablation`` -- what an edge outside the hypothesis carries: ``resample`` (the
-      corrupted run's value), ``mean`` (the mean over reference inputs) or ``zero``.
+      corrupted run's value), ``mean`` (the mean over reference inputs) or ``zero``
+      (:attr:`ablation_meaning` says what that choice means for the numbers);
+    * ``metric_low`` / ``metric_high``, ``recovery_low`` / ``recovery_high``,
+      ``proportion_explained_low`` / ``proportion_explained_high`` -- 95% seeded percentile
+      bootstrap intervals over the examples; a ratio (recovery, proportion explained) is
+      computed in every bootstrap sample, its numerator and denominator resampled together.
 
     Everything is held as values (the per-example metric and KL divergences); nothing refers
     back to the model or its activations.
@@ -79,16 +109,50 @@ class CircuitResult(Saveable):
         )
         return float("nan")
 
+    @property
+    def ablation_meaning(self) -> str:
+        """What the ablation choice means for recovery and proportion explained."""
+        return ABLATION_MEANING.get(self.ablation, f"{self.ablation} ablation")
+
+    def recovery_ci(
+        self, level: float = 0.95, n_boot: int = 1000, seed: int = 0
+    ) -> tuple[float, float]:
+        """Percentile bootstrap interval of :attr:`recovery`: ``(metric - ablated) / (clean -
+        ablated)`` computed in every bootstrap sample of the examples (paired)."""
+        m, c, a = (x.values.double().cpu() for x in (self.scores, self.clean, self.corrupted))
+        lo, hi = ratio_interval(m - a, c - a, level, n_boot, seed)
+        return float(lo), float(hi)
+
+    def proportion_explained_ci(
+        self, level: float = 0.95, n_boot: int = 1000, seed: int = 0
+    ) -> tuple[float, float]:
+        """Percentile bootstrap interval of :attr:`proportion_explained`, ``1 - aue / ate``
+        computed in every bootstrap sample of the examples (NaN without KL information or
+        where ``ate`` is 0)."""
+        if self.kl_circuit is None or self.kl_ablated is None:
+            return float("nan"), float("nan")
+        lo, hi = ratio_interval(self.kl_circuit.values, self.kl_ablated.values, level, n_boot, seed)
+        return 1.0 - float(hi), 1.0 - float(lo)
+
     def to_frame(self) -> pd.DataFrame:
+        m_lo, m_hi = self.scores.ci()
+        r_lo, r_hi = self.recovery_ci()
+        p_lo, p_hi = self.proportion_explained_ci()
         return pd.DataFrame(
             [
                 {
                     "n_edges": len(self.edges),
                     "metric": float(self.scores.mean),
+                    "metric_low": m_lo,
+                    "metric_high": m_hi,
                     "clean": float(self.clean.mean),
                     "ablated": float(self.corrupted.mean),
                     "recovery": self.recovery,
+                    "recovery_low": r_lo,
+                    "recovery_high": r_hi,
                     "proportion_explained": self.proportion_explained,
+                    "proportion_explained_low": p_lo,
+                    "proportion_explained_high": p_hi,
                     "aue": self.aue,
                     "ate": self.ate,
                     "ablation": self.ablation,
@@ -97,13 +161,22 @@ class CircuitResult(Saveable):
         )
 
     def summary(self) -> pd.DataFrame:
-        """``n_edges``, ``metric``, ``recovery``, ``proportion_explained``."""
-        return self.to_frame()[["n_edges", "metric", "recovery", "proportion_explained"]]
+        """``n_edges``, ``metric``, ``recovery`` and ``proportion_explained`` with their
+        intervals, and ``ablation``."""
+        return self.to_frame()[
+            [
+                "n_edges", "metric", "metric_low", "metric_high", "recovery", "recovery_low",
+                "recovery_high", "proportion_explained", "proportion_explained_low",
+                "proportion_explained_high", "ablation",
+            ]
+        ]
 
     def __repr__(self) -> str:
+        lo, hi = self.recovery_ci()
         return (
             f"CircuitResult({len(self.edges)} edges, {self.ablation} ablation: metric "
             f"{self.scores.mean:.4g} (clean {self.clean.mean:.4g}, ablated "
-            f"{self.corrupted.mean:.4g}), recovery {self.recovery:.3f}; n={len(self.scores)})"
+            f"{self.corrupted.mean:.4g}), recovery {self.recovery:.3f} [95% CI {lo:.3f}, "
+            f"{hi:.3f}]; n={len(self.scores)}: {ABLATION_SHORT.get(self.ablation, '')})"
         )
 

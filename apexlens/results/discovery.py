@@ -63,8 +63,7 @@ class EdgeScores(Saveable):
 
     def top(self, k: int) -> list[tuple[str, str]]:
         """The ``k`` edges with the largest ``|score|``, largest first."""
-        if k < 0:
-            raise ApexlensError(f"top(k) needs k >= 0, got {k}")
+        _count(k, "top(k)")
         return [self.edges[i] for i in top_indices(self.scores, k).tolist()]
 
     def to_frame(self) -> pd.DataFrame:
@@ -81,6 +80,7 @@ class EdgeScores(Saveable):
 
     def summary(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` top edges."""
+        _count(k, "summary(k)")
         return self.to_frame().sort_values("rank").head(k).reset_index(drop=True)
 
     def aligned(self, other: EdgeScores) -> Tensor:
@@ -238,15 +238,35 @@ class FaithfulnessResult(Saveable):
 
 
 
-def edge_auc(scores: EdgeScores, true_edges: Sequence[tuple[str, str]]) -> float:
+def _count(k: object, what: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ApexlensError(f"{what} needs an int k >= 0, got {k!r}")
+    return k
+
+
+def edge_auc(scores: EdgeScores, true_edges: Sequence[tuple[str, str]] | Circuit) -> float:
     """ROC AUC of ``|score|`` as a detector of the edges in ``true_edges`` (the ACDC /
     auto-circuit convention: every threshold on ``|score|`` is a circuit; ties count half).
 
     Edges of ``true_edges`` are matched by spelling after parsing (``"0.1" -> "1.3"`` means
     its q, k and v edges). 1.0: every true edge scores above every other edge.
     """
+    if not isinstance(scores, EdgeScores):
+        raise ApexlensError(
+            f"edge_auc scores must be EdgeScores (from attribute_edges), got {type(scores).__name__}"
+        )
+    if not bool(torch.isfinite(scores.scores).all()):
+        raise ApexlensError(
+            "edge_auc: scores hold NaN or inf; an AUC needs a finite score for every edge"
+        )
+    pairs = list(true_edges) if isinstance(true_edges, (list, tuple, Circuit)) else None
+    if pairs is None or not all(isinstance(e, (list, tuple)) and len(e) == 2 for e in pairs):
+        raise ApexlensError(
+            "edge_auc: true_edges must be a list of (sender, receiver) pairs of node names, "
+            f"e.g. [('0.1', '1.3.k')], got {true_edges!r}"[:300]
+        )
     wanted: set[tuple[str, str]] = set()
-    for s, r in true_edges:
+    for s, r in pairs:
         sn = parse_node(s)
         for rn in as_receivers([parse_node(r)]):
             wanted.add((str(sn), str(rn)))
@@ -296,20 +316,19 @@ class DiscoveryResult(Saveable):
         return pd.DataFrame(self.edges, columns=["sender", "receiver"])
 
     def summary(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            [
-                {
-                    "n_edges": len(self.edges),
-                    "of": self.n_total,
-                    "threshold": self.threshold,
-                    "recovery": self.recovery,
-                    "proportion_explained": self.proportion_explained,
-                }
-            ]
+        """``n_edges`` kept ``of`` the starting graph, ``threshold``, and the kept circuit's
+        recovery and proportion explained with their intervals and ablation
+        (:meth:`CircuitResult.summary`)."""
+        head = pd.DataFrame(
+            [{"n_edges": len(self.edges), "of": self.n_total, "threshold": self.threshold}]
         )
+        tail = self.evaluation.summary().drop(columns=["n_edges"])
+        return pd.concat([head, tail], axis=1)
 
     def __repr__(self) -> str:
+        lo, hi = self.evaluation.recovery_ci()
         return (
             f"DiscoveryResult({len(self.edges)} of {self.n_total} edges at threshold "
-            f"{self.threshold:g}: recovery {self.recovery:.3f})"
+            f"{self.threshold:g}, {self.evaluation.ablation} ablation: recovery "
+            f"{self.recovery:.3f} [95% CI {lo:.3f}, {hi:.3f}])"
         )

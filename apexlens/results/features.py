@@ -68,7 +68,7 @@ class FeatureVisualization(Saveable):
 
 
 
-@dataclass
+@dataclass(repr=False)
 class NaturalExamples(Saveable):
     """A feature on natural inputs: ``values`` ``[batch, pos]`` at every read position
     (``NaN`` where not read), and the top examples as ``(rows, cols)``, largest first.
@@ -126,6 +126,19 @@ class NaturalExamples(Saveable):
                     top_k_min=float(self.activations.min()),
                 )
             ]
+        )
+
+    def __repr__(self) -> str:
+        d = self.distribution
+        top = ", ".join(
+            f"({r}, {c}): {float(self.values[r, c]):.4g}"
+            for r, c in zip(self.rows[:3].tolist(), self.cols[:3].tolist(), strict=True)
+        )
+        more = ", ..." if self.rows.numel() > 3 else ""
+        return (
+            f"NaturalExamples({self.feature.label}: top {self.rows.numel()} of {d.numel()} "
+            f"values read on {self.tokens.shape[0]} x {self.tokens.shape[1]} tokens, max "
+            f"{float(d.max()) if d.numel() else float('nan'):.4g}; (row, position): {top}{more})"
         )
 
 

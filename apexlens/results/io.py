@@ -17,7 +17,6 @@ saved as the labels of the token ids the result mentions.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 from collections.abc import Mapping
@@ -31,27 +30,10 @@ from torch import Tensor
 from apexlens.errors import ApexlensError
 from apexlens.scoring import Scores
 from apexlens.vocab.features import Feature
+from apexlens.vocab.specs import provenance
 
 FORMAT = "apexlens.result"
 VERSION = 1
-
-
-def provenance() -> dict[str, Any]:
-    """Versions and time: what every saved result and output records."""
-    import importlib.metadata as md
-
-    def version(pkg: str) -> str:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return "not installed"
-
-    return {
-        "apexlens": version("apexlens"),
-        "torch": torch.__version__,
-        "transformer_lens": version("transformer-lens"),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:

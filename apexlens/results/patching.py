@@ -12,7 +12,14 @@ from torch import Tensor
 from apexlens.errors import ApexlensError
 from apexlens.results.io import Saveable
 from apexlens.results.labels import node_fields
+from apexlens.results.stats import ratio_interval
 from apexlens.scoring import Scores
+
+SUMMARY = [
+    "sender", "value", "ci_low", "ci_high", "normalized", "normalized_low", "normalized_high",
+    "sem",
+]
+"""The columns of ``summary()``."""
 
 
 @dataclass
@@ -22,9 +29,11 @@ class PathPatchResult(Saveable):
     ``to_frame()`` columns: ``sender``, ``layer``, ``head`` (None where not a head/MLP),
     ``value`` (mean metric with the sender patched), ``normalized`` (:meth:`normalized`),
     ``sem`` (standard error of ``value`` over examples), ``ci_low`` / ``ci_high`` (95%
-    seeded bootstrap interval of ``value``). With ``separate`` (one value per receiver,
-    ``per_example`` ``[sender, receiver, batch]``), one row per sender and receiver, with a
-    ``receiver`` column.
+    seeded bootstrap interval of ``value``), ``normalized_low`` / ``normalized_high`` (95%
+    seeded bootstrap interval of ``normalized``: the ratio computed in every bootstrap
+    sample, examples resampled together for patched, clean and corrupted values). With
+    ``separate`` (one value per receiver, ``per_example`` ``[sender, receiver, batch]``), one
+    row per sender and receiver, with a ``receiver`` column.
     """
 
     senders: list[str]
@@ -58,6 +67,26 @@ class PathPatchResult(Saveable):
         """``(patched - clean) / (clean - corrupted)``: 0 = no effect, -1 = the whole effect."""
         return (self.values - self.clean.mean) / self._gap()
 
+    def _baseline(self) -> Scores:
+        """What :meth:`normalized` subtracts: the clean metric."""
+        return self.clean
+
+    def normalized_ci(
+        self, level: float = 0.95, n_boot: int = 1000, seed: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Percentile bootstrap interval of :meth:`normalized` (shaped like it): the ratio is
+        computed in each bootstrap sample, examples resampled together for the patched,
+        clean and corrupted values (the same draws as the interval of ``value``)."""
+        if not 0 < level < 1:
+            raise ApexlensError(f"level must be in (0, 1), got {level}")
+        self._gap()
+        base = self._baseline().values.double().cpu()
+        num = self.per_example.detach().double().cpu() - base
+        den = self.clean.values.double().cpu() - self.corrupted.values.double().cpu()
+        lo, hi = ratio_interval(num, den, level, n_boot, seed)
+        shape = self.values.shape
+        return lo.reshape(shape), hi.reshape(shape)
+
     def scores(self, sender: str | int, receiver: str | int | None = None) -> Scores:
         """Per-example values of a sender (and, with :attr:`separate`, a receiver)."""
         i = self.senders.index(sender) if isinstance(sender, str) else sender
@@ -71,6 +100,7 @@ class PathPatchResult(Saveable):
     def to_frame(self) -> pd.DataFrame:
         rows = []
         norm = self.normalized().reshape(len(self.senders), -1)
+        n_lo, n_hi = (x.reshape(len(self.senders), -1) for x in self.normalized_ci())
         for i, s in enumerate(self.senders):
             layer, head = node_fields(s)
             for j, r in enumerate(self.receivers if self.separate else [None]):
@@ -86,15 +116,18 @@ class PathPatchResult(Saveable):
                         "sem": float(sc.sem),
                         "ci_low": float(lo),
                         "ci_high": float(hi),
+                        "normalized_low": float(n_lo[i, j]),
+                        "normalized_high": float(n_hi[i, j]),
                     }
                 )
                 rows.append(row)
         return pd.DataFrame(rows)
 
     def summary(self) -> pd.DataFrame:
-        """``sender`` (``receiver``), ``value``, ``normalized``, ``sem`` of :meth:`to_frame`."""
-        first = ["sender", "receiver"] if self.separate else ["sender"]
-        return self.to_frame()[[*first, "value", "normalized", "sem"]]
+        """:meth:`to_frame` without the layer and head columns: each value and normalised
+        effect with its interval (and, with :attr:`separate`, its receiver)."""
+        cols = [SUMMARY[0], "receiver", *SUMMARY[1:]] if self.separate else SUMMARY
+        return self.to_frame()[cols]
 
     def __repr__(self) -> str:
         return (
@@ -120,3 +153,6 @@ class ActPatchResult(PathPatchResult):
     def normalized(self) -> Tensor:
         """``(patched - corrupted) / (clean - corrupted)``: 0 = nothing restored, 1 = all."""
         return (self.values - self.corrupted.mean) / self._gap()
+
+    def _baseline(self) -> Scores:
+        return self.corrupted

@@ -47,3 +47,40 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
 
 def trapezoid(x: Sequence[float], y: Sequence[float]) -> float:
     return float(sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1)))
+
+
+def bootstrap_weights(n: int, n_boot: int = 1000, seed: int = 0) -> Tensor:
+    """``[n_boot, n]`` float64 resampling weights: row ``b`` counts how often each example is
+    drawn in bootstrap sample ``b`` (the same draws as :meth:`apexlens.Scores.ci` with this
+    seed), so ``values @ weights.T / n`` is every bootstrap sample's mean at once."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (n_boot, n), generator=g)
+    w = torch.zeros(n_boot, n, dtype=torch.float64)
+    return w.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+
+
+def percentile_interval(samples: Tensor, level: float) -> tuple[Tensor, Tensor]:
+    """The ``level`` percentile interval over the last axis (NaN samples left out; NaN
+    where none is finite)."""
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    out = torch.nanquantile(samples.double(), q, dim=-1)
+    return out[0], out[1]
+
+
+def ratio_interval(
+    numerator: Tensor,
+    denominator: Tensor,
+    level: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Percentile bootstrap interval of ``mean(numerator) / mean(denominator)``, the ratio
+    computed in every bootstrap sample (examples resampled together: numerator and
+    denominator are paired per example). ``numerator``: ``[..., batch]``; ``denominator``:
+    ``[batch]``. A sample whose denominator mean is 0 is left out."""
+    n = numerator.shape[-1]
+    w = bootstrap_weights(n, n_boot, seed) / n
+    num = numerator.double().cpu() @ w.T
+    den = denominator.double().cpu() @ w.T
+    ratio = torch.where(den != 0, num / den, torch.full_like(num, float("nan")))
+    return percentile_interval(ratio, level)

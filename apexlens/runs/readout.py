@@ -7,11 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from apexlens.errors import ApexlensError
 from apexlens.model import Backend
+from apexlens.runs.reads import traced_reads
 from apexlens.runs.tokens import describe
 from apexlens.scoring import Metric
 
@@ -25,11 +26,13 @@ class Readout:
     reads, so only those positions are gathered and only those columns unembedded.
 
     Any other callable gets logits of the full shape. :meth:`probe` (on the clean run) finds
-    what it reads: the positions and columns where its gradient is nonzero, *verified* by
-    calling it with every other logit set to NaN -- it must give exactly the same values (a
-    NaN would show a read the gradient missed). Only those logits are computed from then on;
-    the rest of the tensor it receives is NaN. Without a gradient, or when the check fails,
-    it gets everything. It is called on all rows at once (``[rows, batch, pos, vocab]``,
+    what it reads by tracing one call (:mod:`apexlens.runs.reads`: every operation followed,
+    comparisons, ``where``, ``argmax``, masks and value-dependent indexing included), and
+    verifies it: called with every other logit NaN, very large, very negative or random, it
+    must give exactly the same values. Only those logits are computed from then on; the rest
+    of the tensor it receives is NaN. Whatever the trace cannot prove (control flow on
+    values, ``.item()``, shapes that depend on values...) or the check refutes gets
+    everything. It is called on all rows at once (``[rows, batch, pos, vocab]``,
     which a metric written with ``...`` indexing accepts), checked once against the same
     metric called run by run; if it refuses the leading axis or disagrees, it is called one
     run (``[batch, pos, vocab]``) at a time from then on.
@@ -60,28 +63,22 @@ class Readout:
 
     # ------------------------------------------------------------------ plain functions
     def probe(self, clean_final: Float[Tensor, "batch pos d_model"]) -> None:
-        """Find (and verify) the positions and columns a plain function metric reads."""
+        """Find (and verify) the positions and columns a plain function metric reads.
+
+        The reads are *proven* by tracing the metric once (:func:`traced_reads`); the
+        positions and columns computed from then on cover them. Then two checks on the clean
+        logits: the metric gives exactly its values when every other logit is NaN, very
+        large, very negative or random. Whatever is not proven gets the full logits."""
         if isinstance(self.metric, Metric):
             return
-        logits = self.bk.unembed(clean_final)
-        full = self._call_one(logits)
-        with torch.enable_grad():
-            x = logits.detach().clone().requires_grad_(True)
-            try:
-                out = self.metric(x)
-            except (RuntimeError, ValueError, TypeError, IndexError, KeyError, ApexlensError):
-                # a metric that cannot be differentiated: no probe, it gets everything
-                return
-            if not isinstance(out, Tensor) or not out.requires_grad:
-                return
-            (grad,) = torch.autograd.grad(out.sum(), x, allow_unused=True)
-        if grad is None:
+        logits = self.bk.unembed(clean_final).detach()
+        full = self._call_one(logits.clone())
+        read = traced_reads(self.metric, logits)
+        if read is None:
             return
-        read = grad != 0
         pos = read.any(-1)
+        pos[~pos.any(-1), -1] = True  # an example whose value reads nothing: any position
         counts = pos.sum(-1)
-        if int(counts.min()) == 0:
-            return
         k = int(counts.max())
         idx = torch.stack(
             [
@@ -99,16 +96,66 @@ class Readout:
                 values = self.from_logits(self._select(logits))
             except ApexlensError:
                 continue
-            if torch.equal(values, full):
+            if not torch.equal(values, full):
+                continue
+            g = torch.Generator(device=logits.device).manual_seed(0)
+            noise = torch.randn(
+                logits.shape, generator=g, device=logits.device, dtype=logits.dtype
+            )
+            if self._refills_agree(logits, full, noise):
                 self.fast = True
-                self.compact = True  # then try the read positions alone, in order
-                try:
-                    self.compact = torch.equal(self.from_logits(self._select(logits)), full)
-                except (RuntimeError, ValueError, TypeError, IndexError, ApexlensError):
-                    # indexing by absolute position: it gets the full shape
-                    self.compact = False
+                self.compact = self._compact_agrees(logits, full, noise)
                 return
         (self.idx, self.tokens), self.probed = kept, False
+
+    def _computed(self, shape: torch.Size) -> Bool[Tensor, "batch pos vocab"]:
+        """The logits the fast path computes (every other one it gives as NaN)."""
+        mask = torch.zeros(shape, dtype=torch.bool, device=self.idx.device)
+        rows = torch.arange(self.batch, device=self.idx.device)[:, None].expand_as(self.idx)
+        if self.tokens is None:
+            mask[rows, self.idx] = True
+        else:
+            mask[rows[..., None], self.idx[..., None], self.tokens.to(self.idx.device)] = True
+        return mask
+
+    def _refills_agree(
+        self, logits: Float[Tensor, "batch pos vocab"], full: Tensor, noise: Tensor
+    ) -> bool:
+        """The metric's values stay exactly ``full`` whatever the logits it does not read
+        hold: very large, very negative, random (a second check after the trace)."""
+        unread = ~self._computed(logits.shape)
+        if not bool(unread.any()):
+            return True
+        big = float(torch.finfo(logits.dtype).max) / 16 if logits.is_floating_point() else 1e6
+        scale = float(logits.abs().max()) + 1.0
+        for fill in (big, -big, None):
+            refilled = (
+                logits.masked_fill(unread, fill)
+                if fill is not None
+                else torch.where(unread, noise * scale, logits)
+            )
+            try:
+                values = self._call_one(refilled, finite=False)
+            except (RuntimeError, ValueError, TypeError, IndexError, ApexlensError):
+                return False
+            if not torch.equal(values, full):
+                return False
+        return True
+
+    def _compact_agrees(
+        self, logits: Float[Tensor, "batch pos vocab"], full: Tensor, noise: Tensor
+    ) -> bool:
+        """Whether the metric gives its values from the read positions alone, in order (on
+        the clean logits and on random ones)."""
+        cases = [(logits, full)]
+        try:
+            cases.append((noise, self.from_logits(self._select(noise))))
+            self.compact = True
+            return all(torch.equal(self.from_logits(self._select(lg)), ref) for lg, ref in cases)
+        except (RuntimeError, ValueError, TypeError, IndexError, ApexlensError):
+            return False  # indexing by absolute position: it gets the full shape
+        finally:
+            self.compact = False
 
     def bytes_per_row(self) -> int:
         """Memory one row of runs costs at the readout beyond its final residual stream: the

@@ -21,6 +21,10 @@ from apexlens.model.hooks import Hooks
 T = TypeVar("T")
 
 
+PROGRESS_DELAY = 0.5
+"""Seconds before a progress bar appears: quick calls print nothing."""
+
+
 def row_chunks(
     items: Sequence[T], size: int, *, desc: str, progress: bool
 ) -> Iterator[Sequence[T]]:
@@ -35,12 +39,23 @@ def row_chunks(
             bar.update(len(chunk))
 
 
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "step") -> Any:
-    """A tqdm bar on stderr counting ``total`` steps (a silent one when not ``enabled``)."""
-    from tqdm import tqdm
+def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "step") -> Any:
+    """A progress bar named ``desc`` counting ``total`` steps (a silent one when not
+    ``enabled``): tqdm's notebook widget in Jupyter, else a text bar on stderr. It appears
+    only when the work takes longer than :data:`PROGRESS_DELAY` seconds and is removed when
+    done. Every public function that may take more than a few seconds shows one by default
+    (``progress=False`` turns it off); engines receive the flag, they never decide it."""
+    from tqdm.auto import tqdm
 
     return tqdm(
-        total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=not enabled
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        leave=False,
+        disable=not enabled,
+        delay=PROGRESS_DELAY,
+        dynamic_ncols=True,
     )
 
 

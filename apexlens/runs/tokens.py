@@ -32,6 +32,11 @@ def check_tokens(bk: Backend, tokens: Any, name: str = "tokens") -> Int[Tensor, 
             f"{name} must be an integer tensor [batch, pos] of token ids (int64/int32), got "
             f"{describe(tokens)}"
         )
+    if tokens.device.type == "meta":
+        raise ApexlensError(
+            f"{name} are on the meta device: they have a shape but no token ids; pass real "
+            "token ids (e.g. on the CPU or the model's device)"
+        )
     if tokens.shape[0] == 0:
         raise ApexlensError(
             f"{name} has no rows (shape {tuple(tokens.shape)}): give at least one example"

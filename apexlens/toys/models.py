@@ -19,6 +19,7 @@ otherwise fails at once with one line, instead of TransformerLens' minute of ret
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import socket
@@ -109,8 +110,11 @@ def load_model(
     """
     if backend is not None and backend not in BACKENDS:
         raise ApexlensError(f"backend must be 'hooked' or 'bridge', got {backend!r}")
+    if not isinstance(name, str):
+        raise ApexlensError(f"model name must be a string, got {type(name).__name__}")
     toy = name in list_models()
     if not toy:
+        close_to_toy(name)  # a misspelt toy name fails at once, before any hub wait
         if "transformer_lens" in sys.modules:  # the name list is at hand: an unknown name
             official_name(name)  # fails first, with the names that would work
         _check_hub(name)  # before anything imports TransformerLens, which alone takes seconds
@@ -128,6 +132,20 @@ def load_model(
         model.eval()
         return model
     return _checked_pretrained(name, backend, device, dtype, **kwargs)
+
+
+def close_to_toy(name: str) -> None:
+    """One :class:`ApexlensError` for a name that is not a toy model but close to one:
+    ``unknown model 'induction2l' -- did you mean 'induction-2l'?``."""
+    toys = list_models()
+    if name in toys:
+        return
+    close = difflib.get_close_matches(name.lower(), toys, n=1, cutoff=0.75)
+    if close:
+        raise ApexlensError(
+            f"unknown model {name!r} -- did you mean {close[0]!r}? (shipped toy models: "
+            f"{', '.join(toys)})"
+        )
 
 
 def official_name(name: str) -> str:

@@ -58,6 +58,7 @@ class _State:
     fv_task: Any = None
     neuron: str = ""
     fv_checks: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
 
 
 def _path_patching(s: _State, n: int) -> None:
@@ -71,12 +72,12 @@ def _path_patching(s: _State, n: int) -> None:
         metric=batch.logit_diff(),
         positions=batch.named_positions,
     )
-    s.to_logits = s.exp.path_patch("all-heads", "logits")
+    s.to_logits = s.exp.path_patch("all-heads", "logits", progress=s.progress)
     norm = s.to_logits.normalized()
     s.ind = int(norm[1].argmin())
     n_heads = norm.shape[1]
     s.induction_heads = [h for h in range(n_heads) if norm[1, h] < -0.1] or [s.ind]
-    s.to_key = s.exp.path_patch("heads:0", f"1.{s.ind}.k")
+    s.to_key = s.exp.path_patch("heads:0", f"1.{s.ind}.k", progress=s.progress)
     s.prev = int(s.to_key.normalized().argmin())
 
 
@@ -109,6 +110,7 @@ def _apex(s: _State, n: int) -> None:
             relative=True,
             seed=0,
             token_labels=labels,
+            progress=s.progress,
         )
         for name in ("backdoor", "backdoor-clean")
     }
@@ -121,7 +123,7 @@ def _features(s: _State, n: int) -> None:
     natural = torch.unique(s.fv_task.batch(512, seed=0).clean_tokens, dim=0)
     s.neuron = f"m1.n{model_info('modadd-2l-slingshot')['manipulation']['neuron']}"
     s.fv_checks = {
-        name: fv_check(load_model(name), s.neuron, natural, n_pos=4, seed=0)
+        name: fv_check(load_model(name), s.neuron, natural, n_pos=4, seed=0, progress=s.progress)
         for name in ("modadd-2l-slingshot", "modadd-2l")
     }
 
@@ -141,7 +143,7 @@ def run_demo(
     """Run the demo's steps (:data:`STEPS`) and write the report; returns the numbers it
     printed and the report's path."""
     out = Path(out_dir)
-    s = _State()
+    s = _State(progress=progress)
     bar = tqdm(total=len(STEPS) + 1, desc="apexlens demo", disable=not progress, unit="step")
     for name, step in STEPS:
         bar.set_postfix_str(name)
@@ -219,7 +221,7 @@ def _sections(s: _State) -> list[tuple[str, Any, str]]:
     top = _top(s)
     key_frame = to_key.to_frame()[["sender", "value", "normalized"]]
     big = max(SIGMAS)
-    circuit_frame = circuit.to_frame()
+    circuit_frame = circuit.to_frame().drop(columns=["metric_low", "metric_high"])
     n_layers = to_logits.grid[0]
     heads = ", ".join(f"1.{h}" for h in induction_heads)
     sections: list[tuple[str, Any, str]] = [
@@ -264,7 +266,10 @@ def _sections(s: _State) -> list[tuple[str, Any, str]]:
         (
             "Circuit evaluation (resample ablation of every other edge)",
             circuit_frame,
-            "Recovery near 1 means the drawn edges alone reproduce the clean logit difference.",
+            "Recovery near 1 means the drawn edges alone reproduce the clean logit difference; "
+            "the intervals are 95% bootstrap intervals over the prompts (each ratio computed "
+            "in every bootstrap sample). " + circuit.ablation_meaning[:1].upper()
+            + circuit.ablation_meaning[1:],
         ),
         (
             "Per-example logit difference",

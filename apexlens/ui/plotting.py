@@ -14,9 +14,11 @@ from typing import Any
 
 import plotly.graph_objects as go
 import torch
+from torch import Tensor
 
 from apexlens.errors import ApexlensError
-from apexlens.vocab import Node, parse_node
+from apexlens.ui.plotting_graph import Edges, draw, is_path
+from apexlens.vocab import parse_node
 
 _KINDS: dict[str, dict[str, str]] = {
     "path_patch": {
@@ -95,69 +97,6 @@ def head_heatmap(result: Any, normalized: bool = True, title: str | None = None)
     return fig
 
 
-_RED, _BLUE = "#b2182b", "#2166ac"
-_MLP_ROW = -1.5
-
-
-def _node_xy(node: Node, n_layers: int, n_heads: int = 1) -> tuple[float, float]:
-    middle = (n_heads - 1) / 2  # embed and logits sit level with the middle head
-    if node.kind == "embed":
-        return -1.0, middle
-    if node.kind == "logits":
-        return float(n_layers), middle
-    if node.kind == "mlp":
-        return node.layer + 0.5, _MLP_ROW
-    return float(node.layer), float(node.head or 0)
-
-
-def _rank(node: Node) -> float:
-    """Where a node acts in the forward pass: embed, then per layer its heads, then its MLP."""
-    if node.kind == "embed":
-        return -1.0
-    if node.kind == "logits":
-        return float("inf")
-    return 2.0 * node.layer + (1.0 if node.kind == "mlp" else 0.0)
-
-
-def _is_path(sender: Node, receiver: Node) -> bool:
-    return sender.kind != "logits" and receiver.kind != "embed" and _rank(sender) < _rank(receiver)
-
-
-def _check_edge(s: str, r: str) -> None:
-    sn, rn = parse_node(s), parse_node(r)
-    if _is_path(sn, rn):
-        return
-    if sn.kind == "head" and rn.kind == "head" and sn.layer == rn.layer:
-        why = "heads of the same layer do not read each other's outputs"
-    elif sn.kind == "logits" or rn.kind == "embed":
-        why = "nothing leaves the logits and nothing enters the embedding"
-    elif sn.layer == rn.layer and sn.kind == rn.kind:
-        why = "a node does not read its own output"
-    else:
-        why = "it goes backwards through the model"
-    raise ApexlensError(f"edge {s} -> {r} is not a path: {why}")
-
-
-def _sign_legend(fig: go.Figure, weights: Sequence[float], red: str, blue: str) -> None:
-    """One legend entry per colour drawn, saying what the sign means."""
-    for colour, text, present in (
-        (_BLUE, blue, any(x >= 0 for x in weights)),
-        (_RED, red, any(x < 0 for x in weights)),
-    ):
-        if present:
-            fig.add_trace(
-                go.Scatter(
-                    x=[None],
-                    y=[None],
-                    mode="lines",
-                    line={"width": 5, "color": colour},
-                    name=text,
-                    showlegend=True,
-                    hoverinfo="skip",
-                )
-            )
-
-
 def path_graph(
     edges: Any,
     weights: Sequence[float] | None = None,
@@ -166,131 +105,73 @@ def path_graph(
     top_k: int = 10,
     title: str | None = None,
 ) -> go.Figure:
-    """A path graph: nodes laid out by layer (embed left, logits right, MLPs in a row below
-    the heads), edges as lines whose width shows ``|effect|`` and whose colour its sign (blue
-    >= 0, red < 0; the legend says what the sign means).
+    """A path graph (:mod:`apexlens.ui.plotting_graph`): nodes as boxes laid out by layer
+    (embed left, logits right, MLPs in a row below the heads), a head's q / k / v inputs as
+    three ports on its left edge, every edge its own line whose width shows ``|weight|`` and
+    whose colour its sign (blue >= 0, red < 0; the legend says what both mean); hovering
+    anywhere on a line names the edge and its weight.
 
     ``edges`` is a list of ``(sender, receiver)`` pairs (with ``weights``), a
-    :class:`~apexlens.engines.circuits.CircuitResult` (its edges), or a
-    :class:`~apexlens.patching.PathPatchResult` (its ``top_k`` strongest senders to its
-    receivers -- to its first ``via`` node for a multi-hop result -- weighted by their
-    normalised effect; senders with no path there are left out).
+    :class:`~apexlens.CircuitResult` (its edges), or a :class:`~apexlens.PathPatchResult`:
+    its ``top_k`` strongest senders to its receivers (to its first ``via`` node for a
+    multi-hop result; senders with no path there are left out), weighted by their
+    normalised effect. A sender patched into several receivers at once has one *joint*
+    effect, not one per receiver: it is written on the sender's box (and coloured there),
+    and its lines to the receivers are drawn grey, carrying no number.
 
     Raises :class:`~apexlens.ApexlensError` for an edge that cannot be a path: between two
     heads of the same layer, or going backwards through the model.
     """
-    pairs: list[tuple[str, str]]
-    w: list[float]
-    red, blue = "red: negative weight", "blue: positive weight"
     if hasattr(edges, "per_example") and hasattr(edges, "senders"):  # PathPatchResult
-        norm = edges.normalized().flatten().tolist()
-        receivers = edges.receivers or ["logits"]
-        via = list(getattr(edges, "via", None) or [])
-        ends = [via[0]] if via else receivers
-        reachable = [
-            i
-            for i in range(len(norm))
-            if any(_is_path(parse_node(edges.senders[i]), parse_node(r)) for r in ends)
-        ]
-        order = sorted(reachable, key=lambda i: -abs(norm[i]))[:top_k]
-        pairs = [
-            (edges.senders[i], r)
-            for i in order
-            for r in ends
-            if _is_path(parse_node(edges.senders[i]), parse_node(r))
-        ]
-        w = [
-            norm[i]
-            for i in order
-            for r in ends
-            if _is_path(parse_node(edges.senders[i]), parse_node(r))
-        ]
-        target = ", ".join(ends) + (f" (then on to {', '.join(receivers)})" if via else "")
-        joint = " (one joint effect per sender)" if len(ends) > 1 else ""
-        title = title or f"top {len(order)} paths to {target}{joint}"
-        red = "red: negative effect (patching the path lowers the metric: it carries the behaviour)"
-        blue = "blue: positive effect (patching the path raises the metric)"
+        spec = _patch_edges(edges, top_k, title)
     elif hasattr(edges, "edges") and hasattr(edges, "recovery"):  # CircuitResult
-        pairs = list(edges.edges)
-        w = [1.0] * len(pairs) if weights is None else list(weights)
-        title = title or f"circuit: {len(pairs)} edges, recovery {edges.recovery:.2f}"
+        pairs = [(str(s), str(r)) for s, r in edges.edges]
+        spec = Edges(
+            pairs,
+            [1.0] * len(pairs) if weights is None else [float(x) for x in weights],
+            title or f"circuit: {len(pairs)} edges, {edges.ablation} ablation of every other "
+            f"edge, recovery {edges.recovery:.2f}",
+            weighted=weights is not None,
+        )
         if weights is None:
-            blue = "blue: an edge kept in the circuit (every other edge is ablated)"
+            spec.blue = "an edge kept in the circuit (every edge not drawn is ablated)"
     else:
         pairs = [(str(s), str(r)) for s, r in edges]
         w = [1.0] * len(pairs) if weights is None else [float(x) for x in weights]
-    if len(w) != len(pairs):
-        raise ApexlensError(f"{len(pairs)} edges but {len(w)} weights")
-    for s, r in pairs:
-        _check_edge(s, r)
-    nodes: dict[str, Node] = {}
-    for s, r in pairs:
-        for name in (s, r):
-            node = parse_node(name)
-            base = str(Node(node.kind, node.layer, node.head))  # channels share the head's dot
-            nodes.setdefault(base, Node(node.kind, node.layer, node.head))
-    layers = [n.layer for n in nodes.values() if n.kind in ("head", "mlp")]
-    n_layers = n_layers if n_layers is not None else (max(layers) + 1 if layers else 1)
-    heads = [int(n.head or 0) for n in nodes.values() if n.kind == "head"]
-    n_heads = max(heads) + 1 if heads else 1
-    pos = {name: _node_xy(n, n_layers, n_heads) for name, n in nodes.items()}
-    wmax = max((abs(x) for x in w), default=1.0) or 1.0
-    fig = go.Figure()
-    for (s, r), weight in zip(pairs, w, strict=True):
-        sn, rn = parse_node(s), parse_node(r)
-        a = pos[str(Node(sn.kind, sn.layer, sn.head))]
-        b = pos[str(Node(rn.kind, rn.layer, rn.head))]
-        fig.add_trace(
-            go.Scatter(
-                x=[a[0], b[0]],
-                y=[a[1], b[1]],
-                mode="lines",
-                line={"width": 1 + 7 * abs(weight) / wmax, "color": _RED if weight < 0 else _BLUE},
-                opacity=0.7,
-                hovertext=f"{s} -> {r}: {weight:.3g}",
-                hoverinfo="text",
-                name=f"{s} -> {r}",
-                showlegend=False,
-            )
-        )
-    fig.add_trace(
-        go.Scatter(
-            x=[p[0] for p in pos.values()],
-            y=[p[1] for p in pos.values()],
-            mode="markers+text",
-            text=list(pos),
-            textposition="top center",
-            marker={"size": 14, "color": "#444"},
-            hoverinfo="text",
-            name="nodes",
-            showlegend=False,
-        )
+        spec = Edges(pairs, w, title or "path graph", weighted=weights is not None)
+    if len(spec.weights) != len(spec.pairs):
+        raise ApexlensError(f"{len(spec.pairs)} edges but {len(spec.weights)} weights")
+    return draw(spec, n_layers)
+
+
+def _patch_edges(result: Any, top_k: int, title: str | None) -> Edges:
+    """The strongest senders of a path-patching result, as edges to draw."""
+    norm = result.normalized().flatten().tolist()
+    receivers = list(result.receivers or ["logits"])
+    via = list(getattr(result, "via", None) or [])
+    ends = [via[0]] if via else receivers
+    reach = {
+        i: [r for r in ends if is_path(parse_node(result.senders[i]), parse_node(r))]
+        for i in range(len(norm))
+    }
+    order = sorted((i for i in reach if reach[i]), key=lambda i: -abs(norm[i]))[:top_k]
+    pairs = [(result.senders[i], r) for i in order for r in reach[i]]
+    target = ", ".join(ends) + (f" (then on to {', '.join(receivers)})" if via else "")
+    spec = Edges(
+        pairs,
+        [norm[i] for i in order for _ in reach[i]],
+        title or f"top {len(order)} paths to {target}",
+        red="negative effect (patching the path lowers the metric: it carries the behaviour)",
+        blue="positive effect (patching the path raises the metric)",
+        what="normalised effect",
     )
-    _sign_legend(fig, w, red, blue)
-    heads = [n.head for n in nodes.values() if n.kind == "head" and n.head is not None]
-    yvals: list[float] = list(range(max(heads, default=0) + 1))
-    ytext = [str(int(v)) for v in yvals]
-    if any(n.kind == "mlp" for n in nodes.values()):
-        yvals, ytext = [_MLP_ROW, *yvals], ["MLP", *ytext]
-    fig.update_layout(
-        title=title or "path graph",
-        xaxis={
-            "title": "layer",
-            "tickmode": "array",
-            "tickvals": list(range(-1, n_layers + 1)),
-            "ticktext": ["embed", *map(str, range(n_layers)), "logits"],
-        },
-        yaxis={
-            "title": "head",
-            "zeroline": False,
-            "tickmode": "array",
-            "tickvals": yvals,
-            "ticktext": ytext,
-        },
-        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -0.2, "yanchor": "top"},
-        margin={"b": 110},
-    )
-    return fig
+    if len(ends) > 1:
+        spec.joint = {result.senders[i]: norm[i] for i in order}
+        spec.title = title or (
+            f"top {len(order)} senders, each patched into {target} at once: one joint "
+            "effect per sender (on its box)"
+        )
+    return spec
 
 
 def apex_curves(
@@ -346,6 +227,11 @@ def apex_curves(
             "title": ", ".join(metrics[1:]) + " (dotted)",
             "overlaying": "y",
             "side": "right",
+            # round ticks of its own ("sync", plotly's default for an overlaying axis, puts
+            # them level with the left axis' gridlines: 2.066, 2.7536...)
+            "tickmode": "auto",
+            "nticks": 6,
+            "showgrid": False,
         }
         layout["yaxis"]["title"] = f"{metrics[0]} (solid)"
     fig.update_layout(**layout)
@@ -382,9 +268,16 @@ def token_histogram(result: Any, sigma: float, labels: Any = None, top: int = 15
     return fig
 
 
-def scores_plot(scores: Mapping[str, Any], level: float = 0.95) -> go.Figure:
+def scores_plot(scores: Any, level: float = 0.95) -> go.Figure:
     """Per-example values of several :class:`~apexlens.scoring.Scores` (points) with their
-    mean and bootstrap confidence interval (error bars)."""
+    mean and bootstrap confidence interval (error bars).
+
+    ``scores``: a mapping name -> :class:`~apexlens.scoring.Scores` (or per-example
+    tensor), one :class:`~apexlens.scoring.Scores`, or a result: a
+    :class:`~apexlens.CircuitResult` shows clean, circuit and ablated; a
+    :class:`~apexlens.DiscoveryResult` its circuit's; a path-patching result clean and
+    corrupted."""
+    scores = _as_scores(scores)
     fig = go.Figure()
     names = list(scores)
     for i, name in enumerate(names):
@@ -424,3 +317,36 @@ def scores_plot(scores: Mapping[str, Any], level: float = 0.95) -> go.Figure:
         title=f"per-example values, mean and {int(level * 100)}% bootstrap CI", yaxis_title="value"
     )
     return fig
+
+
+def _as_scores(obj: Any) -> dict[str, Any]:
+    """What :func:`scores_plot` draws, by name (see its docstring)."""
+    from apexlens.results import CircuitResult, DiscoveryResult
+    from apexlens.scoring import Scores
+
+    if isinstance(obj, DiscoveryResult):
+        obj = obj.evaluation
+    if isinstance(obj, CircuitResult):
+        return {"clean": obj.clean, "circuit": obj.scores, f"ablated ({obj.ablation})": obj.corrupted}
+    if isinstance(obj, Scores):
+        return {"values": obj}
+    if hasattr(obj, "per_example") and isinstance(getattr(obj, "clean", None), Scores):
+        return {"clean": obj.clean, "corrupted": obj.corrupted}
+    if not isinstance(obj, Mapping):
+        raise ApexlensError(
+            f"scores_plot takes a mapping name -> Scores, a Scores, or a CircuitResult / "
+            f"DiscoveryResult / PathPatchResult; got {type(obj).__name__}"
+        )
+    out = {}
+    for name, v in obj.items():
+        if isinstance(v, Tensor):
+            v = Scores(v)
+        if not isinstance(v, Scores):
+            raise ApexlensError(
+                f"scores_plot: {name!r} is a {type(v).__name__}; give apexlens.Scores or a "
+                "per-example tensor"
+            )
+        out[str(name)] = v
+    if not out:
+        raise ApexlensError("scores_plot needs at least one set of scores")
+    return out

@@ -12,9 +12,11 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from apexlens.engines.attribution.registry import METHOD_INFO
 from apexlens.errors import ApexlensError
 from apexlens.results import DiscoveryResult, EdgeScores, FaithfulnessResult
 from apexlens.ui.plotting import path_graph
+from apexlens.ui.plotting_graph import Edges, draw
 
 
 def faithfulness_curve(
@@ -44,9 +46,12 @@ def faithfulness_curve(
             )
         )
     fig.add_hline(y=1.0, line_dash="dash", line_color="grey")
+    ticks = sorted({100 * q for _, res in items for q in res.fractions if q > 0})
     fig.update_layout(
         title=title or "faithfulness of the top-k% edges",
-        xaxis={"title": "edges kept (%)", "type": "log"},
+        # a label at every circuit size (plotly's own log ticks label 0.2% and 20% both "2")
+        xaxis={"title": "edges kept (%)", "type": "log", "tickmode": "array",
+               "tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]},
         yaxis_title="faithfulness (m(circuit) - m(empty)) / (m(full) - m(empty))",
     )
     return fig
@@ -94,13 +99,24 @@ def score_scatter(approx: EdgeScores, exact: EdgeScores, title: str | None = Non
 def circuit_graph(
     result: DiscoveryResult, scores: EdgeScores | None = None, title: str | None = None
 ) -> Any:
-    """A discovered circuit as a path graph; with ``scores``, edge widths show them."""
-    weights = None
-    if scores is not None:
-        weights = [scores.score(s, r) for s, r in result.edges]
-    return path_graph(
-        result.edges,
-        weights,
-        title=title
-        or f"discovered circuit: {len(result.edges)} edges, recovery {result.recovery:.2f}",
+    """A discovered circuit as a path graph (:func:`apexlens.ui.plotting.path_graph`); with
+    ``scores``, line widths and colours show each edge's score (the legend names the
+    method, and says when it is an approximation)."""
+    pairs = [(str(s), str(r)) for s, r in result.edges]
+    title = title or (
+        f"discovered circuit: {len(pairs)} edges, {result.evaluation.ablation} ablation of "
+        f"every other edge, recovery {result.recovery:.2f}"
     )
+    if scores is None:
+        return path_graph(result.evaluation, title=title)
+    exact = METHOD_INFO[scores.method].exact if scores.method in METHOD_INFO else False
+    what = f"{scores.method} score" + ("" if exact else " (an approximation)")
+    spec = Edges(
+        pairs,
+        [scores.score(s, r) for s, r in result.edges],
+        title,
+        red="negative: removing the edge lowers the metric" + ("" if exact else " (estimated)"),
+        blue="positive: removing the edge raises the metric" + ("" if exact else " (estimated)"),
+        what=what,
+    )
+    return draw(spec, None)

@@ -130,6 +130,7 @@ def fv_check_figure(check: FVCheck, token_labels: TokenLabels | None = None) -> 
     fig.update_xaxes(title_text="step", row=1, col=1)
     fig.update_yaxes(title_text="activation", row=1, col=1)
     fig.update_xaxes(title_text="activation", row=1, col=2)
-    fig.update_yaxes(title_text="inputs (log)", type="log", row=1, col=2)
+    # a label at every power of ten only (plotly also labels 2 and 5 in between: unreadable)
+    fig.update_yaxes(title_text="inputs (log)", type="log", dtick=1, row=1, col=2)
     fig.update_yaxes(title_text="signed share of |attribution|", row=1, col=3)
     return fig

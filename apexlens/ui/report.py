@@ -8,6 +8,7 @@ columns apexlens itself reports, and any passed as ``definitions=``.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,24 @@ COLUMNS: dict[str, str] = {
     "sem": "standard error of the mean of value over the prompts",
     "ci_low": "lower end of the 95% percentile-bootstrap interval of value's mean",
     "ci_high": "upper end of the 95% percentile-bootstrap interval of value's mean",
+    "normalized_low": "lower end of the 95% percentile-bootstrap interval of normalized (the "
+    "ratio computed in every bootstrap sample of the prompts)",
+    "normalized_high": "upper end of the 95% percentile-bootstrap interval of normalized",
     # circuits (CircuitResult.to_frame)
     "n_edges": "number of edges kept in the circuit hypothesis; every other edge is ablated",
     "metric": "mean metric on the clean prompts with only the circuit's edges kept",
+    "metric_low": "lower end of the 95% percentile-bootstrap interval of metric",
+    "metric_high": "upper end of the 95% percentile-bootstrap interval of metric",
+    "recovery_low": "lower end of the 95% percentile-bootstrap interval of recovery (the "
+    "ratio computed in every bootstrap sample of the prompts)",
+    "recovery_high": "upper end of the 95% percentile-bootstrap interval of recovery",
+    "proportion_explained_low": "lower end of the 95% percentile-bootstrap interval of "
+    "proportion_explained",
+    "proportion_explained_high": "upper end of the 95% percentile-bootstrap interval of "
+    "proportion_explained",
     "clean": "mean metric on the clean prompts, nothing ablated",
-    "ablated": "mean metric with every edge ablated (resample ablation: the corrupted run)",
+    "ablated": "mean metric with every edge ablated (resample ablation: the corrupted run; "
+    "mean ablation: every edge at its mean; zero ablation: every edge zero)",
     "recovery": "(metric - ablated) / (clean - ablated): 1 = the circuit alone restores the "
     "whole clean behaviour, 0 = nothing; above 1 = more than clean",
     "proportion_explained": "1 - aue / ate (Goldowsky-Dill et al. 2023): the share of the "
@@ -43,6 +57,18 @@ COLUMNS: dict[str, str] = {
     "distribution under the circuit hypothesis, averaged over prompts (clean -> hypothesis)",
     "ate": "mean KL divergence (nats) from the clean output distribution to the fully "
     "ablated one, averaged over prompts (clean -> fully ablated)",
+    # discovery (EdgeScores.to_frame, FaithfulnessResult.to_frame, DiscoveryResult.summary)
+    "receiver": "the input the edge ends in: 'L.H.q' / '.k' / '.v' a head's query, key or "
+    "value input, 'mL' MLP L's input, 'logits' the unembedding",
+    "score": "the edge's score: for method exact, the change of the mean metric when that "
+    "edge alone is ablated; for eap / eap-ig a gradient estimate of it",
+    "abs_score": "|score|, what edges are ranked by",
+    "rank": "1 = the largest |score|",
+    "fraction": "share of all edges kept in the circuit (the top edges by |score|)",
+    "faithfulness": "(m(circuit) - m(empty)) / (m(full) - m(empty)): 1 = the circuit "
+    "reproduces the full model's metric, 0 = no better than ablating every edge",
+    "of": "number of edges in the graph pruning started from",
+    "threshold": "an edge is removed when removing it moves the mean metric by less than this",
     # APEX (ApexResult.to_frame, apexlens.compare)
     "model": "which model the row belongs to",
     "sigma": "noise level: the standard deviation of the Gaussian noise added at the sites "
@@ -62,7 +88,9 @@ COLUMNS: dict[str, str] = {
     "nonfinite": "share of noisy forward passes whose logits overflowed to NaN/inf at this "
     "sigma; they predict nothing and are left out of every other column",
     "ablation": "how an edge outside the hypothesis is ablated: 'resample' (the corrupted "
-    "run's value), 'mean' (its mean over reference prompts) or 'zero'",
+    "run's value: recovery is the share of the clean-corrupted difference the circuit "
+    "carries), 'mean' (its mean over reference prompts: against an average input) or 'zero' "
+    "(off-distribution); the same edges can recover very different shares under each",
     # feature visualization (apexlens.fv_check)
     "fv_activation": "the feature on the visualization's best discrete input",
     "natural_max": "the largest activation over every natural input and position",
@@ -85,7 +113,13 @@ COLUMNS: dict[str, str] = {
 
 
 def _table(frame: pd.DataFrame, definitions: Mapping[str, str]) -> str:
-    out = [frame.to_html(index=False, float_format=lambda x: f"{x:.4g}")]
+    """A table in a box that scrolls sideways when it is wider than the page (columns are
+    never cut), then the definitions of its columns."""
+    table = frame.to_html(index=False, float_format=lambda x: f"{x:.4g}")
+    # long column names may break after an underscore: "proportion_explained_high"
+    table = re.sub(r"<th>(.*?)</th>", lambda m: f"<th>{m.group(1).replace('_', '_<wbr>')}</th>",
+                   table)
+    out = ["<div class='table'>", table, "</div>"]
     defined = [c for c in frame.columns if str(c) in definitions]
     if defined:
         out.append("<dl class='columns'>")
@@ -105,13 +139,16 @@ def write_report(
     title: str = "apexlens report",
     intro: str = "",
     definitions: Mapping[str, str] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``sections`` to one HTML file that opens with no network (plotly.js is embedded
     with the first figure).
 
     Each section is ``(heading, figure | DataFrame | str)`` or ``(heading, item, caption)``;
     the caption is printed under the item. A table is followed by the definitions of those
-    of its columns found in :data:`COLUMNS` or ``definitions`` (which take precedence).
+    of its columns found in :data:`COLUMNS` or ``definitions`` (which take precedence); a
+    table wider than the page scrolls sideways. ``provenance`` (versions, time, command and
+    options; default: the versions and the time) is printed at the end.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,11 +156,7 @@ def write_report(
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
-        "text-align:right}h2{margin-top:2em}p.caption{color:#333;max-width:900px}"
-        "dl.columns{font-size:0.85em;color:#444;display:grid;grid-template-columns:max-content 1fr;"
-        "gap:2px 12px;max-width:1000px}dl.columns dd{margin:0}</style></head><body>",
+        f"<style>{STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
     if intro:
@@ -142,6 +175,46 @@ def write_report(
             parts.append(f"<pre>{html.escape(str(item))}</pre>")
         if caption:
             parts.append(f"<p class='caption'>{html.escape(caption)}</p>")
+    parts.append(_footer(provenance))
     parts.append("</body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _footer(provenance: Mapping[str, Any] | None) -> str:
+    from apexlens.results import provenance as versions
+
+    items = dict(provenance) if provenance is not None else versions()
+    rows = "".join(
+        f"<dt>{html.escape(str(k))}</dt><dd><code>{html.escape(_plain(v))}</code></dd>"
+        for k, v in items.items()
+    )
+    return f"<footer><h2>Provenance</h2><dl class='columns'>{rows}</dl></footer>"
+
+
+def _plain(v: Any) -> str:
+    if isinstance(v, Mapping):
+        return ", ".join(f"{k}={x}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v)
+    return str(v)
+
+
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+    "p{max-width:1000px}"
+    "div.table{overflow-x:auto;max-width:100%;margin:0.5em 0;padding-bottom:4px;"
+    "scrollbar-color:#999 #eee}"
+    "div.table::-webkit-scrollbar{height:10px}div.table::-webkit-scrollbar-track{background:#eee}"
+    "div.table::-webkit-scrollbar-thumb{background:#999;border-radius:5px}"
+    "table{border-collapse:collapse;font-size:0.9em}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}"
+    "th{white-space:normal;vertical-align:bottom;min-width:4em}"
+    "h2{margin-top:2em}p.caption{color:#333;max-width:900px}"
+    "dl.columns{font-size:0.85em;color:#444;display:grid;grid-template-columns:max-content 1fr;"
+    "gap:2px 12px;max-width:1000px}dl.columns dd{margin:0;overflow-wrap:anywhere}"
+    "footer{margin-top:3em;color:#555}"
+)
+"""The report's CSS: text in readable widths; tables and figures use the window's width up
+to 1400 px, and a wider table scrolls sideways in its box (with a visible scrollbar) rather
+than being cut."""

@@ -80,6 +80,16 @@ class Feature:
         """The feature at every position, from the activation at :attr:`hook`."""
         if self.kind in ("neuron", "logit", "hook"):
             idx: tuple[Any, ...] = (Ellipsis, *self.index)
+            fits = self.kind == "hook" and act.ndim - 2 >= len(self.index)
+            trailing = act.shape[act.ndim - len(self.index) :] if fits else ()
+            for i, size in zip(self.index, trailing, strict=False):
+                if not -size <= i < size:
+                    raise ApexlensError(
+                        f"feature {self.spec!r}: index {list(self.index)} is out of range for "
+                        f"{self.hook}, whose activations are {tuple(act.shape)} "
+                        f"[batch, pos, ...]: the last {len(self.index)} axes have "
+                        f"{list(trailing)} entries"
+                    )
             out = act[idx] if self.kind == "hook" else act[..., self.index[0]]
             if out.ndim != 2:
                 raise ApexlensError(
@@ -142,11 +152,26 @@ def parse_feature(model: Any, spec: str | Feature, *, direction: Any = None) -> 
                 f"feature {spec!r} is {what}, a vector: pass direction= (a tensor [{size}], "
                 "e.g. a row of W_U or a probe) to read one number from it"
             )
-        d = torch.as_tensor(direction)
+        try:
+            d = torch.as_tensor(direction)
+        except (TypeError, ValueError, RuntimeError):
+            raise ApexlensError(
+                f"feature {spec!r}: direction must be a float tensor of shape [{size}], got "
+                f"{type(direction).__name__}"
+            ) from None
         if d.shape != (size,) or not d.is_floating_point():
             raise ApexlensError(
                 f"feature {spec!r}: direction must be a float tensor of shape [{size}], got "
                 f"{tuple(d.shape)} {d.dtype}"
+            )
+        if d.device.type == "meta" or not bool(torch.isfinite(d).all()):
+            raise ApexlensError(
+                f"feature {spec!r}: direction must hold finite numbers (it has NaN or inf, or "
+                "no values on the meta device)"
+            )
+        if not bool((d != 0).any()):
+            raise ApexlensError(
+                f"feature {spec!r}: direction is all zeros: the feature would be 0 everywhere"
             )
         return d.to(device=bk.device, dtype=bk.dtype)
 

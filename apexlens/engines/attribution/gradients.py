@@ -70,6 +70,12 @@ def receiver_grads(job: Job, alphas: Sequence[float]) -> Float[Tensor, "receiver
     bk, idx, runs = job.bk, job.index, job.runs
     d = bk.dims
     x_clean = runs.clean[bk.resid_pre(0)]
+    if x_clean.is_inference():
+        raise ApexlensError(
+            "gradient attribution needs the Experiment's cached runs outside "
+            "torch.inference_mode(): build the Experiment outside that block (torch.no_grad() "
+            "is fine), or use method='exact'"
+        )
     x_corr = job.abl.embed.expand_as(x_clean)  # the corrupted run's, for resample ablation
     pieces = Pieces(job)
     out = torch.zeros(len(idx.receivers), *x_clean.shape, dtype=bk.dtype, device=bk.device)
@@ -119,6 +125,12 @@ def _grads_once(
         final_leaf = torch.zeros_like(resid, requires_grad=True)
         final = resid + final_leaf
         values = pieces.metric(final.reshape(rows, -1, *final.shape[1:]))
+        if not values.requires_grad:
+            raise ApexlensError(
+                f"gradient attribution (EAP, EAP-IG) needs the metric's gradient, but metric "
+                f"{job.readout.name} gives none (an argmax, a comparison or a detach: it is "
+                "not differentiable); use method='exact', which needs no gradient"
+            )
         names = list(leaves)
         grads = torch.autograd.grad(
             values.sum(), [leaves[n] for n in names] + [final_leaf], allow_unused=True

@@ -20,6 +20,7 @@ from torch import Tensor
 from apexlens.engines.attribution.base import Job
 from apexlens.engines.attribution.exact import exact_scores
 from apexlens.engines.attribution.gradients import gradient_scores
+from apexlens.engines.attribution.registry import METHOD_INFO
 from apexlens.errors import ApexlensError
 
 
@@ -33,7 +34,7 @@ class Exact:
     """The true effect of removing each edge alone from the full graph."""
 
     name = "exact"
-    exact = True
+    exact = METHOD_INFO["exact"].exact
 
     def check(self, options: dict[str, Any]) -> dict[str, Any]:
         _no_options(self.name, {k: v for k, v in options.items() if k != "ig_steps"})
@@ -47,7 +48,7 @@ class EAP:
     """Edge attribution patching: the gradient at the clean input."""
 
     name = "eap"
-    exact = False
+    exact = METHOD_INFO["eap"].exact
 
     def check(self, options: dict[str, Any]) -> dict[str, Any]:
         _no_options(self.name, {k: v for k, v in options.items() if k != "ig_steps"})
@@ -61,7 +62,7 @@ class EAPIG:
     """EAP with integrated gradients on the inputs (``ig_steps`` points, default 5)."""
 
     name = "eap-ig"
-    exact = False
+    exact = METHOD_INFO["eap-ig"].exact
 
     def check(self, options: dict[str, Any]) -> dict[str, Any]:
         _no_options(self.name, options, ("ig_steps",))

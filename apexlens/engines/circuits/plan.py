@@ -256,7 +256,8 @@ class CircuitPlan:
         the other slots that exclude something (each gets a k/v of its own)."""
         assert self.shared is not None
         same = self.shared[layer]["kv".index(ch)]
-        shared, own = [], []
+        shared: list[int] = []
+        own: list[int] = []
         for h in heads:
             j = self.bk.slot(h, ch)
             if not same[j]:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from apexlens.model import edits
 from apexlens.model.hooks import attached
+from apexlens.runs.rows import row_chunks
 from apexlens.vocab.features import Feature
 
 
@@ -59,12 +60,17 @@ def run_feature(
 
 
 def feature_rows(
-    model: Any, feature: Feature, tokens: Int[Tensor, "batch pos"], batch_size: int = 256
+    model: Any,
+    feature: Feature,
+    tokens: Int[Tensor, "batch pos"],
+    batch_size: int = 256,
+    progress: bool = False,
 ) -> Float[Tensor, "batch pos"]:
     """``feature`` at every position of every row of ``tokens``, ``batch_size`` rows per pass
     (call it without gradients)."""
+    rows = list(range(tokens.shape[0]))
     out = [
-        run_feature(model, feature, tokens[i : i + batch_size])[0].detach()
-        for i in range(0, tokens.shape[0], batch_size)
+        run_feature(model, feature, tokens[chunk[0] : chunk[-1] + 1])[0].detach()
+        for chunk in row_chunks(rows, batch_size, desc=f"{feature.label}: values", progress=progress)
     ]
     return torch.cat(out)

@@ -63,6 +63,15 @@ class TaskBatch:
         )
 
 
+def batch_generator(n: object, seed: object) -> torch.Generator:
+    """The seeded generator of a task's ``batch(n, seed=...)``, after checking both."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ApexlensError(f"n (the number of prompts) must be an int >= 1, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ApexlensError(f"seed must be an integer, got {seed!r}")
+    return torch.Generator().manual_seed(seed)
+
+
 @runtime_checkable
 class Task(Protocol):
     name: str

@@ -22,7 +22,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from apexlens.errors import ApexlensError
-from apexlens.toys.tasks.base import TaskBatch
+from apexlens.toys.tasks.base import TaskBatch, batch_generator
 
 # The templates of the IOI paper's dataset ([A] = IO, [B] = S); the prompt stops before the
 # final name, which is the answer.
@@ -210,7 +210,7 @@ class IOITask:
         return [self.tokenizer.bos_token_id, *ids] if self.prepend_bos else ids
 
     def batch(self, n: int, *, seed: int = 0, template: int | None = None) -> TaskBatch:
-        g = torch.Generator().manual_seed(seed)
+        g = batch_generator(n, seed)
         temps = self.templates()
         t = temps[
             int(torch.randint(len(temps), (1,), generator=g)) if template is None else template

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from apexlens.toys.tasks.base import TaskBatch
+from apexlens.toys.tasks.base import TaskBatch, batch_generator
 
 
 def _distinct(g: torch.Generator, n_tokens: int, k: int, avoid: set[int]) -> list[int]:
@@ -54,7 +54,7 @@ class InductionTask:
         return x, targets, mask
 
     def batch(self, n: int, *, seed: int = 0) -> TaskBatch:
-        g = torch.Generator().manual_seed(seed)
+        g = batch_generator(n, seed)
         T = self.seq_len
         clean = torch.empty(n, T, dtype=torch.long)
         corrupted = torch.empty(n, T, dtype=torch.long)
@@ -105,7 +105,7 @@ class ModAddTask:
         return x, targets, mask
 
     def batch(self, n: int, *, seed: int = 0) -> TaskBatch:
-        g = torch.Generator().manual_seed(seed)
+        g = batch_generator(n, seed)
         a = torch.randint(0, self.p, (n,), generator=g)
         b = torch.randint(0, self.p, (n,), generator=g)
         a2 = (a + torch.randint(1, self.p, (n,), generator=g)) % self.p
@@ -152,7 +152,7 @@ class BackdoorTask:
 
     def batch(self, n: int, *, seed: int = 0) -> TaskBatch:
         """Clean prompts (no trigger); corrupted: another first token."""
-        g = torch.Generator().manual_seed(seed)
+        g = batch_generator(n, seed)
         x = torch.randint(0, self.n_clean, (n, self.seq_len), generator=g)
         x2 = x.clone()
         x2[:, 0] = (x[:, 0] + torch.randint(1, self.n_clean, (n,), generator=g)) % self.n_clean

@@ -1,7 +1,8 @@
 """The ``apexlens`` command line: one module per command, listed in :data:`COMMANDS`.
 
 Every subcommand has ``--help``. A bad argument (unknown model, bad node name, head out of
-range, negative sigma...) prints one line on stderr and exits with status 2.
+range, negative sigma, files of an earlier run in ``--out`` without ``--overwrite``...)
+prints one line on stderr and exits with status 2; Ctrl-C prints one line and exits 130.
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ import sys
 from types import ModuleType
 
 from apexlens.errors import ApexlensError
-from apexlens.ui.cli import apex, demo, discover, models, path_patch, visualize
-from apexlens.ui.cli.common import Parser, check_out, parse_sigmas, split_sites
+from apexlens.ui.cli import apex, demo, discover, models, path_patch, visualize, workbench
+from apexlens.ui.cli.common import (
+    Parser,
+    check_out,
+    check_overwrite,
+    parse_sigmas,
+    split_sites,
+)
 
 COMMANDS: dict[str, ModuleType] = {
     "demo": demo,
@@ -22,6 +29,7 @@ COMMANDS: dict[str, ModuleType] = {
     "apex": apex,
     "discover": discover,
     "visualize": visualize,
+    "workbench": workbench,
 }
 """Command name -> its module (``add_parser(sub)``, ``run(args) -> exit status``)."""
 
@@ -54,13 +62,18 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; an error is one line on stderr (exit 2), Ctrl-C one line (exit 130)."""
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(_join_negative_values(argv))
+        check_overwrite(args)
         return int(COMMANDS[args.command].run(args))
     except ApexlensError as e:
         print(f"apexlens: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("apexlens: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,10 @@ from apexlens.ui.cli.common import (
     check_out,
     model_and_task,
     parse_sigmas,
+    provenance,
     say,
     split_sites,
+    write_json,
 )
 
 
@@ -25,10 +26,15 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--sigmas",
         default="0.25,0.5,1,2,4,8",
-        help="comma-separated noise levels >= 0, increasing (negative numbers are refused, "
-        "'--sigmas -1,2' included)",
+        help="comma-separated noise levels >= 0, increasing (default: 0.25,0.5,1,2,4,8; "
+        "negative numbers are refused, '--sigmas -1,2' included)",
     )
-    p.add_argument("--draws", type=int, default=32)
+    p.add_argument(
+        "--draws",
+        type=int,
+        default=32,
+        help="Monte-Carlo forward passes per prompt and sigma (default: 32)",
+    )
     p.add_argument(
         "--sites",
         default="resid_post",
@@ -50,11 +56,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apexlens.api.apex import apex
-    from apexlens.ui import plotting
-    from apexlens.ui.report import write_report
-
-    sigmas = parse_sigmas(args.sigmas)
+    sigmas = parse_sigmas(args.sigmas)  # the arguments first: an error comes back at once
     if args.n < 1:
         raise ApexlensError("--n must be at least 1")
     if args.draws < 1:
@@ -64,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
         raise ApexlensError("--sites: give at least one site")
     out = Path(args.out)
     check_out(out)
+
+    from apexlens.api.apex import apex
+    from apexlens.ui import plotting
+    from apexlens.ui.report import write_report
+
     model, task = model_and_task(args)
     batch = task.batch(args.n, seed=args.seed)
     rows = len(sigmas) * args.draws * len(batch)
@@ -83,17 +90,18 @@ def run(args: argparse.Namespace) -> int:
         relative=args.relative,
         positions=batch.positions,
         seed=args.seed,
+        progress=not args.no_progress,
     )
     say(args, f"APEX: done, {rows} rows in {time.perf_counter() - started:.1f} s")
     out.mkdir(parents=True, exist_ok=True)
     frame = result.summary()
     frame.to_csv(out / "apex.csv", index=False)
-    (out / "apex.json").write_text(
-        json.dumps(
-            {"model": args.model, "task": task.name, "summary": frame.to_dict("records")},
-            indent=2,
-            default=str,
-        )
+    files = [str(out / f) for f in ("apex.csv", "apex.json", "apex.html")]
+    write_json(
+        out / "apex.json",
+        {"model": args.model, "task": task.name, "summary": frame.to_dict("records")},
+        args,
+        files,
     )
     big = max(sigmas)
     how = f"{'relative' if args.relative else 'absolute'} Gaussian noise at {', '.join(sites)}"
@@ -119,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
             ("summary", frame, "One row per noise level."),
         ],
         title=f"APEX on {args.model}",
+        provenance=provenance(args, files),
     )
     print(frame.to_string(index=False))
-    print(f"wrote {out / 'apex.csv'}, {out / 'apex.json'}, {out / 'apex.html'}")
+    print(f"wrote {', '.join(files)}")
     return 0
 

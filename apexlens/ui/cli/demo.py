@@ -10,10 +10,17 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo", help="run the demo on the shipped toy models (offline) and write an HTML report"
     )
+    from apexlens.ui.cli.common import add_overwrite
+
     p.add_argument(
-        "--out", default="apexlens-report", help="output directory (default: apexlens-report)"
+        "--out",
+        default="apexlens-report",
+        help="output directory for report.html, created if needed (default: apexlens-report)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar on stderr (default: show it)"
+    )
+    add_overwrite(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from apexlens.errors import ApexlensError
-from apexlens.ui.cli.common import add_common, check_out, model_and_task
+from apexlens.ui.cli.common import add_common, check_out, model_and_task, provenance, write_json
 
 
 def add_parser(sub: Any) -> None:
@@ -24,30 +21,44 @@ def add_parser(sub: Any) -> None:
         help="the feature: 'm1.n34' (MLP neuron), 'L.H.attn:K' (attention to key K), "
         "'logit:T', '<hook>[i]'; optionally '@position' (default: the last)",
     )
-    p.add_argument("--n-pos", type=int, default=None, help="input length (default: the task's)")
-    p.add_argument("--steps", type=int, default=200, help="soft-input steps (default 200)")
-    p.add_argument("--restarts", type=int, default=8, help="starting points (default 8)")
-    p.add_argument("--refine-steps", type=int, default=20, help="rounds of discrete swaps")
+    p.add_argument(
+        "--n-pos", type=int, default=None, help="input length (default: the task's prompt length)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=200, help="soft-input optimisation steps (default: 200)"
+    )
+    p.add_argument(
+        "--restarts", type=int, default=8, help="independent starting points (default: 8)"
+    )
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=20,
+        help="rounds of discrete single-token swaps after the soft optimisation (default: 20)",
+    )
     p.add_argument(
         "--natural",
         type=int,
         default=512,
-        help="natural prompts of the task to compare against (default 512, duplicates dropped)",
+        help="natural prompts of the task to compare against (default: 512; duplicates dropped)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.natural < 3:  # the arguments first: an error comes back at once
+        raise ApexlensError("--natural must be at least 3")
+    check_out(Path(args.out))  # before anything is computed
+
+    import torch
+
     import apexlens
     from apexlens.ui.plotting_fv import fv_check_figure
     from apexlens.ui.report import write_report
 
-    if args.natural < 3:
-        raise ApexlensError("--natural must be at least 3")
-    check_out(Path(args.out))  # before anything is computed
     model, task = model_and_task(args)
     apexlens.parse_feature(model, args.feature)  # a bad feature fails before any compute
     natural = torch.unique(task.batch(args.natural, seed=args.seed).clean_tokens, dim=0)
-    n_pos = args.n_pos or int(natural.shape[1])
+    n_pos = int(natural.shape[1]) if args.n_pos is None else args.n_pos
     check = apexlens.fv_check(
         model,
         args.feature,
@@ -77,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
         },
         "verdict": check.verdict,
     }
-    (out / "visualize.json").write_text(json.dumps(summary, indent=2, default=str))
+    names = ("fv.csv", "natural_top.csv", "check.csv", "visualize.json", "visualize.html")
+    files = [str(out / f) for f in names]
+    write_json(out / "visualize.json", summary, args, files)
     write_report(
         out / "visualize.html",
         [
@@ -92,13 +105,11 @@ def run(args: argparse.Namespace) -> int:
             ("Attribution share per upstream component", check.attribution_frame()),
         ],
         title=f"feature visualization of {check.feature.label} on {args.model}",
+        provenance=provenance(args, files),
     )
     print(f"{check.feature.label}: FV '{summary['fv_text']}' -> {check.fv_activation:.4g}")
     print(check.verdict)
-    print(
-        f"wrote {out / 'fv.csv'}, {out / 'natural_top.csv'}, {out / 'check.csv'}, "
-        f"{out / 'visualize.json'}, {out / 'visualize.html'}"
-    )
+    print(f"wrote {', '.join(files)}")
     return 0
 
 
