@@ -21,6 +21,7 @@ a call and then restores every module's training flag exactly as the user had it
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 import weakref
 from collections import OrderedDict
@@ -77,15 +78,23 @@ def _hooks_of(model: Any, fwd_hooks: list[tuple[str, HookFn]]) -> Any:
     """``model.hooks(fwd_hooks)``, or, for TransformerLens' own ``HookedRootModule.hooks``,
     the same context touching only the hook points given: its exit walks every hook point
     of the model (about as long as a forward of a two-layer toy model)."""
-    try:
-        from transformer_lens.hook_points import HookedRootModule
-    except ImportError:  # pragma: no cover - TransformerLens is a dependency
-        return model.hooks(fwd_hooks=fwd_hooks)
-    if getattr(type(model), "hooks", None) is not HookedRootModule.hooks or not hasattr(
+    own = _root_hooks()
+    if own is None or getattr(type(model), "hooks", None) is not own or not hasattr(
         model, "mod_dict"
     ):
         return model.hooks(fwd_hooks=fwd_hooks)
     return _touched_hooks(model, fwd_hooks)
+
+
+@functools.cache
+def _root_hooks() -> Any:
+    """``HookedRootModule.hooks``, looked up once (from ``transformer_lens``, where TL 3 and
+    TL 4 both export it; its old ``hook_points`` path warns on every import in TL 3)."""
+    try:
+        from transformer_lens import HookedRootModule
+    except ImportError:  # pragma: no cover - TransformerLens is a dependency
+        return None
+    return HookedRootModule.hooks
 
 
 @contextmanager
