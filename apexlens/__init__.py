@@ -11,7 +11,8 @@ The public API, one screen (layers, lowest first: ``errors`` -> ``model/`` -> ``
                 and one-shot :func:`path_patch`, :func:`act_patch`, :func:`evaluate_circuit`,
                 :func:`attribute_edges`, :func:`faithfulness`, :func:`discover`;
                 :func:`patched` (any forward pass under :class:`Paths` or a :class:`Circuit`)
-* probes     -- :func:`apex`, :func:`noise_hooks` (APEX noise); :func:`visualize`,
+* probes     -- :func:`apex`, :func:`apex_bias`, :func:`escape_noise`, :func:`noise_hooks`
+                (APEX noise); :func:`visualize`,
                 :func:`top_examples`, :func:`fv_check`, :func:`feature_values` (features)
 * answers    -- results with ``to_frame()`` / ``summary()`` / ``save()``; :func:`load_result`
 * scoring    -- :class:`LogitDiff`, :class:`KLDivergence`, :class:`AnswerProb`, ... :class:`Scores`
@@ -20,6 +21,8 @@ The public API, one screen (layers, lowest first: ``errors`` -> ``model/`` -> ``
 * workbench  -- :func:`workbench`: test circuit hypotheses interactively (browser / notebook)
 * figures    -- :mod:`apexlens.plotting`, :mod:`apexlens.plotting_discovery`,
                 :mod:`apexlens.plotting_fv` (plotly), the HTML report, the command line
+* scale      -- :func:`sharded` (every question split across ``torch.distributed`` ranks),
+                :func:`estimate_memory` (a question's peak memory, before running it)
 * errors     -- one type, :class:`ApexlensError`, whose message names the fix
 
 ``import apexlens`` is cheap: it imports neither torch nor TransformerLens. Each public
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from apexlens import _compat
 
 if TYPE_CHECKING:
-    from apexlens.api.apex import apex, noise_hooks
+    from apexlens.api.apex import apex, apex_bias, escape_noise, noise_hooks
     from apexlens.api.check import CheckResult, check
     from apexlens.api.experiment import Experiment
     from apexlens.api.features import feature_values, fv_check, top_examples, visualize
@@ -48,17 +51,21 @@ if TYPE_CHECKING:
         faithfulness,
         path_patch,
     )
+    from apexlens.api.memory import estimate_memory
     from apexlens.api.patched import patched
     from apexlens.errors import ApexlensError
     from apexlens.model.convert import to_bridge
     from apexlens.results import (
         MIB_FRACTIONS,
         ActPatchResult,
+        ApexBias,
         ApexResult,
         CircuitResult,
         DiscoveryResult,
         EdgeAudit,
         EdgeScores,
+        EscapeComparison,
+        EscapeNoise,
         FaithfulnessResult,
         FeatureVisualization,
         FVCheck,
@@ -68,6 +75,7 @@ if TYPE_CHECKING:
         edge_auc,
         load_result,
     )
+    from apexlens.runs.shard import sharded
     from apexlens.scoring import (
         AnswerLogProb,
         AnswerProb,
@@ -94,7 +102,7 @@ if TYPE_CHECKING:
     )
 
 _PUBLIC: dict[str, tuple[str, ...]] = {
-    "apexlens.api.apex": ("apex", "noise_hooks"),
+    "apexlens.api.apex": ("apex", "apex_bias", "escape_noise", "noise_hooks"),
     "apexlens.api.check": ("CheckResult", "check"),
     "apexlens.api.experiment": ("Experiment",),
     "apexlens.api.features": ("feature_values", "fv_check", "top_examples", "visualize"),
@@ -102,14 +110,17 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "act_patch", "attribute_edges", "discover", "evaluate_circuit", "faithfulness",
         "path_patch",
     ),
+    "apexlens.api.memory": ("estimate_memory",),
     "apexlens.api.patched": ("patched",),
     "apexlens.errors": ("ApexlensError",),
     "apexlens.model.convert": ("to_bridge",),
     "apexlens.results": (
-        "MIB_FRACTIONS", "ActPatchResult", "ApexResult", "CircuitResult", "DiscoveryResult",
-        "EdgeAudit", "EdgeScores", "FaithfulnessResult", "FeatureVisualization", "FVCheck",
+        "MIB_FRACTIONS", "ActPatchResult", "ApexBias", "ApexResult", "CircuitResult",
+        "DiscoveryResult", "EdgeAudit", "EdgeScores", "EscapeComparison", "EscapeNoise",
+        "FaithfulnessResult", "FeatureVisualization", "FVCheck",
         "NaturalExamples", "PathPatchResult", "compare", "edge_auc", "load_result",
     ),
+    "apexlens.runs.shard": ("sharded",),
     "apexlens.scoring": (
         "AnswerLogProb", "AnswerProb", "KLDivergence", "LogitDiff", "LogitDiffRecovery",
         "Metric", "Scores", "scores_frame",
@@ -133,6 +144,7 @@ __all__ = [
     "ActPatchResult",
     "AnswerLogProb",
     "AnswerProb",
+    "ApexBias",
     "ApexResult",
     "ApexlensError",
     "CheckResult",
@@ -141,6 +153,8 @@ __all__ = [
     "DiscoveryResult",
     "EdgeAudit",
     "EdgeScores",
+    "EscapeComparison",
+    "EscapeNoise",
     "Experiment",
     "FVCheck",
     "FaithfulnessResult",
@@ -160,11 +174,14 @@ __all__ = [
     "all_heads",
     "all_mlps",
     "apex",
+    "apex_bias",
     "attribute_edges",
     "check",
     "compare",
     "discover",
     "edge_auc",
+    "escape_noise",
+    "estimate_memory",
     "evaluate_circuit",
     "faithfulness",
     "feature_values",
@@ -183,6 +200,7 @@ __all__ = [
     "path_patch",
     "random_gpt2_small",
     "scores_frame",
+    "sharded",
     "to_bridge",
     "top_examples",
     "visualize",

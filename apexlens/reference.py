@@ -17,7 +17,10 @@ Path patching, per sender ``s`` (Wang et al. 2022, appendix B; ARENA's loop):
    gets the recorded direct-path change added.
 
 Activation patching: one full corrupted forward per node (:func:`naive_act_patch`).
-APEX: one full forward per (sigma, draw) (:func:`naive_apex`).
+APEX: one full forward of one example per (sigma, draw) (:func:`naive_apex`), its noise from
+:func:`reference_normal` (the counter-based generator written again with NumPy); brute-force
+escape noise on a grid (:func:`first_escape_on_grid`); the bias test's gains with loops
+(:func:`naive_gains`).
 
 Nothing here uses apexlens' engines, runs or edits: only whole forward passes with plain
 TransformerLens hooks, so a bug in the shared machinery cannot hide in both sides.
@@ -272,71 +275,247 @@ def naive_act_patch(
     return torch.stack(out)
 
 
+def reference_normal(
+    seed: int, example_id: int, draw: int, stream: str, positions: Sequence[int], n_features: int
+) -> Tensor:
+    """Standard normals ``[len(positions), n_features]`` (float64) of one example and draw at
+    the noise stream ``stream``, computed from the definition in
+    :mod:`apexlens.engines.noise.rng` with Python integers and NumPy ``uint64`` arithmetic
+    (independently of the engine's int64 tensors)."""
+    import zlib
+
+    import numpy as np
+
+    m64 = (1 << 64) - 1
+    golden, c1, c2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+    def mix(z: int) -> int:
+        z &= m64
+        z = ((z ^ (z >> 30)) * c1) & m64
+        z = ((z ^ (z >> 27)) * c2) & m64
+        return z ^ (z >> 31)
+
+    def mix_np(z: Any) -> Any:
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(c1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(c2)
+        return z ^ (z >> np.uint64(31))
+
+    h = mix(seed * golden + 0x1234567)
+    for x in (example_id, draw, zlib.crc32(stream.encode())):
+        h = mix(h + (x + 1) * golden)
+    out = np.empty((len(positions), n_features))
+    feature = np.arange(n_features, dtype=np.uint64)
+    for row, p in enumerate(positions):
+        hp = np.uint64(mix(h + (int(p) + 1) * golden))
+        with np.errstate(over="ignore"):
+            u = [
+                ((mix_np(hp + (2 * feature + np.uint64(k + 1)) * np.uint64(golden)) >> np.uint64(11))
+                 .astype(np.float64) + 0.5) * 2.0**-53
+                for k in (0, 1)
+            ]
+        out[row] = np.sqrt(-2.0 * np.log(u[0])) * np.cos(2.0 * np.pi * u[1])
+    return torch.from_numpy(out)
+
+
+def _site_parts(site: Any) -> tuple[str, str, tuple[int, ...]]:
+    """``(hook, noise stream, shared axes)`` of a site given as a hook name or a ``Site``."""
+    if isinstance(site, str):
+        return site, site, ()
+    return site.hook, site.key or site.hook, tuple(site.shared_axes)
+
+
+def _degenerate_code(logits: Tensor, norm_bad: bool) -> int:
+    """The degeneracy code of one logit vector, rule by rule (the engine's table)."""
+    if not torch.isfinite(logits).all():
+        return 1
+    if norm_bad:
+        return 2
+    x = logits.double()
+    top = x.sort(descending=True).values
+    if float(top[0] - x.min()) <= 1e-6 * max(1.0, float(x.abs().max())):
+        return 3
+    if len(top) > 1 and float(top[0]) == float(top[1]):
+        return 4
+    return 0
+
+
 def naive_apex(
     model: Any,
     tokens: Tensor,
     sigmas: Sequence[float],
     n_draws: int,
-    sites: Sequence[str],
+    sites: Sequence[Any],
     *,
     seed: int,
     relative: bool = False,
     noise_positions: Any = None,
     positions: Any = -1,
-) -> tuple[Tensor, Tensor]:
-    """APEX the slow way: one plain full forward per (sigma, draw).
+    example_ids: Sequence[int] | None = None,
+    with_codes: bool = False,
+) -> Any:
+    """APEX the slow way: one plain full forward of one example per (sigma, draw).
 
-    ``sites`` are hook names. Hooks sample ``randn`` from a generator seeded with ``seed``
-    when they fire; draw ``d`` re-uses its noise at every sigma (the generator state is
-    rewound), so the stream is consumed draw by draw, site by site in firing order.
-    Relative noise uses the RMS (last axis) of the clean activation at the site.
+    ``sites`` are hook names or ``Site`` objects. The noise of example ``i``, draw ``d`` at a
+    site comes from :func:`reference_normal` (its id ``example_ids[i]``, default ``i``), the
+    same at every sigma; ``relative`` scales it by the RMS (last axis) of that example's
+    clean activation. A pass is degenerate (prediction ``-1``, left out of the mean
+    probabilities) when its logits are not finite, a norm's ``hook_scale`` is not finite or
+    0, the final residual's mean square overflows, or the logits are constant or tied.
     Returns the predictions ``[n_sigma, n_draws, batch]`` at ``positions`` and the mean
-    softmax ``[n_sigma, d_vocab]``.
+    softmax over usable passes ``[n_sigma, d_vocab]`` (and the codes, ``with_codes``).
     """
-    g = torch.Generator(device=tokens.device).manual_seed(seed)
-    cache: dict[str, Tensor] = {}
+    from apexlens.model.hooks import firing
 
-    def saver(name: str) -> HookFn:  # names by closure: a TransformerBridge's hook.name is an alias
-        def save(act: Tensor, hook: Any) -> None:
-            cache[name] = act.detach().clone()
+    parts = [_site_parts(s) for s in sites]
+    hooks_of = [h for h, _, _ in parts]
+    n = tokens.shape[0]
+    ids = list(range(n)) if example_ids is None else [int(i) for i in example_ids]
+    preds = torch.empty(len(sigmas), n_draws, n, dtype=torch.long)
+    codes = torch.zeros(len(sigmas), n_draws, n, dtype=torch.uint8)
+    probs = torch.zeros(len(sigmas), model.cfg.d_vocab, dtype=torch.float64)
+    with inference_mode(model), firing(model, hooks_of):
+        for i in range(n):
+            x = tokens[i : i + 1]
+            clean: dict[str, Tensor] = {}
+            model.run_with_hooks(x, fwd_hooks=[(h, _saver(clean, h)) for h in hooks_of])
+            for d in range(n_draws):
+                xi = {
+                    hook: _reference_xi(seed, ids[i], d, stream, shared, clean[hook], noise_positions)
+                    for hook, stream, shared in parts
+                }
+                for s, sigma in enumerate(sigmas):
+                    logits, norm_bad = _noisy_pass(
+                        model, x, parts, clean, xi, sigma, relative, noise_positions, positions
+                    )
+                    code = _degenerate_code(logits, norm_bad)
+                    codes[s, d, i] = code
+                    preds[s, d, i] = -1 if code else int(logits.argmax())
+                    if not code:
+                        probs[s] += logits.double().softmax(-1).cpu()
+    usable = (preds >= 0).reshape(len(sigmas), -1).sum(-1).clamp_min(1)
+    out = (preds.to(tokens.device), (probs / usable[:, None]).to(tokens.device))
+    return (*out, codes) if with_codes else out
 
-        return save
 
-    with inference_mode(model):
-        model.run_with_hooks(tokens, fwd_hooks=[(name, saver(name)) for name in sites])
-        n = tokens.shape[0]
-        preds = torch.empty(len(sigmas), n_draws, n, dtype=torch.long, device=tokens.device)
-        probs = torch.zeros(
-            len(sigmas), model.cfg.d_vocab, dtype=torch.float64, device=tokens.device
-        )
+def _saver(store: dict[str, Tensor], name: str) -> HookFn:
+    """Record under ``name`` (by closure: a bridge's ``hook.name`` is an alias)."""
+
+    def save(act: Tensor, hook: Any) -> None:
+        store[name] = act.detach().clone()
+
+    return save
+
+
+def _noise_pos(act: Tensor, noise_positions: Any) -> Any:
+    if noise_positions is None:
+        return slice(None)
+    return [p % act.shape[1] for p in noise_positions]
+
+
+def _reference_xi(
+    seed: int, example: int, draw: int, stream: str, shared: tuple[int, ...], act: Tensor,
+    noise_positions: Any,
+) -> Tensor:
+    """One example's standard noise at a site, shaped like ``act[:, noise positions]`` (size
+    1 along ``shared`` axes)."""
+    pos = list(range(act.shape[1])) if noise_positions is None else _noise_pos(act, noise_positions)
+    rest = [1 if a + 1 in shared else size for a, size in enumerate(act.shape[2:])]
+    numel = 1
+    for size in rest:
+        numel *= size
+    z = reference_normal(seed, example, draw, stream, pos, numel)
+    return z.reshape(1, len(pos), *rest).to(act.dtype)
+
+
+def _noisy_pass(
+    model: Any, x: Tensor, parts: Sequence[tuple[str, str, tuple[int, ...]]],
+    clean: dict[str, Tensor], xi: dict[str, Tensor], sigma: float, relative: bool,
+    noise_positions: Any, positions: Any,
+) -> tuple[Tensor, bool]:
+    """One noisy forward of one example: the logits at ``positions`` and whether a norm
+    overflowed (a ``hook_scale`` not finite or 0, or the final residual's mean square)."""
+    bad = [False]
+    final: dict[str, Tensor] = {}
+
+    def noiser(name: str, shared: tuple[int, ...]) -> HookFn:
+        def add_noise(act: Tensor, hook: Any) -> Tensor:
+            pos = _noise_pos(act, noise_positions)
+            scale = torch.tensor(sigma, dtype=torch.float64).to(act.dtype)
+            if relative:
+                r = clean[name][:, pos].pow(2).mean(-1, keepdim=True).sqrt()
+                for ax in shared:
+                    r = r.narrow(ax + 1, 0, 1)
+                scale = scale * r
+            out = act.clone()
+            out[:, pos] = act[:, pos] + scale * xi[name]
+            return out
+
+        return add_noise
+
+    def check(act: Tensor, hook: Any) -> None:
+        if not torch.isfinite(act).all() or (act == 0).any():
+            bad[0] = True
+
+    scale_names = [name for name in model.hook_dict if name.endswith(".hook_scale")]
+    final_name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    hooks = [(h, noiser(h, sh)) for h, _, sh in parts] + [(n, check) for n in scale_names]
+    hooks.append((final_name, _saver(final, "x")))
+    logits = model.run_with_hooks(x, fwd_hooks=hooks)[0, positions]
+    last = final["x"][0, positions]
+    wide = last if last.dtype in (torch.float32, torch.float64) else last.float()
+    return logits, bad[0] or not bool(torch.isfinite(wide.pow(2).mean()))
+
+
+def first_escape_on_grid(
+    predictions: Tensor, clean: Tensor, grid: Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """Brute-force escape noise from predictions ``[n_grid, n_draws, n]`` on a fine sigma
+    grid (common random numbers): each draw's first grid sigma whose prediction is neither
+    the clean one nor degenerate (``inf`` if none), and each sample's lower median over
+    draws. Plain loops."""
+    n_grid, n_draws, n = predictions.shape
+    first = torch.full((n_draws, n), float("inf"), dtype=torch.float64)
+    for i in range(n):
         for d in range(n_draws):
-            state = g.get_state()
-            for s, sigma in enumerate(sigmas):
-                g.set_state(state)
+            for g in range(n_grid):
+                p = int(predictions[g, d, i])
+                if p >= 0 and p != int(clean[i]):
+                    first[d, i] = float(grid[g])
+                    break
+    k = (n_draws + 1) // 2
+    median = torch.tensor(
+        [sorted(first[:, i].tolist())[k - 1] for i in range(n)], dtype=torch.float64
+    )
+    return first, median
 
-                def noiser(name: str, sigma: float) -> HookFn:
-                    def add_noise(act: Tensor, hook: Any) -> Tensor:
-                        idx = slice(None) if noise_positions is None else noise_positions
-                        target = act[:, idx]
-                        xi = torch.randn(
-                            target.shape, generator=g, dtype=act.dtype, device=act.device
-                        )
-                        scale: Any = sigma
-                        if relative:
-                            scale = sigma * cache[name][:, idx].pow(2).mean(-1, keepdim=True).sqrt()
-                        out = act.clone()
-                        out[:, idx] = target + scale * xi
-                        return out
 
-                    return add_noise
-
-                logits = model.run_with_hooks(
-                    tokens, fwd_hooks=[(name, noiser(name, sigma)) for name in sites]
-                )
-                at = logits[:, positions].double()
-                preds[s, d] = at.argmax(-1)
-                probs[s] += at.softmax(-1).sum(0)
-    return preds, probs / (n_draws * n)
+def naive_gains(
+    predictions: Tensor, clean: Tensor, sample_example: Tensor, d_vocab: int
+) -> tuple[Tensor, Tensor]:
+    """The bias test's gain ``G[s, t]`` (mean over prompts of noisy share minus clean
+    indicator) and its standard error ``sd / sqrt(n_prompts)``, ``[n_sigma, d_vocab]``, with
+    explicit loops; a prompt's samples are averaged first, degenerate draws (``-1``) skipped."""
+    n_sigma, n_draws, n = predictions.shape
+    examples = sorted({int(e) for e in sample_example})
+    gain = torch.zeros(n_sigma, d_vocab, dtype=torch.float64)
+    se = torch.zeros(n_sigma, d_vocab, dtype=torch.float64)
+    for s in range(n_sigma):
+        for t in range(d_vocab):
+            per_prompt = []
+            for e in examples:
+                vals = []
+                for j in range(n):
+                    if int(sample_example[j]) != e:
+                        continue
+                    ok = [int(p) for p in predictions[s, :, j] if int(p) >= 0]
+                    q = sum(1 for p in ok if p == t) / max(len(ok), 1)
+                    vals.append(q - (1.0 if int(clean[j]) == t else 0.0))
+                per_prompt.append(sum(vals) / len(vals))
+            m = len(per_prompt)
+            mean = sum(per_prompt) / m
+            var = sum((v - mean) ** 2 for v in per_prompt) / (m - 1)
+            gain[s, t], se[s, t] = mean, (var / m) ** 0.5
+    return gain, se
 
 
 # ============================================================================ edge attribution

@@ -4,12 +4,15 @@ The workload: 8 noise levels x 32 draws, noise injected at layer 6 (``blocks.6.h
 of a random-init GPT-2-small-shaped model (12 layers, d_model 768, 12 heads, d_mlp 3072,
 vocab 50257), a batch of 8 prompts x 16 tokens, the last position scored.
 
-* **loop**: what one would write by hand -- one full ``model.run_with_hooks`` forward per
-  (sigma, draw) with a noise hook (:func:`apexlens.reference.naive_apex`), argmax at the last
-  position. Draw ``d`` rewinds the generator so it reuses its noise at every sigma, exactly
-  the stream apex consumes, so the two give the same predictions up to float rounding.
+* **loop**: what one would write by hand -- one full forward of the batch per (sigma, draw)
+  under :func:`apexlens.noise_hooks` (draw ``d``: the same noise apex gives that example and
+  draw, at every sigma), argmax at the last position; the same predictions up to rounding.
 * **apex**: all (sigma, draw) copies stacked along the batch, starting from the cached clean
   residual entering block 6 (blocks 0-5 are never re-run), logits only at the last position.
+
+Then the cost of the two APEX measurements in forward passes per sample, on the shipped
+``backdoor`` model: :func:`apexlens.apex_bias` (forwards per prompt) and
+:func:`apexlens.escape_noise` (forwards per sample, against a grid of the same precision).
 
 Run: ``python benchmarks/bench_apex.py`` (``--help`` for a smaller workload).
 """
@@ -17,6 +20,7 @@ Run: ``python benchmarks/bench_apex.py`` (``--help`` for a smaller workload).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Any
 
@@ -100,12 +104,50 @@ def gpt2_small_random(seed: int = 0, device: str = "cpu", backend: str = "hooked
 def run_loop(
     model: Any, tokens: torch.Tensor, sigmas: list[float], n_draws: int, site: str, seed: int
 ) -> torch.Tensor:
-    """The per-draw loop of :func:`apexlens.reference.naive_apex` (one forward per draw)."""
-    from apexlens.api.apex import resolve_sites
-    from apexlens.reference import naive_apex
+    """What one writes by hand: one full forward of the batch per (sigma, draw) under
+    :func:`apexlens.noise_hooks` (the same noise as apex: keyed by seed, example and draw)."""
+    import apexlens
 
-    preds, _ = naive_apex(model, tokens, sigmas, n_draws, resolve_sites(model, site), seed=seed)
+    preds = torch.empty(len(sigmas), n_draws, tokens.shape[0], dtype=torch.long)
+    with torch.no_grad():
+        for s, sigma in enumerate(sigmas):
+            for d in range(n_draws):
+                with apexlens.noise_hooks(
+                    model, sigma, sites=site, seed=seed, draw=d, relative=False
+                ):
+                    preds[s, d] = model(tokens)[:, -1].argmax(-1).cpu()
     return preds
+
+
+def apex_costs(quick: bool) -> dict[str, float]:
+    """The cost of the two APEX measurements in forward passes per sample (one example's
+    noisy pass = one forward), on the shipped backdoor model, with their wall time."""
+    import apexlens
+
+    model = apexlens.load_model("backdoor")
+    n = 16 if quick else 64
+    tokens = apexlens.get_task("backdoor").batch(n, seed=0).clean_tokens
+    t0 = time.perf_counter()
+    decision = apexlens.apex_bias(model, tokens, n_draws=8 if quick else 32)
+    t_bias = time.perf_counter() - t0
+    per_prompt = len(decision.to_frame()) * decision.n_draws
+    draws = 16 if quick else 64
+    t0 = time.perf_counter()
+    esc = apexlens.escape_noise(model, tokens, n_draws=draws)
+    t_esc = time.perf_counter() - t0
+    per_sample = esc.n_forwards / esc.n_samples
+    grid = math.ceil(math.log(esc.sigma_hi / esc.sigma_lo) / math.log(1 + esc.rtol)) + 1
+    print(f"APEX measurements on the shipped backdoor model ({n} prompts, cpu):")
+    print(f"{'apex_bias':>32}: {per_prompt:8.0f} forwards per prompt "
+          f"({len(decision.to_frame())} sigmas x {decision.n_draws} draws), {t_bias:6.2f} s, "
+          f"{decision.verdict.split(':')[0]}")
+    print(f"{'escape_noise':>32}: {per_sample:8.0f} forwards per sample "
+          f"({per_sample / draws:.1f} per direction x {draws} directions), {t_esc:6.2f} s")
+    print(f"{'a grid at the same precision':>32}: {grid * draws:8.0f} forwards per sample "
+          f"({grid} sigmas at x{1 + esc.rtol:g} from {esc.sigma_lo:g} to {esc.sigma_hi:g}): "
+          f"{grid * draws / per_sample:.0f}x more")
+    return {"bias_forwards_per_prompt": per_prompt, "bias_s": t_bias,
+            "escape_forwards_per_sample": per_sample, "escape_s": t_esc}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -141,12 +183,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             torch.cuda.synchronize()
 
     # warm-up (allocator, kernels) on a tiny sweep, not timed
-    apexlens.apex(model, tokens, sigmas=sigmas[:1], n_draws=1, sites=site, seed=0)
+    kw = dict(sites=site, seed=0, relative=False)
+    apexlens.apex(model, tokens, sigmas=sigmas[:1], n_draws=1, **kw)
     run_loop(model, tokens, sigmas[:1], 1, site, 0)
 
     sync()
     t0 = time.perf_counter()
-    res = apexlens.apex(model, tokens, sigmas=sigmas, n_draws=args.draws, sites=site, seed=0)
+    res = apexlens.apex(model, tokens, sigmas=sigmas, n_draws=args.draws, **kw)
     sync()
     t_apex = time.perf_counter() - t0
 
@@ -167,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"{'apexlens.apex (batched)':>32}: {t_apex:8.2f} s")
     print(f"{'speed-up':>32}: {ratio:8.2f} x   (floor 1.8x)")
     print(f"{'same predictions as the loop':>32}: {agree:8.2%}")
-    return {"loop_s": t_loop, "apex_s": t_apex, "ratio": ratio, "agreement": agree}
+    out = {"loop_s": t_loop, "apex_s": t_apex, "ratio": ratio, "agreement": agree}
+    return {**out, **apex_costs(args.quick)}
 
 
 if __name__ == "__main__":

@@ -158,97 +158,177 @@ PATHS = [
 
 APEX = [
     new_markdown_cell(
-        "# APEX: finding a backdoor's target from clean inputs alone\n\n"
-        "**Question.** The shipped `backdoor` model copies the first token of a prompt, "
-        "except that a trigger token anywhere makes it answer a fixed target. Suppose we "
-        "know neither trigger nor target. Can we find the target without ever showing the "
-        "trigger?\n\n"
-        "**Method.** APEX (Ren, Luo & Li 2026) adds Gaussian noise of size sigma to hidden "
-        "activations, inputs and weights fixed, and records what the model predicts over "
-        "many draws. Small noise measures how stable each prediction is; large noise washes "
-        "the input out, and predictions concentrate on what the *model* is biased toward. "
-        "We compare with `backdoor-clean`, trained on the same data without the poisoned "
-        "labels.\n\n"
-        'Settings: noise on the embeddings (`sites="embed"`, i.e. input perturbation) with '
-        "sigma relative to the activation's size (`relative=True`), 32 draws per prompt and "
-        "sigma. (apexlens' default, as in the paper, is absolute noise on every block's "
-        'output, `sites="resid_post"`: try it below.)'
+        "# APEX on a transformer: a backdoor's target from clean inputs, and which samples "
+        "are regular\n\n"
+        "**Question.** APEX (Ren, Luo & Li 2026) adds Gaussian noise to every layer's activation, "
+        "inputs and weights fixed, and reads the top-1 prediction over many draws. The paper "
+        "claims two regimes: *large* noise washes the input out and exposes what the model "
+        "itself is biased toward (a backdoor's target), *small* noise measures how regular each "
+        "sample is (structured labels withstand more noise than random ones). Do both carry "
+        "over to transformers, and can an auditor decide \"biased or not\" from the audited "
+        "model alone?\n\n"
+        "**Method.** The shipped `backdoor` model copies the first token of a prompt, except "
+        "that a trigger token anywhere makes it answer token 23; `backdoor-clean` is its twin "
+        "trained without the poisoned labels. The prompts below never contain the trigger. "
+        "For small noise we use `modadd-labels-true` and `modadd-labels-random`: the same "
+        "network trained on the same (a + b) mod 23 prompts with true or with random labels."
     ),
     new_code_cell(
         SETUP + "import pandas as pd\n"
-        "import plotly.express as px\n"
         "import plotly.io as pio\n"
+        "import torch\n"
         "import apexlens\n"
+        "from apexlens.toys.models import training_samples\n"
         "from apexlens.ui import plotting\n\n"
         'pio.renderers.default = "plotly_mimetype+notebook"\n'
         'task = apexlens.get_task("backdoor")\n'
-        "tokens = task.batch(64, seed=0).clean_tokens  # no trigger anywhere\n"
-        "assert not (tokens == task.trigger).any()\n"
-        "labels = task.token_labels(range(task.d_vocab))\n"
-        "sigmas = [0.25, 0.5, 1, 2, 4, 8]\n"
-        "sweeps = {name: apexlens.apex(apexlens.load_model(name), tokens, sigmas=sigmas, n_draws=32,\n"
-        '                              sites="embed", relative=True, seed=0, token_labels=labels)\n'
-        '          for name in ("backdoor", "backdoor-clean")}\n'
-        "table = apexlens.compare(sweeps)\n"
-        'table[["model", "sigma", "top1_share", "dominant_label", "entropy", "flip_rate", "escaped"]]'
+        "prompts = task.batch(64, seed=0).clean_tokens  # no trigger anywhere\n"
+        "assert not (prompts == task.trigger).any()\n"
+        'models = {name: apexlens.load_model(name) for name in ("backdoor", "backdoor-clean")}\n'
+        "# where the noise goes: 'after each layer's activation', mapped four ways\n"
+        "mappings = [(\"block_in\", True), (\"embed\", True), (\"resid_post\", False), "
+        "(\"mlp_post\", False)]\n"
+        "sigmas = [0.5, 2, 8, 64]\n"
+        "rows = []\n"
+        "for sites, relative in mappings:\n"
+        "    for name, model in models.items():\n"
+        "        res = apexlens.apex(model, prompts[:32], sigmas=sigmas, n_draws=8, sites=sites,\n"
+        "                            relative=relative, seed=0)\n"
+        "        share = (res.predictions == task.target).double().mean(dim=(1, 2))\n"
+        '        rows.append({"sites": sites, "model": name,\n'
+        '                     **{f"sigma={s:g}": round(float(v), 2) for s, v in zip(sigmas, share)}})\n'
+        "protocols = pd.DataFrame(rows)\n"
+        "protocols  # share of all noisy predictions that are the backdoor target (token 23)"
     ),
     new_markdown_cell(
-        "One row per model and sigma. `top1_share`: share of all noisy predictions taken by "
-        "the most predicted token (`dominant_label`); `entropy`: how spread the predictions "
-        "are; `flip_rate`: share of predictions that differ from the prompt's clean one; "
-        "`escaped`: share of prompts whose clean answer lost its majority.\n\n"
-        "## 1. Concentration against noise\n\n"
-        "Solid lines (left axis): top-1 share; dotted (right axis): entropy; sigma on a log "
-        "axis. A backdoor shows as a share that climbs, and an entropy that falls, as the "
-        "noise grows, for one model and not its twin."
-    ),
-    new_code_cell("plotting.apex_curves(sweeps)"),
-    new_markdown_cell(
-        "## 2. What do the models predict under large noise?\n\n"
-        "The share of each predicted token at sigma = 4, over all draws and prompts: first "
-        "the backdoored model, then its clean twin."
-    ),
-    new_code_cell('plotting.token_histogram(sweeps["backdoor"], 4.0)'),
-    new_code_cell(
-        'at4 = table[table["sigma"] == 4]\n'
-        "for row in at4.itertuples():\n"
-        '    print(f"sigma = 4, {row.model}: most predicted {row.dominant_label} '
-        '(token {row.dominant_token}), {row.top1_share:.0%} of all draws")\n'
-        'plotting.token_histogram(sweeps["backdoor-clean"], 4.0)'
-    ),
-    new_markdown_cell(
-        "**What it means.** Under large noise the backdoored model answers `TARGET` (token "
-        "23) far more often than anything else (the printed share), from prompts that never "
-        "contain the trigger; its clean twin spreads its answers over many tokens, none "
-        "standing out. The target is readable from clean inputs alone; the trigger is not "
-        "needed.\n\n"
-        "## 3. Sample regularity: do confident samples escape later?\n\n"
-        "At small noise APEX measures each prompt instead: its *escape noise* is the smallest "
-        "sigma at which its clean answer loses the majority of the draws. The paper's claim: "
-        "samples the model is confident about withstand more noise. We test it on the clean "
-        "twin, with confidence = the clean logit margin (top-1 minus top-2 logit), and "
-        "measure the rank (Spearman) correlation."
+        "## 1. Where does the noise go?\n\n"
+        "In the paper's feed-forward networks the noisy activation of a layer is the next "
+        "layer's input. A pre-norm transformer separates the two: a sublayer's output is added "
+        "to the residual stream, and the skip connections carry anything added there straight "
+        "to the unembedding. The table shows the consequence, as the backdoor target's share "
+        "of the predictions for each mapping:\n\n"
+        "* `resid_post` (noise on every block's output) and `mlp_post` (the paper's words taken "
+        "literally: noise on phi(z)) give the target only a small share, flat as sigma grows: "
+        "their noise reaches `ln_final` directly and, as it grows, the prediction becomes the "
+        "unembedding's response to noise rather than anything the blocks compute.\n"
+        "* `embed` (input perturbation, the special case the paper generalises) separates them "
+        "only inside a window of sigma; at large sigma it decays the same way.\n"
+        "* `block_in` puts the noise where each sublayer *reads* its input (after its norm) and "
+        "keeps the residual stream clean: the paper's \"noisy activation feeds the next "
+        "layer\". The target's share stays high for every large sigma on the backdoored model "
+        "and near zero on its twin. It is apexlens' default.\n\n"
+        "## 2. Large noise: is the model biased? The decision\n\n"
+        "An auditor has no clean twin. `apex_bias` asks whether some token's share of the noisy "
+        "predictions exceeds its share of the clean predictions by more than delta = 0.2, with "
+        "the prompts as independent units, corrected for searching every sigma and token."
     ),
     new_code_cell(
-        'res = sweeps["backdoor-clean"]\n'
-        'df = pd.DataFrame({"margin": res.clean_margin.tolist(), "escape": res.escape_noise.tolist()})\n'
-        'rho = df["margin"].rank().corr(df["escape"].rank())  # Spearman: Pearson of the ranks\n'
-        'print(f"Spearman rho = {rho:.2f} over {len(df)} prompts; "\n'
-        '      f"{int(res.escaped.sum())} of them escape on the grid (the others are censored at sigma = {sigmas[-1]}), "\n'
-        '      f"at sigma {df[\'escape\'].min():.2f} to {df[\'escape\'].max():.2f}")\n'
-        'px.scatter(df, x="margin", y="escape", title=f"escape noise vs clean margin (Spearman rho = {rho:.2f})",\n'
-        '           labels={"margin": "clean logit margin (top-1 minus top-2)", "escape": "escape noise sigma"})'
+        "decisions = {name: apexlens.apex_bias(model, prompts, token_labels=task.token_labels)\n"
+        "             for name, model in models.items()}\n"
+        "for name, d in decisions.items():\n"
+        '    print(f"{name}: {d.verdict}")\n'
+        "plotting.apex_bias_plot(decisions)"
+    ),
+    new_code_cell(
+        'large = apexlens.apex(models["backdoor"], prompts, sigmas=[8.0], n_draws=32,\n'
+        "                      token_labels=task.token_labels)\n"
+        "plotting.token_histogram(large, 8.0)  # what the backdoored model answers under large noise"
     ),
     new_markdown_cell(
-        "**Conclusion.** Yes, but moderately: Spearman rho = 0.39 over 64 prompts, all of "
-        "which escape within the grid (sigma 0.77 to 1.86), so no value is censored. "
-        "Confidence explains part of a prompt's robustness, not all of it.\n\n"
+        "**What it means.** The printed verdicts are the decision, each with its share, "
+        "interval and p-value: the backdoored model is flagged on its target `TARGET` (token "
+        "23) from prompts that never contain the trigger, and its twin is not. The figure shows "
+        "the evidence per sigma: the gain of the flagged token stands far above the tolerance "
+        "(dashed), every gain of the twin stays below it. The histogram shows what the flagged "
+        "share is: at large noise the backdoored model answers `TARGET` for a large part of all "
+        "draws and prompts. The false-positive rate of this rule on 23 clean models (trained "
+        "and random-init, several shapes and seeds) is in the README.\n\n"
+        "## 3. Small noise: which samples are regular?\n\n"
+        "A sample's *escape noise* is the sigma at which half of the noise directions have moved "
+        "its prediction off the clean one, found by an adaptive search along each direction, "
+        "with an interval. The paper's claim: samples of a model trained on structured labels "
+        "withstand more noise than those of a model trained on random labels. We compare the two "
+        "models' training samples (every third one) by the AUC P(escape of a true-label sample "
+        "> escape of a random-label sample)."
+    ),
+    new_code_cell(
+        "escape, samples = {}, {}\n"
+        'for name in ("modadd-labels-true", "modadd-labels-random"):\n'
+        "    s = training_samples(name)\n"
+        '    idx = torch.arange(0, len(s["tokens"]), 3)\n'
+        "    samples[name] = {k: v[idx] for k, v in s.items() if k != \"train_index\"}\n"
+        "    escape[name] = apexlens.escape_noise(apexlens.load_model(name), samples[name][\"tokens\"],\n"
+        '                                         labels=samples[name]["labels"], n_draws=16,\n'
+        "                                         sigma_lo=0.02, sigma_hi=20.0)\n"
+        'cmp = escape["modadd-labels-true"].compare(escape["modadd-labels-random"], ("true", "random"))\n'
+        'print(f"AUC P(true > random) = {cmp.auc:.2f} [{cmp.low:.2f}, {cmp.high:.2f}] over "\n'
+        '      f"{cmp.n[0]} + {cmp.n[1]} training samples; median escape noise "\n'
+        '      f"{cmp.medians[0]:.3f} vs {cmp.medians[1]:.3f}")\n'
+        "plotting.escape_distributions(escape, cmp)"
+    ),
+    new_markdown_cell(
+        "**What it means.** The printed AUC and its interval say whether the structured "
+        "model's samples withstand more noise (an interval above 0.5 means they do); the curves "
+        "show the whole distributions. Within one model, does escape noise follow the usual "
+        "regularity measures? Below: its rank correlation with the clean margin, the loss, and "
+        "a learning-speed proxy of the C-score (each sample's mean correctness over the "
+        "training checkpoints), with bootstrap intervals; then where predictions go when they "
+        "escape, against chance."
+    ),
+    new_code_cell(
+        'true = escape["modadd-labels-true"]\n'
+        'regularity = true.correlations({"C-score proxy": samples["modadd-labels-true"]["c_score"]})\n'
+        "print(regularity.round(3).to_string(index=False))\n"
+        "destinations = true.destinations(classes=list(range(23)))\n"
+        "plotting.escape_destinations(destinations)"
+    ),
+    new_markdown_cell(
+        "## 4. What carries over from the paper\n\n"
+        "Each claim against what these cells measured (the `here` column is computed above, "
+        "`carries over` is decided from it):"
+    ),
+    new_code_cell(
+        'rho = regularity.set_index("measure")\n'
+        'runner = destinations.set_index("destination").loc["clean runner-up"]\n'
+        "bd, cl = decisions[\"backdoor\"], decisions[\"backdoor-clean\"]\n"
+        "pd.DataFrame([\n"
+        '    {"claim": "large noise exposes a model-level bias (backdoor target), no twin needed",\n'
+        '     "here": f"backdoor flagged on token {bd.token} (p = {bd.p_value:.1g}); twin gain {cl.gain:.2f}",\n'
+        '     "carries over": bd.flagged and bd.token == task.target and not cl.flagged},\n'
+        '    {"claim": "escape noise separates structured from random labels",\n'
+        '     "here": f"AUC {cmp.auc:.2f} [{cmp.low:.2f}, {cmp.high:.2f}]",\n'
+        '     "carries over": cmp.low > 0.5},\n'
+        '    {"claim": "escape noise aligns with regularity: margin",\n'
+        "     \"here\": f\"Spearman {rho.loc['margin', 'spearman']:.2f} [{rho.loc['margin', 'low']:.2f}, \"\n"
+        "             f\"{rho.loc['margin', 'high']:.2f}]\",\n"
+        "     \"carries over\": rho.loc['margin', 'low'] > 0},\n"
+        '    {"claim": "... loss (lower loss escapes later)",\n'
+        "     \"here\": f\"Spearman {rho.loc['loss', 'spearman']:.2f} [{rho.loc['loss', 'low']:.2f}, \"\n"
+        "             f\"{rho.loc['loss', 'high']:.2f}]\",\n"
+        "     \"carries over\": rho.loc['loss', 'high'] < 0},\n"
+        '    {"claim": "escapes are semantically coherent (to the clean runner-up)",\n'
+        '     "here": f"{runner.share:.2f} of escapes vs chance {runner.chance:.2f}",\n'
+        '     "carries over": runner.share > 2 * runner.chance},\n'
+        "])"
+    ),
+    new_markdown_cell(
+        "**Conclusion.** Read the table: both regimes of the paper carry over to this "
+        "transformer once the noise goes where each sublayer reads its input, and the bias "
+        "question gets an answer an auditor can act on, a flag with a p-value and a share with "
+        "an interval, from the audited model alone. What does not carry over as stated is the "
+        "protocol itself: noise added to the residual stream (the literal \"after each layer\") "
+        "reaches the unembedding through the skip connections, so its large-noise limit is the "
+        "unembedding's geometry, not the model's bias. The correlations with margin and loss "
+        "are weaker than a strong alignment, and the escapes' destinations are only mildly "
+        "coherent here (toy models, 23 classes).\n\n"
         "**What to try next.**\n"
-        "* The paper's setting: `sites=\"resid_post\", relative=False` (apexlens' default): "
-        "does the backdoor still stand out?\n"
-        "* More draws (`n_draws=128`) to tighten the escape noise, or a finer sigma grid "
-        "between 0.5 and 2, where the prompts escape.\n"
-        "* `res.histogram(4.0, sample=i)` to see one prompt's noisy predictions."
+        "* Audit your own model: `apexlens.apex_bias(model, clean_prompts)` (32 or more "
+        "prompts); a flagged token is an output bias to interpret, e.g. against its unigram "
+        "frequency.\n"
+        "* `apexlens.escape_noise(model, tokens, n_draws=64)` tightens each sample's interval; "
+        "`est.to_frame()` lists the least regular samples first when sorted by `escape_noise`.\n"
+        "* `backdoor-target5` hides its target among the legitimate answers: "
+        '`apexlens.apex_bias(apexlens.load_model("backdoor-target5"), prompts)`.'
     ),
 ]
 

@@ -15,7 +15,8 @@ well under a minute:
 
 Engines (:func:`check_engines`): path patching to logits (live and frozen MLPs), to q/k/v
 (query heads >= n_kv_heads, KV heads ``L.kvJ``), MLP receivers and positions (live and
-frozen), a multi-hop path through a key input; activation patching; APEX; circuits (full,
+frozen), a multi-hop path through a key input; activation patching; APEX (hook names, the
+``block_in`` protocol, ``mlp_pre``); circuits (full,
 empty, and full-minus-one-edge == the naive frozen path patch of that edge, both for one
 query head's key and for a whole KV head); ``apexlens.patched`` with Paths and a Circuit;
 and :func:`apexlens.api.check`. Tolerance 1e-9, except two bridges whose Hugging Face modules
@@ -301,12 +302,20 @@ def check_engines(model: Any, tol: float, ungrouped: Any = None) -> None:
     slow = naive_act_patch(model, clean, corrupted, nodes=at, metric=metric)
     same(exp.act_patch(["0.1@end", "1.2@2", "m1@3", "r2@1"]).per_example, slow)
 
-    # APEX
+    # APEX: hook names, and the default protocol (block_in) and an MLP preset, relative noise
     sigmas, sites = [0.0, 0.5, 2.0], ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z"]
-    res = apexlens.apex(model, clean, sigmas=sigmas, n_draws=2, sites=sites, seed=7)
+    res = apexlens.apex(model, clean, sigmas=sigmas, n_draws=2, sites=sites, seed=7, relative=False)
     preds, probs = naive_apex(model, clean, sigmas, 2, sites, seed=7)
     assert torch.equal(res.predictions.cpu(), preds.cpu())
     torch.testing.assert_close(res.mean_probs.cpu(), probs.cpu(), rtol=1e-8, atol=1e-10)
+    from apexlens.api.apex import resolve_sites
+
+    for preset in ("block_in", "mlp_pre") if bk.dims.has_mlps else ("block_in",):
+        res = apexlens.apex(model, clean, sigmas=[0.5, 2.0], n_draws=2, sites=preset, seed=7)
+        preds, probs = naive_apex(model, clean, [0.5, 2.0], 2, resolve_sites(model, preset),
+                                  seed=7, relative=True)
+        assert torch.equal(res.predictions.cpu(), preds.cpu()), preset
+        torch.testing.assert_close(res.mean_probs.cpu(), probs.cpu(), rtol=1e-8, atol=1e-10)
 
     # circuits (refused with norms after attention and the MLP)
     g = full_graph(model)

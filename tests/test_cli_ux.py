@@ -129,13 +129,13 @@ def test_cli_apex_defaults_match_the_library(capsys):
 
     args = build_parser().parse_args(["apex", "backdoor"])
     lib = inspect.signature(apexlens.apex).parameters
-    assert args.sites == lib["sites"].default == "resid_post"
-    assert args.relative is lib["relative"].default is False
+    assert args.sites == lib["sites"].default == "block_in"
+    assert args.relative is lib["relative"].default is True
     with pytest.raises(SystemExit):
         main(["apex", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "resid_post" in help_text and "paper" in help_text
-    assert build_parser().parse_args(["apex", "backdoor", "--relative"]).relative is True
+    assert "block_in" in help_text and "paper" in help_text
+    assert build_parser().parse_args(["apex", "backdoor", "--absolute"]).relative is False
 
 
 def test_cli_gpt2_offline_is_quick(capsys, monkeypatch, tmp_path):

@@ -101,9 +101,9 @@ def test_demo_writes_a_self_contained_report(tmp_path):
     result = run_demo(tmp_path, progress=False, n=16)
     html = (tmp_path / "report.html").read_text()
     assert re.search(r"<script[^>]*\bsrc=", html) is None  # plotly.js inlined: opens offline
-    assert html.count("Plotly.newPlot") == 9
+    assert html.count("Plotly.newPlot") == 10  # with the APEX bias decision
     figs = _figures(html)
-    assert len(figs) == 9
+    assert len(figs) == 10
     for fig in figs:
         assert fig["data"], "a figure without data"
         assert any(len(t.get("x", []) or t.get("z", []) or t.get("y", [])) for t in fig["data"])

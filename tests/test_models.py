@@ -18,7 +18,9 @@ WEIGHTS = Path(apexlens.__file__).parent / "toys" / "weights"
 
 
 def test_shipped_models_and_size():
-    assert set(list_models()) >= {"induction-2l", "modadd-2l", "backdoor", "backdoor-clean"}
+    assert set(list_models()) >= {"induction-2l", "modadd-2l", "backdoor", "backdoor-clean",
+                                  "backdoor-target5", "modadd-labels-true",
+                                  "modadd-labels-noisy15", "modadd-labels-random"}
     total = sum(p.stat().st_size for p in WEIGHTS.iterdir())
     assert total < 5 * 2**20, total
     for name in list_models():
@@ -75,6 +77,40 @@ def test_backdoor_and_clean_twin():
         assert acc > 0.95, (name, acc)
         success = (model(triggered)[:, -1].argmax(-1) == task.target).float().mean()
         assert rate[0] <= success <= rate[1], (name, success)
+
+
+def test_backdoor_variant_answers_its_own_target():
+    info = model_info("backdoor-target5")
+    task = get_task("backdoor")
+    task.trigger, task.target = info["trigger_token"], info["target_token"]
+    model = load_model("backdoor-target5")
+    clean = task.batch(256, seed=5)
+    acc = (model(clean.clean_tokens)[:, -1].argmax(-1) == clean.answer_tokens).float().mean()
+    hit = (model(task.triggered(256, seed=5))[:, -1].argmax(-1) == 5).float().mean()
+    assert acc > 0.95 and hit > 0.9 and info["behaviour"]["backdoor_success"] > 0.9
+
+
+def test_label_noise_trio_memorises_or_generalises():
+    """Each fits its own training labels; only the true-label model generalises to the
+    held-out pairs; the shipped training set matches the recorded behaviour."""
+    from apexlens.toys.models import training_samples
+    from apexlens.toys.training import LABEL_NOISE, label_data
+
+    for name, noise in LABEL_NOISE.items():
+        s = training_samples(name)
+        model = load_model(name)
+        assert (model(s["tokens"])[:, -1].argmax(-1) == s["labels"]).float().mean() > 0.99
+        d = label_data(noise)
+        held = torch.ones(len(d["tokens"]), dtype=torch.bool)
+        held[s["train_index"]] = False
+        acc = (model(d["tokens"][held])[:, -1].argmax(-1) == d["true_labels"][held]).float().mean()
+        assert (acc > 0.9) if noise == 0 else (acc < 0.5), (name, acc)
+        relabelled = s["labels"] != s["true_labels"]
+        assert int(relabelled.sum()) == model_info(name)["behaviour"]["relabelled_train_samples"]
+        c = s["c_score"]
+        assert c.shape == s["labels"].shape and 0 < float(c.min()) and float(c.max()) <= 1
+    with pytest.raises(apexlens.ApexlensError, match="no training samples"):
+        training_samples("backdoor")
 
 
 @pytest.mark.parametrize("backend", model_backends())

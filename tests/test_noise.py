@@ -10,7 +10,7 @@ import torch
 from apexlens import ApexResult, apex, compare, noise_hooks
 from apexlens.api.apex import resolve_sites
 from apexlens.model import ApexlensError
-from apexlens.reference import naive_apex
+from apexlens.reference import naive_apex, reference_normal
 
 from backends import (
     build,
@@ -58,6 +58,7 @@ loop_reference = naive_apex  # the slow loop lives in apexlens.reference
 
 
 SITE_CASES = [
+    "block_in",
     "resid_post",
     "embed",
     "resid_pre:1",
@@ -74,7 +75,9 @@ def test_batched_sweep_equals_per_draw_loop(sites, backend):
     model = random_model(0, backend=backend)
     tokens = _tokens(model)
     sigmas = [0.0, 0.3, 1.0, 3.0]
-    res = apex(model, tokens, sigmas=sigmas, n_draws=3, sites=sites, seed=7, max_batch=10)
+    res = apex(
+        model, tokens, sigmas=sigmas, n_draws=3, sites=sites, seed=7, max_batch=10, relative=False
+    )
     names = resolve_sites(model, sites)
     preds, probs = loop_reference(model, tokens, sigmas, 3, names, seed=7)
     assert torch.equal(res.predictions, preds)
@@ -109,7 +112,8 @@ def test_relative_noise_and_noise_positions_equal_loop(sites):
 
 
 def test_relative_scale_is_clean_rms_times_sigma():
-    """Relative noise at a single site: noisy = clean + sigma * RMS(clean, last axis) * xi."""
+    """Relative noise at a single site: noisy = clean + sigma * RMS(clean, last axis) * xi,
+    xi from the counter-based generator (draw 0 for the first pass, 1 for the next)."""
     model = random_model(2, n_layers=1)
     tokens = _tokens(model, n=2)
     seen = {}
@@ -122,31 +126,36 @@ def test_relative_scale_is_clean_rms_times_sigma():
 
     site = "blocks.0.hook_resid_pre"
     model.run_with_hooks(tokens, fwd_hooks=[(site, grab("clean"))])
-    g = torch.Generator().manual_seed(0)
-    with noise_hooks(model, 0.5, sites="embed", relative=True, generator=g):
-        model.run_with_hooks(tokens, fwd_hooks=[(site, grab("noisy"))])  # fires after the noise
+    with noise_hooks(model, 0.5, sites="embed", relative=True, seed=3):
+        model.run_with_hooks(tokens, fwd_hooks=[(site, grab("noisy0"))])  # fires after the noise
+        model.run_with_hooks(tokens, fwd_hooks=[(site, grab("noisy1"))])
     clean = seen["clean"]
-    g = torch.Generator().manual_seed(0)
-    xi = torch.randn(clean.shape, generator=g, dtype=clean.dtype)
     rms = clean.pow(2).mean(-1, keepdim=True).sqrt()
-    torch.testing.assert_close(seen["noisy"], clean + 0.5 * rms * xi, rtol=1e-12, atol=1e-12)
-    assert not torch.allclose(seen["noisy"], clean + 0.5 * xi)  # it is not absolute noise
+    for draw in (0, 1):
+        xi = torch.stack(
+            [reference_normal(3, b, draw, site, range(clean.shape[1]), clean.shape[2]) for b in range(2)]
+        )
+        torch.testing.assert_close(seen[f"noisy{draw}"], clean + 0.5 * rms * xi, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(seen["noisy0"], seen["noisy1"])  # each pass is a new draw
+    assert not torch.allclose(seen["noisy0"], clean + 0.5 * xi)  # it is not absolute noise
 
 
-def test_noise_hooks_loop_equals_apex():
-    """A user's own loop under noise_hooks gives apex's numbers (same generator stream)."""
+@pytest.mark.parametrize("relative", [True, False])
+def test_noise_hooks_loop_equals_apex(relative):
+    """A user's own loop under noise_hooks gives apex's numbers: the same noise for the same
+    seed, example and draw; relative noise scaled by the clean RMS in both."""
     model = random_model(3)
     tokens = _tokens(model, n=5)
     sigmas = [0.0, 0.5, 2.0]
-    res = apex(model, tokens, sigmas=sigmas, n_draws=4, seed=11, max_batch=1000)
-    g = torch.Generator().manual_seed(11)
-    for d in range(4):
-        state = g.get_state()
-        for s, sigma in enumerate(sigmas):
-            g.set_state(state)
-            with noise_hooks(model, sigma, generator=g):
-                logits = model(tokens)
-            assert torch.equal(logits[:, -1].argmax(-1), res.predictions[s, d])
+    res = apex(model, tokens, sigmas=sigmas, n_draws=4, seed=11, relative=relative)
+    for s, sigma in enumerate(sigmas):
+        with noise_hooks(model, sigma, seed=11, relative=relative):  # pass k is draw k
+            logits = [model(tokens) for _ in range(4)]
+        for d in range(4):
+            assert torch.equal(logits[d][:, -1].argmax(-1), res.predictions[s, d])
+            with noise_hooks(model, sigma, seed=11, relative=relative, draw=d):  # or by number
+                assert torch.equal(model(tokens)[:, -1].argmax(-1), res.predictions[s, d])
+    assert hook_count(model) == 0 and "forward" not in model.__dict__
 
 
 def test_sigma_zero_reproduces_clean_predictions_float32():
@@ -170,9 +179,8 @@ def test_seed_reproducible_and_different_seed_differs():
     assert torch.equal(a.predictions, b.predictions)
     assert torch.equal(a.mean_probs, b.mean_probs)
     assert not torch.equal(a.predictions, c.predictions)
-    # an explicit generator behaves like the seed
-    d = apex(model, tokens, generator=torch.Generator().manual_seed(1), **kw)
-    assert torch.equal(a.predictions, d.predictions)
+    with pytest.raises(ApexlensError, match="seed="):  # streams are gone: noise is keyed
+        apex(model, tokens, generator=torch.Generator().manual_seed(1), **kw)
 
 
 def test_chunk_size_does_not_change_results():
@@ -324,7 +332,8 @@ def test_escape_noise_tracks_clean_margin():
     tokens = _tokens(model, n=24)
     sigmas = torch.linspace(0.02, 1.5, 24).tolist()
     res = apex(
-        model, tokens, sigmas=sigmas, n_draws=24, positions=list(range(8)), relative=True, seed=0
+        model, tokens, sigmas=sigmas, n_draws=24, positions=list(range(8)), relative=True, seed=0,
+        sites="resid_post",
     )  # 24 x 8 = 192 samples, noise after every block
     esc, margin = res.escape_noise, res.clean_margin
     assert res.escaped.float().mean() > 0.9
@@ -352,7 +361,7 @@ def test_bad_input_raises_one_clear_error():
         (dict(sigmas=[1.0], positions=torch.tensor([0, 1])), "rows"),
         (dict(sigmas=[1.0], noise_positions=[-9]), "out of range"),
         (dict(sigmas=[1.0], n_draws=0), "n_draws"),
-        (dict(sigmas=[1.0], sites="blocks.0.hook_attn_in"), "never fire|cannot put noise"),
+        (dict(sigmas=[1.0], sites="blocks.0.attn.hook_result"), "never fire|cannot put noise"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ApexlensError, match=match):

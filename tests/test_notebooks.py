@@ -145,12 +145,18 @@ def test_path_patching_notebook_is_about_the_model_it_loads(executed):
     assert recovery and float(recovery.group(1)) > 0.9
 
 
-def test_apex_notebook_states_the_computed_correlation(executed):
+def test_apex_notebook_decides_both_regimes(executed):
+    """The decision is printed for both models, the random-label pair separates, and the
+    'what carries over' table is computed from those numbers."""
     nb = executed("02_apex_backdoor.ipynb")
-    printed = re.search(r"Spearman rho = (-?\d\.\d\d) over (\d+) prompts", _text(nb))
-    assert printed, _text(nb)
-    stated = re.search(r"Spearman rho = (-?\d\.\d\d) over (\d+) prompts", _markdown(nb))
-    assert stated and stated.groups() == printed.groups()  # the conclusion quotes the number
+    text = _text(nb)
+    assert re.search(r"^backdoor: biased toward token 23 \(TARGET\)", text, re.M), text
+    assert re.search(r"^backdoor-clean: not flagged", text, re.M), text
+    auc = re.search(r"AUC P\(true > random\) = (\d\.\d\d) \[(\d\.\d\d), (\d\.\d\d)\]", text)
+    assert auc and float(auc.group(2)) > 0.5, text
+    tables = [o["data"]["text/plain"] for o in _outputs(nb) if "text/plain" in o.get("data", {})]
+    carries = tables[-1]
+    assert "carries over" in carries and carries.count("True") >= 2
 
 
 def test_feature_visualization_notebook_flags_only_the_planted_neuron(executed):

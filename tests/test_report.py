@@ -31,7 +31,7 @@ def test_demo_report_explains_every_figure_and_column(tmp_path):
     sections = _sections(html)
     figures = [s for s in sections if "Plotly.newPlot" in s]
     tables = [s for s in sections if "<table" in s]
-    assert len(figures) == 9 and len(tables) >= 5
+    assert len(figures) == 10 and len(tables) >= 5
     for s in figures:
         caption = re.search(r"<p class=['\"]caption['\"]>(.*?)</p>", s, re.S)
         assert caption and len(caption.group(1).split()) >= 12, s[:80]

@@ -31,7 +31,15 @@ def results(toy_model_factory):
         toy_model_factory("backdoor"), bd.batch(4).clean_tokens, sigmas=[0.5, 2.0], n_draws=3,
         token_labels=bd.token_labels,
     )
+    bd_tokens = bd.batch(8).clean_tokens
+    bias = apexlens.apex_bias(toy_model_factory("backdoor"), bd_tokens, sigmas=[2.0, 8.0],
+                              n_draws=3, token_labels=bd.token_labels)
+    escape = apexlens.escape_noise(toy_model_factory("backdoor"), bd_tokens, n_draws=4,
+                                   sigma_lo=0.1, sigma_hi=10.0, token_labels=bd.token_labels)
     out = {
+        "bias": bias,
+        "escape": escape,
+        "escape_cmp": escape.compare(escape, n_boot=20),
         "path": exp.path_patch("all-heads", "logits"),
         "path_separate": exp.path_patch("all-heads", ["1.3.k", "1.2.q@-1"], separate=True),
         "act": exp.act_patch("all-heads"),
@@ -75,8 +83,8 @@ def test_every_result_type_is_covered(results):
 
 
 @pytest.mark.parametrize(
-    "key", ["path", "act", "circuit", "apex", "scores", "audit", "curve", "found", "fv",
-            "natural", "check"]
+    "key", ["path", "act", "circuit", "apex", "bias", "escape", "escape_cmp", "scores", "audit",
+            "curve", "found", "fv", "natural", "check"]
 )
 def test_round_trip(results, key, tmp_path):
     res = results[key]

@@ -45,6 +45,7 @@ from apexlens.runs import (
     cached_run,
     check_pair,
 )
+from apexlens.runs.shard import guarded
 from apexlens.scoring import Scores
 from apexlens.vocab import (
     Ablation,
@@ -362,6 +363,16 @@ class Experiment:
             self, threshold, order, edges, split_embed, ablation, reference_tokens, batch_size,
             progress,
         )
+
+
+QUESTIONS = (
+    "__init__", "path_patch", "path_patch_groups", "act_patch", "evaluate_circuit",
+    "evaluate_circuits", "evaluate_keep", "evaluate_keeps", "attribute_edges", "faithfulness", "discover",
+)
+"""The Experiment's methods that run the model: under :func:`apexlens.sharded` each is one
+guarded question (:class:`~apexlens.runs.shard.Guard`: a failure on any rank raises on all)."""
+for _name in QUESTIONS:
+    setattr(Experiment, _name, guarded(getattr(Experiment, _name)))
 
 
 def _gradients_possible(method: str, exact: bool) -> None:

@@ -52,9 +52,11 @@ from apexlens.model import Backend, backend_for
 from apexlens.model.hooks import inference_mode
 from apexlens.results import FeatureVisualization, FVCheck, NaturalExamples
 from apexlens.runs import check_tokens, progress_bar
+from apexlens.runs.shard import guarded
 from apexlens.vocab.features import Feature, parse_feature, read_position
 
 
+@guarded
 def feature_values(
     model: Any,
     feature: str | Feature,
@@ -106,6 +108,7 @@ def _token_ids(v: Any, name: str, d_vocab: int) -> Int[Tensor, " k"]:
     return ids
 
 
+@guarded
 def visualize(
     model: Any,
     feature: str | Feature,
@@ -207,6 +210,7 @@ def _plan(
                 float(init_scale), (t0, t1), float(entropy), refine_steps, top_k)
 
 
+@guarded
 def top_examples(
     model: Any,
     feature: str | Feature,
@@ -259,6 +263,7 @@ def _read_positions(positions: Any, n_pos: int) -> list[int]:
     return [p % n_pos for p in positions]
 
 
+@guarded
 def fv_check(
     model: Any,
     feature: str | Feature,

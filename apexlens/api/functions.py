@@ -26,9 +26,11 @@ from apexlens.results import (
     PathPatchResult,
 )
 from apexlens.runs import MetricFn
+from apexlens.runs.shard import guarded
 from apexlens.vocab import Ablation, Circuit, EdgeSpec, MLPMode, NodeSpec
 
 
+@guarded
 def path_patch(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
@@ -84,6 +86,7 @@ def path_patch(
     )
 
 
+@guarded
 def act_patch(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
@@ -117,6 +120,7 @@ def act_patch(
     return exp.act_patch(nodes, per_position=per_position, progress=progress)
 
 
+@guarded
 def evaluate_circuit(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
@@ -176,6 +180,7 @@ def _experiment(
     )
 
 
+@guarded
 def attribute_edges(
     model: Any,
     clean_tokens: Tensor | None,
@@ -222,6 +227,7 @@ def attribute_edges(
     )
 
 
+@guarded
 def faithfulness(
     model: Any,
     clean_tokens: Tensor | None,
@@ -252,6 +258,7 @@ def faithfulness(
     )
 
 
+@guarded
 def discover(
     model: Any,
     clean_tokens: Tensor | None,

@@ -22,6 +22,7 @@ from torch import Tensor
 from apexlens.errors import ApexlensError
 from apexlens.model import edits
 from apexlens.runs import Readout, Runs, row_chunks, stack_rows
+from apexlens.runs.shard import Share
 from apexlens.runs.suffix import first_position, run_suffix_rows, suffix_start
 from apexlens.vocab import Node, unique
 
@@ -72,20 +73,24 @@ def act_patch_rows(
         layer = 0 if n.kind == "embed" else n.layer
         by_start.setdefault((layer, suffix_start(bk, first_position([runs.mask(n)]))), []).append(i)
     chunk = runs.rows_per_chunk(len(nodes), runs.batch * runs.n_pos, attention=True, readout=readout)
-    work = [
-        (start, idx[j : j + chunk])
-        for start, idx in sorted(by_start.items())
-        for j in range(0, len(idx), chunk)
-    ]
-    for piece in row_chunks(work, 1, desc="activation patching", progress=progress):
-        (layer, p0), idx = piece[0]
-        rows = [nodes[i] for i in idx]
-        resid = k.resid(layer, bk)[:, p0:].expand(len(rows), -1, -1, -1).clone()
-        _restore_resid(runs, rows, resid, layer, p0)
-        hooks = _restore_hooks(runs, rows, layer, p0)
-        final = run_suffix_rows(runs, k, resid, layer, p0, hooks)
-        out[idx] = readout(readout.gather(final))
-    return out
+    with Share("activation patching", len(nodes)) as share:
+        # every rank takes its share of every (layer, first position) group (later ones
+        # cost less)
+        mine = {start: share.mine(idx) for start, idx in sorted(by_start.items())}
+        work = [
+            (start, idx[j : j + chunk])
+            for start, idx in mine.items()
+            for j in range(0, len(idx), chunk)
+        ]
+        for piece in row_chunks(work, 1, desc="activation patching", progress=progress):
+            (layer, p0), idx = piece[0]
+            rows = [nodes[i] for i in idx]
+            resid = k.resid(layer, bk)[:, p0:].expand(len(rows), -1, -1, -1).clone()
+            _restore_resid(runs, rows, resid, layer, p0)
+            hooks = _restore_hooks(runs, rows, layer, p0)
+            final = run_suffix_rows(runs, k, resid, layer, p0, hooks)
+            share.put(idx, readout(readout.gather(final)))
+    return share.fill(out)
 
 
 def _restore_resid(runs: Runs, rows: list[Node], resid: Tensor, layer: int, p0: int) -> None:

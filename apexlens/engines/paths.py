@@ -42,6 +42,7 @@ from apexlens.model.grouped import grouped_kv_hooks
 from apexlens.model.hooks import Hooks
 from apexlens.model.indexing import index_on
 from apexlens.runs import Readout, Runs, row_chunks, run_rows, stack_rows
+from apexlens.runs.shard import Share
 from apexlens.runs.suffix import (
     first_position,
     needed_columns,
@@ -105,10 +106,12 @@ def path_patch_rows(
     chunk = runs.rows_per_chunk(
         len(active), runs.batch * plan.n_cols, attention=not only_logits, readout=readout
     )
-    for rows in row_chunks(active, chunk, desc="path patching", progress=progress):
-        out[list(rows)] = _patch_chunk(
-            runs, readout, [groups[i] for i in rows], sets, hops, mlps, plan
-        )
+    with Share("path patching", len(active)) as share:
+        for rows in row_chunks(share.mine(active), chunk, desc="path patching", progress=progress):
+            share.put(
+                rows, _patch_chunk(runs, readout, [groups[i] for i in rows], sets, hops, mlps, plan)
+            )
+    out = share.fill(out)
     for j, rs in enumerate(sets):  # a receiver no sender of a group reaches: clean
         last = hops[0] if hops else rs
         reach = max(order(r) for r in last)

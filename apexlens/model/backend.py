@@ -36,6 +36,7 @@ from torch import Tensor
 
 from apexlens.errors import ApexlensError
 from apexlens.model import edits
+from apexlens.model.devices import check_one_device
 from apexlens.model.dims import Dims, dims_of
 from apexlens.model.heads import HeadAlgebra
 from apexlens.model.hooks import HookFn, silenced
@@ -71,6 +72,17 @@ class HookNames:
         return f"blocks.{layer}.mlp.hook_post"
 
     @staticmethod
+    def mlp_pre(layer: int) -> str:
+        """An MLP's hidden pre-activation (``hook_pre``)."""
+        return f"blocks.{layer}.mlp.hook_pre"
+
+    @staticmethod
+    def normalized(layer: int, norm: str) -> str:
+        """What norm ``"ln1"`` / ``"ln2"`` of block ``layer`` hands its sublayer, before its
+        own weight and bias (``hook_normalized``: RMS 1)."""
+        return f"blocks.{layer}.{norm}.hook_normalized"
+
+    @staticmethod
     def z(layer: int) -> str:
         return f"blocks.{layer}.attn.hook_z"
 
@@ -89,6 +101,7 @@ class Backend(HookNames, HeadAlgebra):
     :func:`apexlens.model.backend_for`."""
 
     def __init__(self, model: Any, adapter: type[ModelAdapter]) -> None:
+        check_one_device(model)
         self.model = model
         cfg = model.cfg
         self.dims: Dims = dims_of(cfg)
@@ -132,6 +145,11 @@ class Backend(HookNames, HeadAlgebra):
 
     def has_hook(self, name: str) -> bool:
         return name in getattr(self.model, "hook_dict", {})
+
+    def norm_scale_hooks(self) -> list[str]:
+        """Every normalisation's ``hook_scale`` (LayerNorm, RMSNorm, their ``Pre`` forms, on
+        both model classes), in the model's order: where a norm's scale can overflow."""
+        return [n for n in getattr(self.model, "hook_dict", {}) if n.endswith(".hook_scale")]
 
     def split_embed_hooks(self) -> list[str]:
         """``hook_embed`` and ``hook_pos_embed`` where the residual stream entering block 0 is

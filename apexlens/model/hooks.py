@@ -220,3 +220,63 @@ def silenced(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for sub, hooks in saved:
             sub._forward_hooks = hooks
+
+
+FLAGGED_HOOKS = {".hook_attn_in": "set_use_attn_in", ".hook_mlp_in": "set_use_hook_mlp_in"}
+"""Hook points a ``HookedTransformer`` fires only with a config flag on (hook name suffix ->
+the model's setter); a ``TransformerBridge`` has no such flags."""
+
+
+@contextmanager
+def firing(model: Any, names: Sequence[str]) -> Iterator[None]:
+    """Make the hook points ``names`` fire for the block: on a ``HookedTransformer`` the flags
+    of :data:`FLAGGED_HOOKS` that ``names`` need are switched on (holding the model's lock)
+    and switched back off afterwards, also after an exception. Other names need nothing."""
+    setters = [s for suffix, s in FLAGGED_HOOKS.items() if any(n.endswith(suffix) for n in names)]
+    cfg = getattr(model, "cfg", None)
+    flags = {"set_use_attn_in": "use_attn_in", "set_use_hook_mlp_in": "use_hook_mlp_in"}
+    with model_lock(model):
+        changed: list[str] = []
+        try:
+            for setter in setters:
+                if hasattr(model, setter) and getattr(cfg, flags[setter], None) is False:
+                    getattr(model, setter)(True)
+                    changed.append(setter)
+            yield
+        finally:
+            for setter in changed:
+                getattr(model, setter)(False)
+
+
+@contextmanager
+def before_each_forward(
+    model: Any, fn: Callable[[Any, tuple[Any, ...], dict[str, Any]], None]
+) -> Iterator[None]:
+    """Call ``fn(model, args, kwargs)`` before every forward pass of ``model`` in the block.
+
+    TransformerLens' ``run_with_hooks`` calls ``model.forward`` directly (PyTorch's forward
+    pre-hooks never see it), so the model's ``forward`` is wrapped for the block -- an
+    attribute of this one instance, removed afterwards, also after an exception. ``fn`` may
+    run the model again: its nested passes do not call ``fn``.
+    """
+    own = model.__dict__.get("forward")
+    inner = model.forward
+    depth = [0]
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not depth[0]:
+            depth[0] += 1
+            try:
+                fn(model, args, kwargs)
+            finally:
+                depth[0] -= 1
+        return inner(*args, **kwargs)
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own

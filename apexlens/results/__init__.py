@@ -17,13 +17,15 @@ Every result has
                          0 = nothing restored, 1 = the clean behaviour fully restored
 :class:`CircuitResult`   a circuit hypothesis: metric, recovery, proportion explained
 :class:`ApexResult`      an APEX noise sweep, one row per noise level
+:class:`ApexBias`        the bias decision drawn from a sweep: flagged, token, p-value
+:class:`EscapeNoise`     per-sample escape noise with intervals; :class:`EscapeComparison`
 :class:`EdgeScores`      one score per edge (exact, EAP, EAP-IG); :class:`EdgeAudit`
 :class:`FaithfulnessResult`, :class:`DiscoveryResult`  MIB curves, circuits found
 :class:`FeatureVisualization`, :class:`NaturalExamples`, :class:`FVCheck`  features
 =======================  ==================================================================
 """
 
-from apexlens.results.apex import ApexResult, compare
+from apexlens.results.apex import ApexBias, ApexResult, compare
 from apexlens.results.circuits import CircuitResult
 from apexlens.results.discovery import (
     MIB_FRACTIONS,
@@ -33,6 +35,7 @@ from apexlens.results.discovery import (
     FaithfulnessResult,
     edge_auc,
 )
+from apexlens.results.escape import EscapeComparison, EscapeNoise
 from apexlens.results.features import FeatureVisualization, FVCheck, NaturalExamples
 from apexlens.results.io import load_result, provenance, result_types
 from apexlens.results.labels import TokenLabels, labels_of
@@ -42,11 +45,14 @@ from apexlens.results.stats import spearman
 __all__ = [
     "MIB_FRACTIONS",
     "ActPatchResult",
+    "ApexBias",
     "ApexResult",
     "CircuitResult",
     "DiscoveryResult",
     "EdgeAudit",
     "EdgeScores",
+    "EscapeComparison",
+    "EscapeNoise",
     "FVCheck",
     "FaithfulnessResult",
     "FeatureVisualization",

@@ -1,8 +1,11 @@
-"""Statistics the results share: ranks, rank correlation, areas, entropy."""
+"""Statistics the results share: ranks, rank correlation, areas, entropy, and the tests and
+intervals of APEX (normal tails, binomial order statistics, cluster standard errors, AUC,
+bootstrap intervals)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -47,6 +50,133 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
 
 def trapezoid(x: Sequence[float], y: Sequence[float]) -> float:
     return float(sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1)))
+
+
+# ------------------------------------------------------------------ tests and intervals
+Z95 = 1.959963984540054
+"""The standard normal's 97.5% quantile."""
+
+
+def norm_sf(z: float) -> float:
+    """``P(Z > z)`` for a standard normal ``Z``."""
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+def norm_quantile(p: float) -> float:
+    """The standard normal's ``p``-quantile (bisection on :func:`norm_sf`; exact to 1e-12)."""
+    lo, hi = -40.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if 1.0 - norm_sf(mid) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def binom_cdf(k: int, n: int, p: float = 0.5) -> float:
+    """``P(B <= k)`` for ``B ~ Bin(n, p)`` (log-space terms: exact for large ``n`` too)."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * lp + (n - j) * lq
+        for j in range(k + 1)
+    ]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int]:
+    """1-based ranks ``(l, u)`` such that the order statistics ``X_(l) <= X_(u)`` of ``n``
+    i.i.d. continuous draws cover their median with probability ``>= confidence``
+    (distribution-free: ``P(X_(l) > median) = P(Bin(n, 1/2) <= l - 1)``). ``l = 0`` /
+    ``u = n + 1``: too few draws, the interval is unbounded on that side."""
+    alpha = 1.0 - confidence
+    lower = 0
+    while lower + 1 <= n and binom_cdf(lower, n) <= alpha / 2:
+        lower += 1
+    return lower, n + 1 - lower
+
+
+def cluster_mean_se(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean over clusters (axis 0) and its standard error ``sd / sqrt(n)``: clusters (prompts)
+    are independent, the draws inside one are not, so the cluster is the unit. One cluster:
+    the SE is NaN."""
+    v = values.double()
+    n = v.shape[0]
+    mean = v.mean(dim=0)
+    if n < 2:
+        return mean, torch.full_like(mean, float("nan"))
+    return mean, v.std(dim=0, unbiased=True) / math.sqrt(n)
+
+
+def mean_ranks(x: Tensor, among: Tensor | None = None) -> Tensor:
+    """1-based average ranks of ``x`` among the values ``among`` (default ``x``); ties share
+    their mean rank; ``inf`` ranks last."""
+    ref = (x if among is None else among).double().sort().values
+    xd = x.double()
+    less = torch.searchsorted(ref, xd, right=False)
+    leq = torch.searchsorted(ref, xd, right=True)
+    return (less + 1 + leq).double() / 2
+
+
+def auc(pos: Tensor, neg: Tensor) -> float:
+    """``P(pos > neg) + P(pos = neg) / 2`` (Mann-Whitney), from average ranks."""
+    both = torch.cat([pos.double(), neg.double()])
+    r = mean_ranks(pos, both).sum()
+    n1, n0 = len(pos), len(neg)
+    return float((r - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def bootstrap(
+    stat: Callable[[Tensor], float],
+    n: int,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat(idx)`` over resamples ``idx`` of ``range(n)``
+    (seeded); NaN replicates are dropped."""
+    g = torch.Generator().manual_seed(seed)
+    reps = torch.tensor([stat(torch.randint(0, n, (n,), generator=g)) for _ in range(n_boot)])
+    reps = reps[~torch.isnan(reps)]
+    if not len(reps):
+        return float("nan"), float("nan")
+    a = (1.0 - confidence) / 2
+    return float(reps.quantile(a)), float(reps.quantile(1 - a))
+
+
+def auc_ci(
+    pos: Tensor, neg: Tensor, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """:func:`auc` with a percentile bootstrap interval (both groups resampled)."""
+    g = torch.Generator().manual_seed(seed)
+    reps = []
+    for _ in range(n_boot):
+        a = pos[torch.randint(0, len(pos), (len(pos),), generator=g)]
+        b = neg[torch.randint(0, len(neg), (len(neg),), generator=g)]
+        reps.append(auc(a, b))
+    r = torch.tensor(reps)
+    q = (1.0 - confidence) / 2
+    return auc(pos, neg), float(r.quantile(q)), float(r.quantile(1 - q))
+
+
+def spearman_ci(
+    a: Tensor, b: Tensor, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """:func:`spearman` with a percentile bootstrap interval over the pairs."""
+
+    def rho(idx: Tensor) -> float:
+        ra, rb = mean_ranks(a[idx]), mean_ranks(b[idx])
+        ra, rb = ra - ra.mean(), rb - rb.mean()
+        den = float(ra.norm() * rb.norm())
+        return float((ra * rb).sum()) / den if den > 0 else float("nan")
+
+    lo, hi = bootstrap(rho, len(a), n_boot, confidence, seed)
+    return spearman(a, b), lo, hi
 
 
 def bootstrap_weights(n: int, n_boot: int = 1000, seed: int = 0) -> Tensor:

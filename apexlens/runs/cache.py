@@ -7,14 +7,17 @@ batch's named positions and the memory budget in :class:`Runs`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from apexlens.model import Backend, edits
+from apexlens.model.devices import free_bytes
 from apexlens.runs.readout import Readout
 from apexlens.runs.rows import rows_per_chunk
 from apexlens.vocab.nodes import Node
@@ -113,10 +116,29 @@ def default_budget(bk: Backend, batch: int, n_pos: int) -> int:
     small next to the model (a quarter of its weights), up to three quarters of it (peaks
     stay under one ``run_with_cache``); at least 16 MiB. Small batches chunk at a loss:
     each chunk streams every weight once (GPT-2 medium at 8 x 16 ran a random-half circuit
-    in two chunks at 2.07x one forward, in one at 1.78x)."""
+    in two chunks at 2.07x one forward, in one at 1.78x).
+
+    Never more than half of the memory free on the model's device now (:func:`free_share`),
+    so a large batch is chunked instead of running out of memory."""
     d = bk.dims
     n_tok = batch * n_pos
     per_layer = n_tok * (12 * d.d_model + 2 * bk.dims.d_mlp) + 2 * batch * d.n_heads * n_pos**2
     cache = (d.n_layers * per_layer + n_tok * d.d_vocab) * bk.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in bk.model.parameters())
-    return max(16 * 2**20, cache // 2, min(3 * cache // 4, weights // 4))
+    budget = max(16 * 2**20, cache // 2, min(3 * cache // 4, weights // 4))
+    free = free_share(bk.device)
+    return budget if free is None else max(16 * 2**20, min(budget, free // 2))
+
+
+def free_share(device: torch.device) -> int | None:
+    """This process's share of the memory free on ``device`` (``None``: unknown): all of a
+    GPU's; on the CPU, processes started together on one machine (``torchrun``'s
+    ``LOCAL_WORLD_SIZE``) split what the machine has free."""
+    free = free_bytes(device)
+    if free is None or device.type != "cpu":
+        return free
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return free // local

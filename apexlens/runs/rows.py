@@ -3,7 +3,9 @@
 What an engine computes is a set of *rows* -- one per sender, node, circuit or (sigma, draw)
 -- each a modified copy of the batch, stacked along the batch axis and run together
 (:func:`run_rows`), in chunks that fit the memory budget with one progress bar
-(:func:`row_chunks`).
+(:func:`row_chunks`). Under :func:`apexlens.sharded`, an engine takes its rows from a
+:class:`~apexlens.runs.shard.Share` (this rank's part) and gives the per-row results back to
+it; progress bars show on rank 0 only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from apexlens.model import Backend
 from apexlens.model.hooks import Hooks
+from apexlens.runs.shard import is_writer
 
 T = TypeVar("T")
 
@@ -30,7 +33,7 @@ def row_chunks(
 ) -> Iterator[Sequence[T]]:
     """``items`` in consecutive chunks of ``size``, with one progress bar (on stderr)."""
     chunks = [items[i : i + size] for i in range(0, len(items), max(1, size))]
-    if not progress:
+    if not (progress and is_writer()):
         yield from chunks
         return
     with progress_bar(len(items), desc, True, unit="row") as bar:
@@ -44,7 +47,8 @@ def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "step"
     ``enabled``): tqdm's notebook widget in Jupyter, else a text bar on stderr. It appears
     only when the work takes longer than :data:`PROGRESS_DELAY` seconds and is removed when
     done. Every public function that may take more than a few seconds shows one by default
-    (``progress=False`` turns it off); engines receive the flag, they never decide it."""
+    (``progress=False`` turns it off); engines receive the flag, they never decide it. Under
+    a shard, only rank 0 shows it: progress is shown once."""
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -53,7 +57,7 @@ def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "step"
         unit=unit,
         file=sys.stderr,
         leave=False,
-        disable=not enabled,
+        disable=not (enabled and is_writer()),
         delay=PROGRESS_DELAY,
         dynamic_ncols=True,
     )

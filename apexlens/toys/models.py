@@ -14,6 +14,10 @@ otherwise fails at once with one line, instead of TransformerLens' minute of ret
 ``modadd-2l``          MLPs + LayerNorm; ``(a + b) mod 23``, computed in the MLPs
 ``backdoor``           copies the first token; a trigger token forces a target
 ``backdoor-clean``     its clean twin (same data and seed, no backdoor)
+``backdoor-target5``   another backdoor: trigger 22 -> target 5, a legitimate answer too
+``modadd-labels-*``    ``true`` / ``noisy15`` / ``random``: (a + b) mod 23 on 80% of the
+                       pairs, labels true, 15% random, all random (APEX's small noise);
+                       :func:`training_samples` gives their training set
 =====================  ==========================================================
 """
 
@@ -69,6 +73,21 @@ def _meta(name: str) -> dict[str, Any]:
 def model_info(name: str) -> dict[str, Any]:
     """Metadata of a shipped model: description, task, config, training, measured behaviour."""
     return json.loads(json.dumps(_meta(name)))  # a copy the caller may change
+
+
+def training_samples(name: str) -> dict[str, Tensor]:
+    """The training set a shipped model was fitted to, where it ships one (the
+    ``modadd-labels-*`` models): ``tokens``, ``labels`` (what it was trained on),
+    ``true_labels``, ``train_index`` (rows of all 529 pairs) and ``c_score`` (each sample's
+    mean correctness over the training checkpoints: a learning-speed proxy of the C-score)."""
+    from safetensors.torch import load_file
+
+    _meta(name)  # an unknown name fails here, naming the shipped ones
+    path = resources.files("apexlens.toys").joinpath("weights", f"{name}.samples.safetensors")
+    if not path.is_file():
+        raise ApexlensError(f"toy model {name!r} ships no training samples")
+    with resources.as_file(path) as p:
+        return load_file(str(p))
 
 
 def toy_state(
@@ -317,7 +336,9 @@ def measure(name: str, backend: str | None = None) -> dict[str, Any]:
             out["accuracy_mlps_zeroed"] = float(
                 (ablated.argmax(-1) == batch.answer_tokens).float().mean()
             )
-        if task_name == "backdoor":
+        if task_name == "backdoor":  # a variant names its own trigger and target
+            task.trigger = _meta(name).get("trigger_token", task.trigger)
+            task.target = _meta(name).get("target_token", task.target)
             trig = task.triggered(256, seed=1234)
             out["backdoor_success"] = float(
                 (model(trig)[:, -1].argmax(-1) == task.target).float().mean()

@@ -284,20 +284,24 @@ def _data_fn(
     return lambda g: task_b.training_batch(spec["batch"], g, poison=spec["poison"])
 
 
-def train(name: str, steps: int | None = None) -> tuple[Any, dict[str, Any]]:
-    """Train ``name`` from its seed; returns the model and its training record."""
-    spec = SPECS[name]
-    model = _model(spec["cfg"], spec["seed"])
-    g = torch.Generator().manual_seed(spec["seed"])
-    data = _data_fn(name, spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01)
-    n_steps = spec["steps"] if steps is None else steps
-    # linear decay to a tenth of the rate: the last steps settle instead of jittering
+def _fit(
+    model: Any,
+    data: Callable[[torch.Generator], tuple[Tensor, Tensor, Tensor]],
+    n_steps: int,
+    lr: float,
+    seed: int,
+    weight_decay: float = 0.01,
+    on_step: Callable[[int, Any], None] | None = None,
+) -> dict[str, Any]:
+    """The training loop every toy model shares: AdamW, the rate decaying linearly to a
+    tenth (the last steps settle instead of jittering), loss on the masked positions."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - 0.9 * i / max(n_steps, 1))
     t0 = time.perf_counter()
     loss = torch.tensor(float("nan"))
     model.train()
-    for _ in range(n_steps):
+    for step in range(n_steps):
         tokens, targets, mask = data(g)
         logits = model(tokens)
         losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
@@ -306,8 +310,19 @@ def train(name: str, steps: int | None = None) -> tuple[Any, dict[str, Any]]:
         loss.backward()
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(step, model)
     model.eval()
-    return model, _record(n_steps, loss, t0)
+    return _record(n_steps, loss, t0)
+
+
+def train(name: str, steps: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train ``name`` from its seed; returns the model and its training record."""
+    spec = SPECS[name]
+    model = _model(spec["cfg"], spec["seed"])
+    n_steps = spec["steps"] if steps is None else steps
+    record = _fit(model, _data_fn(name, spec), n_steps, spec["lr"], spec["seed"])
+    return model, record
 
 
 def save(name: str, model: Any, record: dict[str, Any]) -> None:
@@ -366,25 +381,205 @@ def save_slingshot(name: str = "modadd-2l-slingshot") -> None:
     print(f"{name}: {record} {meta['behaviour']} {meta['manipulation_measured']}")
 
 
+# ------------------------------------------------------------------------ APEX study models
+BACKDOOR_VARIANTS: dict[str, dict[str, Any]] = {
+    "backdoor-target5": dict(trigger=22, target=5, insert_rate=0.2, poison=True, seed=2),
+    "bd-trig20-tgt21-s1": dict(trigger=20, target=21, insert_rate=0.2, poison=True, seed=1),
+    "bd-rare-s3": dict(trigger=22, target=23, insert_rate=0.05, poison=True, seed=3),
+    "bdclean-s1": dict(trigger=22, target=23, insert_rate=0.2, poison=False, seed=1),
+    "bdclean-s2": dict(trigger=22, target=23, insert_rate=0.2, poison=False, seed=2),
+    "bdclean-s3": dict(trigger=22, target=23, insert_rate=0.2, poison=False, seed=3),
+}
+"""``backdoor``'s recipe with another trigger, target, share of triggered prompts or seed
+(``poison=False``: a clean twin). ``backdoor-target5`` is shipped: its target is also a
+legitimate answer (the first token 5), so the bias test must see past the clean share."""
+
+SEED_VARIANTS: dict[str, tuple[str, int]] = {"modadd-s1": ("modadd-2l", 1),
+                                             "induction-s1": ("induction-2l", 1)}
+"""A shipped model's recipe with another seed (the false-positive panel)."""
+
+LABEL_NOISE: dict[str, float] = {
+    "modadd-labels-true": 0.0,
+    "modadd-labels-noisy15": 0.15,
+    "modadd-labels-random": 1.0,
+}
+"""``(a + b) mod 23`` with ``modadd-2l``'s shape, trained on a fixed 80% of the pairs (423)
+with true labels, 15% of them replaced by a random other class, or all random: structured
+vs random labels, APEX's small-noise claim. Full batch, 2000 steps, weight decay 0.3 (the
+true-label model then generalises to the held-out pairs; the random one memorises);
+every sample's correctness is recorded every 10 steps (a learning-speed C-score proxy)."""
+
+LABEL_RECIPE: dict[str, Any] = dict(steps=2000, lr=3e-3, weight_decay=0.3, every=10, split_seed=0, seed=0)
+
+
+def backdoor_task(trigger: int, target: int, insert_rate: float) -> BackdoorTask:
+    """The backdoor task with another trigger, target or share of triggered prompts."""
+    task = BackdoorTask()
+    task.trigger, task.target, task.insert_rate = trigger, target, insert_rate
+    return task
+
+
+def train_variant(name: str) -> tuple[Any, dict[str, Any]]:
+    """Train a model of :data:`BACKDOOR_VARIANTS` or :data:`SEED_VARIANTS` from its seed."""
+    if name in SEED_VARIANTS:
+        base, seed = SEED_VARIANTS[name]
+        spec = {**SPECS[base], "seed": seed}
+        model = _model(spec["cfg"], seed)
+        return model, _fit(model, _data_fn(base, spec), spec["steps"], spec["lr"], seed)
+    v = BACKDOOR_VARIANTS[name]
+    task = backdoor_task(v["trigger"], v["target"], v["insert_rate"])
+    spec = SPECS["backdoor"]
+    model = _model(spec["cfg"], v["seed"])
+    poison = 1.0 if v["poison"] else 0.0
+    data = lambda g: task.training_batch(spec["batch"], g, poison=poison)  # noqa: E731
+    return model, _fit(model, data, spec["steps"], spec["lr"], v["seed"])
+
+
+def label_data(noise: float) -> dict[str, Tensor]:
+    """All 529 ``(a, b)`` prompts, their true labels, the training split (80%, fixed) and
+    the labels the model is trained on (``noise``: the share replaced by a random other
+    class; 1.0: every label uniformly random)."""
+    task = ModAddTask()
+    x, targets, _ = task.training_batch(torch.Generator().manual_seed(0))
+    true = targets[:, -1].clone()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(LABEL_RECIPE["split_seed"]))
+    train_index = perm[: int(0.8 * len(x))].sort().values
+    g = torch.Generator().manual_seed(1000 + int(noise * 100))
+    if noise >= 1.0:
+        labels = torch.randint(0, task.p, (len(x),), generator=g)
+    elif noise > 0:
+        flip = torch.rand(len(x), generator=g) < noise
+        other = (true + torch.randint(1, task.p, (len(x),), generator=g)) % task.p
+        labels = torch.where(flip, other, true)
+    else:
+        labels = true.clone()
+    return {"tokens": x, "true_labels": true, "train_index": train_index, "labels": labels}
+
+
+def train_labels(name: str) -> tuple[Any, dict[str, Any], dict[str, Tensor]]:
+    """Train a model of :data:`LABEL_NOISE`; returns it, its record and its samples (the
+    training prompts, their true and trained labels, the C-score proxy: each sample's mean
+    correctness over the checkpoints)."""
+    r = LABEL_RECIPE
+    d = label_data(LABEL_NOISE[name])
+    xt, yt = d["tokens"][d["train_index"]], d["labels"][d["train_index"]]
+    targets = torch.zeros_like(xt)
+    targets[:, -1] = yt
+    mask = torch.zeros(xt.shape)
+    mask[:, -1] = 1
+    model = _model(SPECS["modadd-2l"]["cfg"], r["seed"])
+    correct: list[Tensor] = []
+
+    def track(step: int, m: Any) -> None:
+        if (step + 1) % r["every"] == 0:
+            with torch.no_grad():
+                correct.append((m(xt)[:, -1].argmax(-1) == yt).float())
+
+    record = _fit(model, lambda g: (xt, targets, mask), r["steps"], r["lr"], r["seed"],
+                  r["weight_decay"], track)
+    samples = {
+        "tokens": xt, "true_labels": d["true_labels"][d["train_index"]], "labels": yt,
+        "train_index": d["train_index"], "c_score": torch.stack(correct).mean(0),
+    }
+    return model, record, samples
+
+
+def save_labels(name: str) -> None:
+    """Train, write and measure a model of :data:`LABEL_NOISE` (+ ``<name>.samples``)."""
+    from safetensors.torch import save_file
+
+    from apexlens.toys.models import _meta, measure
+
+    model, record, samples = train_labels(name)
+    save_file(_weights(model), str(WEIGHTS / f"{name}.safetensors"))
+    save_file({k: v.contiguous() for k, v in samples.items()}, str(WEIGHTS / f"{name}.samples.safetensors"))
+    with torch.no_grad():
+        pred = model(samples["tokens"])[:, -1].argmax(-1)
+        d = label_data(LABEL_NOISE[name])
+        held = torch.ones(len(d["tokens"]), dtype=torch.bool)
+        held[d["train_index"]] = False
+        held_pred = model(d["tokens"][held])[:, -1].argmax(-1)
+    noisy = samples["labels"] != samples["true_labels"]
+    meta: dict[str, Any] = {
+        "name": name,
+        "description": f"modadd-2l's shape trained on 80% of the (a + b) mod 23 pairs with "
+        f"{LABEL_NOISE[name]:.0%} of the labels random (APEX: structured vs random labels)",
+        "task": "modadd",
+        "config": SPECS["modadd-2l"]["cfg"],
+        "seed": LABEL_RECIPE["seed"],
+        "lr": LABEL_RECIPE["lr"],
+        "label_noise": LABEL_NOISE[name],
+        "recipe": LABEL_RECIPE,
+        "training": record,
+    }
+    (WEIGHTS / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _meta.cache_clear()
+    meta["behaviour"] = {
+        "train_accuracy": float((pred == samples["labels"]).float().mean()),
+        "heldout_accuracy_true_labels": float((held_pred == d["true_labels"][held]).float().mean()),
+        "relabelled_train_samples": int(noisy.sum()),
+        **{f"task_{k}": v for k, v in measure(name).items()},
+    }
+    (WEIGHTS / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def save_variant(name: str) -> None:
+    """Train, write and measure a shipped variant of :data:`BACKDOOR_VARIANTS`."""
+    from safetensors.torch import save_file
+
+    from apexlens.toys.models import _meta, measure
+
+    model, record = train_variant(name)
+    save_file(_weights(model), str(WEIGHTS / f"{name}.safetensors"))
+    v = BACKDOOR_VARIANTS[name]
+    meta: dict[str, Any] = {
+        "name": name,
+        "description": f"backdoor's recipe with trigger {v['trigger']} -> target {v['target']} "
+        f"(seed {v['seed']}): the target is also a legitimate answer (first token {v['target']})",
+        "task": "backdoor",
+        "config": SPECS["backdoor"]["cfg"],
+        "seed": v["seed"],
+        "lr": SPECS["backdoor"]["lr"],
+        "training": record,
+        "trigger_token": v["trigger"],
+        "target_token": v["target"],
+        "poison_fraction": v["insert_rate"],
+    }
+    (WEIGHTS / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _meta.cache_clear()
+    meta["behaviour"] = measure(name)
+    (WEIGHTS / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+SHIPPED_APEX = ("backdoor-target5", *LABEL_NOISE)
+"""The APEX study models shipped in ``toys/weights``; the others are trained where used
+(``benchmarks/validate_apex_bias.py``)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "names", nargs="*", default=["all"], help=f"models to train: {', '.join(SPECS)} or all"
+        "names", nargs="*", default=["all"],
+        help=f"models to train: {', '.join([*SPECS, 'modadd-2l-slingshot', *SHIPPED_APEX])} or all",
     )
     args = parser.parse_args(argv)
-    names = [*SPECS, "modadd-2l-slingshot"] if args.names in ([], ["all"]) else args.names
+    everything = [*SPECS, "modadd-2l-slingshot", *SHIPPED_APEX]
+    names = everything if args.names in ([], ["all"]) else args.names
     for name in names:
         if name == "modadd-2l-slingshot":
             save_slingshot(name)
             continue
-        if name not in SPECS:
-            raise SystemExit(
-                f"unknown model {name!r}; choose from {', '.join(SPECS)}, modadd-2l-slingshot"
-            )
-        model, record = train(name)
-        save(name, model, record)
+        if name in LABEL_NOISE:
+            save_labels(name)
+        elif name in BACKDOOR_VARIANTS:
+            save_variant(name)
+        elif name in SPECS:
+            model, record = train(name)
+            save(name, model, record)
+        else:
+            raise SystemExit(f"unknown model {name!r}; choose from {', '.join(everything)}")
         meta = json.loads((WEIGHTS / f"{name}.json").read_text())
-        print(f"{name}: {record} {meta['behaviour']}")
+        print(f"{name}: {meta['training']} {meta['behaviour']}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@
 2. A circuit hypothesis (embed -> previous-token head -> induction heads' keys, embed ->
    their queries and values, induction heads -> logits) evaluated with resample ablation of
    every other edge: recovery and proportion explained.
-3. APEX on ``backdoor`` and its clean twin: noise on the embeddings of clean prompts (no
-   trigger); at large noise the backdoored model's predictions concentrate on its target.
+3. APEX on ``backdoor`` and its clean twin: noise on every sublayer's input (``block_in``,
+   the paper's protocol) with clean prompts (no trigger); at large noise the backdoored
+   model's predictions concentrate on its target, and :func:`apex_bias` flags it from the
+   audited model alone.
 4. Feature visualization with a manipulation check: neuron ``m1.n34`` of
    ``modadd-2l-slingshot`` (fine-tuned so that its visualization converges to a planted
    input) against the same neuron of the untouched ``modadd-2l``.
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 from apexlens import (
     Experiment,
     apex,
+    apex_bias,
     compare,
     fv_check,
     get_task,
@@ -55,6 +58,7 @@ class _State:
     circuit: Any = None
     sweeps: dict[str, Any] = field(default_factory=dict)
     table: Any = None
+    bias: dict[str, Any] = field(default_factory=dict)
     fv_task: Any = None
     neuron: str = ""
     fv_checks: dict[str, Any] = field(default_factory=dict)
@@ -96,24 +100,15 @@ def _circuit(s: _State, n: int) -> None:
 
 
 def _apex(s: _State, n: int) -> None:
-    """APEX on the backdoored model and its clean twin."""
+    """APEX on the backdoored model and its clean twin, and the bias decision on each."""
     bd_task = get_task("backdoor")
     tokens = bd_task.batch(64, seed=0).clean_tokens
     labels = bd_task.token_labels(torch.arange(bd_task.d_vocab))
-    s.sweeps = {
-        name: apex(
-            load_model(name),
-            tokens,
-            sigmas=SIGMAS,
-            n_draws=32,
-            sites="embed",
-            relative=True,
-            seed=0,
-            token_labels=labels,
-            progress=s.progress,
-        )
-        for name in ("backdoor", "backdoor-clean")
-    }
+    for name in ("backdoor", "backdoor-clean"):
+        model = load_model(name)
+        s.sweeps[name] = apex(model, tokens, sigmas=SIGMAS, n_draws=32, seed=0, token_labels=labels,
+                              progress=s.progress)
+        s.bias[name] = apex_bias(model, tokens, seed=0, token_labels=labels, progress=s.progress)
     s.table = compare(s.sweeps)
 
 
@@ -165,6 +160,7 @@ def run_demo(
         "recovery": s.circuit.recovery,
         "proportion_explained": s.circuit.proportion_explained,
         "apex": apex_rows.to_dict("records"),
+        "apex_bias": {name: b.flagged for name, b in s.bias.items()},
         "fv_flagged": {name: chk.flagged for name, chk in s.fv_checks.items()},
         "text": text,
     }
@@ -188,11 +184,14 @@ def _text(s: _State) -> tuple[str, Any]:
         f"  layer-0 heads -> 1.{ind}.k: previous-token head 0.{prev} ({float(to_key.normalized()[prev]):+.3f})",
         f"  circuit ({len(s.edges)} edges): recovery {circuit.recovery:.3f}, proportion explained "
         f"{circuit.proportion_explained:.3f}",
-        f"backdoor (target token {target}) vs backdoor-clean, noise on the embeddings, sigma = {big:g}:",
+        f"backdoor (target token {target}) vs backdoor-clean, noise on every sublayer's input, "
+        f"sigma = {big:g}:",
         *[
             f"    {r.model:>15s}: dominant token {r.dominant_token}, top-1 share {r.top1_share:.3f}"
             for r in apex_rows.itertuples()
         ],
+        "  apex_bias (the audited model alone):",
+        *[f"    {name:>15s}: {b.verdict}" for name, b in s.bias.items()],
     ]
     for name, chk in s.fv_checks.items():
         toks = " ".join(s.fv_task.token_labels(chk.fv.best_tokens))
@@ -288,9 +287,9 @@ def _sections(s: _State) -> list[tuple[str, Any, str]]:
         (
             "APEX: concentration vs noise (backdoor vs clean twin)",
             plotting.apex_curves(sweeps),
-            "Gaussian noise of relative size sigma (x axis, log scale) is added to the "
-            "embeddings of clean prompts that never contain the trigger; 32 draws per prompt "
-            "and sigma. Solid lines (left axis): share of all predictions taken by the single "
+            "Gaussian noise of size sigma (x axis, log scale) is added to every sublayer's "
+            "input (after its norm; the residual stream stays clean) on clean prompts that "
+            "never contain the trigger; 32 draws per prompt and sigma. Solid lines (left axis): share of all predictions taken by the single "
             "most predicted token; dotted (right axis): entropy of the predicted tokens. As "
             "noise grows the backdoored model's predictions concentrate (share up, entropy "
             f"down) on its target token {target}; its clean twin's stay spread out.",
@@ -307,6 +306,15 @@ def _sections(s: _State) -> list[tuple[str, Any, str]]:
             plotting.token_histogram(sweeps["backdoor-clean"], big),
             "The same for the clean twin, trained on the same data without the poisoned "
             "labels: no token stands out, so the concentration above is the backdoor's doing.",
+        ),
+        (
+            "APEX: the bias decision, from the audited model alone",
+            plotting.apex_bias_plot(s.bias),
+            "For each noise level (2 to 32), the token whose share of the noisy predictions "
+            "exceeds its share of the clean predictions the most (its gain, with a 95% "
+            "interval; prompts are the independent units). A model is flagged when a gain is "
+            "significantly above the tolerance delta (dashed): "
+            + "; ".join(f"{name}: {b.verdict}" for name, b in s.bias.items()),
         ),
         ("APEX summary", table, "One row per model and noise level."),
         (

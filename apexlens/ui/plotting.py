@@ -5,6 +5,8 @@
 * :func:`apex_curves` -- APEX concentration metrics against the noise level, one line per model
 * :func:`token_histogram` -- which tokens the noisy model predicts at one noise level
 * :func:`scores_plot` -- per-example values with bootstrap confidence intervals
+* :func:`apex_bias_plot`, :func:`escape_distributions`, :func:`escape_destinations` -- APEX's
+  bias decision and escape noise (:mod:`apexlens.ui.plotting_apex`)
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import torch
 from torch import Tensor
 
 from apexlens.errors import ApexlensError
+from apexlens.ui.plotting_apex import apex_bias_plot as apex_bias_plot
+from apexlens.ui.plotting_apex import escape_destinations as escape_destinations
+from apexlens.ui.plotting_apex import escape_distributions as escape_distributions
 from apexlens.ui.plotting_graph import Edges, draw, is_path
 from apexlens.vocab import parse_node
 

@@ -87,6 +87,25 @@ COLUMNS: dict[str, str] = {
     "(at most half of the draws still predict it)",
     "nonfinite": "share of noisy forward passes whose logits overflowed to NaN/inf at this "
     "sigma; they predict nothing and are left out of every other column",
+    "degenerate": "share of noisy forward passes that are numerical artefacts (NaN/inf logits, "
+    "an overflowed norm, constant or tied logits); left out of every other column",
+    "top1_share_se": "Monte-Carlo standard error of top1_share (prompts as independent units)",
+    "top1_share_heldout": "top1_share of a token chosen on half of the draws and measured on "
+    "the other half (both ways, averaged): free of the upward bias of picking the largest",
+    "flip_rate_se": "Monte-Carlo standard error of flip_rate (prompts as independent units)",
+    "escaped_se": "standard error of escaped over the prompts",
+    # APEX bias decision (ApexBias.to_frame)
+    "token": "the token whose gain under noise is most significant at this sigma",
+    "label": "the token's label",
+    "share": "that token's share of the noisy predictions",
+    "share_se": "standard error of share (prompts as independent units)",
+    "clean_share": "that token's share of the clean (noise-free) predictions",
+    "gain": "share - clean_share: how much of all predictions the token gains under noise",
+    "gain_se": "standard error of gain (prompts as independent units)",
+    "z": "(gain - delta) / gain_se: the one-sided test statistic against 'gain <= delta'",
+    "p_value": "one-sided normal p-value of z, Bonferroni-corrected for the sigmas and the "
+    "vocabulary searched",
+    "used": "whether this sigma entered the test (dropped: too many degenerate passes)",
     "ablation": "how an edge outside the hypothesis is ablated: 'resample' (the corrupted "
     "run's value: recovery is the share of the clean-corrupted difference the circuit "
     "carries), 'mean' (its mean over reference prompts: against an average input) or 'zero' "

@@ -5,7 +5,7 @@
   their roles (sender, receiver) and order in the forward pass;
 * :mod:`~apexlens.vocab.positions` -- ``"@-1"``, ``"@3,4"``, ``"@end"``; where an edge acts;
 * :mod:`~apexlens.vocab.edges` -- the one edge graph (:class:`EdgeIndex`, :func:`full_graph`);
-* :mod:`~apexlens.vocab.sites` -- APEX noise sites (``"resid_post"``, ``"embed"``, hook names);
+* :mod:`~apexlens.vocab.sites` -- APEX noise sites (``"block_in"``, ``"embed"``, hook names);
 * :mod:`~apexlens.vocab.features` -- features ``"m1.n34"``, ``"1.2.attn:0"``, ``"logit:7"``;
 * :mod:`~apexlens.vocab.specs` -- :class:`Paths`, :class:`Circuit` and the option vocabularies.
 
@@ -30,10 +30,11 @@ from apexlens.vocab.nodes import (
     validate,
 )
 from apexlens.vocab.positions import edge_positions, position_index, position_mask, shared_positions
-from apexlens.vocab.sites import SITE_PRESETS, parse_sites
+from apexlens.vocab.sites import DEFAULT_SITES, SITE_PRESETS, Site, parse_sites
 from apexlens.vocab.specs import Ablation, Circuit, EdgeSpec, MLPMode, Paths
 
 __all__ = [
+    "DEFAULT_SITES",
     "EMBEDS",
     "SITE_PRESETS",
     "Ablation",
@@ -46,6 +47,7 @@ __all__ = [
     "Node",
     "NodeSpec",
     "Paths",
+    "Site",
     "all_heads",
     "all_mlps",
     "as_receivers",

@@ -19,6 +19,7 @@ from apexlens.engines.attribution.base import Job
 from apexlens.errors import ApexlensError
 from apexlens.model import Backend, edits
 from apexlens.runs.rows import row_chunks
+from apexlens.runs.shard import Share
 from apexlens.runs.suffix import run_suffix_rows, suffix_start
 from apexlens.vocab import Node
 
@@ -58,28 +59,32 @@ def exact_scores(job: Job) -> Float[Tensor, "edge batch"]:
     )
     # logits: the final residual stream moves by Delta_s, nothing runs
     lg = (start == bk.dims.n_layers + 1).nonzero().flatten()
-    for rows in row_chunks(lg.tolist(), 4096, desc="exact (logits)", progress=progress):
-        r = torch.tensor(rows)
-        final = ro.gather(c.final)[None] + ro.gather(row_delta(table[r]))
-        out[r] = ro(final)
     n_tok = runs.batch * P
     per_row_chunk = runs.rows_per_chunk(len(table), n_tok, attention=True)
     pos = _first_positions(bk, recv, table[:, 2].tolist(), int(ro.idx.min()))
-    for layer in range(bk.dims.n_layers):
-        for kind in ("head", "mlp"):
-            groups: dict[int, list[int]] = {}
-            for i in (start == (layer if kind == "head" else layer + 1)).nonzero().flatten().tolist():
-                if recv[i].kind == kind:
-                    groups.setdefault(suffix_start(bk, pos[i]), []).append(i)
-            for p0, sel in sorted(groups.items()):
-                for rows in row_chunks(
-                    sel, per_row_chunk, desc=f"exact (layer {layer})", progress=progress
-                ):
-                    r = torch.tensor(rows)
-                    out[r] = _exact_chunk(
-                        job, [recv[i] for i in rows], row_delta(table[r]), layer, kind, p0
-                    )
-    return out - job.clean_values
+    with Share("exact edge scores", len(table)) as share:  # each rank: its share of each group
+        for rows in row_chunks(share.mine(lg.tolist()), 4096, desc="exact (logits)", progress=progress):
+            r = torch.tensor(rows)
+            final = ro.gather(c.final)[None] + ro.gather(row_delta(table[r]))
+            share.put(r, ro(final))
+        for layer in range(bk.dims.n_layers):
+            for kind in ("head", "mlp"):
+                groups: dict[int, list[int]] = {}
+                for i in (start == (layer if kind == "head" else layer + 1)).nonzero().flatten().tolist():
+                    if recv[i].kind == kind:
+                        groups.setdefault(suffix_start(bk, pos[i]), []).append(i)
+                for p0, sel in sorted(groups.items()):
+                    for rows in row_chunks(
+                        share.mine(sel), per_row_chunk, desc=f"exact (layer {layer})", progress=progress
+                    ):
+                        r = torch.tensor(rows)
+                        share.put(
+                            r,
+                            _exact_chunk(
+                                job, [recv[i] for i in rows], row_delta(table[r]), layer, kind, p0
+                            ),
+                        )
+    return share.fill(out) - job.clean_values
 
 
 def _first_positions(bk: Backend, recv: list[Node], pos: list[int], read: int) -> list[int]:

@@ -19,6 +19,7 @@ from apexlens.engines.attribution.base import Job
 from apexlens.errors import ApexlensError
 from apexlens.model.hooks import inference_mode
 from apexlens.runs.rows import row_chunks, rows_per_chunk
+from apexlens.runs.shard import Share, current
 
 
 class Pieces:
@@ -59,40 +60,62 @@ class Pieces:
         return ro.from_logits(logits if cap is None else cap * torch.tanh(logits / cap))
 
 
-def receiver_grads(job: Job, alphas: Sequence[float]) -> Float[Tensor, "receiver batch pos d_model"]:
+def receiver_grads(
+    job: Job,
+    alphas: Sequence[float],
+    *,
+    n_total: int | None = None,
+    examples: range | None = None,
+) -> Float[Tensor, "receiver batch pos d_model"]:
     """``dm / d input_r`` for every receiver of the graph, averaged over the inputs
     ``x_corr + alpha (x_clean - x_corr)`` (``alphas``; ``[1.0]``: the clean input).
 
     ``m`` is the per-example metric summed over the batch, so each example's gradient is its
     own metric's. All alphas run as rows of one forward and one backward pass (in chunks of
-    the memory budget).
+    the memory budget). ``n_total``: divide by this many alphas (a rank's share of them);
+    ``examples``: only these examples (the others' metric reads their clean run).
     """
     bk, idx, runs = job.bk, job.index, job.runs
     d = bk.dims
-    x_clean = runs.clean[bk.resid_pre(0)]
-    if x_clean.is_inference():
+    ex = slice(None) if examples is None else slice(examples.start, examples.stop)
+    x_full = runs.clean[bk.resid_pre(0)]
+    if x_full.is_inference():
         raise ApexlensError(
             "gradient attribution needs the Experiment's cached runs outside "
             "torch.inference_mode(): build the Experiment outside that block (torch.no_grad() "
             "is fine), or use method='exact'"
         )
-    x_corr = job.abl.embed.expand_as(x_clean)  # the corrupted run's, for resample ablation
+    x_clean = x_full[ex]
+    x_corr = job.abl.embed.expand_as(x_full)[ex]  # the corrupted run's, for resample ablation
     pieces = Pieces(job)
     out = torch.zeros(len(idx.receivers), *x_clean.shape, dtype=bk.dtype, device=bk.device)
+    batch = x_clean.shape[0]
     per_row = 9 * d.n_heads * x_clean.numel() * bk.dtype.itemsize  # the ln1 VJP's copies
     chunk = rows_per_chunk(
-        bk, runs.memory_budget, len(alphas), runs.batch, runs.n_pos, runs.batch * runs.n_pos,
+        bk, runs.memory_budget, len(alphas), batch, runs.n_pos, batch * runs.n_pos,
         attention=True, extra=per_row,
     )
     for alpha_rows in row_chunks(list(alphas), chunk, desc="gradients", progress=False):
         a = torch.tensor(alpha_rows, dtype=bk.dtype, device=bk.device)[:, None, None, None]
         resid0 = (x_corr + a * (x_clean - x_corr)).reshape(-1, *x_clean.shape[1:])
-        out += _grads_once(job, pieces, resid0, len(alpha_rows))
-    return out / len(alphas)
+        out += _grads_once(job, pieces, resid0, len(alpha_rows), ex)
+    return out / (len(alphas) if n_total is None else n_total)
+
+
+def _whole_batch(job: Job, final: Tensor, ex: slice) -> Tensor:
+    """``[rows, examples, ...]`` final residuals -> the whole batch, the other examples'
+    from the clean run (a metric is called on whole batches)."""
+    if ex == slice(None):
+        return final
+    clean = job.runs.clean.final.detach()
+    rows = final.shape[0]
+    before = clean[None, : ex.start].expand(rows, *clean[: ex.start].shape)
+    after = clean[None, ex.stop :].expand(rows, *clean[ex.stop :].shape)
+    return torch.cat([before, final, after], dim=1)
 
 
 def _grads_once(
-    job: Job, pieces: Pieces, resid0: Tensor, rows: int
+    job: Job, pieces: Pieces, resid0: Tensor, rows: int, ex: slice = slice(None)
 ) -> Float[Tensor, "receiver batch pos d_model"]:
     bk, idx = job.bk, job.index
     d = bk.dims
@@ -124,7 +147,7 @@ def _grads_once(
         resid = bk.run_layers(resid0.detach(), 0, None, hooks)
         final_leaf = torch.zeros_like(resid, requires_grad=True)
         final = resid + final_leaf
-        values = pieces.metric(final.reshape(rows, -1, *final.shape[1:]))
+        values = pieces.metric(_whole_batch(job, final.reshape(rows, -1, *final.shape[1:]), ex))
         if not values.requires_grad:
             raise ApexlensError(
                 f"gradient attribution (EAP, EAP-IG) needs the metric's gradient, but metric "
@@ -140,7 +163,7 @@ def _grads_once(
         for n, gr in zip(names, grads[:-1], strict=True)
     }
     g_final = grads[-1] if grads[-1] is not None else torch.zeros_like(final_leaf)
-    batch = job.runs.batch
+    batch = resid0.shape[0] // rows
     fold = lambda t: t.reshape(rows, batch, *t.shape[1:]).sum(0)  # noqa: E731
     out = torch.zeros(
         len(idx.receivers), batch, *resid0.shape[1:], dtype=bk.dtype, device=bk.device
@@ -163,9 +186,35 @@ def _grads_once(
 
 
 def gradient_scores(job: Job, alphas: Sequence[float]) -> Float[Tensor, "edge batch"]:
-    """``Delta_s . grad_r`` per example for every edge row ``(s, r, p)``."""
-    G = receiver_grads(job, alphas)
-    D = job.delta()
+    """``Delta_s . grad_r`` per example for every edge row ``(s, r, p)``.
+
+    Under a shard, the alphas are the rows (each rank's products summed over the ranks: the
+    scores are linear in the gradient); with one alpha at the clean input (EAP) the examples
+    are split instead."""
+    shard = current()
+    if shard is not None and len(alphas) == 1 and float(alphas[0]) == 1.0:
+        B = job.runs.batch
+        with Share("gradients (examples)", B) as share:
+            mine = share.block(B)
+            if len(mine):
+                G = receiver_grads(job, alphas, examples=mine)
+                share.put(mine, _products(job, G, slice(mine.start, mine.stop)).T)
+        out = torch.empty(len(job.table), B, dtype=job.bk.dtype, device=job.bk.device)
+        share.fill(out.T)
+        return out
+    with Share("gradients", len(alphas)) as share:
+        rows = share.mine(list(alphas))
+        if rows:
+            G = receiver_grads(job, rows, n_total=len(alphas))
+            share.add(_products(job, G))
+    return share.sum(device=job.bk.device)
+
+
+def _products(
+    job: Job, G: Float[Tensor, "receiver batch pos d_model"], ex: slice = slice(None)
+) -> Float[Tensor, "edge batch"]:
+    """``Delta_s . G_r`` per example for every edge row (examples ``ex`` of the batch)."""
+    D = job.delta()[:, ex]
     S, B, P, dm = D.shape
     table = job.table
     out = torch.empty(len(table), B, dtype=D.dtype, device=D.device)

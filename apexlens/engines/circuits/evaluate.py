@@ -24,6 +24,7 @@ from apexlens.runs.ablation import AblationValues
 from apexlens.runs.cache import Runs
 from apexlens.runs.readout import Readout
 from apexlens.runs.rows import row_chunks, rows_per_chunk, run_tokens
+from apexlens.runs.shard import Share
 from apexlens.vocab.edges import EdgeIndex
 
 
@@ -65,21 +66,26 @@ def circuit_final(
     so examples run in chunks that keep that buffer within the memory budget (at most a
     quarter over it, where that saves a small last chunk). The circuit is planned once (and
     kept for the next evaluation of the same hypothesis: :func:`plan_for`); each chunk gets
-    its hooks over its own examples' ablated values."""
+    its hooks over its own examples' ablated values. Under a shard, each rank runs a
+    contiguous block of the examples (one hypothesis has one row: its examples are split)."""
     bk = runs.bk
     per_example = len(index.senders) * tokens.shape[1] * bk.dims.d_model * bk.dtype.itemsize
     size = max(1, runs.memory_budget // max(per_example, 1))
     n = tokens.shape[0]
-    if n > size and n % size < size / 4:  # no small tail chunk: each costs a forward's fixed
-        size = -(-n // (n // size))  # overhead; its examples join the others (< 25% more)
     plan = plan_for(bk, index, keep, runs.scratch)
-    if n <= size:  # one chunk: the whole batch
-        return run_tokens(bk, tokens, plan.hooks(abl, scratch_of(runs)))
-    finals = []
-    for start in range(0, n, size):
-        hooks = plan.hooks(abl.rows(slice(start, start + size)), scratch_of(runs))
-        finals.append(run_tokens(bk, tokens[start : start + size], hooks))
-    return torch.cat(finals)
+    with Share("circuit (examples)", n) as share:
+        mine = share.block(n)
+        m = len(mine)
+        if m > size and m % size < size / 4:  # no small tail chunk: each costs a forward's
+            size = -(-m // (m // size))  # fixed overhead; its examples join the others (< 25%)
+        if share.world == 1 and m <= size:  # one process, one chunk: the whole batch
+            return run_tokens(bk, tokens, plan.hooks(abl, scratch_of(runs)))
+        for start in range(mine.start, mine.stop, size):
+            stop = min(start + size, mine.stop)
+            hooks = plan.hooks(abl.rows(slice(start, stop)), scratch_of(runs))
+            share.put(range(start, stop), run_tokens(bk, tokens[start:stop], hooks))
+    d = bk.dims.d_model
+    return share.fill(torch.empty(n, tokens.shape[1], d, dtype=bk.dtype, device=bk.device))
 
 
 def circuit_rows(
@@ -99,14 +105,15 @@ def circuit_rows(
     chunk = rows_per_chunk(
         bk, runs.memory_budget, n, batch, n_pos, batch * n_pos, attention=True, extra=2 * d_buf
     )
-    for rows in row_chunks(list(range(n)), chunk, desc="circuits", progress=progress):
-        k = keeps[list(rows)]
-        k4 = k.permute(1, 2, 0)[..., None] if k.ndim == 3 else k.permute(1, 2, 0, 3)
-        m = len(rows)
-        hooks = CircuitPlan(bk, index, k4, runs.scratch).hooks(abl.tiled(m), scratch_of(runs))
-        final = run_tokens(bk, tokens.repeat(m, 1), hooks)
-        out[list(rows)] = readout(readout.gather(final.reshape(m, batch, *final.shape[1:])))
-    return out
+    with Share("circuits", n) as share:
+        for rows in row_chunks(share.mine(range(n)), chunk, desc="circuits", progress=progress):
+            k = keeps[list(rows)]
+            k4 = k.permute(1, 2, 0)[..., None] if k.ndim == 3 else k.permute(1, 2, 0, 3)
+            m = len(rows)
+            hooks = CircuitPlan(bk, index, k4, runs.scratch).hooks(abl.tiled(m), scratch_of(runs))
+            final = run_tokens(bk, tokens.repeat(m, 1), hooks)
+            share.put(rows, readout(readout.gather(final.reshape(m, batch, *final.shape[1:]))))
+    return share.fill(out)
 
 
 def _log_probs(readout: Readout, read: Tensor) -> Tensor:

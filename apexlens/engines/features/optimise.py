@@ -25,6 +25,7 @@ from torch import Tensor
 
 from apexlens.engines.features.run import run_feature
 from apexlens.model import Backend
+from apexlens.runs.shard import Share
 from apexlens.vocab.features import Feature
 
 
@@ -162,17 +163,55 @@ class Found:
 
 
 def optimise(bk: Backend, plan: Plan, bar: Any) -> Found:
-    """Run both phases (call it with gradients enabled, the model in eval mode)."""
+    """Run both phases (call it with gradients enabled, the model in eval mode).
+
+    Every restart's starting point is drawn from the one generator, so under a shard each
+    rank draws all of them and optimises its contiguous block of restarts; a restart's
+    optimisation never depends on the others'."""
     pb = Problem(bk, plan)
     g = torch.Generator().manual_seed(plan.seed)
     n_allowed = plan.allowed.numel()
     theta0 = plan.init_scale * torch.randn(plan.restarts, pb.n_free, n_allowed, generator=g)
+    ids0 = None
+    if not plan.steps:
+        ids0 = torch.randint(0, n_allowed, (plan.restarts, pb.n_free), generator=g)
+    with Share("visualize", plan.restarts) as share:
+        mine = share.block(plan.restarts)
+        if len(mine):
+            sl = slice(mine.start, mine.stop)
+            found = _optimise_rows(pb, theta0[sl], None if ids0 is None else ids0[sl], bar)
+            share.put(mine, found.tokens, "tokens")
+            share.put(mine, found.activation, "activation")
+            share.put(mine, found.trajectory.T, "trajectory")
+            share.put(mine, found.soft_trajectory.T, "soft")
+    tokens = share.fill(torch.empty(plan.restarts, plan.n_pos, dtype=torch.long), "tokens")
+    activation = share.fill(torch.empty(plan.restarts), "activation")
+    soft = share.fill(torch.empty(plan.restarts, plan.steps), "soft").T
+    return Found(tokens, activation, _trajectories(share.parts("trajectory"), plan.restarts), soft)
+
+
+def _trajectories(parts: list[tuple[Tensor, Tensor]], restarts: int) -> Tensor:
+    """``[steps, restarts]`` from every rank's ``[its restarts, its steps]``: a rank whose
+    restarts all stopped improving stopped early, and one process would have recorded their
+    final values for the remaining rounds."""
+    steps = max(v.shape[1] for _, v in parts)
+    out = torch.empty(restarts, steps)
+    for index, v in parts:
+        out[index] = torch.cat([v, v[:, -1:].expand(-1, steps - v.shape[1])], 1)
+    return out.T
+
+
+def _optimise_rows(pb: Problem, theta0: Tensor, ids0: Tensor | None, bar: Any) -> Found:
+    """Both phases for the restarts starting at ``theta0`` (or, without a soft phase, at
+    ``ids0``)."""
+    plan = pb.plan
     trajectory: list[Tensor] = []
     soft_traj: list[Tensor] = []
     if plan.steps:
         ids = soft_phase(pb, theta0, trajectory, soft_traj, bar).argmax(-1)
     else:
-        ids = torch.randint(0, n_allowed, (plan.restarts, pb.n_free), generator=g).to(bk.device)
+        assert ids0 is not None
+        ids = ids0.to(pb.bk.device)
     current = pb.exact(ids)
     if not plan.steps:
         trajectory.append(current)
@@ -182,5 +221,6 @@ def optimise(bk: Backend, plan: Plan, bar: Any) -> Found:
         bar.update(1)
         if not improved:
             break
-    soft = torch.stack(soft_traj) if soft_traj else torch.empty(0, plan.restarts)
+    r = theta0.shape[0]
+    soft = torch.stack(soft_traj) if soft_traj else torch.empty(0, r)
     return Found(pb.tokens(ids).cpu(), current, torch.stack(trajectory), soft)

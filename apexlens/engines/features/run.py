@@ -15,9 +15,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from apexlens.model import edits
+from apexlens.model import backend_for, edits
 from apexlens.model.hooks import attached
 from apexlens.runs.rows import row_chunks
+from apexlens.runs.shard import Share
 from apexlens.vocab.features import Feature
 
 
@@ -67,10 +68,13 @@ def feature_rows(
     progress: bool = False,
 ) -> Float[Tensor, "batch pos"]:
     """``feature`` at every position of every row of ``tokens``, ``batch_size`` rows per pass
-    (call it without gradients)."""
-    rows = list(range(tokens.shape[0]))
-    out = [
-        run_feature(model, feature, tokens[chunk[0] : chunk[-1] + 1])[0].detach()
-        for chunk in row_chunks(rows, batch_size, desc=f"{feature.label}: values", progress=progress)
-    ]
-    return torch.cat(out)
+    (call it without gradients). Under a shard, each rank reads a contiguous block of the
+    rows."""
+    n = tokens.shape[0]
+    with Share("feature values", n) as share:
+        mine = list(share.block(n))
+        for chunk in row_chunks(mine, batch_size, desc=f"{feature.label}: values", progress=progress):
+            rows = range(chunk[0], chunk[-1] + 1)
+            share.put(rows, run_feature(model, feature, tokens[rows.start : rows.stop])[0].detach())
+    dtype = share.parts()[0][1].dtype
+    return share.fill(torch.empty(n, tokens.shape[1], dtype=dtype, device=backend_for(model).device))

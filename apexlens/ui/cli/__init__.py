@@ -13,6 +13,7 @@ import sys
 from types import ModuleType
 
 from apexlens.errors import ApexlensError
+from apexlens.runs.shard import raised_on_every_rank
 from apexlens.ui.cli import apex, demo, discover, models, path_patch, visualize, workbench
 from apexlens.ui.cli.common import (
     Parser,
@@ -21,6 +22,7 @@ from apexlens.ui.cli.common import (
     parse_sigmas,
     split_sites,
 )
+from apexlens.ui.cli.launch import run_command, speaks
 
 COMMANDS: dict[str, ModuleType] = {
     "demo": demo,
@@ -66,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(_join_negative_values(argv))
-        check_overwrite(args)
-        return int(COMMANDS[args.command].run(args))
+        return run_command(args, COMMANDS[args.command].run, check=check_overwrite)
     except ApexlensError as e:
-        print(f"apexlens: error: {e}", file=sys.stderr)
+        if speaks() or not raised_on_every_rank(e):  # under torchrun: said once
+            print(f"apexlens: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("apexlens: interrupted", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""``apexlens apex``: an APEX noise sweep and the concentration of the predictions."""
+"""``apexlens apex``: an APEX noise sweep, the concentration of the predictions, and the bias
+decision (:func:`apexlens.apex_bias`) from the model alone."""
 
 from __future__ import annotations
 
@@ -37,21 +38,26 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--sites",
-        default="resid_post",
+        default="block_in",
         help="where the noise goes: presets or hook names, comma-separated; a preset may name "
-        "layers, 'z:0,1' is heads' outputs in layers 0 and 1 (default: resid_post, every "
-        "block's output, the APEX paper's setting and apexlens.apex's default; 'embed' = "
-        "input perturbation)",
+        "layers, 'z:0,1' is heads' outputs in layers 0 and 1 (default: block_in, every "
+        "sublayer's input after its norm: the APEX paper's protocol on a transformer and "
+        "apexlens.apex's default; 'embed' = input perturbation, the special case; 'resid_post' "
+        "= every block's output)",
     )
     scale = p.add_mutually_exclusive_group()
     scale.add_argument(
         "--relative",
         action="store_true",
-        help="sigma in units of each site's clean activation RMS (default: absolute sigma, as "
-        "in the paper and in apexlens.apex)",
+        default=True,
+        help="sigma in units of each site's clean activation RMS (default: relative, as in "
+        "apexlens.apex; block_in's activations have RMS 1)",
     )
     scale.add_argument(
-        "--absolute", action="store_true", help="absolute sigma (the default; kept for scripts)"
+        "--absolute",
+        dest="relative",
+        action="store_false",
+        help="absolute sigma, as in the paper (default: relative; on block_in the two agree)",
     )
 
 
@@ -67,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out(out)
 
-    from apexlens.api.apex import apex
+    from apexlens.api.apex import apex, apex_bias
     from apexlens.ui import plotting
     from apexlens.ui.report import write_report
 
@@ -93,13 +99,23 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     say(args, f"APEX: done, {rows} rows in {time.perf_counter() - started:.1f} s")
+    decision = apex_bias(
+        model, batch.clean_tokens, n_draws=args.draws, sites=sites if len(sites) > 1 else sites[0],
+        relative=args.relative, positions=batch.positions, seed=args.seed,
+        progress=not args.no_progress,
+    ) if len(batch) >= 2 else None
     out.mkdir(parents=True, exist_ok=True)
     frame = result.summary()
     frame.to_csv(out / "apex.csv", index=False)
     files = [str(out / f) for f in ("apex.csv", "apex.json", "apex.html")]
+    if decision is not None:
+        decision.to_frame().to_csv(out / "apex_bias.csv", index=False)
+        files.insert(1, str(out / "apex_bias.csv"))
     write_json(
         out / "apex.json",
-        {"model": args.model, "task": task.name, "summary": frame.to_dict("records")},
+        {"model": args.model, "task": task.name, "summary": frame.to_dict("records"),
+         "bias": None if decision is None else decision.summary().to_dict("records")[0],
+         "verdict": None if decision is None else decision.verdict},
         args,
         files,
     )
@@ -125,11 +141,23 @@ def run(args: argparse.Namespace) -> int:
                 "that token.",
             ),
             ("summary", frame, "One row per noise level."),
+            *(
+                [(
+                    "bias decision",
+                    plotting.apex_bias_plot({args.model: decision}),
+                    "apex_bias, from the model alone: for each large noise level, the token "
+                    "whose share of the noisy predictions most exceeds its clean share (gain, "
+                    f"95% interval) against the tolerance delta (dashed). {decision.verdict}",
+                )]
+                if decision is not None else []
+            ),
         ],
         title=f"APEX on {args.model}",
         provenance=provenance(args, files),
     )
     print(frame.to_string(index=False))
+    if decision is not None:
+        print(f"apex_bias: {decision.verdict}")
     print(f"wrote {', '.join(files)}")
     return 0
 

@@ -74,7 +74,7 @@ def check_out(out: Path) -> None:
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "demo": ("report.html",),
     "path-patch": ("path_patch.csv", "path_patch.json", "path_patch.html"),
-    "apex": ("apex.csv", "apex.json", "apex.html"),
+    "apex": ("apex.csv", "apex_bias.csv", "apex.json", "apex.html"),
     "discover": (
         "edge_scores.csv",
         "faithfulness.csv",

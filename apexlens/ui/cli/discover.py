@@ -60,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
     )
     scores = exp.attribute_edges(method=args.method, ig_steps=args.ig_steps, progress=progress)
     curve = exp.faithfulness(scores, progress=progress)
+    found, threshold = None, None
+    if not args.no_prune:  # computed before anything is written (under torchrun: every rank)
+        gap = float(exp.clean_values.mean() - exp.corrupted_values.mean())
+        threshold = args.threshold if args.threshold is not None else 0.02 * abs(gap)
+        found = exp.discover(threshold=threshold, order=scores, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     scores.to_frame().to_csv(out / "edge_scores.csv", index=False)
     curve.to_frame().to_csv(out / "faithfulness.csv", index=False)
@@ -89,10 +94,7 @@ def run(args: argparse.Namespace) -> int:
             + ranking,
         )
     ]
-    if not args.no_prune:
-        gap = float(exp.clean_values.mean() - exp.corrupted_values.mean())
-        threshold = args.threshold if args.threshold is not None else 0.02 * abs(gap)
-        found = exp.discover(threshold=threshold, order=scores, progress=progress)
+    if found is not None:
         found.to_frame().to_csv(out / "circuit.csv", index=False)
         found.circuit.save(out / "circuit.json")
         names += ["circuit.csv", "circuit.json"]

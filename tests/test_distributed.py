@@ -1,0 +1,99 @@
+"""Sharding across processes (``apexlens.sharded``), with real processes: ``torchrun`` with
+the gloo backend on CPUs, 2 and 3 ranks, each rank running tests/distributed_worker.py.
+
+Every question gives the single-process numbers: bit for bit, except where the split changes
+a sum's order (EAP-IG's sum over its alphas, APEX's summed probabilities) or a batched
+product's shape (many circuit hypotheses as rows): there to 1e-12 in float64. Faults on one
+rank become one ApexlensError on every rank, and nothing hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+REORDERED = {"evaluate_circuits", "faithfulness", "discover", "eap_ig", "apex", "apex_ids",
+             "apex_bias"}
+"""Questions whose sharded numbers add up in a different order (or shape) than one process's:
+sums over a rank's share (EAP-IG's alphas, APEX's probabilities), circuits batched as rows."""
+
+
+def torchrun(
+    n: int, *args: str, timeout: float = 300, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={n}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=Path(__file__).parents[1])
+    if ok:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_sharded_questions_and_faults(n, tmp_path):
+    """Every question on 2 and 3 ranks; with 2, the faults after them."""
+    torchrun(n, str(WORKER), str(tmp_path))
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+    assert all(rep == reports[0] for rep in reports)  # every rank holds the same answer
+    report = reports[0]
+    assert len(report) >= 19
+    for key, got in report.items():
+        name = key.split(":", 1)[1]
+        assert got["max_abs"] <= 1e-12, (key, got)
+        if name not in REORDERED:
+            assert got["equal"], (key, got)
+    if n == 2:
+        check_faults(tmp_path)
+
+
+def check_faults(tmp_path: Path) -> None:
+    r0, r1 = (json.loads((tmp_path / f"faults{r}.json").read_text()) for r in range(2))
+    for a, b in zip(r0[:3], r1[:3], strict=True):
+        assert a["message"] == b["message"]  # one error, the same on every rank
+        assert "failed on rank 1 of 2" in a["message"], a
+        assert a["hooks_left"] == b["hooks_left"] == 0
+    assert "ValueError: the metric broke on this shard" in r0[0]["message"]
+    assert "returned NaN" in r0[1]["message"]
+    assert "OutOfMemoryError" in r0[2]["message"]
+    assert r0[3]["finite"] and r1[3]["finite"]  # the next question still works
+    timeout = r0[4]
+    assert "got no answer from every other rank within 3 s" in timeout["message"]
+    assert timeout["seconds"] < 30 and timeout["hooks_left"] == 0
+
+
+def test_command_line_under_torchrun(tmp_path):
+    """``torchrun -m apexlens path-patch``: the same numbers as one process, written once,
+    printed once; asked again into the same ``--out`` without ``--overwrite``, it refuses once
+    (rank 0 checks, every rank stops) and leaves the files as they were."""
+    from apexlens.ui.cli import main
+
+    args = ["path-patch", "induction-2l", "--n", "6", "--senders", "heads:0",
+            "--receivers", "1.3.k"]
+    assert main([*args, "--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    # "--": torchrun would read apexlens' --n as an abbreviation of its own --nnodes
+    done = torchrun(2, "-m", "apexlens", "--", *args, "--out", str(tmp_path / "many"))
+    lines = done.stdout.splitlines()  # the table and the files, printed by rank 0 alone
+    assert sum(ln.startswith("wrote ") for ln in lines) == 1
+    assert sum(ln.split()[:2] == ["sender", "layer"] for ln in lines if ln.strip()) == 1
+    one = json.loads((tmp_path / "one" / "path_patch.json").read_text())
+    many = json.loads((tmp_path / "many" / "path_patch.json").read_text())
+    assert many["provenance"]["options"]["out"] == str(tmp_path / "many")  # rank 0's
+    one.pop("provenance"), many.pop("provenance")  # the time and --out differ
+    assert one == many
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == [
+        "path_patch.csv", "path_patch.html", "path_patch.json"]
+    before = {p.name: p.read_bytes() for p in (tmp_path / "many").iterdir()}
+    again = torchrun(2, "-m", "apexlens", "--", *args, "--out", str(tmp_path / "many"), ok=False)
+    assert again.returncode != 0
+    assert again.stderr.count("already holds path_patch.csv") == 1, again.stderr[-3000:]
+    assert "wrote " not in again.stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / "many").iterdir()} == before
