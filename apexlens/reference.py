@@ -649,3 +649,49 @@ def naive_edge_attribution(
         s, r = parse_node(s_spec), parse_node(r_spec)
         out.append((delta(s) * grads[r]).sum((-1, -2)).mean())
     return torch.stack(out).detach()
+
+
+def naive_climb(
+    model: Any,
+    feature: Any,
+    starts: Tensor,
+    read: int,
+    *,
+    allowed: Sequence[int] | None = None,
+    first_free: int = 0,
+    rounds: int = 20,
+) -> Tensor:
+    """Discrete hill-climbing, one input at a time: every single-token swap of every free
+    position (``first_free`` on) to every allowed token, each a plain forward pass; keep the
+    best while it raises the feature at ``read``. The activations reached, ``[n]`` (what
+    :func:`apexlens.engines.features.climb` computes when its proposals cover the vocabulary)."""
+
+    def value(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            if feature.kind == "logit":
+                act = model(x)
+            else:
+                _, cache = model.run_with_cache(x, names_filter=[feature.hook])
+                act = cache[feature.hook]
+            return feature.values(act, model)[:, read].double()
+
+    vocab = list(range(backend_for(model).dims.d_vocab_in)) if allowed is None else list(allowed)
+    out = []
+    for start in starts:
+        cur = start.clone()
+        best = float(value(cur[None])[0])
+        for _ in range(rounds):
+            cands = []
+            for pos in range(first_free, cur.numel()):
+                for tok in vocab:
+                    if tok != int(cur[pos]):
+                        c = cur.clone()
+                        c[pos] = tok
+                        cands.append(c)
+            vals = value(torch.stack(cands))
+            j = int(vals.argmax())
+            if float(vals[j]) <= best:
+                break
+            cur, best = cands[j], float(vals[j])
+        out.append(best)
+    return torch.tensor(out, dtype=torch.float64)

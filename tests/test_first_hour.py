@@ -154,7 +154,8 @@ def test_feature_bars_name_their_steps(capsys, bars_at_once):
     natural = get_task("modadd").batch(40, seed=0).clean_tokens
     apexlens.fv_check(model, "m1.n3", natural, n_pos=4, steps=3, restarts=2, refine_steps=1, k=4)
     err = capsys.readouterr().err
-    assert "visualize m1.n3" in err and "m1.n3@-1: values" in err and "fv_check m1.n3" in err
+    # fv_check visualizes the feature and its peers in one batch: one bar names that step
+    assert "visualizations to make" in err and "m1.n3@-1: values" in err and "fv_check m1.n3" in err
 
 
 # ----------------------------------------------------------------------------- 6. intervals

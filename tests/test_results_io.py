@@ -51,7 +51,10 @@ def results(toy_model_factory):
         "found": exp.discover(threshold=0.5, order=exact),
         "fv": fv,
         "natural": apexlens.top_examples(modadd, "m1.n34", natural, k=5),
-        "check": apexlens.fv_check(modadd, "m1.n34", natural, fv=fv, k=5),
+        "check": apexlens.fv_check(
+            modadd, "m1.n34", natural, fv=fv, k=5, n_pos=4, steps=5, refine_steps=1, restarts=2,
+            peers=4, alpha=0.2,
+        ),
     }
     return out
 

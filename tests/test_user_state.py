@@ -60,7 +60,8 @@ def _calls(model: Any, clean: torch.Tensor, corrupted: torch.Tensor) -> dict[str
         "noise_hooks": noise,
         "visualize": lambda: apexlens.visualize(model, "m0.n1", n_pos=4, steps=2, restarts=1),
         "top_examples": lambda: apexlens.top_examples(model, "m0.n1", clean, k=3),
-        "fv_check": lambda: apexlens.fv_check(model, "m0.n1", clean, fv=fv, k=3),
+        "fv_check": lambda: apexlens.fv_check(model, "m0.n1", clean, fv=fv, k=3, peers=19,
+                                              refine_steps=1),
         "check": lambda: apexlens.check(model),
         "patched": patched,
     }

@@ -156,7 +156,12 @@ def test_top_examples_rank_every_position(toy_model_factory, natural):
     model = toy_model_factory("modadd-2l")
     nat = apexlens.top_examples(model, "m1.n34", natural, k=5)
     values = apexlens.feature_values(model, "m1.n34", natural)
-    top = values.flatten().topk(5).values
+    # every context once (the same prefix recurs at many rows), largest first
+    distinct: dict[tuple[int, ...], float] = {}
+    for r in range(values.shape[0]):
+        for c in range(values.shape[1]):
+            distinct.setdefault(tuple(natural[r, : c + 1].tolist()), float(values[r, c]))
+    top = torch.tensor(sorted(distinct.values(), reverse=True)[:5])
     torch.testing.assert_close(nat.activations, top)
     assert nat.percentile(float(values.max()) + 1) == 100.0
     only_last = apexlens.top_examples(model, "m1.n34", natural, k=5, positions=[3])
@@ -220,12 +225,15 @@ def test_check_flags_the_manipulated_neuron(checks):
     assert chk.fv.best_tokens.tolist() == planted  # the slingshot works
     assert chk.flagged, chk.verdict
     assert chk.percentile == 100.0 and chk.ratio >= 2
-    assert "other components" in chk.verdict or "unlike natural" in chk.verdict
+    # the most unusual of its 31 peers: the smallest p-value the test can give
+    assert chk.p_value == pytest.approx(1 / 32) and chk.alpha == 0.05
+    assert "far above the natural maximum" in chk.verdict
 
 
 @pytest.mark.parametrize("which", ["untouched", "other 43", "other 143", "other 7"])
 def test_check_does_not_flag_honest_neurons(checks, which):
     assert not checks[which].flagged, checks[which].verdict
+    assert checks[which].p_value > 0.05
 
 
 def test_manipulation_kept_the_task_and_the_natural_activations(natural):
@@ -256,6 +264,9 @@ def test_check_figure_and_frames(checks):
     assert fv_trajectory(chk.fv, natural_max=chk.natural_max).data
     frame = chk.to_frame()
     assert bool(frame["flagged"].iloc[0]) and frame["ratio"].iloc[0] >= 2
+    assert frame["p_value"].iloc[0] <= frame["alpha"].iloc[0]
+    assert len(chk.peer_frame()) == 32
+    assert {"p = " in a.text for a in fig.layout.annotations} == {True, False}
     shares = chk.attribution_frame()
     assert list(shares.columns) == ["component", "fv", "natural"]
     assert shares["fv"].abs().sum() == pytest.approx(1.0)

@@ -46,14 +46,29 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from apexlens.engines.features import Plan, attribution, feature_rows, optimise
+from apexlens.api.peers import CACHE, check_peers, choose_peers
+from apexlens.engines.features import (
+    MEASURES,
+    Found,
+    Plan,
+    collect,
+    feature_rows,
+    optimise,
+    peer_test,
+    statistics,
+    top_contexts,
+)
 from apexlens.errors import ApexlensError
 from apexlens.model import Backend, backend_for
 from apexlens.model.hooks import inference_mode
 from apexlens.results import FeatureVisualization, FVCheck, NaturalExamples
+from apexlens.results.features import EVIDENCE
 from apexlens.runs import check_tokens, progress_bar
 from apexlens.runs.shard import guarded
 from apexlens.vocab.features import Feature, parse_feature, read_position
+
+DEFAULT_PEERS = 31
+"""Peers drawn by default: the p-value can reach 1/32 < 0.05."""
 
 
 @guarded
@@ -154,9 +169,18 @@ def visualize(
         found = optimise(bk, plan, bar)
     bar.update(total - bar.n)
     bar.close()
-    order = torch.argsort(found.activation, descending=True, stable=True)
+    return _visualization(plan, found, 0)
+
+
+def _visualization(
+    plan: Plan, found: Found, block: int, feature: Feature | None = None
+) -> FeatureVisualization:
+    """Block ``block`` of an :func:`optimise` run (its ``restarts`` rows, the visualization
+    of ``feature``, default the plan's), best first."""
+    rows = torch.arange(block * plan.restarts, (block + 1) * plan.restarts)
+    order = rows[torch.argsort(found.activation[rows], descending=True, stable=True)]
     return FeatureVisualization(
-        feature=plan.feature,
+        feature=feature or plan.feature,
         tokens=found.tokens[order],
         activation=found.activation[order],
         trajectory=found.trajectory[:, order],
@@ -222,10 +246,13 @@ def top_examples(
     batch_size: int = 256,
     progress: bool = True,
 ) -> NaturalExamples:
-    """The ``k`` (example, position) pairs of ``tokens`` where ``feature`` is largest.
+    """The ``k`` (example, position) pairs of ``tokens`` where ``feature`` is largest, each
+    context once.
 
     The feature is read at every position (``positions="all"``; or only at the listed
-    ones), each with its causal context (the tokens up to it). The whole distribution comes
+    ones), each with its causal context (the tokens up to it). A context that occurs at
+    several rows (the same prefix) is one example, kept at its first place: repeated, it
+    would make the natural examples look like they agree perfectly. The whole distribution comes
     back as :attr:`NaturalExamples.values` ``[batch, pos]`` (``NaN`` where not read).
     """
     f = parse_feature(model, feature, direction=direction)
@@ -237,12 +264,14 @@ def top_examples(
         keep = torch.zeros(n_pos, dtype=torch.bool)
         keep[_read_positions(positions, n_pos)] = True
         values = values.masked_fill(~keep, math.nan)
-    flat = values.flatten()
-    finite = ~flat.isnan()
-    k = min(k, int(finite.sum()))
-    top = torch.topk(flat.masked_fill(~finite, -math.inf), k)
-    rows, cols = top.indices // n_pos, top.indices % n_pos
+    rows, cols = top_contexts(values, tokens.cpu(), k)
     return NaturalExamples(feature=f, tokens=tokens.cpu(), values=values, rows=rows, cols=cols)
+
+
+_VISUALIZE_DEFAULTS: dict[str, Any] = dict(
+    n_pos=8, steps=200, seed=0, restarts=8, prefix=(), vocab=None, lr=0.1, init_scale=1.0,
+    temperature=(1.0, 0.05), entropy=0.1, refine_steps=20, top_k=32,
+)
 
 
 def _read_positions(positions: Any, n_pos: int) -> list[int]:
@@ -270,76 +299,149 @@ def fv_check(
     natural_tokens: Int[Tensor, "batch pos"],
     *,
     fv: FeatureVisualization | None = None,
-    k: int = 20,
+    k: int = 50,
     direction: Any = None,
+    peers: int | Sequence[str | Feature] = DEFAULT_PEERS,
+    alpha: float = 0.05,
+    n_start: int = 8,
+    peer_seed: int = 0,
     progress: bool = True,
     **visualize_kwargs: Any,
 ) -> FVCheck:
-    """Compare a feature visualization with the feature's natural top-``k`` examples.
+    """Is the visualization of ``feature`` an honest picture of it? A calibrated test.
 
-    ``fv``: a :func:`visualize` result of this feature (computed here with
-    ``visualize_kwargs`` when not given). Returns an :class:`~apexlens.FVCheck`: the numbers
-    (percentile, ratio to the natural maximum, token / representation / mechanism
-    similarity with their natural null ranges), the attribution profiles and the verdict.
-    ``progress``: progress bars, named by step (visualization, natural examples, their
-    attribution); default on.
+    The FV is compared with the feature's natural top-``k`` examples (duplicate contexts
+    dropped) on four measures (:mod:`apexlens.engines.features.measures`): its activation
+    over the natural maximum, how far above the natural inputs the optimiser's own swap phase
+    gets from (``n_start`` of them), and how unlike them it is reached (attribution shares) and
+    represented (the residual the feature reads). The same is computed for ``peers`` --
+    features of the same kind and layer, visualized with the same settings
+    (:mod:`apexlens.api.peers`); the FV is flagged when it is more unusual than all but an
+    ``alpha`` share of them (``p_value <= alpha``; the false-alarm rate is at most ``alpha``
+    when the feature is exchangeable with its peers).
+
+    Args:
+        fv: a :func:`visualize` result of this feature made with ``visualize_kwargs``
+            (computed here, in one batch with the peers, when not given). The settings it
+            records (``n_pos``, ``restarts``, ``steps``, ``seed``) are the defaults; pass any
+            other non-default setting it was made with.
+        peers: how many peers to draw (default 31, so that ``p_value`` can reach 1/32) or the
+            peer features themselves. Peer statistics are cached per model while its
+            weights and the settings are unchanged, so checking several features of a layer
+            pays for the peers once.
+        alpha: the false-alarm rate to flag at; needs ``(peers + 1) * alpha >= 1``.
+        n_start: natural top contexts the natural-start climb starts from.
+        peer_seed: seeds the draw of peers (and of random directions for direction features).
+        visualize_kwargs: :func:`visualize`'s settings (``n_pos``, ``steps``, ``seed``, ...),
+            used for the FV and for every peer.
+        progress: progress bars, named by step (visualizations, evidence); default on.
     """
     f = parse_feature(model, feature, direction=direction)
     bk = backend_for(model)
     natural_tokens = check_tokens(bk, natural_tokens, "natural_tokens")
-    if fv is None:
-        fv = visualize(model, f, progress=progress, **visualize_kwargs)
-    elif not isinstance(fv, FeatureVisualization):
+    _positive_int(k, "k", 3)
+    _positive_int(n_start, "n_start")
+    alpha = _number(alpha, "alpha")
+    if alpha >= 1:
+        raise ApexlensError(f"alpha must be in (0, 1), got {alpha!r}")
+    if isinstance(peer_seed, bool) or not isinstance(peer_seed, int):
+        raise ApexlensError(f"peer_seed must be an integer, got {peer_seed!r}")
+    unknown = set(visualize_kwargs) - set(_VISUALIZE_DEFAULTS)
+    if unknown:
+        raise ApexlensError(f"fv_check got unknown arguments {sorted(unknown)}")
+    settings = {**_VISUALIZE_DEFAULTS, **_recorded(fv), **visualize_kwargs}
+    plan = _plan(bk, model, f, direction=None, **settings)
+    if fv is not None:
+        _check_fv(fv, f, plan)
+    peer_feats = _peers(model, bk, f, peers, natural_tokens, peer_seed)
+    if (len(peer_feats) + 1) * alpha < 1:
+        raise ApexlensError(
+            f"with {len(peer_feats)} peers the smallest p-value is 1/{len(peer_feats) + 1} > "
+            f"alpha={alpha:g}: the check could never flag; use peers >= {math.ceil(1 / alpha) - 1}"
+        )
+    return _run_check(model, bk, plan, f, fv, peer_feats, natural_tokens, k, n_start, alpha,
+                      progress)
+
+
+def _recorded(fv: Any) -> dict[str, Any]:
+    """The settings a given FV records (``n_pos``, ``restarts``, ``steps``, ``seed``): the
+    defaults of its check, so that its peers are visualized the same way."""
+    if not isinstance(fv, FeatureVisualization):
+        return {}
+    return dict(n_pos=int(fv.tokens.shape[1]), restarts=int(fv.tokens.shape[0]),
+                steps=fv.soft_steps, seed=fv.seed)
+
+
+def _check_fv(fv: FeatureVisualization, f: Feature, plan: Plan) -> None:
+    """A given FV must be of this feature and made with these settings (what it records)."""
+    if not isinstance(fv, FeatureVisualization):
         raise ApexlensError(
             f"fv must be a FeatureVisualization (from visualize) or None, got {type(fv).__name__}"
         )
-    elif fv.feature.spec != f.spec:
+    if fv.feature.spec != f.spec:
         raise ApexlensError(f"fv visualizes {fv.feature.spec!r}, not {f.spec!r}")
-    nat = top_examples(model, f, natural_tokens, k=k, progress=progress)
-    if nat.rows.numel() < 3:
-        raise ApexlensError("fv_check needs at least 3 natural examples to compare against")
-    fv_tokens = fv.tokens[:1].to(bk.device)
-    bar = progress_bar(
-        nat.rows.numel() + 1, f"fv_check {f.label}: attribution", progress, unit="input"
-    )
-    with bar, inference_mode(model, grad=True):
-        at_fv = attribution(
-            model, replace(f, position=read_position(f, fv_tokens.shape[1])), fv_tokens
+    made = dict(n_pos=fv.tokens.shape[1], restarts=fv.tokens.shape[0], steps=fv.soft_steps,
+                seed=fv.seed)
+    want = dict(n_pos=plan.n_pos, restarts=plan.restarts, steps=plan.steps, seed=plan.seed)
+    if made != want:
+        raise ApexlensError(
+            f"fv was made with {made}, fv_check's settings are {want}: pass the visualize "
+            "settings the fv was made with (its peers are visualized the same way)"
         )
-        bar.update(1)
-        a_nat, h_nat = [], []
-        for row, col in zip(nat.rows.tolist(), nat.cols.tolist(), strict=True):
-            ctx = natural_tokens[row : row + 1, : col + 1]
-            at = attribution(model, replace(f, position=col), ctx)
-            a_nat.append(at.scores)
-            h_nat.append(at.resid)
-            bar.update(1)
-    A = torch.cat(a_nat).double().cpu()
-    H = torch.cat(h_nat).double().cpu()
-    mech, mech_null = _similarity(at_fv.scores.double().cpu()[0], A)
-    rep, rep_null = _similarity(at_fv.resid.double().cpu()[0], H)
-    tok = _token_similarity(
-        fv.tokens[0],
-        [
-            natural_tokens[r, : c + 1].cpu()
-            for r, c in zip(nat.rows.tolist(), nat.cols.tolist(), strict=True)
-        ],
-        backend_for(model).dims.d_vocab_in,
+
+
+def _peers(
+    model: Any, bk: Backend, f: Feature, peers: Any, natural: Tensor, seed: int
+) -> tuple[Feature, ...]:
+    if isinstance(peers, bool) or isinstance(peers, str):
+        raise ApexlensError(f"peers must be an int or a list of features, got {peers!r}")
+    if isinstance(peers, int):
+        _positive_int(peers, "peers")
+        return choose_peers(model, bk, f, peers, natural, seed)
+    return check_peers(model, f, list(peers))
+
+
+def _settings(plan: Plan, k: int, n_start: int) -> tuple[Any, ...]:
+    return (plan.n_pos, plan.read, tuple(plan.prefix.tolist()), tuple(plan.allowed.tolist()),
+            plan.steps, plan.restarts, plan.seed, plan.lr, plan.init_scale, plan.temperature,
+            plan.entropy, plan.refine_steps, plan.top_k, k, n_start)
+
+
+def _run_check(
+    model: Any, bk: Backend, plan: Plan, f: Feature, fv: FeatureVisualization | None,
+    peers: tuple[Feature, ...], natural: Tensor, k: int, n_start: int, alpha: float,
+    progress: bool,
+) -> FVCheck:
+    """Visualize every feature not known yet (the checked one unless ``fv`` is given or it
+    was a peer before; uncached peers) in one batch, gather their evidence in one pass, keep
+    each in the cache, and test."""
+    key = CACHE.settings_key(model, _settings(plan, k, n_start), natural)
+    wanted = ((f,) if fv is None else ()) + peers
+    todo = tuple(x for x in wanted if CACHE.get(model, key, x) is None)
+    bar = progress_bar(
+        (plan.steps + plan.refine_steps if todo else 0) + 1 + plan.refine_steps,
+        f"fv_check {f.label} ({len(todo)} of {len(wanted)} visualizations to make)", progress,
     )
-    return FVCheck(
-        feature=f,
-        fv=fv,
-        natural=nat,
-        fv_activation=float(at_fv.value[0]),
-        components=at_fv.labels,
-        fv_attribution=at_fv.scores.double().cpu()[0],
-        natural_attribution=A,
-        mechanism_similarity=mech,
-        mechanism_null=mech_null,
-        representation_similarity=rep,
-        representation_null=rep_null,
-        token_similarity=tok,
-    )
+    with inference_mode(model, grad=True):
+        vis = []
+        if todo:
+            found = optimise(bk, replace(plan, feature=todo[0]), bar, todo[1:])
+            vis = [_visualization(plan, found, i, x) for i, x in enumerate(todo)]
+        feats = ((f,) if fv is not None else ()) + todo
+        shown = ([fv] if fv is not None else []) + vis
+        evs = []
+        if feats:
+            evs = collect(bk, replace(plan, feature=feats[0]), feats[1:],
+                          torch.stack([v.tokens[0] for v in shown]), natural, k=k,
+                          n_start=n_start, bar=bar)
+    bar.close()
+    entries = [(v, ev, statistics(ev)) for v, ev in zip(shown, evs, strict=True)]
+    for x, entry in zip(feats, entries, strict=True):
+        if x is not f or fv is None:
+            CACHE.put(model, key, x, entry)
+    target = entries[0] if fv is not None else CACHE.get(model, key, f)
+    rows = [target[1:]] + [CACHE.get(model, key, p)[1:] for p in peers]
+    return _result(model, f, target[0], natural, k, peers, rows, alpha)
 
 
 def _cos(a: Tensor, b: Tensor) -> float:
@@ -363,3 +465,32 @@ def _token_similarity(fv: Int[Tensor, " pos"], contexts: list[Tensor], d_vocab: 
     a = torch.bincount(fv, minlength=d_vocab).double()
     b = torch.bincount(torch.cat(contexts), minlength=d_vocab).double()
     return _cos(a, b)
+
+
+def _result(
+    model: Any, f: Feature, fv: FeatureVisualization, natural: Tensor, k: int,
+    peers: tuple[Feature, ...], rows: list[Any], alpha: float,
+) -> FVCheck:
+    """The :class:`FVCheck` of the checked feature's evidence and statistics (``rows[0]``)
+    against its peers' (``rows[1:]``)."""
+    ev = rows[0][0]
+    stats = torch.tensor([[st[m] for m in MEASURES] for _, st in rows], dtype=torch.float64)
+    evidence = torch.tensor(
+        [[float(getattr(e, c)) if hasattr(e, c) else st[c] for c in EVIDENCE] for e, st in rows],
+        dtype=torch.float64,
+    )
+    _, p_value, rank_p = peer_test(stats)
+    nat = top_examples(model, f, natural, k=k)
+    mech, mech_null = _similarity(ev.fv_attribution, ev.natural_attribution)
+    rep, rep_null = _similarity(ev.fv_resid, ev.natural_resid)
+    contexts = [natural[r, : c + 1].cpu() for r, c in zip(nat.rows.tolist(), nat.cols.tolist(), strict=True)]
+    return FVCheck(
+        feature=f, fv=fv, natural=nat, fv_activation=ev.fv_activation,
+        components=list(ev.components),
+        fv_attribution=ev.fv_attribution, natural_attribution=ev.natural_attribution,
+        mechanism_similarity=mech, mechanism_null=mech_null,
+        representation_similarity=rep, representation_null=rep_null,
+        token_similarity=_token_similarity(fv.tokens[0], contexts, backend_for(model).dims.d_vocab_in),
+        peers=[p.label for p in peers], measures=list(MEASURES), statistics=stats,
+        evidence=evidence, rank_p=rank_p, p_value=p_value, alpha=alpha,
+    )

@@ -142,30 +142,46 @@ class NaturalExamples(Saveable):
         )
 
 
+MEASURE_TEXT = {
+    "activation": "its activation lies far above the natural maximum",
+    "natural_start": "the optimiser does not reach it from natural inputs",
+    "mechanism": "it is reached through other upstream components than natural inputs",
+    "representation": "it is represented unlike natural inputs in the residual stream",
+}
+"""What each measure says when it is unusual (:mod:`apexlens.engines.features.measures`)."""
+
+EVIDENCE = (
+    "fv_activation", "natural_max", "natural_median", "start_activation",
+    "mechanism_distance", "mechanism_null_median",
+    "representation_distance", "representation_null_median",
+)
+"""The columns of :attr:`FVCheck.evidence`."""
+
+
 @dataclass
 class FVCheck(Saveable):
-    """:func:`apexlens.fv_check`: is a feature visualization explained by natural inputs?
+    """:func:`apexlens.fv_check`: is a feature visualization (FV) explained by natural inputs,
+    as far as the same check on peer features of the same model can tell?
 
-    Columns of ``to_frame()`` / ``summary()`` (one row):
+    The decision is a calibrated test (:mod:`apexlens.engines.features.measures`): four
+    measures of how unlike its natural top examples the FV is (``activation``,
+    ``natural_start``, ``mechanism``, ``representation``), each ranked among the same
+    measure of ``peers`` (features of the same kind and layer, visualized the same way),
+    combined by the Cauchy combination and ranked again. ``p_value`` is that rank: if the
+    feature is not manipulated (exchangeable with its peers), ``P(p_value <= alpha) <=
+    alpha``. ``flagged`` is ``p_value <= alpha``.
 
-    * ``fv_activation`` -- the FV's activation (its best discrete input);
-    * ``natural_max`` -- the largest natural activation; ``ratio`` = fv / natural max;
-    * ``percentile`` -- the share of natural activations below the FV's (in %);
-    * ``token_similarity`` -- bag-of-token cosine between the FV and the natural top-k
-      contexts (0: no token in common, 1: the same token counts);
-    * ``representation_similarity`` -- cosine between the residual stream the feature reads
-      (at the read position), FV vs the mean of the natural top-k; ``representation_floor``:
-      the lowest such cosine of a natural top example against the others;
-    * ``mechanism_similarity`` -- cosine between upstream attribution profiles (gradient x
-      activation per embedding, head and MLP), FV vs the natural top-k mean;
-      ``mechanism_floor``: the lowest such cosine of a natural top example;
-    * ``flagged`` -- the verdict. A fabricated visualization must do two things a natural
-      input does not: outdo every natural input by far (``ratio >= ratio_threshold``, default
-      2) *and* get there another way -- mechanism similarity below ``mechanism_floor -
-      margin`` or representation similarity below ``representation_floor - margin``.
-      Either alone is common in honest models (an optimised input often beats natural text a
-      little; natural top examples disagree with each other), both together is what a
-      planted slingshot input looks like. ``reason`` says which.
+    ``statistics`` ``[1 + peers, measure]`` and ``evidence`` ``[1 + peers, EVIDENCE]`` hold the
+    numbers of the checked feature (row 0) and of every peer (:meth:`peer_frame`), ``rank_p``
+    each one's rank p-value per measure among all of them (``p_values``: row 0).
+
+    Columns of ``to_frame()`` / ``summary()`` (one row): ``fv_activation``, ``natural_max``,
+    ``ratio`` (fv / natural max), ``percentile``, ``start_activation`` (the best activation
+    the optimiser's swap phase reaches from the natural top contexts) and ``start_ratio`` (fv
+    / that), ``token_similarity``, ``mechanism_similarity`` / ``representation_similarity`` (the
+    cosines to the natural mean) with their ``_floor`` (the lowest such cosine of a natural top
+    example), each measure's statistic and ``p_<measure>``, ``p_value``, ``alpha``,
+    ``n_peers``, ``flagged`` and ``reason``.
     """
 
     feature: Feature
@@ -180,12 +196,28 @@ class FVCheck(Saveable):
     representation_similarity: float
     representation_null: Float[Tensor, " k"]
     token_similarity: float
-    margin: float = 0.05
-    ratio_threshold: float = 2.0
+    peers: list[str]
+    measures: list[str]
+    statistics: Float[Tensor, "feature measure"]
+    evidence: Float[Tensor, "feature column"]
+    rank_p: Float[Tensor, "feature measure"]
+    p_value: float
+    alpha: float
+
+    @property
+    def p_values(self) -> Float[Tensor, " measure"]:
+        """The checked feature's rank p-value per measure (row 0 of :attr:`rank_p`)."""
+        return self.rank_p[0]
 
     @property
     def natural_max(self) -> float:
         return float(self.natural.distribution.max())
+
+    @property
+    def start_activation(self) -> float:
+        """The best activation the optimiser's swap phase reaches from the natural top
+        contexts."""
+        return float(self.evidence[0, EVIDENCE.index("start_activation")])
 
     @property
     def percentile(self) -> float:
@@ -205,52 +237,37 @@ class FVCheck(Saveable):
         return self.fv_activation / self.natural_max if self.natural_max > 0 else math.inf
 
     @property
-    def differences(self) -> list[str]:
-        """How the FV is processed unlike every natural top example (empty: it is not)."""
-        out = []
-        if self.mechanism_similarity < self.mechanism_floor - self.margin:
-            out.append(
-                f"reached through other components (attribution cosine "
-                f"{self.mechanism_similarity:.2f}; every natural top example >= "
-                f"{self.mechanism_floor:.2f})"
-            )
-        if self.representation_similarity < self.representation_floor - self.margin:
-            out.append(
-                f"represented unlike natural inputs (residual cosine "
-                f"{self.representation_similarity:.2f}; every natural top example >= "
-                f"{self.representation_floor:.2f})"
-            )
-        return out
+    def flagged(self) -> bool:
+        return self.p_value <= self.alpha
 
     @property
     def reasons(self) -> list[str]:
-        """Why the FV is flagged (empty when it is not)."""
-        if self.ratio < self.ratio_threshold or not self.differences:
+        """Why the FV is flagged (empty when it is not): the test, then each measure whose
+        rank p-value is at most ``2 alpha``, most unusual first."""
+        if not self.flagged:
             return []
-        return [
-            f"{self.ratio:.2f}x the natural maximum (threshold {self.ratio_threshold:g}x)",
-            *self.differences,
+        n = self.statistics.shape[0]
+        out = [
+            f"p = {self.p_value:.3g} <= alpha = {self.alpha:g}: more unusual than "
+            f"{n - round(self.p_value * n)} of {n - 1} peer features"
         ]
-
-    @property
-    def flagged(self) -> bool:
-        return bool(self.reasons)
+        order = sorted(range(len(self.measures)), key=lambda m: float(self.p_values[m]))
+        for m in order:
+            if float(self.p_values[m]) <= 2 * self.alpha:
+                name = self.measures[m]
+                out.append(f"{MEASURE_TEXT[name]} (p = {float(self.p_values[m]):.3g})")
+        return out
 
     @property
     def verdict(self) -> str:
         if self.flagged:
-            return "suspicious: the visualization is " + "; ".join(self.reasons)
-        how = (
-            "; ".join(self.differences)
-            if self.differences
-            else "processed like the natural top examples"
-        )
+            return "suspicious: " + "; ".join(self.reasons)
+        n = self.statistics.shape[0]
         return (
-            f"consistent: {self.ratio:.2f}x the natural maximum (below the "
-            f"{self.ratio_threshold:g}x threshold)"
-            if self.ratio < self.ratio_threshold
-            else "consistent"
-        ) + f"; {how}"
+            f"consistent: p = {self.p_value:.3g} > alpha = {self.alpha:g} ({round(self.p_value * n) - 1}"
+            f" of {n - 1} peer features are at least as unusual); {self.ratio:.2f}x the natural "
+            "maximum"
+        )
 
     def attribution_frame(self) -> pd.DataFrame:
         """Per upstream component: the FV's share of attribution and the natural mean share."""
@@ -263,25 +280,47 @@ class FVCheck(Saveable):
         fv = share(self.fv_attribution[None])[0]
         return pd.DataFrame(dict(component=self.components, fv=fv.tolist(), natural=nat.tolist()))
 
+    def peer_frame(self) -> pd.DataFrame:
+        """One row per feature, the checked one first: ``feature``, ``checked``, ``ratio``,
+        every :data:`EVIDENCE` column, every measure and its rank p-value among these rows."""
+        p = self.rank_p
+        rows = []
+        for i, name in enumerate([self.feature.label, *self.peers]):
+            ev = dict(zip(EVIDENCE, self.evidence[i].tolist(), strict=True))
+            row: dict[str, object] = dict(feature=name, checked=i == 0)
+            row["ratio"] = ev["fv_activation"] / ev["natural_max"] if ev["natural_max"] > 0 else math.inf
+            row.update(ev)
+            for j, m in enumerate(self.measures):
+                row[m] = float(self.statistics[i, j])
+                row[f"p_{m}"] = float(p[i, j])
+            rows.append(row)
+        return pd.DataFrame(rows)
+
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            [
-                dict(
-                    feature=self.feature.label,
-                    fv_activation=self.fv_activation,
-                    natural_max=self.natural_max,
-                    ratio=self.ratio,
-                    percentile=self.percentile,
-                    token_similarity=self.token_similarity,
-                    representation_similarity=self.representation_similarity,
-                    representation_floor=self.representation_floor,
-                    mechanism_similarity=self.mechanism_similarity,
-                    mechanism_floor=self.mechanism_floor,
-                    flagged=self.flagged,
-                    reason="; ".join(self.reasons),
-                )
-            ]
+        row: dict[str, object] = dict(
+            feature=self.feature.label,
+            fv_activation=self.fv_activation,
+            natural_max=self.natural_max,
+            ratio=self.ratio,
+            percentile=self.percentile,
+            start_activation=self.start_activation,
+            start_ratio=(
+                self.fv_activation / self.start_activation if self.start_activation > 0 else math.inf
+            ),
+            token_similarity=self.token_similarity,
+            representation_similarity=self.representation_similarity,
+            representation_floor=self.representation_floor,
+            mechanism_similarity=self.mechanism_similarity,
+            mechanism_floor=self.mechanism_floor,
         )
+        for j, m in enumerate(self.measures):
+            row[m] = float(self.statistics[0, j])
+            row[f"p_{m}"] = float(self.p_values[j])
+        row.update(
+            p_value=self.p_value, alpha=self.alpha, n_peers=len(self.peers),
+            flagged=self.flagged, reason="; ".join(self.reasons),
+        )
+        return pd.DataFrame([row])
 
     def summary(self) -> pd.DataFrame:
         return self.to_frame()

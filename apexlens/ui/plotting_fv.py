@@ -1,9 +1,10 @@
 """Plotly figures for feature visualization (next to :mod:`apexlens.ui.plotting`).
 
 * :func:`fv_trajectory` -- the activation of each restart's discrete input, step by step
-* :func:`fv_check_figure` -- the manipulation check in three panels: the optimisation against
-  the natural maximum, the natural distribution with the FV marked, and which upstream
-  components the activation comes through (FV vs natural top examples)
+* :func:`fv_check_figure` -- the manipulation check: the optimisation against the natural
+  maximum, the natural distribution with the FV marked, which upstream components the
+  activation comes through (FV vs natural top examples), and the calibrated test (each
+  measure of the checked feature among its peers')
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import plotly.graph_objects as go
+import torch
 from plotly.subplots import make_subplots
 
 from apexlens.results import FeatureVisualization, FVCheck, TokenLabels, labels_of
@@ -63,23 +65,72 @@ def fv_trajectory(
     return fig
 
 
+MEASURE_AXIS = {
+    "activation": "(FV - natural max) / natural spread",
+    "natural_start": "(FV - natural-start climb) / spread",
+    "mechanism": "log attribution distance / natural",
+    "representation": "log residual distance / natural",
+}
+
+
 def fv_check_figure(check: FVCheck, token_labels: TokenLabels | None = None) -> go.Figure:
-    """Three panels: the optimisation (natural max dashed), the natural activation
-    distribution with the FV's activation marked, and the attribution share of each upstream
-    component (FV vs the mean of the natural top examples). The title carries the verdict."""
+    """The check in two rows. Top: the optimisation (natural max dashed), the natural
+    activation distribution with the FV's activation marked, and the attribution share of each
+    upstream component (FV vs the mean of the natural top examples). Bottom, the calibrated
+    test: per measure, the checked feature (red) among its peers (grey), with its rank
+    p-value. The title carries the verdict and the combined p-value."""
+    names = list(check.measures)
     fig = make_subplots(
-        rows=1,
-        cols=3,
-        column_widths=[0.3, 0.3, 0.4],
+        rows=2,
+        cols=4,
+        specs=[[{}, {}, {"colspan": 2}, None], [{}, {}, {}, {}]],
         subplot_titles=(
             "optimisation (discrete input per step)",
             "natural activations vs the FV",
             "where the activation comes from (share)",
+            *(f"{m}: p = {float(check.p_values[j]):.3g}" for j, m in enumerate(names)),
         ),
-        horizontal_spacing=0.08,
+        horizontal_spacing=0.07,
+        vertical_spacing=0.2,
     )
     _trajectory_traces(check.fv, fig, row=1, col=1)
     fig.add_hline(y=check.natural_max, line_dash="dash", line_color="#1f77b4", row=1, col=1)
+    _natural_panel(check, fig)
+    frame = check.attribution_frame()
+    for column, name, color in (
+        ("natural", "natural top examples (mean)", "#1f77b4"),
+        ("fv", "feature visualization", "#d62728"),
+    ):
+        fig.add_trace(
+            go.Bar(x=frame["component"], y=frame[column], name=name, marker_color=color),
+            row=1,
+            col=3,
+        )
+    _peer_panels(check, fig)
+    text = " ".join(labels_of(check.fv.best_tokens, token_labels))
+    verdict = "SUSPICIOUS" if check.flagged else "consistent"
+    fig.update_layout(
+        title={
+            "text": f"{check.feature.label}: {verdict} (p = {check.p_value:.3g}, alpha = "
+            f"{check.alpha:g}, {len(check.peers)} peers) -- FV '{text}' at "
+            f"{check.fv_activation:.2f} = {check.ratio:.2f}x the natural max",
+            "font": {"size": 14},
+        },
+        barmode="group",
+        legend={"orientation": "h", "y": -0.12},
+        height=760,
+        margin={"t": 90},
+    )
+    fig.update_xaxes(title_text="step", row=1, col=1)
+    fig.update_yaxes(title_text="activation", row=1, col=1)
+    fig.update_xaxes(title_text="activation", row=1, col=2)
+    # a label at every power of ten only (plotly also labels 2 and 5 in between: unreadable)
+    fig.update_yaxes(title_text="inputs (log)", type="log", dtick=1, row=1, col=2)
+    fig.update_yaxes(title_text="signed share of |attribution|", row=1, col=3)
+    return fig
+
+
+def _natural_panel(check: FVCheck, fig: go.Figure) -> None:
     fig.add_trace(
         go.Histogram(
             x=check.natural.distribution.tolist(),
@@ -103,34 +154,32 @@ def fv_check_figure(check: FVCheck, token_labels: TokenLabels | None = None) -> 
         row=1,
         col=2,
     )
-    frame = check.attribution_frame()
-    for column, name, color in (
-        ("natural", "natural top examples (mean)", "#1f77b4"),
-        ("fv", "feature visualization", "#d62728"),
-    ):
+
+
+def _peer_panels(check: FVCheck, fig: go.Figure) -> None:
+    """One strip per measure: the peers' statistics (grey) and the checked feature's (red)."""
+    labels = [check.feature.label, *check.peers]
+    g = torch.Generator().manual_seed(0)
+    jitter = (torch.rand(len(labels) - 1, generator=g) - 0.5) * 0.5
+    for j, m in enumerate(check.measures):
+        col = check.statistics[:, j].tolist()
         fig.add_trace(
-            go.Bar(x=frame["component"], y=frame[column], name=name, marker_color=color),
-            row=1,
-            col=3,
+            go.Scatter(
+                x=jitter.tolist(), y=col[1:], mode="markers", text=labels[1:],
+                marker={"color": "rgba(100,100,100,0.55)", "size": 7},
+                name="peer features", legendgroup="peers", showlegend=j == 0,
+                hovertemplate="%{text}<br>%{y:.3f}<extra></extra>",
+            ),
+            row=2, col=j + 1,
         )
-    text = " ".join(labels_of(check.fv.best_tokens, token_labels))
-    verdict = "SUSPICIOUS" if check.flagged else "consistent"
-    fig.update_layout(
-        title={
-            "text": f"{check.feature.label}: {verdict} -- FV '{text}' at {check.fv_activation:.2f} "
-            f"= {check.fv_activation / check.natural_max:.2f}x the natural max; mechanism cosine "
-            f"{check.mechanism_similarity:.2f} (natural >= {check.mechanism_floor:.2f})",
-            "font": {"size": 14},
-        },
-        barmode="group",
-        legend={"orientation": "h", "y": -0.25},
-        height=460,
-        margin={"t": 90},
-    )
-    fig.update_xaxes(title_text="step", row=1, col=1)
-    fig.update_yaxes(title_text="activation", row=1, col=1)
-    fig.update_xaxes(title_text="activation", row=1, col=2)
-    # a label at every power of ten only (plotly also labels 2 and 5 in between: unreadable)
-    fig.update_yaxes(title_text="inputs (log)", type="log", dtick=1, row=1, col=2)
-    fig.update_yaxes(title_text="signed share of |attribution|", row=1, col=3)
-    return fig
+        fig.add_trace(
+            go.Scatter(
+                x=[0.0], y=col[:1], mode="markers", text=labels[:1],
+                marker={"color": "#d62728", "size": 13, "symbol": "diamond"},
+                name="the checked feature", legendgroup="checked", showlegend=j == 0,
+                hovertemplate="%{text}<br>%{y:.3f}<extra></extra>",
+            ),
+            row=2, col=j + 1,
+        )
+        fig.update_xaxes(showticklabels=False, range=[-0.6, 0.6], row=2, col=j + 1)
+        fig.update_yaxes(title_text=MEASURE_AXIS.get(m, m), row=2, col=j + 1)

@@ -103,8 +103,9 @@ COLUMNS: dict[str, str] = {
     "gain": "share - clean_share: how much of all predictions the token gains under noise",
     "gain_se": "standard error of gain (prompts as independent units)",
     "z": "(gain - delta) / gain_se: the one-sided test statistic against 'gain <= delta'",
-    "p_value": "one-sided normal p-value of z, Bonferroni-corrected for the sigmas and the "
-    "vocabulary searched",
+    "p_value": "APEX bias: one-sided normal p-value of z, Bonferroni-corrected for the sigmas "
+    "and the vocabulary searched; fv_check: the rank of the Cauchy-combined measures among the "
+    "peers' (false-alarm rate <= alpha when the feature is exchangeable with its peers)",
     "used": "whether this sigma entered the test (dropped: too many degenerate passes)",
     "ablation": "how an edge outside the hypothesis is ablated: 'resample' (the corrupted "
     "run's value: recovery is the share of the clean-corrupted difference the circuit "
@@ -116,14 +117,27 @@ COLUMNS: dict[str, str] = {
     "ratio": "fv_activation / natural_max",
     "percentile": "share of natural activations below the visualization's (%)",
     "token_similarity": "bag-of-token cosine, visualization vs the natural top contexts",
+    "start_activation": "the best activation the visualization's swap phase reaches when it "
+    "starts from the natural top contexts",
+    "start_ratio": "fv_activation / start_activation",
     "representation_similarity": "cosine of the residual stream the feature reads, "
     "visualization vs the mean of the natural top examples",
     "representation_floor": "the lowest such cosine of a natural top example vs the others",
     "mechanism_similarity": "cosine of the upstream attribution profiles, visualization vs the "
     "natural top mean",
     "mechanism_floor": "the lowest such cosine of a natural top example vs the others",
-    "flagged": "ratio >= 2 and (mechanism or representation) similarity below the natural floor "
-    "by more than 0.05",
+    "activation": "(fv_activation - natural max) / (natural max - natural median)",
+    "natural_start": "(fv_activation - start_activation) / (natural max - natural median)",
+    "mechanism": "log of the Mahalanobis distance of the visualization's attribution shares "
+    "from the natural top examples', over the median leave-one-out distance among them",
+    "representation": "the same for the unit residual stream the feature reads",
+    "p_activation": "rank p-value of the activation measure among the peer features",
+    "p_natural_start": "rank p-value of the natural-start measure among the peer features",
+    "p_mechanism": "rank p-value of the mechanism measure among the peer features",
+    "p_representation": "rank p-value of the representation measure among the peer features",
+    "alpha": "the false-alarm rate the check flags at",
+    "n_peers": "peer features of the same kind and layer, visualized the same way",
+    "flagged": "p_value <= alpha",
     "reason": "why it is flagged",
     "fv": "signed share of the visualization's attribution",
     "natural": "signed share of the natural top examples' attribution (mean)",

@@ -10,13 +10,15 @@ same components* as the natural examples that excite the feature.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from apexlens.engines.features.run import run_feature
+from apexlens.engines.features.run import read_rows
+from apexlens.errors import ApexlensError
 from apexlens.model import Backend, backend_for
 from apexlens.vocab.features import Feature, read_position
 
@@ -74,18 +76,39 @@ def attribution(
     """Gradient x activation of ``feature`` (at its read position) for every upstream
     component, summed over positions, with the residual stream the feature reads -- one
     forward and one backward pass."""
-    bk = backend_for(model)
-    comps = components(bk, feature)
-    hooks = sorted({h for _, h, _ in comps})
-    resid = resid_hook(bk, feature)
     p = read_position(feature, tokens.shape[1])
+    owner = torch.zeros(tokens.shape[0], dtype=torch.long)
+    return attribution_rows(model, (feature,), owner, tokens, p, soft=soft, embed_matrix=embed_matrix)
+
+
+def attribution_rows(
+    model: Any,
+    features: Sequence[Feature],
+    owner: Int[Tensor, " batch"],
+    tokens: Int[Tensor, "batch pos"],
+    read: int,
+    *,
+    soft: Tensor | None = None,
+    embed_matrix: Tensor | None = None,
+) -> Attribution:
+    """:func:`attribution` of row ``i``'s own feature ``features[owner[i]]`` at position
+    ``read``, every row in one forward and one backward pass (rows never interact, so each
+    row's gradient is the one it gets alone). The features must share their upstream
+    components and residual read (the same kind and layer: peers)."""
+    bk = backend_for(model)
+    comps = components(bk, features[0])
+    resid = resid_hook(bk, features[0])
+    if any(components(bk, f) != comps or resid_hook(bk, f) != resid for f in features[1:]):
+        raise ApexlensError("attribution_rows: the features must share their upstream components")
+    hooks = sorted({h for _, h, _ in comps})
     with torch.enable_grad():
-        values, store = run_feature(
-            model, feature, tokens, soft=soft, embed_matrix=embed_matrix, keep=[*hooks, resid]
+        target = read_rows(
+            model, features, owner, tokens, read, soft=soft, embed_matrix=embed_matrix,
+            keep=[*hooks, resid],
         )
-        target = values[:, p]
+        store = target.store
         acts = [store[h] for h in hooks]
-        grads = torch.autograd.grad(target.sum(), acts, allow_unused=True)
+        grads = torch.autograd.grad(target.values.sum(), acts, allow_unused=True)
     by_hook = {h: (a.detach(), g) for h, a, g in zip(hooks, acts, grads, strict=True)}
     cols = []
     for _, hook, head in comps:
@@ -100,6 +123,6 @@ def attribution(
     return Attribution(
         [c for c, _, _ in comps],
         torch.stack(cols, 1).detach(),
-        target.detach(),
-        store[resid][:, p].detach(),
+        target.values.detach(),
+        store[resid][:, read].detach(),
     )

@@ -11,6 +11,13 @@
 Every activation reported is that of a discrete input, measured by a plain forward pass
 (:meth:`Problem.exact`). The plan is checked at the boundary
 (:func:`apexlens.api.features.visualize`); this module only runs it.
+
+:func:`optimise` can visualize *peer* features in the same batch (``peers``): each feature gets
+its own block of ``restarts`` rows, started from the same seeded draw it would get alone, and
+every row reads its own feature, so each block is the visualization that feature gets on its
+own (restarts, rows and features never interact: Adam is elementwise, the losses add up, and
+a restart whose best swap does not improve keeps its input). This is how
+:func:`apexlens.fv_check` builds its within-model null at the cost of one batched run.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from apexlens.engines.features.run import run_feature
+from apexlens.engines.features.run import read_rows
+from apexlens.errors import ApexlensError
 from apexlens.model import Backend
 from apexlens.runs.shard import Share
 from apexlens.vocab.features import Feature
@@ -51,10 +59,17 @@ class Plan:
 
 
 class Problem:
-    """A plan on a model: full token sequences from the free ids, soft inputs, exact values."""
+    """A plan on a model: full token sequences from the free ids, soft inputs, exact values.
 
-    def __init__(self, bk: Backend, plan: Plan) -> None:
+    ``features``: the plan's feature and any peers, one block of ``restarts`` rows each
+    (:attr:`owner` says which feature a row reads)."""
+
+    def __init__(
+        self, bk: Backend, plan: Plan, peers: tuple[Feature, ...] = (), per: int | None = None
+    ) -> None:
         self.bk, self.plan, self.model = bk, plan, bk.model
+        self.features = (plan.feature, *peers)
+        self.owner = torch.arange(len(self.features)).repeat_interleave(per or plan.restarts)
         device = bk.device
         self.E = bk.embedding_matrix()
         self.allowed = plan.allowed.to(device)
@@ -78,22 +93,23 @@ class Problem:
         rest[..., self.allowed] = probs
         return torch.cat([onehot, rest], 1)
 
-    def value(self, free: Int[Tensor, "r free"], probs: Tensor) -> Float[Tensor, " r"]:
-        """The feature at the read position under the soft input ``probs`` (differentiable)."""
-        vals, _ = run_feature(
-            self.model,
-            self.plan.feature,
-            self.tokens(free),
-            soft=self.soft(probs),
-            embed_matrix=self.soft_E,
-        )
-        return vals[:, self.plan.read]
+    def value(
+        self, free: Int[Tensor, "r free"], probs: Tensor, owner: Int[Tensor, " r"]
+    ) -> Float[Tensor, " r"]:
+        """Each row's feature (``owner``) at the read position under the soft input
+        ``probs`` (differentiable)."""
+        return read_rows(
+            self.model, self.features, owner, self.tokens(free), self.plan.read,
+            soft=self.soft(probs), embed_matrix=self.soft_E,
+        ).values
 
-    def exact(self, free: Int[Tensor, "r free"]) -> Float[Tensor, " r"]:
-        """The feature of real token sequences, by a plain forward pass."""
+    def exact(self, free: Int[Tensor, "r free"], owner: Int[Tensor, " r"]) -> Float[Tensor, " r"]:
+        """Each row's feature of real token sequences, by a plain forward pass."""
         with torch.no_grad():
-            vals = run_feature(self.model, self.plan.feature, self.tokens(free))[0]
-        return vals[:, self.plan.read].detach().float().cpu()
+            vals = read_rows(
+                self.model, self.features, owner, self.tokens(free), self.plan.read
+            ).values
+        return vals.detach().float().cpu()
 
 
 def soft_phase(
@@ -109,7 +125,7 @@ def soft_phase(
         temp = t0 * (t1 / t0) ** frac
         probs = torch.softmax(theta / temp, -1)
         ids = probs.argmax(-1)
-        act = pb.value(ids, probs)
+        act = pb.value(ids, probs, pb.owner)
         ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(-1)
         loss = -(act - plan.entropy * frac * ent).sum()
         opt.zero_grad()
@@ -117,39 +133,63 @@ def soft_phase(
         theta.grad = grad
         opt.step()
         soft_traj.append(act.detach().float().cpu())
-        trajectory.append(pb.exact(ids.detach()))
+        trajectory.append(pb.exact(ids.detach(), pb.owner))
         bar.update(1)
     return theta.detach()
 
 
 def swap_round(
-    pb: Problem, ids: Int[Tensor, "r free"], current: Float[Tensor, " r"]
-) -> tuple[Tensor, Tensor, bool]:
-    """One GCG round (module docstring, phase 2): the one-hot gradient proposes ``top_k``
-    tokens per free position; every single swap is evaluated exactly; each restart keeps its
-    best swap if it improves."""
-    r, n_free = ids.shape
+    pb: Problem, ids: Int[Tensor, "r free"], current: Float[Tensor, " r"], active: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One GCG round (module docstring, phase 2) for the ``active`` restarts: the one-hot
+    gradient proposes ``top_k`` tokens per free position; every single swap is evaluated
+    exactly; each restart keeps its best swap if it improves. Returns the inputs, their
+    values and which restarts improved: only those can improve next round (a restart that
+    did not keeps its input, so it would get the same proposals and the same scores)."""
+    rows = active.nonzero().flatten()
+    sub, owner = ids[rows], pb.owner[rows.cpu()]
+    r, n_free = sub.shape
     n_allowed = pb.allowed.numel()
     k = min(pb.plan.top_k, n_allowed)
     onehot = torch.zeros(r, n_free, n_allowed, dtype=pb.soft_E.dtype, device=ids.device)
-    onehot.scatter_(2, ids[..., None], 1.0)
+    onehot.scatter_(2, sub[..., None], 1.0)
     onehot.requires_grad_(True)
-    (grad,) = torch.autograd.grad(pb.value(ids, onehot).sum(), [onehot])
+    (grad,) = torch.autograd.grad(pb.value(sub, onehot, owner).sum(), [onehot])
     grad = grad.masked_fill(onehot.detach() > 0, -math.inf)  # a swap changes the token
     cand = grad.topk(k, -1).indices  # [r, free, k]
     # every single swap: [r, free * k] candidate sequences
-    cands = ids[:, None, :].repeat(1, n_free * k, 1)
+    cands = sub[:, None, :].repeat(1, n_free * k, 1)
     pos = torch.arange(n_free, device=ids.device).repeat_interleave(k)
     cands[:, torch.arange(n_free * k), pos] = cand.reshape(r, n_free * k)
     flat = cands.reshape(-1, n_free)
-    scores = torch.cat([pb.exact(flat[i : i + 512]) for i in range(0, flat.shape[0], 512)])
-    scores = scores.reshape(r, n_free * k)
-    best, where = scores.max(1)
-    better = best > current
-    new_ids = ids.clone()
-    new_ids[better] = cands[better, where[better]]
-    new_current = torch.where(better, best, current)
-    return new_ids, new_current, bool(better.any())
+    who = owner.repeat_interleave(n_free * k)
+    scores = torch.cat(
+        [pb.exact(flat[i : i + 512], who[i : i + 512]) for i in range(0, flat.shape[0], 512)]
+    )
+    best, where = scores.reshape(r, n_free * k).max(1)
+    better = best > current[rows.cpu()]
+    new_ids, new_current = ids.clone(), current.clone()
+    up = rows[better.to(rows.device)]
+    new_ids[up] = cands[better.to(cands.device), where[better].to(cands.device)]
+    new_current[up.cpu()] = best[better]
+    improved = torch.zeros_like(active)
+    improved[up] = True
+    return new_ids, new_current, improved
+
+
+def swap_phase(
+    pb: Problem, ids: Int[Tensor, "r free"], current: Float[Tensor, " r"],
+    trajectory: list[Tensor], bar: Any,
+) -> tuple[Tensor, Tensor]:
+    """Rounds of :func:`swap_round` until no restart improves (``refine_steps`` at most)."""
+    active = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(pb.plan.refine_steps):
+        ids, current, active = swap_round(pb, ids, current, active)
+        trajectory.append(current.clone())
+        bar.update(1)
+        if not bool(active.any()):
+            break
+    return ids, current
 
 
 @dataclass
@@ -162,24 +202,32 @@ class Found:
     soft_trajectory: Float[Tensor, "soft_steps restarts"]
 
 
-def optimise(bk: Backend, plan: Plan, bar: Any) -> Found:
+def optimise(bk: Backend, plan: Plan, bar: Any, peers: tuple[Feature, ...] = ()) -> Found:
     """Run both phases (call it with gradients enabled, the model in eval mode).
 
-    Every restart's starting point is drawn from the one generator, so under a shard each
-    rank draws all of them and optimises its contiguous block of restarts; a restart's
-    optimisation never depends on the others'."""
-    pb = Problem(bk, plan)
+    ``peers``: features visualized in the same batch (module docstring); the rows of
+    :class:`Found` are then ``restarts`` per feature, the plan's feature first, every one
+    optimised in this process. Without peers, every restart's starting point is drawn from
+    the one generator, so under a shard each rank draws all of them and optimises its
+    contiguous block of restarts; a restart's optimisation never depends on the others'."""
     g = torch.Generator().manual_seed(plan.seed)
-    n_allowed = plan.allowed.numel()
-    theta0 = plan.init_scale * torch.randn(plan.restarts, pb.n_free, n_allowed, generator=g)
+    n_allowed, n_free = plan.allowed.numel(), plan.n_pos - plan.prefix.numel()
+    theta0 = plan.init_scale * torch.randn(plan.restarts, n_free, n_allowed, generator=g)
     ids0 = None
     if not plan.steps:
-        ids0 = torch.randint(0, n_allowed, (plan.restarts, pb.n_free), generator=g)
+        ids0 = torch.randint(0, n_allowed, (plan.restarts, n_free), generator=g)
+    if peers:
+        n = 1 + len(peers)
+        return _optimise_rows(
+            bk, plan, peers, theta0.repeat(n, 1, 1), None if ids0 is None else ids0.repeat(n, 1),
+            bar,
+        )
     with Share("visualize", plan.restarts) as share:
         mine = share.block(plan.restarts)
         if len(mine):
             sl = slice(mine.start, mine.stop)
-            found = _optimise_rows(pb, theta0[sl], None if ids0 is None else ids0[sl], bar)
+            found = _optimise_rows(bk, plan, (), theta0[sl], None if ids0 is None else ids0[sl],
+                                   bar)
             share.put(mine, found.tokens, "tokens")
             share.put(mine, found.activation, "activation")
             share.put(mine, found.trajectory.T, "trajectory")
@@ -201,26 +249,48 @@ def _trajectories(parts: list[tuple[Tensor, Tensor]], restarts: int) -> Tensor:
     return out.T
 
 
-def _optimise_rows(pb: Problem, theta0: Tensor, ids0: Tensor | None, bar: Any) -> Found:
-    """Both phases for the restarts starting at ``theta0`` (or, without a soft phase, at
-    ``ids0``)."""
-    plan = pb.plan
+def _optimise_rows(
+    bk: Backend, plan: Plan, peers: tuple[Feature, ...], theta0: Tensor, ids0: Tensor | None,
+    bar: Any,
+) -> Found:
+    """Both phases for the rows starting at ``theta0`` (or, without a soft phase, at
+    ``ids0``): the same number of rows per feature, the plan's feature first."""
+    pb = Problem(bk, plan, peers, per=theta0.shape[0] // (1 + len(peers)))
     trajectory: list[Tensor] = []
     soft_traj: list[Tensor] = []
     if plan.steps:
         ids = soft_phase(pb, theta0, trajectory, soft_traj, bar).argmax(-1)
     else:
         assert ids0 is not None
-        ids = ids0.to(pb.bk.device)
-    current = pb.exact(ids)
+        ids = ids0.to(bk.device)
+    current = pb.exact(ids, pb.owner)
     if not plan.steps:
         trajectory.append(current)
-    for _ in range(plan.refine_steps):
-        ids, current, improved = swap_round(pb, ids, current)
-        trajectory.append(current.clone())
-        bar.update(1)
-        if not improved:
-            break
-    r = theta0.shape[0]
-    soft = torch.stack(soft_traj) if soft_traj else torch.empty(0, r)
+    ids, current = swap_phase(pb, ids, current, trajectory, bar)
+    soft = torch.stack(soft_traj) if soft_traj else torch.empty(0, ids.shape[0])
     return Found(pb.tokens(ids).cpu(), current, torch.stack(trajectory), soft)
+
+
+def climb(
+    bk: Backend,
+    plan: Plan,
+    starts: Int[Tensor, "n pos"],
+    bar: Any,
+    peers: tuple[Feature, ...] = (),
+) -> Found:
+    """The swap phase alone, started from given inputs (``starts``: the same number of rows
+    per feature, the plan's feature first, then each peer's): how high the optimiser climbs
+    from there (no soft phase; ``plan.refine_steps`` rounds at most). Start tokens outside
+    the allowed vocabulary become the first allowed token; the prefix is the plan's."""
+    n_feat = 1 + len(peers)
+    if starts.shape[0] % n_feat:
+        raise ApexlensError("climb: starts must hold the same number of rows per feature")
+    pb = Problem(bk, plan, peers, per=starts.shape[0] // n_feat)
+    lookup = torch.zeros(int(max(int(starts.max()), int(plan.allowed.max()))) + 1, dtype=torch.long)
+    lookup[plan.allowed] = torch.arange(plan.allowed.numel())
+    ids = lookup[starts[:, plan.prefix.numel() :].cpu()].to(bk.device)
+    current = pb.exact(ids, pb.owner)
+    trajectory = [current]
+    ids, current = swap_phase(pb, ids, current, trajectory, bar)
+    empty = torch.empty(0, ids.shape[0])
+    return Found(pb.tokens(ids).cpu(), current, torch.stack(trajectory), empty)

@@ -37,6 +37,16 @@ def add_parser(sub: Any) -> None:
         help="rounds of discrete single-token swaps after the soft optimisation (default: 20)",
     )
     p.add_argument(
+        "--peers",
+        type=int,
+        default=31,
+        help="peer features of the same layer the check ranks the visualization among "
+        "(default 31)",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=0.05, help="false-alarm rate to flag at (default 0.05)"
+    )
+    p.add_argument(
         "--natural",
         type=int,
         default=512,
@@ -68,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         restarts=args.restarts,
         refine_steps=args.refine_steps,
         seed=args.seed,
+        peers=args.peers,
+        alpha=args.alpha,
         progress=not args.no_progress,
     )
     out = Path(args.out)
@@ -103,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             ("Feature visualization: final inputs, best first", check.fv.to_frame(labels)),
             ("Natural top examples", check.natural.to_frame(labels)),
             ("Attribution share per upstream component", check.attribution_frame()),
+            ("The checked feature and its peers", check.peer_frame()),
         ],
         title=f"feature visualization of {check.feature.label} on {args.model}",
         provenance=provenance(args, files),
@@ -114,12 +127,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 CAPTION = (
-    "Left: the activation of each restart's discrete input while the soft input is optimised "
-    "(then, after the dotted line, while single tokens are swapped); dashed: the largest "
-    "natural activation. Middle: the feature on every natural input and position, the red line "
-    "the visualization's activation. Right: the share of the activation each upstream component "
-    "contributes (gradient x activation, signed, divided by the total absolute attribution), "
-    "for the visualization (red) and the mean of the natural top examples (blue). A honest "
-    "visualization turns up the natural mechanism; a planted one beats every natural input by "
-    "far through other components."
+    "Top left: the activation of each restart's discrete input while the soft input is "
+    "optimised (then, after the dotted line, while single tokens are swapped); dashed: the "
+    "largest natural activation. Top middle: the feature on every natural input and position, "
+    "the red line the visualization's activation. Top right: the share of the activation each "
+    "upstream component contributes (gradient x activation, signed, divided by the total "
+    "absolute attribution), for the visualization (red) and the mean of the natural top "
+    "examples (blue). Bottom: the calibrated test. Each panel is one measure of how unlike its "
+    "natural top examples the visualization is, for the checked feature (red) and for peer "
+    "features of the same layer visualized the same way (grey), with the checked feature's "
+    "rank p-value. The measures are combined and ranked again; the visualization is flagged "
+    "when it is more unusual than all but an alpha share of its peers."
 )
