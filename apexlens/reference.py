@@ -242,25 +242,32 @@ def naive_act_patch(
     clean_tokens: Tensor,
     corrupted_tokens: Tensor,
     *,
-    nodes: Sequence[tuple[str, int | None]],
+    nodes: Sequence[tuple[str, int | None] | tuple[str, int | None, int | None]],
     metric: Callable[[Tensor], Tensor],
 ) -> Tensor:
     """Activation patching with one full corrupted forward per node.
 
-    ``nodes`` are ``(hook_name, head_or_None)``: the clean activation at that hook (that
-    head only, if given) is put into the corrupted run.
+    ``nodes`` are ``(hook_name, head_or_None)`` or ``(hook_name, head_or_None, position)``:
+    the clean activation at that hook (that head only, if given; that position only, if
+    given) is put into the corrupted run.
     """
     bk = backend_for(model)
     with inference_mode(model):
-        _, clean = bk.run_with_cache(clean_tokens, [n for n, _ in nodes])
+        _, clean = bk.run_with_cache(clean_tokens, [n[0] for n in nodes])
         out = []
-        for name, head in nodes:
+        for node in nodes:
+            name, head = node[0], node[1]
+            pos = node[2] if len(node) > 2 else None
 
-            def hook(act: Tensor, hook: Any, name: str = name, head: int | None = head) -> Tensor:
+            def hook(
+                act: Tensor, hook: Any, name: str = name, head: int | None = head, pos: Any = pos
+            ) -> Tensor:
                 act = act.clone()
+                at = slice(None) if pos is None else pos
                 if head is None:
-                    return clean[name]
-                act[:, :, head] = clean[name][:, :, head]
+                    act[:, at] = clean[name][:, at]
+                else:
+                    act[:, at, head] = clean[name][:, at, head]
                 return act
 
             with model.hooks(fwd_hooks=[(name, hook)]):

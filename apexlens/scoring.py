@@ -288,7 +288,8 @@ class Scores:
     values: Float[Tensor, " batch"]
 
     def __post_init__(self) -> None:
-        v = torch.as_tensor(self.values).detach().flatten()
+        v = torch.as_tensor(self.values)
+        v = (v.detach() if v.requires_grad else v).flatten()
         object.__setattr__(self, "values", v)
 
     def __len__(self) -> int:

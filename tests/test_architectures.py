@@ -263,11 +263,44 @@ def check_engines(model: Any, tol: float, ungrouped: Any = None) -> None:
             moved = max(moved, float((slow - exp.clean_values).abs().max()))
     assert moved > 1e-3  # the patches did something
 
-    # activation patching
+    # position-restricted receivers (issue 27): propagation at their positions, then the
+    # run from their earliest position on (a prefix's keys/values where the model runs
+    # suffixes); separate=True: one value per receiver, each patched alone
+    restricted = ["2.1.q@end", "2.3.k@3", "m2@end", "logits"]
+    for mlps in ("live", "frozen"):
+        sep = exp.path_patch(["embed", "0.1", "m0", "1.2@2"], restricted, mlps=mlps, separate=True)
+        for j, r in enumerate(restricted):
+            slow = naive(senders=["embed", "0.1", "m0", "1.2@2"], receivers=[r], mlps=mlps,
+                         positions={"end": -1})
+            same(sep.per_example[:, j], slow)
+        joint = exp.path_patch(["0.1", "m1", "1.3"], ["2.2.v@2", "2.0.q@end"], mlps=mlps)
+        slow = naive(senders=["0.1", "m1", "1.3"], receivers=["2.2.v@2", "2.0.q@end"], mlps=mlps,
+                     positions={"end": -1})
+        same(joint.per_example, slow)
+
+    # exact per-position edge scores: each row runs from its position on
+    if not bk.post_norms:
+        pe = [("m0", "m1"), ("1.2", "2.0.q"), ("embed", "logits")]
+        if grouped:  # a query head's own key under grouped-query attention: refused by name
+            with pytest.raises(apexlens.ApexlensError, match="grouped-query"):
+                exp.attribute_edges(method="exact", edges=[("0.1", "2.3.k")])
+        else:
+            pe.append(("0.1", "2.3.k"))
+        sc = exp.attribute_edges(method="exact", per_position=True, edges=pe)
+        for i, (s_, r_) in enumerate(sc.edges):
+            if i % 2 == 0 or s_.startswith("embed"):
+                slow = naive(senders=[s_], receivers=[r_], mlps="frozen")[0] - exp.clean_values
+                same(sc.per_example[i], slow)
+
+    # activation patching (also at positions: a run from the first patched position on)
     nodes = [("blocks.0.attn.hook_z", 1), ("blocks.2.attn.hook_z", 3)]
     nodes += [("blocks.1.hook_mlp_out", None), ("blocks.1.hook_resid_pre", None)]
     slow = naive_act_patch(model, clean, corrupted, nodes=nodes, metric=metric)
     same(exp.act_patch(["0.1", "2.3", "m1", "r1"]).per_example, slow)
+    at = [("blocks.0.attn.hook_z", 1, -1), ("blocks.1.attn.hook_z", 2, 2)]
+    at += [("blocks.1.hook_mlp_out", None, 3), ("blocks.2.hook_resid_pre", None, 1)]
+    slow = naive_act_patch(model, clean, corrupted, nodes=at, metric=metric)
+    same(exp.act_patch(["0.1@end", "1.2@2", "m1@3", "r2@1"]).per_example, slow)
 
     # APEX: hook names, and the default protocol (block_in) and an MLP preset, relative noise
     sigmas, sites = [0.0, 0.5, 2.0], ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z"]

@@ -88,7 +88,16 @@ def test_zero_and_mean_ablation_of_everything(exp, model, toks):
         torch.testing.assert_close(res.corrupted.values, expected, atol=TOL, rtol=0)
 
 
-def test_circuit_matches_explicit_sum_over_senders(exp, model, toks):
+@pytest.fixture(params=["slot-major", "token-major"])
+def layout(request, monkeypatch):
+    """The circuit buffer's two layouts (small models get the slot-major one by default)."""
+    from apexlens.engines.circuits.buffer import SenderBuffer
+
+    monkeypatch.setattr(SenderBuffer, "SLOT_MAJOR", 10**9 if request.param == "slot-major" else 0)
+    return request.param
+
+
+def test_circuit_matches_explicit_sum_over_senders(exp, model, toks, layout):
     """Slow reference: each receiver's input is built by summing its senders one by one."""
     from apexlens.model import backend_for
 
@@ -238,4 +247,68 @@ def test_memory_reused_across_calls_and_uneven_chunks(model):
         one_pass = apexlens.Experiment(model, clean, corrupted, metric=metric).evaluate_circuit(edges, ablation=ablation)
         assert torch.equal(got.scores.values, fresh.scores.values)
         torch.testing.assert_close(got.scores.values, one_pass.scores.values, atol=TOL, rtol=0)
-    assert shared.runs.scratch["sender_buffer"].shape[0] == 2  # held for the next call
+    scratch = shared.runs.scratch  # held for the next call (slot-major on small models)
+    slot_major = "sender_buffer:slot" in scratch
+    held = scratch["sender_buffer:slot" if slot_major else "sender_buffer"]
+    assert held.shape[1 if slot_major else 0] == 2
+
+
+def test_buffer_layouts_and_plans_agree(model, toks, monkeypatch):
+    """Every way the circuit engine plans and sums (through excluded or kept senders, a few
+    slots or all, one column shared or one per slot, per position, per row) in both buffer
+    layouts gives the same numbers: a random half, a sparse circuit, per-position edges and
+    a batch of hypotheses as rows, on a fresh Experiment each."""
+    from apexlens.engines.circuits.buffer import SenderBuffer
+
+    clean, corrupted = toks
+    metric = LogitDiff(torch.tensor([3, 1, 4]), torch.tensor([1, 5, 9]))
+    g = full_graph(model)
+    gen = torch.Generator().manual_seed(4)
+    half = [g[i] for i in torch.randperm(len(g), generator=gen)[: len(g) // 2].tolist()]
+    sparse = [g[i] for i in torch.randperm(len(g), generator=gen)[:5].tolist()]
+    at_pos = [(s, r.at(p)) for s, r in half[::3] for p in (2, 6)]
+    got = {}
+    for big in (10**9, 0):
+        monkeypatch.setattr(SenderBuffer, "SLOT_MAJOR", big)
+        exp = apexlens.Experiment(model, clean, corrupted, metric=metric)
+        got[big] = [
+            *(exp.evaluate_circuit(c).scores.values for c in (half, sparse, at_pos)),
+            exp.evaluate_circuits([half, sparse, [], g]),
+            exp.evaluate_circuits([at_pos, half]),
+        ]
+    for a, b in zip(got[10**9], got[0], strict=True):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+    rows = got[0][3]
+    torch.testing.assert_close(rows[0], got[0][0], atol=TOL, rtol=0)
+    torch.testing.assert_close(rows[1], got[0][1], atol=TOL, rtol=0)
+    torch.testing.assert_close(got[0][4][0], got[0][2], atol=TOL, rtol=0)
+
+
+def test_plans_kept_per_hypothesis(exp, model):
+    """A re-evaluated hypothesis reuses its plan (the most recent ones are kept, the oldest
+    dropped) and gives the numbers of a fresh plan, also after the model's weights changed
+    in place (the stacked q/k/v weights are looked up again)."""
+    from apexlens.engines.circuits.plan import PLANS_KEPT
+
+    g = full_graph(model)
+    gen = torch.Generator().manual_seed(9)
+    hyps = [[g[i] for i in torch.randperm(len(g), generator=gen)[: len(g) // 2].tolist()] for _ in range(PLANS_KEPT + 1)]
+    first = [exp.evaluate_circuit(h).scores.values for h in hyps]
+    plans = exp.runs.scratch["circuit-plans"]
+    assert len(plans) == PLANS_KEPT  # the first hypothesis' plan was dropped
+    kept = {id(p) for _, p in plans.values()}
+    again = exp.evaluate_circuit(hyps[-1]).scores.values
+    assert torch.equal(again, first[-1]) and {id(p) for _, p in plans.values()} == kept
+    saved = [p.detach().clone() for p in model.parameters()]
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5)
+        reused = exp.evaluate_circuit(hyps[-1]).scores.values
+        plans.clear()
+        planned = exp.evaluate_circuit(hyps[-1]).scores.values
+        assert torch.equal(reused, planned) and not torch.allclose(reused, first[-1])
+    finally:
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), saved, strict=True):
+                p.copy_(s)

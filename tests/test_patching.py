@@ -178,6 +178,30 @@ class Boom(Exception):
     pass
 
 
+def test_nested_inference_mode_restores_every_flag_once():
+    """Nested blocks on one model walk its modules once (the outer block) and every module's
+    own flag comes back exactly: MC-dropout set-ups, a module added since the last call, a
+    nested block asking for gradients; the grad mode inside each is the one it asked for."""
+    from apexlens.model.hooks import inference_mode
+
+    model = random_model(1)
+    model.eval()
+    model.blocks[0].attn.train()  # a submodule in training mode inside an eval model
+    model.blocks[1].extra = torch.nn.Dropout(0.1)  # added after construction, training
+    before = {name: m.training for name, m in model.named_modules()}
+    with inference_mode(model):
+        assert not any(m.training for m in model.modules()) and not torch.is_grad_enabled()
+        with inference_mode(model):
+            assert not torch.is_grad_enabled()
+        with inference_mode(model, grad=True):
+            assert torch.is_grad_enabled()
+            with inference_mode(model):
+                assert not torch.is_grad_enabled()
+        assert not any(m.training for m in model.modules()) and not torch.is_grad_enabled()
+    assert {name: m.training for name, m in model.named_modules()} == before
+    del model.blocks[1].extra
+
+
 @pytest.mark.parametrize("backend", model_backends())
 @pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
 def test_hooks_removed_and_flags_restored_after_exceptions(exc, backend, toks):

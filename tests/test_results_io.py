@@ -41,6 +41,7 @@ def results(toy_model_factory):
         "escape": escape,
         "escape_cmp": escape.compare(escape, n_boot=20),
         "path": exp.path_patch("all-heads", "logits"),
+        "path_separate": exp.path_patch("all-heads", ["1.3.k", "1.2.q@-1"], separate=True),
         "act": exp.act_patch("all-heads"),
         "circuit": exp.evaluate_circuit([("0.1", "1.3.k"), ("1.3", "logits")]),
         "apex": sweep,

@@ -165,23 +165,25 @@ class Experiment:
         *,
         via: Sequence[NodeSpec] = (),
         mlps: MLPMode = "live",
+        separate: bool = False,
         progress: bool = True,
     ) -> PathPatchResult:
         """Path-patch each sender (on its own) to ``receivers``; see :func:`path_patch`."""
         sender_nodes = as_senders(self.nodes(senders))
-        per_example = self.path_patch_groups(
-            [[s] for s in sender_nodes], receivers, via=via, mlps=mlps, progress=progress
-        )
+        recv = self.nodes(receivers)
+        groups = [[s] for s in sender_nodes]
+        per_example = self.path_patch_groups(groups, recv, via=via, mlps=mlps, separate=separate, progress=progress)
         clean, corrupted = self._scores()
         return PathPatchResult(
             senders=[str(n) for n in sender_nodes],
-            receivers=[str(r) for r in as_receivers(self.nodes(receivers))],
+            receivers=[str(r) for r in (recv if separate else as_receivers(recv))],
             per_example=per_example,
             clean=clean,
             corrupted=corrupted,
             grid=self._grid(sender_nodes),
             metric_name=self.readout.name,
             via=[str(n) for hop in via for n in self.nodes(hop)],
+            separate=separate,
         )
 
     def path_patch_groups(
@@ -191,14 +193,14 @@ class Experiment:
         *,
         via: Sequence[NodeSpec] = (),
         mlps: MLPMode = "live",
+        separate: bool = False,
         progress: bool = True,
-    ) -> Float[Tensor, "group batch"]:
-        """Per-example metric when each group of senders is patched (jointly) to the receivers."""
+    ) -> Float[Tensor, "group batch"] | Float[Tensor, "group receiver batch"]:
+        """Per-example metric of each group of senders patched jointly (``separate``: per receiver)."""
         recv, hops = self.nodes(receivers), [self.nodes(h) for h in via]
         with inference_mode(self.model):
-            return paths.path_patch_rows(
-                self.runs, self.readout, groups, recv, via=hops, mlps=mlps, progress=progress
-            )
+            return paths.path_patch_rows(self.runs, self.readout, groups, recv, via=hops, mlps=mlps,
+                                         separate=separate, progress=progress)
 
     # ------------------------------------------------------------------ activation patching
     def act_patch(
@@ -232,10 +234,7 @@ class Experiment:
 
     def ablation(self, ablation: Ablation, reference_tokens: Any = None) -> AblationValues:
         """What an ablated edge carries (``reference_tokens``: run once, for ``"mean"``)."""
-        with inference_mode(self.model):
-            return ablation_for(
-                self.bk, ablation, self.runs.corrupted, reference_tokens, self.n_pos
-            )
+        return _ablation(self, ablation, reference_tokens)
 
     def evaluate_circuit(
         self,
@@ -403,13 +402,12 @@ def _circuit_result(
         v = circuits.evaluate(
             exp.runs, exp.readout, exp.clean_tokens, index, keep, abl, empty_is_corrupted
         )
-    gap = float(v.clean.mean() - v.ablated.mean())
     return CircuitResult(
         edges=names,
         scores=Scores(v.values),
         clean=Scores(v.clean),
         corrupted=Scores(v.ablated),
-        recovery=float((v.values.mean() - v.ablated.mean()) / gap),
+        recovery=v.recovery,
         ablation=ablation,
         kl_circuit=Scores(v.kl_circuit),
         kl_ablated=Scores(v.kl_ablated),
@@ -468,3 +466,16 @@ def _budget(memory_budget: Any) -> int:
             f"default; got {memory_budget!r}"
         )
     return memory_budget
+
+
+def _ablation(exp: Experiment, ablation: Ablation, reference_tokens: Any) -> AblationValues:
+    """:meth:`Experiment.ablation`; without reference tokens the values depend on the cached
+    runs only, and are kept with them for the next call."""
+    key = f"ablation:{ablation}"
+    if reference_tokens is None and key in exp.runs.scratch:
+        return exp.runs.scratch[key]
+    with inference_mode(exp.model):
+        values = ablation_for(exp.bk, ablation, exp.runs.corrupted, reference_tokens, exp.n_pos)
+    if reference_tokens is None:
+        exp.runs.scratch[key] = values
+    return values

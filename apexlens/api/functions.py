@@ -43,6 +43,7 @@ def path_patch(
     via: Sequence[NodeSpec] = (),
     positions: Mapping[str, Any] | None = None,
     memory_budget: int | None = None,
+    separate: bool = False,
     progress: bool = True,
 ) -> PathPatchResult:
     """Path-patch every sender, one at a time, to the receivers.
@@ -57,10 +58,20 @@ def path_patch(
         mlps: ``"live"`` (MLPs on the way recompute) or ``"frozen"`` (direct paths only).
         via: intermediate nodes for multi-hop paths ``sender -> via[0] -> ... -> receivers``.
         positions: names for positions used in node spellings, e.g. ``{"end": end_positions}``.
+        separate: one value per receiver (each receiver node patched alone, the others
+            left clean; a head spelled ``"1.4"`` is one receiver, its q, k and v together),
+            instead of one for the receivers patched together.
+
+    Receivers at positions (``"9.9.q@end"``) are computed only where they can matter: the
+    senders' effects at those positions, then the network from the receivers' layer over
+    the positions from the earliest patched one on (a ``HookedTransformer``; a bridge runs
+    every position), the same numbers as patching every position of the receivers'
+    inputs at those positions only.
 
     Returns:
-        A :class:`PathPatchResult`; ``.values`` is ``[n_layers, n_heads]`` for all heads. A
-        sender with no path to any receiver keeps the clean metric.
+        A :class:`PathPatchResult`; ``.values`` is ``[n_layers, n_heads]`` for all heads
+        (``[n_layers, n_heads, n_receivers]`` with ``separate``). A sender with no path to a
+        receiver keeps the clean metric.
     """
     exp = Experiment(
         model,
@@ -70,7 +81,9 @@ def path_patch(
         positions=positions,
         memory_budget=memory_budget,
     )
-    return exp.path_patch(senders, receivers, via=via, mlps=mlps, progress=progress)
+    return exp.path_patch(
+        senders, receivers, via=via, mlps=mlps, separate=separate, progress=progress
+    )
 
 
 @guarded

@@ -5,7 +5,9 @@ input and puts one node's clean activation back -- a head's ``hook_z``, an MLP's
 ``hook_mlp_out``, the residual stream entering a block (``"rL"``, ``"embed"`` = ``r0``) --
 and lets everything downstream recompute. One row per node; nodes of the same layer run
 together, each row starting from the cached corrupted residual stream entering that layer
-(nothing before it changes), so the earlier layers are never recomputed.
+(nothing before it changes), so the earlier layers are never recomputed. A node patched at
+positions changes nothing before the first of them: rows are grouped by layer and first
+position, and run only from there (:func:`~apexlens.runs.suffix.run_suffix_rows`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from torch import Tensor
 
 from apexlens.errors import ApexlensError
 from apexlens.model import edits
-from apexlens.runs import Readout, Runs, row_chunks, run_rows, stack_rows
+from apexlens.runs import Readout, Runs, row_chunks, stack_rows
 from apexlens.runs.shard import Share
+from apexlens.runs.suffix import first_position, run_suffix_rows, suffix_start
 from apexlens.vocab import Node, unique
 
 
@@ -63,53 +66,59 @@ def act_patch_rows(
     """Per-example metric with each node's clean activation put into the corrupted run."""
     bk, k = runs.bk, runs.corrupted
     assert k is not None, "activation patching needs a corrupted run"
-    n_layers = bk.dims.n_layers
     nodes = check_nodes(nodes)
     out = torch.empty(len(nodes), runs.batch, dtype=bk.dtype, device=bk.device)
-    by_layer: dict[int, list[int]] = {}
+    by_start: dict[tuple[int, int], list[int]] = {}
     for i, n in enumerate(nodes):
-        by_layer.setdefault(0 if n.kind == "embed" else n.layer, []).append(i)
+        layer = 0 if n.kind == "embed" else n.layer
+        by_start.setdefault((layer, suffix_start(bk, first_position([runs.mask(n)]))), []).append(i)
     chunk = runs.rows_per_chunk(len(nodes), runs.batch * runs.n_pos, attention=True, readout=readout)
     with Share("activation patching", len(nodes)) as share:
-        # every rank takes its share of every layer (later layers cost less)
-        mine = {layer: share.mine(idx) for layer, idx in sorted(by_layer.items())}
+        # every rank takes its share of every (layer, first position) group (later ones
+        # cost less)
+        mine = {start: share.mine(idx) for start, idx in sorted(by_start.items())}
         work = [
-            (layer, idx[j : j + chunk])
-            for layer, idx in mine.items()
+            (start, idx[j : j + chunk])
+            for start, idx in mine.items()
             for j in range(0, len(idx), chunk)
         ]
         for piece in row_chunks(work, 1, desc="activation patching", progress=progress):
-            layer, idx = piece[0]
+            (layer, p0), idx = piece[0]
             rows = [nodes[i] for i in idx]
-            resid = k.resid(layer, bk).expand(len(rows), *k.resid(layer, bk).shape).clone()
-            _restore_resid(runs, rows, resid, layer)
-            hooks = _restore_hooks(runs, rows, layer)
-            final = run_rows(bk, resid, layer, hooks) if layer < n_layers else resid
+            resid = k.resid(layer, bk)[:, p0:].expand(len(rows), -1, -1, -1).clone()
+            _restore_resid(runs, rows, resid, layer, p0)
+            hooks = _restore_hooks(runs, rows, layer, p0)
+            final = run_suffix_rows(runs, k, resid, layer, p0, hooks)
             share.put(idx, readout(readout.gather(final)))
     return share.fill(out)
 
 
-def _restore_resid(runs: Runs, rows: list[Node], resid: Tensor, layer: int) -> None:
-    """Rows patching a residual stream (``embed``, ``rL``) start from the clean one there."""
-    clean = runs.clean.resid(layer, runs.bk)
+def _restore_resid(runs: Runs, rows: list[Node], resid: Tensor, layer: int, p0: int) -> None:
+    """Rows patching a residual stream (``embed``, ``rL``) start from the clean one there
+    (``resid`` holds positions ``p0..``)."""
+    clean = runs.clean.resid(layer, runs.bk)[:, p0:]
     for r, n in enumerate(rows):
         if n.kind in ("embed", "resid"):
             m = runs.mask(n)
-            resid[r] = clean if m is None else torch.where(m[..., None], clean, resid[r])
+            resid[r] = clean if m is None else torch.where(m[:, p0:, None], clean, resid[r])
 
 
-def _restore_hooks(runs: Runs, rows: list[Node], layer: int) -> list[tuple[str, Any]]:
-    """Hook edits putting clean head outputs (``hook_z``) and MLP outputs back, per row."""
+def _restore_hooks(
+    runs: Runs, rows: list[Node], layer: int, p0: int
+) -> list[tuple[str, Any]]:
+    """Hook edits putting clean head outputs (``hook_z``) and MLP outputs back, per row (at
+    positions ``p0..``)."""
     bk, c = runs.bk, runs.clean
     hooks: list[tuple[str, Any]] = []
-    n_rows, shape = len(rows), (runs.batch, runs.n_pos)
+    n_rows, shape = len(rows), (runs.batch, runs.n_pos - p0)
     heads = [(r, n) for r, n in enumerate(rows) if n.kind == "head"]
     if heads:
         sel = torch.zeros(n_rows, *shape, bk.dims.n_heads, dtype=torch.bool, device=bk.device)
         for r, n in heads:
             m = runs.mask(n)
-            sel[r, :, :, n.head] = True if m is None else m
-        clean_z = c[bk.z(layer)].expand(n_rows, *c[bk.z(layer)].shape)
+            sel[r, :, :, n.head] = True if m is None else m[:, p0:]
+        z = c[bk.z(layer)][:, p0:]
+        clean_z = z.expand(n_rows, *z.shape)
         hooks.append(
             (bk.z(layer), edits.replace_where(stack_rows(sel)[..., None], stack_rows(clean_z)))
         )
@@ -118,8 +127,9 @@ def _restore_hooks(runs: Runs, rows: list[Node], layer: int) -> list[tuple[str, 
         sel = torch.zeros(n_rows, *shape, dtype=torch.bool, device=bk.device)
         for r, n in mlps:
             m = runs.mask(n)
-            sel[r] = True if m is None else m
-        clean_out = c[bk.mlp_out(layer)].expand(n_rows, *c[bk.mlp_out(layer)].shape)
+            sel[r] = True if m is None else m[:, p0:]
+        mlp = c[bk.mlp_out(layer)][:, p0:]
+        clean_out = mlp.expand(n_rows, *mlp.shape)
         hooks.append(
             (
                 bk.mlp_out(layer),

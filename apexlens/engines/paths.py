@@ -43,6 +43,14 @@ from apexlens.model.hooks import Hooks
 from apexlens.model.indexing import index_on
 from apexlens.runs import Readout, Runs, row_chunks, run_rows, stack_rows
 from apexlens.runs.shard import Share
+from apexlens.runs.suffix import (
+    first_position,
+    needed_columns,
+    run_suffix_rows,
+    spread,
+    suffix_start,
+    take,
+)
 from apexlens.vocab import Node, as_receivers
 from apexlens.vocab.specs import MLPMode
 
@@ -61,17 +69,21 @@ def path_patch_rows(
     *,
     via: Sequence[Sequence[Node]] = (),
     mlps: MLPMode = "live",
+    separate: bool = False,
     progress: bool = False,
-) -> Float[Tensor, "group batch"]:
+) -> Float[Tensor, "group batch"] | Float[Tensor, "group receiver batch"]:
     """Per-example metric when each group of senders is patched (jointly) to the receivers.
 
-    A group with no path to the receivers keeps the clean metric.
+    A group with no path to the receivers keeps the clean metric. ``separate``: one value
+    per receiver (each node of ``receivers`` patched alone, the others left clean),
+    ``[group, receiver, batch]``, from one propagation to all of them.
     """
     if mlps not in ("live", "frozen"):
         raise ApexlensError(f"mlps must be 'live' or 'frozen', got {mlps!r}")
     n_layers = runs.bk.dims.n_layers
     order = lambda n: n.order(n_layers)  # noqa: E731
-    recv = as_receivers(receivers)
+    sets = [as_receivers([r]) for r in receivers] if separate else [as_receivers(receivers)]
+    recv = list(dict.fromkeys(r for rs in sets for r in rs))
     hops = [as_receivers(h) for h in via]
     _check_chain(hops, recv, order)
     first_targets = hops[0] if hops else recv
@@ -85,20 +97,67 @@ def path_patch_rows(
             f"{'...' if len(names) > 6 else ''}"
         )
     clean_values = readout(readout.gather(runs.clean.final))
-    out = clean_values.expand(len(groups), -1).clone()
+    out = clean_values.expand(len(groups), len(sets), -1).clone()
     active = [i for i, ok in enumerate(has_path) if ok]
     # sorted by where each group's first delta enters, so the started rows form a prefix
     active.sort(key=lambda i: min(order(s) for s in groups[i]))
     only_logits = not hops and all(r.kind == "logits" for r in recv) and readout.fast
-    n_tok = runs.batch * (readout.idx.shape[1] if only_logits else runs.n_pos)
-    chunk = runs.rows_per_chunk(len(active), n_tok, attention=not only_logits, readout=readout)
+    plan = _Where.of(runs, readout, recv, hops, only_logits)
+    chunk = runs.rows_per_chunk(
+        len(active), runs.batch * plan.n_cols, attention=not only_logits, readout=readout
+    )
     with Share("path patching", len(active)) as share:
         for rows in row_chunks(share.mine(active), chunk, desc="path patching", progress=progress):
             share.put(
-                rows,
-                _patch_chunk(runs, readout, [groups[i] for i in rows], recv, hops, mlps, only_logits),
+                rows, _patch_chunk(runs, readout, [groups[i] for i in rows], sets, hops, mlps, plan)
             )
-    return share.fill(out)
+    out = share.fill(out)
+    for j, rs in enumerate(sets):  # a receiver no sender of a group reaches: clean
+        last = hops[0] if hops else rs
+        reach = max(order(r) for r in last)
+        for i in active:
+            if min(order(s) for s in groups[i]) >= reach:
+                out[i, j] = clean_values
+    return out if separate else out[:, 0]
+
+
+def _suffix_from(runs: Runs, others: list[Node]) -> int:
+    """Where the run after the receivers can start: their earliest position where the
+    backend runs suffixes, else 0 (also when a grouped-query head reads a key/value of its
+    own: that runs its block at every position)."""
+    bk = runs.bk
+    if any(r.kind == "head" and r.channel in ("k", "v") and bk.dims.group > 1 for r in others):
+        return 0
+    return suffix_start(bk, first_position([runs.mask(r) for r in others]))
+
+
+class _Where:
+    """The positions a question is computed at: ``cols``, those propagated (``None``: all;
+    with logits as the only receiver, the metric's read positions, per example), and
+    ``n_cols`` their number."""
+
+    def __init__(self, cols: Tensor | None, only_logits: bool, n_cols: int) -> None:
+        self.cols, self.only_logits, self.n_cols = cols, only_logits, n_cols
+
+    @staticmethod
+    def of(
+        runs: Runs, readout: Readout, recv: list[Node], hops: list[list[Node]], only_logits: bool
+    ) -> _Where:
+        if only_logits:
+            return _Where(None, True, int(readout.idx.shape[1]))
+        if hops:  # an intermediate node's output is computed at every position
+            return _Where(None, False, runs.n_pos)
+        masks = [runs.mask(r) for r in recv if r.kind != "logits"]
+        read = readout.idx if any(r.kind == "logits" for r in recv) else None
+        cols = needed_columns(masks, read, runs.n_pos)
+        after = runs.n_pos - _suffix_from(runs, [r for r in recv if r.kind != "logits"])
+        return _Where(cols, False, max(after, runs.n_pos if cols is None else len(cols)))
+
+    def gather(self, readout: Readout) -> Gather:
+        if self.only_logits:
+            return readout.gather
+        cols = self.cols
+        return lambda x: take(x, cols)
 
 
 def _check_chain(hops: list[list[Node]], recv: list[Node], order: Callable[[Node], int]) -> None:
@@ -126,13 +185,13 @@ def _patch_chunk(
     runs: Runs,
     readout: Readout,
     groups: list[SenderGroup],
-    recv: list[Node],
+    sets: list[list[Node]],
     hops: list[list[Node]],
     mlps: MLPMode,
-    only_logits: bool,
-) -> Float[Tensor, "chunk batch"]:
+    where: _Where,
+) -> Float[Tensor, "chunk receiver batch"]:
     n_layers = runs.bk.dims.n_layers
-    gather: Gather = readout.gather if only_logits else (lambda x: x)
+    gather = where.gather(readout)
     entries: list[Entry] = []  # (order, rows, deltas)
     lone: dict[int, list[tuple[int, Node]]] = {}  # layer -> (row, head) of one-head groups
     for row, g in enumerate(groups):
@@ -150,8 +209,11 @@ def _patch_chunk(
         delta = _hop_output(runs, hop, new)
         order = hop[0].as_sender.order(n_layers)
         entries = [(order, list(range(len(groups))), delta)]
-    new = propagate(runs, entries, len(groups), recv, mlps, gather)
-    return _finish(runs, readout, recv, new, len(groups), gathered=only_logits)
+    recv = list(dict.fromkeys(r for rs in sets for r in rs))
+    new = propagate(runs, entries, len(groups), recv, mlps, gather, where.cols)
+    return torch.stack(
+        [_finish(runs, readout, rs, new, len(groups), where) for rs in sets], dim=1
+    )
 
 
 def group_deltas(
@@ -241,6 +303,7 @@ def propagate(
     targets: list[Node],
     mlps: MLPMode,
     gather: Gather,
+    positions: Tensor | None = None,
 ) -> dict[Node, Tensor]:
     """Frozen propagation: walk the deltas to every target and return its new input.
 
@@ -248,6 +311,8 @@ def propagate(
     row ``rows[i]`` where a node of that order writes. Returns, per target: a head channel -> its
     new ``hook_q/k/v`` values ``[rows, batch, pos, d_head]``; an MLP -> its new output
     ``[rows, batch, pos, d_model]``; ``logits`` -> the delta of the final residual stream.
+    Only at the positions ``gather`` keeps (``positions``: which, where the q/k inputs add a
+    positional embedding).
     """
     bk, c = runs.bk, runs.clean
     n_layers = bk.dims.n_layers
@@ -297,7 +362,9 @@ def propagate(
             for ch in "qkv":
                 ts = [t for t in heads_here if t.channel == ch]
                 if ts:
-                    vals = bk.head_input(layer, ch, resid, [slot_of(bk, t) for t in ts])
+                    vals = bk.head_input(
+                        layer, ch, resid, [slot_of(bk, t) for t in ts], positions
+                    )
                     for i, t in enumerate(ts):
                         out[t] = vals[..., i, :]
         use_mlp = o_mlp <= last and bk.dims.has_mlps
@@ -425,35 +492,60 @@ def logits_delta(runs: Runs, node: Node, acc: Tensor) -> Tensor:
     return acc if m is None else acc * m[..., None].to(acc.dtype)
 
 
+def _from(m: Tensor | None, p0: int) -> Tensor | None:
+    """A ``[batch, pos]`` mask from position ``p0`` on (``None``: every position)."""
+    return None if m is None else m[:, p0:]
+
+
+def _logits_mask(runs: Runs, node: Node, like: Tensor, where: _Where) -> Tensor | None:
+    """A ``logits`` receiver's positions as a multiplier at the positions of ``where``."""
+    m = runs.mask(node)
+    return None if m is None else take(m[..., None].to(like.dtype), where.cols)
+
+
 def _finish(
     runs: Runs,
     readout: Readout,
     recv: list[Node],
     new: dict[Node, Tensor],
     rows: int,
-    gathered: bool,
+    where: _Where,
 ) -> Float[Tensor, "rows batch"]:
-    """The metric of every row once its receivers read their new inputs. ``gathered``:
-    the deltas hold only the positions the metric reads (a logits-only receiver set)."""
+    """The metric of every row once its receivers read their new inputs (held at the
+    positions of ``where``). The network runs from the first receiver's layer, from its
+    earliest changed position on (:func:`~apexlens.runs.suffix.run_suffix_rows`)."""
     bk, c = runs.bk, runs.clean
     logits_nodes = [r for r in recv if r.kind == "logits"]
     others = [r for r in recv if r.kind != "logits"]
-    if not others:
+    if not others and where.only_logits:
         acc = new[logits_nodes[0]]
         m = runs.mask(logits_nodes[0])
         if m is not None:
-            mm = m[..., None].to(acc.dtype)
-            acc = acc * (readout.gather(mm) if gathered else mm)
-        base = readout.gather(c.final) if gathered else c.final
-        final = base + acc
-        return readout(final if gathered else readout.gather(final))
-    hooks: Hooks = substitutions(runs, {r: new[r] for r in others}, rows)
+            acc = acc * readout.gather(m[..., None].to(acc.dtype))
+        return readout(readout.gather(c.final) + acc)
+    cols, n_pos = where.cols, runs.n_pos
+    p0 = _suffix_from(runs, others)
+    if others:
+        masks = {r: runs.mask(r) for r in others}
+        vals = {r: spread(new[r], cols, p0, n_pos) for r in others}
+        hooks: Hooks = input_edits(
+            bk,
+            others,
+            vals.__getitem__,
+            lambda t: _from(masks[t], p0),
+            rows,
+            runs.batch,
+            n_pos - p0,
+        )
+        start = min(r.layer for r in others)
+        resid = c[bk.resid_pre(start)][:, p0:]
+        final = run_suffix_rows(runs, c, resid.expand(rows, *resid.shape), start, p0, hooks)
+    else:
+        final = c.final.expand(rows, *c.final.shape).clone()
     if logits_nodes:
-        acc = stack_rows(logits_delta(runs, logits_nodes[0], new[logits_nodes[0]]))
-        hooks = [*hooks, (bk.resid_post(bk.dims.n_layers - 1), edits.add(acc))]
-    start = min(r.layer for r in others)
-    resid = c[bk.resid_pre(start)].expand(rows, *c[bk.resid_pre(start)].shape)
-    final = run_rows(bk, resid, start, hooks)
+        m = _logits_mask(runs, logits_nodes[0], c.final, where)
+        acc = new[logits_nodes[0]] if m is None else new[logits_nodes[0]] * m
+        final = final + spread(acc, cols, 0, n_pos)
     return readout(readout.gather(final))
 
 

@@ -291,11 +291,14 @@ class Backend(HookNames, HeadAlgebra):
         start: int,
         stop: int | None = None,
         fwd_hooks: Iterable[tuple[str, HookFn]] = (),
+        past: Any = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Run blocks ``start..stop-1`` on the residual stream entering block ``start``.
 
         Returns the residual stream leaving block ``stop-1`` (before ``ln_final``); hooks of
-        blocks outside ``start..stop-1`` do not fire.
+        blocks outside ``start..stop-1`` do not fire. With ``past`` (:meth:`prefix`, see
+        :attr:`runs_suffix`), ``resid`` holds only the positions after the prefix, which the
+        run's attention reads from the prefix's cached keys and values.
         """
         n = self.dims.n_layers
         stop = n if stop is None else stop
@@ -303,7 +306,29 @@ class Backend(HookNames, HeadAlgebra):
             raise ApexlensError(f"run_layers(start={start}, stop={stop}) outside 0..{n}")
         if start >= stop:
             return resid
-        return self.adapter.run_blocks(resid, start, stop, list(fwd_hooks))
+        if past is None:
+            return self.adapter.run_blocks(resid, start, stop, list(fwd_hooks))
+        return self.adapter.run_blocks(resid, start, stop, list(fwd_hooks), past)
+
+    @property
+    def runs_suffix(self) -> bool:
+        """Whether a run can start at a later position, reading the earlier ones' keys and
+        values from a :meth:`prefix` (as generation's key/value cache does): with causal
+        attention, a change at position ``p`` never reaches an earlier position, so
+        everything before the earliest changed position is the unchanged run's. True for a
+        causal ``HookedTransformer``; a ``TransformerBridge`` runs every position."""
+        return bool(getattr(self.adapter, "runs_suffix", False))
+
+    def prefix(
+        self, resid: Float[Tensor, "batch p0 d_model"], start: int, stop: int | None = None
+    ) -> Any:
+        """The keys and values blocks ``start..stop-1`` compute for the positions of
+        ``resid`` (the first ``p0`` positions of a run, entering block ``start``), for
+        :meth:`run_layers` ``(..., past=)`` on the positions after them."""
+        if not self.runs_suffix:
+            raise ApexlensError(f"{self.adapter.name} runs every position (no prefix runs)")
+        n = self.dims.n_layers
+        return self.adapter.prefix(resid, start, n if stop is None else stop)
 
     def run_with_cache(
         self,

@@ -172,11 +172,24 @@ class BridgeAdapter:
         return self._call(self.model.unembed, x)
 
     # ------------------------------------------------------------------ runs
-    def run_blocks(self, resid: Tensor, start: int, stop: int, hooks: Hooks) -> Tensor:
+    runs_suffix = False
+    """A bridge's blocks are the Hugging Face modules, whose key/value caches differ by
+    architecture and ``transformers`` version: position-restricted runs fall back to every
+    position there (the same numbers, without the saving)."""
+
+    def prefix(self, resid: Tensor, start: int, stop: int) -> Any:
+        raise ApexlensError("a TransformerBridge has no position-restricted runs (runs_suffix)")
+
+    def run_blocks(
+        self, resid: Tensor, start: int, stop: int, hooks: Hooks, past: Any = None
+    ) -> Tensor:
         """Blocks ``start..stop-1`` called one after the other (the bridge's own
         ``start_at_layer`` would also run, and fire the hooks of, blocks ``0..start-1``),
         each with the extra inputs the model's own forward hands it (attention mask, rotary
-        embeddings, ...; see :meth:`_block_inputs`)."""
+        embeddings, ...; see :meth:`_block_inputs`). ``past`` is never given (no
+        :attr:`runs_suffix`)."""
+        if past is not None:
+            raise ApexlensError("a TransformerBridge has no position-restricted runs")
         inputs = self._block_inputs(resid.shape[1])
         n = resid.shape[0]
         with _inference(self.model), attached(self.model, _named_hooks(hooks)):

@@ -26,7 +26,6 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from apexlens.model.hooks import HookFn
-from apexlens.model.indexing import index_on
 
 Value = Tensor | Callable[[Tensor], Tensor]
 
@@ -86,15 +85,17 @@ def set_heads(
     """Heads ``heads`` of a ``[n, pos, head, d]`` activation become ``value[n, pos, h, d]``
     (only where ``where[n, pos, h]`` is true, if given)."""
 
+    on: dict[torch.device, Tensor] = {}  # the index per device, made once
+
     def hook(act: Tensor, hook: Any) -> Tensor:
         v = _value(value, act).to(act.dtype)
-        out = act.clone()
-        idx = index_on(heads, act.device)
-        if where is None:
-            out[:, :, idx] = v
-        else:
-            out[:, :, idx] = torch.where(where[..., None], v, act[:, :, idx])
-        return out
+        idx = on.get(act.device)
+        if idx is None:
+            idx = heads if isinstance(heads, Tensor) else torch.tensor(list(heads))
+            idx = on[act.device] = idx.to(device=act.device, dtype=torch.long)
+        if where is not None:
+            v = torch.where(where[..., None], v, act.index_select(2, idx))
+        return act.index_copy(2, idx, v)  # one copy of the activation, the heads set
 
     return hook
 

@@ -52,10 +52,19 @@ class HeadAlgebra:
         def qkv(self, layer: int, channel: str) -> str: ...
         def z(self, layer: int) -> str: ...
 
-    def _with_pos(self, channel: str, x: Tensor, pos_axis: int) -> Tensor:
-        pe = self.pos_embed_rows(x.shape[pos_axis]) if channel in ("q", "k") else None
+    def _with_pos(
+        self, channel: str, x: Tensor, pos_axis: int, positions: Tensor | None = None
+    ) -> Tensor:
+        """Shortformer: the q/k input plus the positional embedding of its positions (the
+        first ``n`` unless ``positions`` says which)."""
+        if channel not in ("q", "k"):
+            return x
+        n = x.shape[pos_axis] if positions is None else int(positions.max()) + 1
+        pe = self.pos_embed_rows(n)
         if pe is None:
             return x
+        if positions is not None:
+            pe = pe[positions]
         return x + pe.view(pe.shape[0], *([1] * (-pos_axis - 2)), pe.shape[1]).to(x.dtype)
 
     def head_input(
@@ -64,15 +73,17 @@ class HeadAlgebra:
         channel: str,
         resid: Float[Tensor, "... pos d_model"],
         slots: Tensor | list[int] | None = None,
+        positions: Tensor | None = None,
     ) -> Float[Tensor, "... pos slot d_head"]:
         """``hook_q/k/v`` values at ``slots`` (see :meth:`slot`; all if ``None``) of
-        ``layer`` when the block's input is ``resid`` (positions on axis -2)."""
+        ``layer`` when the block's input is ``resid`` (positions on axis -2: the first ones,
+        or those ``positions`` names)."""
         W = self.W_in(channel)[layer]
         b = self.b_in(channel)[layer]
         if slots is not None:
             idx = index_on(slots, W.device)
             W, b = W[idx], b[idx]
-        x = self._with_pos(channel, self.ln1(layer, resid), -2)
+        x = self._with_pos(channel, self.ln1(layer, resid), -2, positions)
         return torch.einsum("...m,hmd->...hd", x, W) + b
 
     def heads_input(
@@ -159,19 +170,20 @@ class HeadAlgebra:
         layer: int,
         z: Float[Tensor, "... head d_head"],
         out: Float[Tensor, "... head d_model"],
-        total: Float[Tensor, "... d_model"],
+        total: Float[Tensor, "... d_model"] | None = None,
     ) -> None:
         """:meth:`head_outputs` of every head written into ``out`` (heads before ``d_model``;
         any strides that merge the leading axes, ``d_model`` contiguous), and their sum added
-        to ``total``: one batched product (a head per batch entry) straight into place and
-        one for the sum, no temporary of the whole output and no copy of it. Outside
-        autograd (``out=`` products are not differentiable)."""
+        to ``total`` where given: one batched product (a head per batch entry) straight into
+        place and one for the sum, no temporary of the whole output and no copy of it.
+        Outside autograd (``out=`` products are not differentiable)."""
         W_O = self.W_O_stacked[layer]
         n_heads, d_head, dm = W_O.shape
         zf = z.reshape(-1, n_heads, d_head)
         torch.bmm(zf.transpose(0, 1), W_O, out=out.view(-1, n_heads, dm).transpose(0, 1))
-        tf = total.view(-1, dm)
-        tf.addmm_(zf.reshape(-1, n_heads * d_head), W_O.reshape(n_heads * d_head, dm))
+        if total is not None:
+            tf = total.view(-1, dm)
+            tf.addmm_(zf.reshape(-1, n_heads * d_head), W_O.reshape(n_heads * d_head, dm))
 
     def attn_output(
         self, layer: int, z: Float[Tensor, "... head d_head"]

@@ -10,8 +10,10 @@ stream.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -61,11 +63,13 @@ class HookedAdapter:
     # ------------------------------------------------------------------ pieces
     def _norm_module(self, where: str, layer: int | None) -> Any:
         if where == "ln_final":
-            return getattr(self.model, "ln_final", None)
+            module = getattr(self.model, "ln_final", None)
+            return None if isinstance(module, torch.nn.Identity) else module
         if where in ("ln1_post", "ln2_post") and not self.post_norms:
             return None
         assert layer is not None
-        return getattr(self.model.blocks[layer], _NORM_OF[where], None)
+        module = getattr(self.model.blocks[layer], _NORM_OF[where], None)
+        return None if isinstance(module, torch.nn.Identity) else module
 
     def norm(self, where: str, layer: int | None = None) -> Callable[[Tensor], Tensor]:
         module = self._norm_module(where, layer)
@@ -105,16 +109,90 @@ class HookedAdapter:
         return x @ W_U + b_U
 
     # ------------------------------------------------------------------ runs
-    def run_blocks(self, resid: Tensor, start: int, stop: int, hooks: Hooks) -> Tensor:
+    def run_blocks(
+        self, resid: Tensor, start: int, stop: int, hooks: Hooks, past: Prefix | None = None
+    ) -> Tensor:
+        """Blocks ``start..stop-1``; with ``past`` (:meth:`prefix`), ``resid`` holds the
+        positions after the prefix only and attends to the prefix's cached keys/values."""
+        offset = 0 if past is None else past.n_pos
         extra: dict[str, Any] = {}
+        pe = self.pos_embed_rows(offset + resid.shape[1])
+        if pe is not None:
+            pe = pe[offset:]
+            extra["shortformer_pos_embed"] = pe.expand(resid.shape[0], *pe.shape)
+        if past is not None:
+            extra["past_kv_cache"] = past.entries(resid.shape[0])
+        with attached(self.model, hooks):
+            return self.model(resid, start_at_layer=start, stop_at_layer=stop, **extra)
+
+    @property
+    def runs_suffix(self) -> bool:
+        """Whether :meth:`prefix` can stand in for the first positions of a run: causal
+        attention (a position never reads a later one) with TransformerLens' own key/value
+        cache, which offsets rotary, ALiBi, local windows and shortformer positions."""
+        cfg = self.model.cfg
+        return getattr(cfg, "attention_dir", "causal") == "causal" and getattr(
+            cfg, "positional_embedding_type", "standard"
+        ) in ("standard", "rotary", "alibi", "shortformer")
+
+    def prefix(self, resid: Tensor, start: int, stop: int) -> Prefix:
+        """The keys and values blocks ``start..stop-1`` compute for the first
+        ``resid.shape[1]`` positions, entering block ``start`` as ``resid``: one silent run
+        of the prefix (whatever the attention does between ``hook_k`` and its cache -- a
+        qk-norm, a clamp -- is in the recorded values)."""
+        n = int(self.model.cfg.n_layers)
+        slots: list[Any] = [None] * n
+        for i in range(start, stop):
+            slots[i] = _Entry(resid.new_empty(resid.shape[0], 0, 1, 1), None)
+        extra: dict[str, Any] = {"past_kv_cache": slots}
         pe = self.pos_embed_rows(resid.shape[1])
         if pe is not None:
             extra["shortformer_pos_embed"] = pe.expand(resid.shape[0], *pe.shape)
-        with attached(self.model, hooks):
-            return self.model(resid, start_at_layer=start, stop_at_layer=stop, **extra)
+        with attached(self.model, []):
+            self.model(resid, start_at_layer=start, stop_at_layer=stop, **extra)
+        return Prefix(slots, int(resid.shape[1]), int(resid.shape[0]))
 
     def forward(self, tokens: Int[Tensor, "batch pos"], hooks: Hooks, logits: bool) -> Tensor:
         with attached(self.model, hooks):
             if logits:
                 return self.model(tokens)
             return self.model(tokens, stop_at_layer=int(self.model.cfg.n_layers))
+
+
+class _Entry:
+    """A layer's key/value cache entry as TransformerLens' attention uses it
+    (``past_keys.size(1)`` is the position offset; ``append`` returns every key and value):
+    recording (``values is None``: keeps what it is handed) or prepending fixed ones."""
+
+    def __init__(self, keys: Tensor, values: Tensor | None) -> None:
+        self.past_keys, self.past_values = keys, values
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.past_values is None:
+            self.past_keys, self.past_values = k, v
+            return k, v
+        return torch.cat([self.past_keys, k], 1), torch.cat([self.past_values, v], 1)
+
+
+@dataclass
+class Prefix:
+    """The cached keys and values of a run's first :attr:`n_pos` positions, per layer
+    (``None`` outside the layers recorded), for :attr:`batch` examples."""
+
+    slots: list[Any]
+    n_pos: int
+    batch: int
+
+    def entries(self, n: int) -> list[Any]:
+        """Fixed entries for ``n`` stacked rows (copies of the batch along the batch axis)."""
+        reps = n // self.batch
+        out: list[Any] = []
+        for e in self.slots:
+            if e is None or e.past_values is None:
+                out.append(None)
+                continue
+            k, v = e.past_keys, e.past_values
+            if reps > 1:
+                k, v = k.repeat(reps, *([1] * (k.ndim - 1))), v.repeat(reps, *([1] * (v.ndim - 1)))
+            out.append(_Entry(k, v))
+        return out

@@ -21,6 +21,7 @@ a call and then restores every module's training flag exactly as the user had it
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 import weakref
 from collections import OrderedDict
@@ -39,6 +40,10 @@ Hooks = Sequence[tuple[str, HookFn]]
 """``(hook_name, fn)`` pairs, TransformerLens' ``fwd_hooks``."""
 
 _GRAD: contextvars.ContextVar[bool] = contextvars.ContextVar("apexlens_grad", default=False)
+_ACTIVE: contextvars.ContextVar[frozenset[tuple[int, bool]]] = contextvars.ContextVar(
+    "apexlens_inference", default=frozenset()
+)
+"""The ``(id(model), grad)`` of the :func:`inference_mode` blocks this context is inside."""
 
 _LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -65,8 +70,51 @@ def attached(model: Any, fwd_hooks: Hooks) -> Iterator[Any]:
         for name, _ in fwd_hooks:
             if name not in hook_dict:
                 raise ApexlensError(f"the model has no hook point named {name!r}")
-    with model_lock(model), model.hooks(fwd_hooks=list(fwd_hooks)):
+    with model_lock(model), _hooks_of(model, list(fwd_hooks)):
         yield model
+
+
+def _hooks_of(model: Any, fwd_hooks: list[tuple[str, HookFn]]) -> Any:
+    """``model.hooks(fwd_hooks)``, or, for TransformerLens' own ``HookedRootModule.hooks``,
+    the same context touching only the hook points given: its exit walks every hook point
+    of the model (about as long as a forward of a two-layer toy model)."""
+    own = _root_hooks()
+    if own is None or getattr(type(model), "hooks", None) is not own or not hasattr(
+        model, "mod_dict"
+    ):
+        return model.hooks(fwd_hooks=fwd_hooks)
+    return _touched_hooks(model, fwd_hooks)
+
+
+@functools.cache
+def _root_hooks() -> Any:
+    """``HookedRootModule.hooks``, looked up once (from ``transformer_lens``, where TL 3 and
+    TL 4 both export it; its old ``hook_points`` path warns on every import in TL 3)."""
+    try:
+        from transformer_lens import HookedRootModule
+    except ImportError:  # pragma: no cover - TransformerLens is a dependency
+        return None
+    return HookedRootModule.hooks
+
+
+@contextmanager
+def _touched_hooks(model: Any, fwd_hooks: list[tuple[str, HookFn]]) -> Iterator[None]:
+    """``HookedRootModule.hooks`` (same level bookkeeping, same removal of this level's
+    non-permanent hooks, ``is_caching`` reset), removing from the touched hook points only."""
+    model.context_level += 1
+    level = model.context_level
+    touched: dict[int, Any] = {}
+    try:
+        for name, fn in fwd_hooks:
+            hp = model.mod_dict[name]
+            touched[id(hp)] = hp
+            hp.add_hook(fn, dir="fwd", level=level)
+        yield
+    finally:
+        for hp in touched.values():
+            hp.remove_hooks("fwd", including_permanent=False, level=level)
+        model.is_caching = False
+        model.context_level -= 1
 
 
 @contextmanager
@@ -89,9 +137,16 @@ def inference_mode(model: Any, grad: bool = False) -> Iterator[Any]:
             "gradients on where it needs them)"
         )
     with model_lock(model):
-        modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+        active = _ACTIVE.get()
+        if (id(model), grad) in active and torch.is_grad_enabled() == grad:
+            # inside a block of the same kind on this model: it set the flags and the grad
+            # mode, and restores them (no second walk over the modules)
+            yield model
+            return
+        modules = _all_modules(model) if isinstance(model, torch.nn.Module) else []
         flags = [m.training for m in modules]
         token = _GRAD.set(grad)
+        inside = _ACTIVE.set(active | {(id(model), grad)})
         try:
             if any(flags):
                 model.eval()
@@ -102,7 +157,23 @@ def inference_mode(model: Any, grad: bool = False) -> Iterator[Any]:
                 if any(flags):
                     _restore_flags(modules, flags)
             finally:
+                _ACTIVE.reset(inside)
                 _GRAD.reset(token)
+
+
+def _all_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every module of ``model`` once (``model.modules()`` without the names it builds)."""
+    out: list[torch.nn.Module] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return out
 
 
 def grad_wanted() -> bool:

@@ -81,9 +81,22 @@ class ModelAdapter(Protocol):
         """Full-vocabulary logits of an input already through ``ln_final`` (no soft cap)."""
         ...
 
-    def run_blocks(self, resid: Tensor, start: int, stop: int, hooks: Hooks) -> Tensor:
+    def run_blocks(
+        self, resid: Tensor, start: int, stop: int, hooks: Hooks, past: Any = None
+    ) -> Tensor:
         """Blocks ``start..stop-1`` from the residual stream entering ``start`` under
-        ``hooks`` (hooks of other blocks do not fire); the residual leaving ``stop-1``."""
+        ``hooks`` (hooks of other blocks do not fire); the residual leaving ``stop-1``.
+        With ``past`` (a :meth:`prefix`), ``resid`` holds only the positions after it."""
+        ...
+
+    @property
+    def runs_suffix(self) -> bool:
+        """Whether :meth:`prefix` and ``run_blocks(..., past=)`` are available (exactly)."""
+        ...
+
+    def prefix(self, resid: Tensor, start: int, stop: int) -> Any:
+        """The keys/values blocks ``start..stop-1`` compute for the positions of ``resid``
+        (the first positions of a run), for a later ``run_blocks(..., past=)``."""
         ...
 
     def forward(self, tokens: Tensor, hooks: Hooks, logits: bool) -> Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pandas as pd
 from jaxtyping import Float
@@ -31,7 +31,9 @@ class PathPatchResult(Saveable):
     ``sem`` (standard error of ``value`` over examples), ``ci_low`` / ``ci_high`` (95%
     seeded bootstrap interval of ``value``), ``normalized_low`` / ``normalized_high`` (95%
     seeded bootstrap interval of ``normalized``: the ratio computed in every bootstrap
-    sample, examples resampled together for patched, clean and corrupted values).
+    sample, examples resampled together for patched, clean and corrupted values). With
+    ``separate`` (one value per receiver, ``per_example`` ``[sender, receiver, batch]``), one
+    row per sender and receiver, with a ``receiver`` column.
     """
 
     senders: list[str]
@@ -42,14 +44,18 @@ class PathPatchResult(Saveable):
     grid: tuple[int, ...] | None = None
     metric_name: str = "metric"
     via: list[str] = field(default_factory=list)
+    separate: bool = False
     kind: ClassVar[str] = "path_patch"
     normalized_meaning: ClassVar[str] = "0 = no effect, -1 = the whole clean-corrupted difference"
 
     @property
     def values(self) -> Tensor:
-        """Mean metric per sender; ``[n_layers, n_heads]`` when the senders are all heads."""
+        """Mean metric per sender; ``[n_layers, n_heads]`` when the senders are all heads
+        (``[..., n_receivers]`` with :attr:`separate`)."""
         v = self.per_example.mean(-1)
-        return v.reshape(self.grid) if self.grid else v
+        if not self.grid:
+            return v
+        return v.reshape(*self.grid, v.shape[1]) if self.separate else v.reshape(self.grid)
 
     def _gap(self) -> float:
         gap = self.clean.mean - self.corrupted.mean
@@ -78,40 +84,50 @@ class PathPatchResult(Saveable):
         num = self.per_example.detach().double().cpu() - base
         den = self.clean.values.double().cpu() - self.corrupted.values.double().cpu()
         lo, hi = ratio_interval(num, den, level, n_boot, seed)
-        return (lo.reshape(self.grid), hi.reshape(self.grid)) if self.grid else (lo, hi)
+        shape = self.values.shape
+        return lo.reshape(shape), hi.reshape(shape)
 
-    def scores(self, sender: str | int) -> Scores:
+    def scores(self, sender: str | int, receiver: str | int | None = None) -> Scores:
+        """Per-example values of a sender (and, with :attr:`separate`, a receiver)."""
         i = self.senders.index(sender) if isinstance(sender, str) else sender
-        return Scores(self.per_example[i])
+        if not self.separate:
+            return Scores(self.per_example[i])
+        if receiver is None:
+            raise ApexlensError("separate results have one value per receiver: name one")
+        j = self.receivers.index(receiver) if isinstance(receiver, str) else receiver
+        return Scores(self.per_example[i, j])
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
-        norm = self.normalized().flatten()
-        n_lo, n_hi = (x.flatten() for x in self.normalized_ci())
+        norm = self.normalized().reshape(len(self.senders), -1)
+        n_lo, n_hi = (x.reshape(len(self.senders), -1) for x in self.normalized_ci())
         for i, s in enumerate(self.senders):
-            sc = self.scores(i)
-            lo, hi = sc.ci()
             layer, head = node_fields(s)
-            rows.append(
-                {
-                    "sender": s,
-                    "layer": layer,
-                    "head": head,
-                    "value": float(sc.mean),
-                    "normalized": float(norm[i]),
-                    "sem": float(sc.sem),
-                    "ci_low": float(lo),
-                    "ci_high": float(hi),
-                    "normalized_low": float(n_lo[i]),
-                    "normalized_high": float(n_hi[i]),
-                }
-            )
+            for j, r in enumerate(self.receivers if self.separate else [None]):
+                sc = self.scores(i, j if self.separate else None)
+                lo, hi = sc.ci()
+                row: dict[str, Any] = {"sender": s} if r is None else {"sender": s, "receiver": r}
+                row.update(
+                    {
+                        "layer": layer,
+                        "head": head,
+                        "value": float(sc.mean),
+                        "normalized": float(norm[i, j]),
+                        "sem": float(sc.sem),
+                        "ci_low": float(lo),
+                        "ci_high": float(hi),
+                        "normalized_low": float(n_lo[i, j]),
+                        "normalized_high": float(n_hi[i, j]),
+                    }
+                )
+                rows.append(row)
         return pd.DataFrame(rows)
 
     def summary(self) -> pd.DataFrame:
         """:meth:`to_frame` without the layer and head columns: each value and normalised
-        effect with its interval."""
-        return self.to_frame()[SUMMARY]
+        effect with its interval (and, with :attr:`separate`, its receiver)."""
+        cols = [SUMMARY[0], "receiver", *SUMMARY[1:]] if self.separate else SUMMARY
+        return self.to_frame()[cols]
 
     def __repr__(self) -> str:
         return (

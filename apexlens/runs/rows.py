@@ -74,11 +74,13 @@ def run_rows(
     start: int,
     hooks: Hooks = (),
     stop: int | None = None,
+    past: Any = None,
 ) -> Float[Tensor, "rows batch pos d_model"]:
     """Run blocks ``start..stop-1`` on every row at once (rows stacked along the batch);
-    hooks see ``[rows * batch, ...]`` activations. Returns the residual leaving the last block."""
+    hooks see ``[rows * batch, ...]`` activations. Returns the residual leaving the last block.
+    ``past``: the positions before ``resid``'s as a :meth:`Backend.prefix` of one batch."""
     rows, batch = resid.shape[:2]
-    out = bk.run_layers(stack_rows(resid), start, stop, hooks)
+    out = bk.run_layers(stack_rows(resid), start, stop, hooks, past=past)
     return out.reshape(rows, batch, *out.shape[1:])
 
 

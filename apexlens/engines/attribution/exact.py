@@ -3,7 +3,10 @@
 With every other edge present, removing one edge equals a direct path patch (attention and
 MLPs frozen on the way, the network live after the receiver), so each edge is one row that
 starts at its receiver's layer: the receiver's input ``resid + Delta_s`` is put in place and
-only the layers from there on run. Edges into the logits need no layer at all.
+only the layers from there on run. Edges into the logits need no layer at all. An edge at
+one position (``per_position``) changes its receiver there only, so its row runs from that
+position on (:func:`~apexlens.runs.suffix.run_suffix_rows`); rows are grouped by receiver
+layer and position.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from apexlens.engines.attribution.base import Job
-from apexlens.model import edits
-from apexlens.runs.rows import row_chunks, run_rows
+from apexlens.errors import ApexlensError
+from apexlens.model import Backend, edits
+from apexlens.runs.rows import row_chunks
 from apexlens.runs.shard import Share
+from apexlens.runs.suffix import run_suffix_rows, suffix_start
 from apexlens.vocab import Node
 
 
@@ -39,6 +44,13 @@ def exact_scores(job: Job) -> Float[Tensor, "edge batch"]:
         return d
 
     recv = [idx.receivers[int(j)] for j in table[:, 1].tolist()]
+    if bk.dims.group > 1 and any(r.kind == "head" and r.channel in ("k", "v") for r in recv):
+        raise ApexlensError(
+            "exact scores of a grouped-query head's own key/value input (e.g. "
+            f"{next(str(r) for r in recv if r.kind == 'head' and r.channel in ('k', 'v'))}) "
+            "are not computed here (its key/value slot is shared by its group); score the "
+            "key/value head ('L.kvJ.k') instead, or evaluate_circuit the graph without the edge"
+        )
     start = torch.tensor(
         [
             bk.dims.n_layers + 1 if r.kind == "logits" else r.layer + (1 if r.kind == "mlp" else 0)
@@ -49,68 +61,113 @@ def exact_scores(job: Job) -> Float[Tensor, "edge batch"]:
     lg = (start == bk.dims.n_layers + 1).nonzero().flatten()
     n_tok = runs.batch * P
     per_row_chunk = runs.rows_per_chunk(len(table), n_tok, attention=True)
-    with Share("exact edge scores", len(table)) as share:  # each rank: its share of each layer
+    pos = _first_positions(bk, recv, table[:, 2].tolist(), int(ro.idx.min()))
+    with Share("exact edge scores", len(table)) as share:  # each rank: its share of each group
         for rows in row_chunks(share.mine(lg.tolist()), 4096, desc="exact (logits)", progress=progress):
             r = torch.tensor(rows)
             final = ro.gather(c.final)[None] + ro.gather(row_delta(table[r]))
             share.put(r, ro(final))
         for layer in range(bk.dims.n_layers):
             for kind in ("head", "mlp"):
-                sel = [
-                    i
-                    for i in (start == (layer if kind == "head" else layer + 1))
-                    .nonzero()
-                    .flatten()
-                    .tolist()
-                    if recv[i].kind == kind
-                ]
-                for rows in row_chunks(
-                    share.mine(sel), per_row_chunk, desc=f"exact (layer {layer})", progress=progress
-                ):
-                    r = torch.tensor(rows)
-                    share.put(
-                        r,
-                        _exact_chunk(
-                            job, table[r], [recv[i] for i in rows], row_delta(table[r]), layer, kind
-                        ),
-                    )
+                groups: dict[int, list[int]] = {}
+                for i in (start == (layer if kind == "head" else layer + 1)).nonzero().flatten().tolist():
+                    if recv[i].kind == kind:
+                        groups.setdefault(suffix_start(bk, pos[i]), []).append(i)
+                for p0, sel in sorted(groups.items()):
+                    for rows in row_chunks(
+                        share.mine(sel), per_row_chunk, desc=f"exact (layer {layer})", progress=progress
+                    ):
+                        r = torch.tensor(rows)
+                        share.put(
+                            r,
+                            _exact_chunk(
+                                job, [recv[i] for i in rows], row_delta(table[r]), layer, kind, p0
+                            ),
+                        )
     return share.fill(out) - job.clean_values
+
+
+def _first_positions(bk: Backend, recv: list[Node], pos: list[int], read: int) -> list[int]:
+    """Each row's first position that can change what the metric reads (``read``: the
+    earliest position it reads). An edge at one position changes its receiver there only.
+    In the last layer, a query input or an MLP input changes the output at its own position
+    only, and nothing after it mixes positions: there only the read positions count, so the
+    row runs from the first of them (keys and values -- and, with them, every position of a
+    key/value receiver -- still count everywhere)."""
+    last = bk.dims.n_layers - 1
+    out = []
+    for r, p in zip(recv, pos, strict=True):
+        p = max(0, p)
+        own_position = r.kind == "mlp" or (r.kind == "head" and r.channel == "q")
+        if r.layer == last and own_position:
+            p = max(p, read)
+        out.append(p)
+    return out
 
 
 def _exact_chunk(
     job: Job,
-    rows: Tensor,
     recv: list[Node],
     delta: Float[Tensor, "rows batch pos d_model"],
     layer: int,
     kind: str,
+    p0: int,
 ) -> Float[Tensor, "rows batch"]:
+    """The metric of rows whose receivers (all heads' q/k/v inputs of ``layer``, or all MLP
+    ``layer``) read ``resid + delta``, changed at positions ``p0..`` only."""
     bk, runs, ro = job.bk, job.runs, job.readout
     c = runs.clean
-    n = len(rows)
+    n = len(recv)
+    delta = delta[:, :, p0:]
     if kind == "mlp":
-        new = bk.mlp_from_resid(layer, c[bk.resid_mid(layer)][None] + delta)
-        resid = c.resid(layer + 1, bk)[None] + (new - c[bk.mlp_out(layer)][None])
-        final = run_rows(bk, resid, layer + 1) if layer + 1 < bk.dims.n_layers else resid
-        return ro(ro.gather(final))
-    x = c[bk.resid_pre(layer)][None] + delta
+        new = bk.mlp_from_resid(layer, c[bk.mlp_in_resid(layer)][None, :, p0:] + delta)
+        resid = c.resid(layer + 1, bk)[None, :, p0:] + (new - c[bk.mlp_out(layer)][None, :, p0:])
+        return ro(ro.gather(run_suffix_rows(runs, c, resid, layer + 1, p0)))
+    x = c[bk.resid_pre(layer)][None, :, p0:] + delta
+    xn = None if bk.pos_embed_rows(1) is not None else bk.ln1(layer, x)
     hooks = []
     for ch in "qkv":
         mine = [i for i, r in enumerate(recv) if r.channel == ch]
-        if not mine:
-            continue
-        heads = [int(recv[i].head or 0) for i in mine]
-        vals = torch.empty(len(mine), *x.shape[1:3], bk.dims.d_head, dtype=x.dtype, device=x.device)
-        for h in sorted(set(heads)):
-            at = [j for j, hh in enumerate(heads) if hh == h]
-            xi = x[[mine[j] for j in at]]
-            vals[at] = bk.head_input(layer, ch, xi, [h])[..., 0, :]
-        hooks.append(
-            (
-                bk.qkv(layer, ch),
-                edits.scatter_heads(torch.tensor(mine), torch.tensor(heads), vals, n),
-            )
+        if mine:
+            slots = [_slot(bk, recv[i]) for i in mine]
+            vals = _inputs(bk, layer, ch, x, xn, mine, slots, p0)
+            rows, heads = torch.tensor(mine), torch.tensor(slots)
+            hooks.append((bk.qkv(layer, ch), edits.scatter_heads(rows, heads, vals, n)))
+    resid = c[bk.resid_pre(layer)][:, p0:]
+    return ro(ro.gather(run_suffix_rows(runs, c, resid.expand(n, *resid.shape), layer, p0, hooks)))
+
+
+def _inputs(
+    bk: Backend,
+    layer: int,
+    ch: str,
+    x: Float[Tensor, "rows batch pos d_model"],
+    xn: Float[Tensor, "rows batch pos d_model"] | None,
+    rows: list[int],
+    slots: list[int],
+    p0: int,
+) -> Float[Tensor, "k batch pos d_head"]:
+    """``hook_{ch}`` at slot ``slots[i]`` when the block reads ``x[rows[i]]`` (positions
+    ``p0..``; ``xn``: all
+    rows through ``ln1``), one batched product for the channel; a shortformer's q/k inputs
+    add positional embeddings (``xn is None``): there, one product per row."""
+    dev = x.device
+    if xn is None:
+        pos = torch.arange(p0, p0 + x.shape[2], device=dev)
+        return torch.stack(
+            [
+                bk.head_input(layer, ch, x[r], [s], pos)[..., 0, :]
+                for r, s in zip(rows, slots, strict=True)
+            ]
         )
-    resid = c[bk.resid_pre(layer)].expand(n, *c[bk.resid_pre(layer)].shape)
-    final = run_rows(bk, resid, layer, hooks)
-    return ro(ro.gather(final))
+    idx = torch.tensor(slots, device=dev)
+    W = bk.W_in(ch)[layer].index_select(0, idx)
+    b = bk.b_in(ch)[layer].index_select(0, idx)
+    sel = xn.index_select(0, torch.tensor(rows, device=dev))
+    y = torch.baddbmm(b[:, None], sel.reshape(len(rows), -1, sel.shape[-1]), W)
+    return y.view(*sel.shape[:-1], y.shape[-1])
+
+
+def _slot(bk: Backend, r: Node) -> int:
+    """The ``hook_q/k/v`` slot a receiver reads (a KV head ``L.kvJ`` is its own slot)."""
+    return int(r.head or 0) if r.kind == "kv" else bk.slot(int(r.head or 0), r.channel)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from apexlens.engines.circuits.plan import CircuitPlan, Keep
+from apexlens.engines.circuits.plan import CircuitPlan, Keep, plan_for
 from apexlens.errors import ApexlensError
 from apexlens.runs.ablation import AblationValues
 from apexlens.runs.cache import Runs
@@ -41,6 +41,14 @@ class CircuitValues:
     """``KL(clean || hypothesis)`` of the next-token distributions at the read positions."""
     kl_ablated: Float[Tensor, " batch"]
     """``KL(clean || fully ablated)``."""
+    gap: tuple[float, float]
+    """The means of ``clean`` and ``ablated`` (float64 of their float values)."""
+
+    @property
+    def recovery(self) -> float:
+        """``(mean metric - mean ablated) / (mean clean - mean ablated)``."""
+        clean, ablated = self.gap
+        return (float(self.values.double().mean()) - ablated) / (clean - ablated)
 
 
 def scratch_of(runs: Runs) -> dict[str, Any] | None:
@@ -56,19 +64,22 @@ def circuit_final(
 
     The run holds every sender's output change at once (``[batch, pos, senders, d_model]``),
     so examples run in chunks that keep that buffer within the memory budget (at most a
-    quarter over it, where that saves a small last chunk). The circuit is planned once; each
-    chunk gets its hooks over its own examples' ablated values. Under a shard, each rank runs
-    a contiguous block of the examples (one hypothesis has one row: its examples are split)."""
+    quarter over it, where that saves a small last chunk). The circuit is planned once (and
+    kept for the next evaluation of the same hypothesis: :func:`plan_for`); each chunk gets
+    its hooks over its own examples' ablated values. Under a shard, each rank runs a
+    contiguous block of the examples (one hypothesis has one row: its examples are split)."""
     bk = runs.bk
     per_example = len(index.senders) * tokens.shape[1] * bk.dims.d_model * bk.dtype.itemsize
     size = max(1, runs.memory_budget // max(per_example, 1))
     n = tokens.shape[0]
-    plan = CircuitPlan(bk, index, keep)
+    plan = plan_for(bk, index, keep, runs.scratch)
     with Share("circuit (examples)", n) as share:
         mine = share.block(n)
         m = len(mine)
         if m > size and m % size < size / 4:  # no small tail chunk: each costs a forward's
             size = -(-m // (m // size))  # fixed overhead; its examples join the others (< 25%)
+        if share.world == 1 and m <= size:  # one process, one chunk: the whole batch
+            return run_tokens(bk, tokens, plan.hooks(abl, scratch_of(runs)))
         for start in range(mine.start, mine.stop, size):
             stop = min(start + size, mine.stop)
             hooks = plan.hooks(abl.rows(slice(start, stop)), scratch_of(runs))
@@ -99,18 +110,30 @@ def circuit_rows(
             k = keeps[list(rows)]
             k4 = k.permute(1, 2, 0)[..., None] if k.ndim == 3 else k.permute(1, 2, 0, 3)
             m = len(rows)
-            hooks = CircuitPlan(bk, index, k4).hooks(abl.tiled(m), scratch_of(runs))
+            hooks = CircuitPlan(bk, index, k4, runs.scratch).hooks(abl.tiled(m), scratch_of(runs))
             final = run_tokens(bk, tokens.repeat(m, 1), hooks)
             share.put(rows, readout(readout.gather(final.reshape(m, batch, *final.shape[1:]))))
     return share.fill(out)
 
 
-def _kl(readout: Readout, clean: Tensor, other: Tensor) -> Float[Tensor, " batch"]:
-    """``KL(clean || other)`` of the next-token distributions at the positions the metric
-    reads, mean over those positions."""
-    lp_c = F.log_softmax(readout.bk.unembed(readout.gather(clean)), -1)
-    lp = F.log_softmax(readout.bk.unembed(readout.gather(other)), -1)
+def _log_probs(readout: Readout, read: Tensor) -> Tensor:
+    """Next-token log-probabilities from final residuals at the positions the metric reads
+    (:meth:`Readout.gather`)."""
+    return F.log_softmax(readout.bk.unembed(read), -1)
+
+
+def _kl_of(lp_c: Tensor, lp: Tensor) -> Float[Tensor, " batch"]:
+    """``KL(clean || other)`` from log-probabilities, mean over the read positions."""
     return (lp_c.exp() * (lp_c - lp)).sum(-1).mean(-1)
+
+
+def _once(runs: Runs, readout: Readout, what: str, make: Any) -> Any:
+    """What depends only on the cached runs and the readout, computed on the first
+    hypothesis and kept with the runs (:attr:`Runs.scratch`) for the next ones."""
+    key = f"circuit-fixed:{id(readout)}:{what}"
+    if key not in runs.scratch:
+        runs.scratch[key] = make()
+    return runs.scratch[key]
 
 
 def evaluate(
@@ -126,22 +149,35 @@ def evaluate(
     clean metric, and the KL divergences behind the proportion explained.
 
     ``empty_is_corrupted``: the fully ablated model is the corrupted run (resample ablation
-    with the corrupted tokens as reference), so it is not run again."""
-    final = circuit_final(runs, tokens, index, keep, abl)
-    values = readout(readout.gather(final))
+    with the corrupted tokens as reference), so it is not run again; its values, the clean
+    ones and the clean log-probabilities are kept with the runs for the next hypothesis."""
+    read = readout.gather(circuit_final(runs, tokens, index, keep, abl))
+    values = readout(read)
+    clean_read = _once(runs, readout, "clean-read", lambda: readout.gather(runs.clean.final))
+    lp_c = _once(runs, readout, "clean-lp", lambda: _log_probs(readout, clean_read))
+    clean_values = _once(runs, readout, "clean", lambda: readout(clean_read))
     if empty_is_corrupted and runs.corrupted is not None:
-        empty_final = runs.corrupted.final
+        k_final = runs.corrupted.final
+        k_read = _once(runs, readout, "empty-read", lambda: readout.gather(k_final))
+        empty_values = _once(runs, readout, "empty", lambda: readout(k_read))
+        kl_empty = _once(
+            runs, readout, "kl-empty", lambda: _kl_of(lp_c, _log_probs(readout, k_read))
+        )
+        gap = _once(runs, readout, "gap", lambda: _gap(clean_values, empty_values))
     else:
-        empty_final = circuit_final(runs, tokens, index, torch.zeros_like(keep), abl)
-    empty_values = readout(readout.gather(empty_final))
-    clean_values = readout(readout.gather(runs.clean.final))
-    if float(clean_values.mean() - empty_values.mean()) == 0:
+        empty_read = readout.gather(
+            circuit_final(runs, tokens, index, torch.zeros_like(keep), abl)
+        )
+        empty_values = readout(empty_read)
+        kl_empty = _kl_of(lp_c, _log_probs(readout, empty_read))
+        gap = _gap(clean_values, empty_values)
+    kl = _kl_of(lp_c, _log_probs(readout, read))
+    return CircuitValues(values, empty_values, clean_values, kl, kl_empty, gap)
+
+
+def _gap(clean: Tensor, empty: Tensor) -> tuple[float, float]:
+    """The clean and fully ablated means; an error where they are equal."""
+    c, e = torch.stack([clean, empty]).double().mean(-1).tolist()
+    if c == e:
         raise ApexlensError("clean and fully ablated metrics are equal: recovery is undefined")
-    clean_final = runs.clean.final
-    return CircuitValues(
-        values,
-        empty_values,
-        clean_values,
-        _kl(readout, clean_final, final),
-        _kl(readout, clean_final, empty_final),
-    )
+    return c, e

@@ -3,10 +3,13 @@
 :class:`CircuitPlan` turns a keep-matrix over the edge graph into everything a forward pass
 needs, once, on the CPU: for every layer which q/k/v slots read which senders (the distinct
 exclusion columns of its three channels, one normalisation each), which grouped-query heads
-need a key/value of their own, what the MLP and the logits exclude. :meth:`CircuitPlan.hooks`
-then makes the hooks of one pass -- cheap closures over a fresh :class:`SenderBuffer` and the
-ablated values of that pass's examples -- so a circuit evaluated in example chunks is planned
-once and hooked per chunk, and no hook plans anything while the model runs.
+need a key/value of their own, what the MLP and the logits exclude. The exclusions of every
+layer are planned together, by one batched set of tensor operations over the keep-matrix
+(:mod:`~apexlens.engines.circuits.masks`); what is left per layer is a few list operations.
+:meth:`CircuitPlan.hooks` then makes the hooks of one pass -- cheap closures over a fresh
+:class:`SenderBuffer` and the ablated values of that pass's examples -- so a circuit
+evaluated in example chunks is planned once and hooked per chunk, and no hook plans
+anything while the model runs.
 
 Semantics (ACDC / auto-circuit): every receiver reads ``resid - sum over excluded senders
 D[s]``, ``D[s] = out_s - ablated_s`` with ``out_s`` the sender's output *in this same run*:
@@ -16,8 +19,7 @@ logits through the final residual stream.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,12 +27,18 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from apexlens.engines.circuits.buffer import Exclusion, SenderBuffer
+from apexlens.engines.circuits.masks import Planned, Request, longs, plan_exclusions
 from apexlens.errors import ApexlensError
 from apexlens.model import Backend, edits
 from apexlens.model.grouped import grouped_kv_hooks
 from apexlens.model.hooks import HookFn
+from apexlens.model.indexing import index_on
 from apexlens.runs.ablation import AblationValues
 from apexlens.vocab.edges import EdgeIndex
+
+_FUSED_COPY = 16 * 2**20
+"""Bytes up to which a layer's q/k/v inputs are copied to one batched product (where the
+columns its slots read are not already in slot order)."""
 
 Keep = Bool[Tensor, "sender receiver"] | Bool[Tensor, "sender receiver pos"] | Bool[
     Tensor, "sender receiver rows pos"
@@ -38,53 +46,79 @@ Keep = Bool[Tensor, "sender receiver"] | Bool[Tensor, "sender receiver pos"] | B
 
 
 @dataclass(frozen=True)
+class Fused:
+    """All of a layer's q/k/v slots in one batched product: the stacked weights and biases
+    of the slots in channel order, the column each reads (a slice where those are the first
+    columns, in order: read in place; else gathered, within :data:`_FUSED_COPY`), each
+    channel's range."""
+
+    W: Tensor
+    b: Tensor
+    cols: slice | Tensor
+    ranges: dict[str, tuple[int, int]]
+
+    def project(self, normed: Tensor) -> dict[str, Tensor]:
+        """The q/k/v values of every channel's slots from the normalised columns ``normed``
+        (``[column, n, pos, d_model]``): one batched product for the whole layer, read in
+        place where the columns are in slot order."""
+        m, lead, dm = self.W.shape[0], normed.shape[1:-1], normed.shape[-1]
+        x = normed[self.cols] if isinstance(self.cols, slice) else normed.index_select(0, self.cols)
+        y = torch.baddbmm(self.b, x.reshape(m, -1, dm), self.W)
+        y = y.view(m, *lead, -1).permute(1, 2, 0, 3)  # [n, pos, slot, d_head]
+        return {ch: y[:, :, a:e] for ch, (a, e) in self.ranges.items()}
+
+
+@dataclass(frozen=True)
 class InputsPlan:
-    """The q/k/v inputs of a layer's receiver heads, ``reads[ch] = (slots, ex)`` (column
-    ``i`` of ``ex``: the senders excluded from slot ``i``): the distinct columns of all
-    channels as one :class:`Exclusion` (one product over the sender buffer, one
-    normalisation per distinct column), each channel's ``(column, members)`` groups, and,
-    where the layer's MLP excludes senders before this layer's heads, its column
-    (``mlp_col``) of the same product."""
+    """The q/k/v inputs of a layer's receiver heads: ``slots[ch]`` read the distinct columns
+    of ``columns`` (one product over the sender buffer, one normalisation per column) as
+    each channel's ``(column, members)`` ``groups``; where the layer's MLP excludes senders
+    before this layer's heads, its column (``mlp_col``) of the same product. ``fused``: one
+    product for every channel (:class:`Fused`)."""
 
     columns: Exclusion
     groups: dict[str, list[tuple[int, list[int]]]]
     slots: dict[str, list[int]]
     mlp_col: int | None
+    fused: Fused | None = None
 
     @staticmethod
-    def build(
-        reads: Mapping[str, tuple[list[int], Tensor]], mlp: Tensor | None = None
-    ) -> InputsPlan:
-        chans = list(reads)
-        extra = [] if mlp is None else [mlp.cpu()[:, None]]
-        cat = torch.cat([reads[ch][1].cpu() for ch in chans] + extra, dim=1)
-        columns, which = torch.unique(cat, dim=1, return_inverse=True)
-        widths = [reads[ch][1].shape[1] for ch in chans]
+    def of(planned: Planned, slots: dict[str, list[int]], mlp: bool) -> InputsPlan:
+        """From the planned exclusion of the channels' columns (in channel order, then the
+        MLP's where ``mlp``)."""
         groups: dict[str, list[tuple[int, list[int]]]] = {}
-        for ch, w in zip(chans, which[: sum(widths)].split(widths), strict=True):
+        at = 0
+        for ch, sl in slots.items():
             by_col: dict[int, list[int]] = {}
-            for i, c in enumerate(w.tolist()):
+            for i, c in enumerate(planned.local[at : at + len(sl)]):
                 by_col.setdefault(c, []).append(i)
             groups[ch] = list(by_col.items())
-        return InputsPlan(
-            Exclusion(columns),
-            groups,
-            {ch: reads[ch][0] for ch in chans},
-            int(which[-1]) if mlp is not None else None,
-        )
+            at += len(sl)
+        return InputsPlan(planned.ex, groups, slots, planned.local[-1] if mlp else None)
+
+    def picks(self) -> list[int]:
+        """The column every slot reads, in channel order."""
+        out: list[int] = []
+        for ch, g in self.groups.items():
+            col = [0] * len(self.slots[ch])
+            for c, members in g:
+                for i in members:
+                    col[i] = c
+            out += col
+        return out
 
 
 @dataclass(frozen=True)
 class MLPPlan:
     """What MLP ``layer`` excludes: ``plan`` over the senders it reads from the buffer (only
-    this layer's heads when the layer's q/k/v product gave it the earlier ones, ``partial``),
-    whether it excludes anything, and where its input can be set (``edit``)."""
+    this layer's heads when the layer's q/k/v product gave it the earlier ones, ``partial``;
+    ``None`` where it reads none), whether it excludes anything, and where its input can be
+    set (``edit``)."""
 
     sender: int
-    plan: Exclusion
+    plan: Exclusion | None
     any_excluded: bool
     partial: bool
-    reads_heads: bool
     edit: tuple[str, Any] | None
 
 
@@ -102,10 +136,13 @@ class CircuitPlan:
     ``keep`` is ``[sender, receiver]`` (edges at every position), ``[sender, receiver, pos]``
     (position-aware edges) or ``[sender, receiver, rows, pos or 1]``: one circuit per row,
     the forward pass then running ``rows`` copies of the batch stacked along the batch axis
-    (the ablated values tiled to match, :meth:`AblationValues.tiled`).
+    (the ablated values tiled to match, :meth:`AblationValues.tiled`). ``cache``: where the
+    stacked q/k/v weights of fused layers stay for the next hypothesis (:attr:`Runs.scratch`).
     """
 
-    def __init__(self, bk: Backend, index: EdgeIndex, keep: Keep) -> None:
+    def __init__(
+        self, bk: Backend, index: EdgeIndex, keep: Keep, cache: dict[str, Any] | None = None
+    ) -> None:
         if bk.post_norms:
             raise ApexlensError(
                 "circuit evaluation on models with norms after attention and the MLP "
@@ -120,44 +157,180 @@ class CircuitPlan:
         if keep.ndim == 4:
             valid = valid[:, :, None, None]
         excluded = valid & ~keep
-        self.layers = [self._layer(excluded, layer) for layer in range(bk.dims.n_layers)]
-        ex_l = excluded[:, index.logits]
-        self.logits = Exclusion(ex_l[:, None]) if bool(ex_l.any()) else None
+        rows = int(excluded.shape[2]) if excluded.ndim == 4 else 1
+        E = self._columns(excluded.reshape(*excluded.shape[:2], -1))
+        self.col_any: list[bool] = E.any(-1).any(0).tolist()
+        self.shared = self._shared_kv(E)
+        requests: list[Request] = []
+        layouts = [self._layout(layer, requests) for layer in range(bk.dims.n_layers)]
+        logits = None
+        if self.col_any[index.logits]:
+            logits = len(requests)
+            requests.append(Request([index.logits], len(index.senders)))
+        planned = plan_exclusions(E, requests, rows, bk.dtype, bk.device)
+        self.total = any(p.ex.kept for p in planned)
+        self.logits = None if logits is None else planned[logits].ex
+        self.layers = [self._layer(layer, lay, planned, cache) for layer, lay in enumerate(layouts)]
 
-    def _layer(self, excluded: Tensor, layer: int) -> LayerPlan:
-        bk, index, d = self.bk, self.index, self.bk.dims
+    def _columns(self, E: Tensor) -> Tensor:
+        """The exclusion matrix ``[sender, receiver, cell]`` with two more columns per layer
+        with an MLP: its exclusions before the layer's heads (read with the heads' q/k/v
+        inputs) and of the layer's heads (read at the MLP): one operation for all layers."""
+        index, d = self.index, self.bk.dims
+        if not d.has_mlps:
+            return E
+        S, L = E.shape[0], d.n_layers
+        mlp = E.index_select(1, longs([index.mlp_receiver[la] for la in range(L)]))
+        n_up = longs([index.head_sender[la].start for la in range(L)])
+        up = (torch.arange(S)[:, None] < n_up)[..., None]
+        return torch.cat([E, mlp & up, mlp & ~up], 1)
+
+    def _shared_kv(self, E: Tensor) -> list[list[list[bool]]] | None:
+        """Grouped-query attention: ``shared[layer][k or v][j]``, whether every query head of
+        key/value head ``j`` excludes the same senders (one slot read for all of them), for
+        all layers at once."""
+        d, index = self.bk.dims, self.index
+        if d.group <= 1:
+            return None
+        cols = [
+            list(range(index.head_receiver[(la, ch)].start, index.head_receiver[(la, ch)].stop,
+                       index.head_receiver[(la, ch)].step))
+            for la in range(d.n_layers)
+            for ch in "kv"
+        ]
+        G = E.index_select(1, longs([c for cs in cols for c in cs]))
+        G = G.view(E.shape[0], d.n_layers, 2, d.kv_heads, d.group, E.shape[-1])
+        same = (G == G[:, :, :, :, :1]).all(-1).all(0).all(-1)  # [layer, 2, kv]
+        return same.tolist()
+
+    def _heads(self, layer: int, ch: str) -> list[int]:
+        """The heads whose ``ch`` input excludes anything."""
+        sl = self.index.head_receiver[(layer, ch)]
+        a = self.col_any
+        return [h for h, c in enumerate(range(sl.start, sl.stop, sl.step)) if a[c]]
+
+    def _col(self, layer: int, ch: str, head: int) -> int:
+        sl = self.index.head_receiver[(layer, ch)]
+        return sl.start + head * sl.step
+
+    def _layout(self, layer: int, requests: list[Request]) -> dict[str, Any]:
+        """What layer ``layer`` reads, as requests appended to ``requests`` (their numbers
+        in the returned layout)."""
+        index, d = self.index, self.bk.dims
         n_up = index.head_sender[layer].start
-        reads: dict[str, tuple[list[int], Tensor]] = {}
-        own: list[tuple[str, list[int], InputsPlan]] = []
+        reads: dict[str, list[int]] = {}
+        own: list[tuple[str, list[int], int]] = []
         for ch in "qkv":
-            ex = excluded[:n_up, index.head_receiver[(layer, ch)]]
-            if not ex.any():
-                continue
-            heads = _any_but_dim1(ex).nonzero().flatten().tolist()
-            if ch in "kv" and d.group > 1:
-                heads, mine = _kv_heads(bk, ex)
+            heads = self._heads(layer, ch)
+            if ch in "kv" and self.shared is not None and heads:
+                heads, mine = self._kv_split(layer, ch, heads)
                 if mine:  # heads with a key/value of their own, planned here, not in a hook
-                    slots = [bk.slot(h, ch) for h in mine]
-                    own.append((ch, mine, InputsPlan.build({ch: (slots, ex[:, mine])})))
+                    own.append((ch, mine, len(requests)))
+                    requests.append(Request([self._col(layer, ch, h) for h in mine], n_up))
             if heads:
-                reads[ch] = ([bk.slot(h, ch) for h in heads], ex[:, heads])
-        inputs = None
+                reads[ch] = heads
+        lay: dict[str, Any] = {"reads": reads, "own": own, "inputs": None, "mlp": None}
+        n_cols = len(index.receivers)
+        mlp_in = d.has_mlps and bool(reads) and self.col_any[n_cols + layer]
         if reads:
-            mlp = excluded[:n_up, index.mlp_receiver[layer]] if d.has_mlps else None
-            inputs = InputsPlan.build(reads, mlp if mlp is not None and mlp.any() else None)
-        return LayerPlan(inputs, own, self._mlp(excluded, layer, inputs) if d.has_mlps else None)
+            cols = [self._col(layer, ch, h) for ch, heads in reads.items() for h in heads]
+            lay["inputs"] = len(requests)
+            # where a token's sum is short, each slot sums its own column (cheaper than
+            # gathering shared columns for the layer's one q/k/v product)
+            short = (SenderBuffer.FIRST + n_up) * d.d_model <= SenderBuffer.SLOT_MAJOR
+            cols += [n_cols + layer] if mlp_in else []
+            requests.append(Request(cols, n_up, distinct=not short or self.bk.shortformer))
+        lay["mlp_in"] = mlp_in
+        if d.has_mlps:
+            i_mlp = index.mlp_sender[layer]
+            late = n_cols + d.n_layers + layer
+            col = late if mlp_in else index.mlp_receiver[layer]
+            if self.col_any[col]:
+                lay["mlp"] = len(requests)
+                requests.append(Request([col], i_mlp))
+        return lay
 
-    def _mlp(self, excluded: Tensor, layer: int, inputs: InputsPlan | None) -> MLPPlan:
-        index = self.index
-        i_mlp = index.mlp_sender[layer]
-        ex_m = excluded[:i_mlp, index.mlp_receiver[layer]]
-        any_ex = bool(ex_m.any())
-        edit = self.bk.mlp_input_edit(layer) if any_ex else None
-        if inputs is not None and inputs.mlp_col is not None:
-            late = ex_m.clone()
-            late[: index.head_sender[layer].start] = False  # in the partial sum already
-            return MLPPlan(i_mlp, Exclusion(late[:, None]), any_ex, True, bool(late.any()), edit)
-        return MLPPlan(i_mlp, Exclusion(ex_m[:, None]), any_ex, False, True, edit)
+    def _kv_split(self, layer: int, ch: str, heads: list[int]) -> tuple[list[int], list[int]]:
+        """Grouped-query k/v receivers: a representative head per key/value slot whose query
+        heads all exclude the same senders (the slot itself is recomputed), and the heads of
+        the other slots that exclude something (each gets a k/v of its own)."""
+        assert self.shared is not None
+        same = self.shared[layer]["kv".index(ch)]
+        shared: list[int] = []
+        own: list[int] = []
+        for h in heads:
+            j = self.bk.slot(h, ch)
+            if not same[j]:
+                own.append(h)
+            elif not shared or self.bk.slot(shared[-1], ch) != j:
+                shared.append(self.bk.group_heads(j)[0])
+        return shared, own
+
+    def _layer(
+        self, layer: int, lay: dict[str, Any], planned: list[Planned], cache: dict[str, Any] | None
+    ) -> LayerPlan:
+        bk = self.bk
+        slots = lambda ch, heads: [bk.slot(h, ch) for h in heads]  # noqa: E731
+        inputs = None
+        if lay["inputs"] is not None:
+            reads = {ch: slots(ch, heads) for ch, heads in lay["reads"].items()}
+            inputs = InputsPlan.of(planned[lay["inputs"]], reads, lay["mlp_in"])
+            inputs = self._fused(layer, inputs, cache)
+        own = [
+            (ch, mine, InputsPlan.of(planned[i], {ch: slots(ch, mine)}, False))
+            for ch, mine, i in lay["own"]
+        ]
+        mlp = None
+        if bk.dims.has_mlps:
+            any_ex = self.col_any[self.index.mlp_receiver[layer]]
+            plan = None if lay["mlp"] is None else planned[lay["mlp"]].ex
+            edit = bk.mlp_input_edit(layer) if any_ex else None
+            mlp = MLPPlan(self.index.mlp_sender[layer], plan, any_ex, bool(lay["mlp_in"]), edit)
+        return LayerPlan(inputs, own, mlp)
+
+    def _fused(self, layer: int, inputs: InputsPlan, cache: dict[str, Any] | None) -> InputsPlan:
+        """``inputs`` with every channel in one product (:class:`Fused`) where each slot
+        reads a column of its own and the q/k inputs add no positional embedding
+        (shortformer). The stacked weights stay in ``cache`` while the model's are unchanged
+        (the same tensors, at the same version)."""
+        bk = self.bk
+        if bk.shortformer:
+            return inputs
+        picks = inputs.picks()
+        dev = bk.device
+        params = [(bk.W_in(ch)[layer], bk.b_in(ch)[layer]) for ch in inputs.slots]
+        slots = [(ch, tuple(s)) for ch, s in inputs.slots.items()]
+        versions = [(t.data_ptr(), t._version) for wb in params for t in wb]
+        key = f"fused-qkv:{layer}:{slots!r}:{versions!r}"
+        hit = None if cache is None else cache.get(key)
+        if hit is None:
+            idx = [index_on(s, dev) for s in inputs.slots.values()]
+            W = torch.cat([w[i] for (w, _), i in zip(params, idx, strict=True)])
+            b = torch.cat([b[i] for (_, b), i in zip(params, idx, strict=True)])[:, None]
+            hit = (W, b)
+            if cache is not None:
+                for k in [k for k in cache if k.startswith(f"fused-qkv:{layer}:")]:
+                    del cache[k]  # one entry per layer
+                cache[key] = hit
+        ranges, at = {}, 0
+        for ch, s in inputs.slots.items():
+            ranges[ch] = (at, at + len(s))
+            at += len(s)
+        fused = Fused(hit[0], hit[1], index_on(picks, dev), ranges)
+        return InputsPlan(inputs.columns, inputs.groups, inputs.slots, inputs.mlp_col, fused)
+
+    def refreshed(self, cache: dict[str, Any] | None) -> CircuitPlan:
+        """The plan again for the next pass of the same hypothesis: everything it planned
+        depends on the keep-matrix and the model's structure only, except the stacked q/k/v
+        weights of fused layers, which are looked up again (:meth:`_fused`: rebuilt where
+        the model's weights changed since)."""
+        self.layers = [
+            replace(lp, inputs=self._fused(layer, lp.inputs, cache))
+            if lp.inputs is not None and lp.inputs.fused is not None
+            else lp
+            for layer, lp in enumerate(self.layers)
+        ]
+        return self
 
     def hooks(
         self, abl: AblationValues, scratch: dict[str, Any] | None = None
@@ -168,6 +341,33 @@ class CircuitPlan:
         return _Pass(self, abl, scratch).hooks()
 
 
+PLANS_KEPT = 8
+"""Hypotheses whose plans :func:`plan_for` keeps (the most recently evaluated ones)."""
+
+
+def plan_for(
+    bk: Backend, index: EdgeIndex, keep: Keep, cache: dict[str, Any] | None
+) -> CircuitPlan:
+    """The :class:`CircuitPlan` of ``keep``, kept in ``cache`` (:attr:`Runs.scratch`) for the
+    next evaluation of the same hypothesis (the same edges of the same edge graph: the
+    keep-matrix's bytes are the key, compared exactly) -- re-evaluating a hypothesis (a
+    workbench toggling an edge back, another ablation or report of it) plans nothing."""
+    if cache is None:
+        return CircuitPlan(bk, index, keep, cache)
+    k = keep.cpu()
+    key = (tuple(k.shape), k.numpy().tobytes())
+    plans: dict[Any, tuple[EdgeIndex, CircuitPlan]] = cache.setdefault("circuit-plans", {})
+    hit = plans.pop(key, None)
+    if hit is not None and hit[0] is index:
+        plan = hit[1].refreshed(cache)
+    else:
+        plan = CircuitPlan(bk, index, keep, cache)
+    plans[key] = (index, plan)  # the most recent last
+    while len(plans) > PLANS_KEPT:
+        del plans[next(iter(plans))]
+    return plan
+
+
 class _Pass:
     """The hooks of one pass: a fresh sender buffer, the pass's state, closures over them."""
 
@@ -175,7 +375,7 @@ class _Pass:
         self, plan: CircuitPlan, abl: AblationValues, scratch: dict[str, Any] | None
     ) -> None:
         self.plan, self.bk, self.abl = plan, plan.bk, abl
-        self.buf = SenderBuffer(len(plan.index.senders), scratch)
+        self.buf = SenderBuffer(len(plan.index.senders), scratch, total=plan.total)
         self.state: dict[str, Tensor] = {}
 
     def hooks(self) -> list[tuple[str, HookFn]]:
@@ -183,13 +383,13 @@ class _Pass:
         d = bk.dims
 
         def embed_hook(act: Tensor, hook: Any) -> None:
+            buf.start(act)
             if index.split_embed:
                 assert abl.tok is not None and abl.pos is not None, "split embed: tok/pos values"
-                tok = state["tok"] - abl.tok.to(act)
-                pos = state["pos"].expand_as(act) - abl.pos.to(act)
-                buf.start(torch.stack([tok, pos]))
+                buf.put_one(0, state["tok"], abl.tok.to(act))
+                buf.put_one(1, state["pos"].expand_as(act), abl.pos.to(act))
             else:
-                buf.start((act - abl.embed.to(act))[None])
+                buf.put_one(0, act, abl.embed.to(act))
             state[bk.resid_pre(0)] = act
 
         hooks: list[tuple[str, HookFn]] = [(bk.resid_pre(0), embed_hook)]
@@ -198,6 +398,7 @@ class _Pass:
                 ("hook_embed", edits.save(state, "tok", clone=False)),
                 ("hook_pos_embed", edits.save(state, "pos", clone=False)),
             ]
+        n_slots = {"q": d.n_heads, "k": d.kv_heads, "v": d.kv_heads}
         for layer, lp in enumerate(self.plan.layers):
             if layer > 0:
                 hooks.append((bk.resid_pre(layer), edits.save(state, bk.resid_pre(layer), False)))
@@ -205,7 +406,10 @@ class _Pass:
             if lp.inputs is not None:
                 inputs = _Inputs(self, layer, lp.inputs)
                 for ch, slots in lp.inputs.slots.items():
-                    hooks.append((bk.qkv(layer, ch), edits.set_heads(slots, inputs.value(ch))))
+                    # every slot of the channel: the value is the activation (no copy of it)
+                    every = slots == list(range(n_slots[ch]))
+                    edit = edits.replace if every else lambda v, s=slots: edits.set_heads(s, v)
+                    hooks.append((bk.qkv(layer, ch), edit(inputs.value(ch))))
             if lp.own_kv:
                 hooks += self._own_kv(layer, lp.own_kv)
             hooks.append((bk.z(layer), self._record_heads(layer)))
@@ -234,10 +438,21 @@ class _Pass:
         return grouped_kv_hooks(self.bk, layer, items, values)
 
     def _record_heads(self, layer: int) -> HookFn:
+        """The heads' output changes into the buffer. ``hook_z`` is laid out head-major in
+        TransformerLens; the difference is written token-major into one tensor kept for the
+        pass (every layer's ``z`` has the same shape), which the head-output product reads."""
         bk, buf, abl, rows = self.bk, self.buf, self.abl, self.plan.index.head_sender[layer]
+        state = self.state
 
         def hook(act: Tensor, hook: Any) -> None:
-            buf.put_heads(rows, bk, layer, act - abl.z[layer].to(act))
+            a = abl.z[layer].to(act)
+            if torch.is_grad_enabled():
+                buf.put_heads(rows, bk, layer, act - a)
+                return
+            dz = state.get("dz")
+            if dz is None or dz.shape != act.shape:
+                dz = state["dz"] = torch.empty(act.shape, dtype=act.dtype, device=act.device)
+            buf.put_heads(rows, bk, layer, torch.sub(act, a, out=dz))
 
         return hook
 
@@ -255,19 +470,20 @@ class _Pass:
         def read() -> Tensor:
             resid = state[bk.mlp_in_resid(layer)]
             if not mp.partial:
+                assert mp.plan is not None, "an MLP that excludes senders reads them"
                 return buf.read(resid, mp.plan)[:, :, 0]
             assert inputs is not None and inputs.mlp_partial is not None, "q/k/v hooks first"
             partial, inputs.mlp_partial = inputs.mlp_partial, None
             if resid is not state[bk.resid_pre(layer)]:
                 partial += resid - state[bk.resid_pre(layer)]
-            return buf.read(partial, mp.plan)[:, :, 0] if mp.reads_heads else partial
+            return buf.read(partial, mp.plan)[:, :, 0] if mp.plan is not None else partial
 
         edit = mp.edit
 
         def hook(act: Tensor, hook: Any) -> Tensor:
             if edit is None and mp.any_excluded:
                 act = bk.mlp_from_resid(layer, read())
-            buf.put(slice(mp.sender, mp.sender + 1), (act - abl.mlp_out[layer].to(act))[None])
+            buf.put_one(mp.sender, act, abl.mlp_out[layer].to(act))
             return act
 
         out: list[tuple[str, HookFn]] = []
@@ -290,49 +506,45 @@ class _Inputs:
         self.normed: Tensor | None = None
         self.work: Tensor | None = None  # the buffer's workspace that ``normed`` lives in
         self.mlp_partial: Tensor | None = None
+        self.values: dict[str, Tensor] | None = None
+        self.key = self.bk.resid_pre(layer)
+
+    def _start(self, resid: Tensor) -> None:
+        """A new forward pass: the layer's columns, normalised (and, fused, projected)."""
+        plan = self.plan
+        self.source, self.served = resid, set()
+        n, n_pos, dm = resid.shape
+        self.work = self.buf.workspace(n * n_pos * plan.columns.n_cols * dm, resid)
+        x = self.buf.read(resid, plan.columns, self.work)
+        if plan.mlp_col is not None:
+            self.mlp_partial = x[:, :, plan.mlp_col].clone()
+        # [column, n, pos, d_model], a view; normalised in place where it can be
+        self.normed = self.bk.ln1_(self.layer, x).permute(2, 0, 1, 3)
+        fused = plan.fused
+        if fused is not None:
+            copies = not isinstance(fused.cols, slice)
+            size = fused.W.shape[0] * n * n_pos * dm * x.element_size()
+            if not copies or size <= _FUSED_COPY:  # every channel in one product
+                self.values = fused.project(self.normed)
 
     def value(self, ch: str) -> Any:
         plan = self.plan
 
         def fn(act: Tensor) -> Tensor:
-            resid = self.state[self.bk.resid_pre(self.layer)]
+            resid = self.state[self.key]
             if self.normed is None or self.source is not resid:  # a new forward pass
-                self.source, self.served = resid, set()
-                n, n_pos, dm = resid.shape
-                self.work = self.buf.workspace(n * n_pos * plan.columns.n_cols * dm, resid)
-                x = self.buf.read(resid, plan.columns, self.work)
-                if plan.mlp_col is not None:
-                    self.mlp_partial = x[:, :, plan.mlp_col].clone()
-                # [column, n, pos, d_model], a view; normalised in place where it can be
-                self.normed = self.bk.ln1_(self.layer, x).permute(2, 0, 1, 3)
-            normed = self.normed
+                self._start(resid)
+            assert self.normed is not None
             self.served.add(ch)
-            out = self.bk.project_columns(self.layer, ch, normed, plan.groups[ch], plan.slots[ch])
+            if self.values is not None:
+                out = self.values.pop(ch)
+            else:
+                out = self.bk.project_columns(
+                    self.layer, ch, self.normed, plan.groups[ch], plan.slots[ch]
+                )
             if self.served == self.chans:  # the layer's last q/k/v: its inputs are done
-                self.normed = self.source = None
+                self.normed = self.source = self.values = None
                 self.buf.release(self.work)
             return out
 
         return fn
-
-
-def _kv_heads(bk: Backend, ex: Tensor) -> tuple[list[int], list[int]]:
-    """Grouped-query k/v receivers: a representative head per key/value slot whose query
-    heads all exclude the same senders (the slot itself is recomputed), and the heads of the
-    other slots that exclude something (each gets a k/v of its own)."""
-    shared, own = [], []
-    for j in range(bk.dims.kv_heads):
-        group = bk.group_heads(j)
-        cols = ex[:, group]
-        if not cols.any():
-            continue
-        if bool((cols == cols[:, :1]).all()):
-            shared.append(group[0])
-        else:
-            own += [h for i, h in enumerate(group) if bool(cols[:, i].any())]
-    return shared, own
-
-
-def _any_but_dim1(ex: Tensor) -> Tensor:
-    """``ex.any(0)`` of ``[sender, head]``, also for ``[sender, head, rows, pos]``."""
-    return ex.transpose(0, 1).reshape(ex.shape[1], -1).any(-1)
