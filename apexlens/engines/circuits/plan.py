@@ -151,6 +151,7 @@ class CircuitPlan:
                 "are not additive there, so an edge from one head is not defined"
             )
         self.bk, self.index = bk, index
+        self._versions: dict[int, list[tuple[int, int]]] = {}
         valid = index.valid  # masks stay on the CPU: planning there costs no device syncs
         keep = keep.cpu()
         if keep.ndim == 3:
@@ -304,9 +305,10 @@ class CircuitPlan:
             return inputs
         picks = inputs.picks()
         dev = bk.device
-        params = [(bk.W_in(ch)[layer], bk.b_in(ch)[layer]) for ch in inputs.slots]
+        params = self._params(layer, inputs)
         slots = [(ch, tuple(s)) for ch, s in inputs.slots.items()]
         versions = [(t.data_ptr(), t._version) for wb in params for t in wb]
+        self._versions[layer] = versions
         key = f"fused-qkv:{layer}:{slots!r}:{versions!r}"
         hit = None if cache is None else cache.get(key)
         if hit is None:
@@ -325,6 +327,18 @@ class CircuitPlan:
         fused = Fused(hit[0], hit[1], index_on(picks, dev), ranges)
         return InputsPlan(inputs.columns, inputs.groups, inputs.slots, inputs.mlp_col, fused)
 
+    def _params(self, layer: int, inputs: InputsPlan) -> list[tuple[Tensor, Tensor]]:
+        """The q/k/v weights and biases of ``layer``'s channels that ``inputs`` reads."""
+        return [(self.bk.W_in(ch)[layer], self.bk.b_in(ch)[layer]) for ch in inputs.slots]
+
+    def _unchanged(self, layer: int, inputs: InputsPlan) -> bool:
+        """Whether the weights ``layer``'s fused product stacked are the model's still (the
+        same tensors, at the same version)."""
+        params = self._params(layer, inputs)
+        return self._versions.get(layer) == [
+            (t.data_ptr(), t._version) for wb in params for t in wb
+        ]
+
     def refreshed(self, cache: dict[str, Any] | None) -> CircuitPlan:
         """The plan again for the next pass of the same hypothesis: everything it planned
         depends on the keep-matrix and the model's structure only, except the stacked q/k/v
@@ -333,6 +347,7 @@ class CircuitPlan:
         self.layers = [
             replace(lp, inputs=self._fused(layer, lp.inputs, cache))
             if lp.inputs is not None and lp.inputs.fused is not None
+            and not self._unchanged(layer, lp.inputs)
             else lp
             for layer, lp in enumerate(self.layers)
         ]
