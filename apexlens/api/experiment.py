@@ -260,8 +260,7 @@ class Experiment:
         hypothesis parses nothing again."""
         edge_list = EdgeList(edges)  # read once by everything below
         try:
-            key: Any = tuple(edge_list.pairs)
-            hash(key)
+            key: Any = _Pairs(edge_list.pairs)
         except TypeError:
             key = None
         memo: dict[Any, Any] = self.__dict__.setdefault("_keeps", {})
@@ -397,6 +396,22 @@ QUESTIONS = (
 guarded question (:class:`~apexlens.runs.shard.Guard`: a failure on any rank raises on all)."""
 for _name in QUESTIONS:
     setattr(Experiment, _name, guarded(getattr(Experiment, _name)))
+
+
+class _Pairs:
+    """An edge list as a dictionary key: its pairs, hashed once (unhashable: TypeError)."""
+
+    __slots__ = ("pairs", "h")
+
+    def __init__(self, pairs: list[Any]) -> None:
+        self.pairs = tuple(pairs)
+        self.h = hash(self.pairs)
+
+    def __hash__(self) -> int:
+        return self.h
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Pairs) and self.h == other.h and self.pairs == other.pairs
 
 
 def _gradients_possible(method: str, exact: bool) -> None:

@@ -57,13 +57,13 @@ def replace(value: Value) -> HookFn:
 
 def overwrite(value: Callable[[], Tensor]) -> HookFn:
     """The activation becomes ``value()``, which does not read it: the hook is marked
-    (``overwrites``) so that a pass may hand it an uninitialised tensor of the activation's
-    shape instead of computing it (:func:`apexlens.model.skips.skipped_projections`)."""
+    (``overwrites``: ``value``) so that a pass may take ``value()`` without computing the
+    activation (:func:`apexlens.model.skips.skipped_projections`)."""
 
     def hook(act: Tensor, hook: Any) -> Tensor:
         return value().to(act.dtype)
 
-    hook.overwrites = True  # type: ignore[attr-defined]
+    hook.overwrites = value  # type: ignore[attr-defined]
     return hook
 
 

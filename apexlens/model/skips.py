@@ -6,9 +6,9 @@ without reading it (:func:`apexlens.model.edits.overwrite`). The model would com
 value first -- on a toy model, six of the few dozen operations a layer dispatches. Where a
 ``HookedTransformer``'s attention computes q/k/v by TransformerLens' plain path (no split
 q/k/v input, no 4-bit weights, ``Attention``'s own ``calculate_qkv_matrices``) and the hook
-point holds that one hook and nothing else, :func:`skipped_projections` gives the hook an
-uninitialised tensor of the value's shape instead, for the duration of one pass: the numbers
-are the same (the hook never reads it), the product is not computed. Anything else -- another
+point holds that one hook and nothing else, :func:`skipped_projections` makes the attention
+take the hook's value directly, for the duration of one pass: the numbers are the same (the
+hook never reads the model's value), neither the product nor the hook point runs. Anything else -- another
 hook at the point (the user's), a grouped-query or split-input attention, a bridge -- runs
 the model's own path unchanged.
 """
@@ -16,7 +16,7 @@ the model's own path unchanged.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -48,16 +48,20 @@ def _plain_qkv(attn: Any) -> Any:
     return simple_attn_linear
 
 
-def _skipping(attn: Any, skip: set[str], linear: Any) -> Any:
-    """``attn.calculate_qkv_matrices`` with the channels ``skip`` not projected: their hook
-    point is handed an uninitialised tensor of the value's shape (its one hook replaces it)."""
+def _skipping(attn: Any, skip: dict[str, Callable[[], Tensor]], linear: Any) -> Any:
+    """``attn.calculate_qkv_matrices`` with the channels ``skip`` not projected: each is its
+    one hook's value (``skip[ch]()``, what the hook would return; the hook point, which holds
+    nothing else, is not called)."""
 
     def calculate_qkv_matrices(q_in: Tensor, k_in: Tensor, v_in: Tensor) -> Any:
         out = []
         for ch, x in (("q", q_in), ("k", k_in), ("v", v_in)):
+            value = skip.get(ch)
+            if value is not None:
+                out.append(value().to(x.dtype))
+                continue
             W, b = getattr(attn, f"W_{ch.upper()}"), getattr(attn, f"b_{ch.upper()}")
-            y = x.new_empty(x.shape[0], x.shape[1], *b.shape) if ch in skip else linear(x, W, b)
-            out.append(getattr(attn, f"hook_{ch}")(y))
+            out.append(getattr(attn, f"hook_{ch}")(linear(x, W, b)))
         q, k, v = out
         if getattr(attn.cfg, "use_qk_norm", False):  # as TransformerLens: after the hooks
             q = attn._apply_qk_norm(q, attn.q_norm)
@@ -73,17 +77,17 @@ def skipped_projections(model: Any, hooks: Hooks) -> Iterator[None]:
     lock): the q/k/v projections whose value one :func:`~apexlens.model.edits.overwrite`
     hook replaces, not computed (module docstring). The attention modules are restored on
     exit, also after an exception."""
-    marked: dict[tuple[int, str], int] = {}
+    marked: dict[tuple[int, str], list[Any]] = {}
     for name, fn in hooks:
         m = _QKV.match(name)
         if m is not None:
-            key = (int(m.group(1)), m.group(2))
-            marked[key] = marked.get(key, 0) + (1 if getattr(fn, "overwrites", False) else 2)
-    by_layer: dict[int, set[str]] = {}
-    for (layer, ch), n in marked.items():
-        attn = model.blocks[layer].attn
-        if n == 1 and len(getattr(attn, f"hook_{ch}").fwd_hooks) == 1:  # that hook alone
-            by_layer.setdefault(layer, set()).add(ch)
+            marked.setdefault((int(m.group(1)), m.group(2)), []).append(fn)
+    by_layer: dict[int, dict[str, Callable[[], Tensor]]] = {}
+    for (layer, ch), fns in marked.items():
+        hp = getattr(model.blocks[layer].attn, f"hook_{ch}")
+        value = getattr(fns[0], "overwrites", None)
+        if len(fns) == 1 and value is not None and len(hp.fwd_hooks) == 1 and not hp.bwd_hooks:
+            by_layer.setdefault(layer, {})[ch] = value  # that hook alone at the point
     patched: list[Any] = []
     try:
         for layer, skip in by_layer.items():
