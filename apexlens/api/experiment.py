@@ -242,15 +242,24 @@ class Experiment:
         *,
         ablation: Ablation | None = None,
         reference_tokens: Int[Tensor, "n pos"] | None = None,
+        incremental: bool = False,
     ) -> CircuitResult:
         """A circuit hypothesis (edges, or a :class:`apexlens.Circuit` whose ablation is then
-        the default) on the cached runs; see :func:`evaluate_circuit`."""
+        the default) on the cached runs; see :func:`evaluate_circuit`.
+
+        ``incremental=True``: keep this evaluation's pass at every block boundary (about
+        one more sender buffer of memory, ``senders x batch x pos x d_model``) and run the
+        next incremental one only from the first block whose receivers' edges differ -- a
+        hypothesis an edge away from the last costs the blocks from that edge's receiver
+        on. The numbers are bit-for-bit those of a whole pass."""
         if ablation is None:
             ablation = edges.ablation if isinstance(edges, Circuit) else "resample"
         edge_list = EdgeList(edges)  # read once by everything below
         index = self.edge_index(uses_split_embed(edge_list))
         keep = index.keep(edge_list, self.n_pos, self.named_positions)
-        return _circuit_result(self, index, keep, edge_names(edge_list), ablation, reference_tokens)
+        return _circuit_result(
+            self, index, keep, edge_names(edge_list), ablation, reference_tokens, incremental
+        )
 
     def evaluate_keep(
         self,
@@ -259,14 +268,16 @@ class Experiment:
         split_embed: bool = False,
         ablation: Ablation = "resample",
         reference_tokens: Int[Tensor, "n pos"] | None = None,
+        incremental: bool = False,
     ) -> CircuitResult:
         """:meth:`evaluate_circuit` of a keep-matrix over :meth:`edge_index` (as
         :meth:`EdgeIndex.keep` builds), for a caller that changes it an edge at a time (the
-        workbench): the same engine and result, its edges named from the matrix."""
+        workbench, ``incremental=True``: see :meth:`evaluate_circuit`): the same engine and
+        result, its edges named from the matrix."""
         index = self.edge_index(split_embed)
         keep = _checked_keep(index, keep, self.n_pos)
         names = _keep_names(index, keep)
-        return _circuit_result(self, index, keep, names, ablation, reference_tokens)
+        return _circuit_result(self, index, keep, names, ablation, reference_tokens, incremental)
 
     def evaluate_circuits(
         self,
@@ -392,6 +403,7 @@ def _circuit_result(
     names: list[tuple[str, str]],
     ablation: Ablation,
     reference_tokens: Tensor | None,
+    incremental: bool = False,
 ) -> CircuitResult:
     """The :class:`CircuitResult` of the hypothesis ``keep`` over ``index`` (its edges
     spelled ``names``): what :meth:`Experiment.evaluate_circuit` and
@@ -400,7 +412,8 @@ def _circuit_result(
     empty_is_corrupted = ablation == "resample" and reference_tokens is None
     with inference_mode(exp.model):
         v = circuits.evaluate(
-            exp.runs, exp.readout, exp.clean_tokens, index, keep, abl, empty_is_corrupted
+            exp.runs, exp.readout, exp.clean_tokens, index, keep, abl, empty_is_corrupted,
+            incremental,
         )
     return CircuitResult(
         edges=names,
