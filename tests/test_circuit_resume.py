@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_architectures import OPTIONS, bridge, hooked
 
 import apexlens
 from apexlens.engines.circuits.resume import KEY
@@ -13,7 +14,6 @@ from apexlens.scoring import LogitDiff
 
 from backends import model_backends
 from helpers import random_model, random_tokens
-from test_architectures import OPTIONS, hooked
 
 
 def _experiment(model, seed: int = 5) -> apexlens.Experiment:
@@ -89,10 +89,18 @@ def test_incremental_at_positions_and_split_embed():
     _check(exp, steps=6, split_embed=True, seed=3)
 
 
+@pytest.mark.requires_hooked
 @pytest.mark.parametrize("option", ["llama-like", "parallel_attn_mlp", "shortformer"])
 def test_incremental_on_other_architectures(option):
     exp = _experiment(hooked(OPTIONS[option]), seed=6)
     assert _check(exp, steps=8, seed=4)["resumed"] > 0
+
+
+@pytest.mark.parametrize("name", ["llama", "pythia"])  # grouped-query; parallel attention/MLP
+def test_incremental_on_bridges_over_hf_models(name):
+    with torch.no_grad():
+        exp = _experiment(bridge(name)[0], seed=6)
+        assert _check(exp, steps=6, seed=5)["resumed"] > 0
 
 
 def test_weights_changed_between_calls_run_a_whole_pass():
