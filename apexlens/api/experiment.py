@@ -242,24 +242,15 @@ class Experiment:
         *,
         ablation: Ablation | None = None,
         reference_tokens: Int[Tensor, "n pos"] | None = None,
-        incremental: bool = False,
     ) -> CircuitResult:
         """A circuit hypothesis (edges, or a :class:`apexlens.Circuit` whose ablation is then
-        the default) on the cached runs; see :func:`evaluate_circuit`.
-
-        ``incremental=True``: keep this evaluation's pass at every block boundary (about
-        one more sender buffer of memory, ``senders x batch x pos x d_model``) and run the
-        next incremental one only from the first block whose receivers' edges differ -- a
-        hypothesis an edge away from the last costs the blocks from that edge's receiver
-        on. The numbers are bit-for-bit those of a whole pass."""
+        the default) on the cached runs; see :func:`evaluate_circuit`."""
         if ablation is None:
             ablation = edges.ablation if isinstance(edges, Circuit) else "resample"
         edge_list = EdgeList(edges)  # read once by everything below
         index = self.edge_index(uses_split_embed(edge_list))
         keep = index.keep(edge_list, self.n_pos, self.named_positions)
-        return _circuit_result(
-            self, index, keep, edge_names(edge_list), ablation, reference_tokens, incremental
-        )
+        return _circuit_result(self, index, keep, edge_names(edge_list), ablation, reference_tokens)
 
     def evaluate_keep(
         self,
@@ -270,10 +261,9 @@ class Experiment:
         reference_tokens: Int[Tensor, "n pos"] | None = None,
         incremental: bool = False,
     ) -> CircuitResult:
-        """:meth:`evaluate_circuit` of a keep-matrix over :meth:`edge_index` (as
-        :meth:`EdgeIndex.keep` builds), for a caller that changes it an edge at a time (the
-        workbench, ``incremental=True``: see :meth:`evaluate_circuit`): the same engine and
-        result, its edges named from the matrix."""
+        """:meth:`evaluate_circuit` of a keep-matrix over :meth:`edge_index` (:meth:`EdgeIndex.keep`)
+        for a caller changing it edge by edge (``incremental``: run from the first block whose
+        receivers differ from the last such call's, :mod:`~.circuits.resume`, the same numbers)."""
         index = self.edge_index(split_embed)
         keep = _checked_keep(index, keep, self.n_pos)
         names = _keep_names(index, keep)
