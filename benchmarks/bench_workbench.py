@@ -67,7 +67,7 @@ def receiver_layer(edge: str, n_layers: int) -> int:
 
 
 def fair_sample(universe: list[str], n_layers: int, per_layer: int, seed: int) -> list[str]:
-    """``per_layer`` distinct edges into every receiver layer (the logits one more), in a
+    """``per_layer`` distinct edges into every receiver layer and into the logits, in a
     seeded random order: toggles spread evenly across layers. (A uniform draw over edges
     favours late receivers -- a receiver at layer ``L`` has about ``13 L`` senders -- whose
     toggles resume late and are cheap.)"""
@@ -75,7 +75,7 @@ def fair_sample(universe: list[str], n_layers: int, per_layer: int, seed: int) -
     by_layer: dict[int, list[str]] = {}
     for e in universe:
         by_layer.setdefault(receiver_layer(e, n_layers), []).append(e)
-    out = [e for layer in sorted(by_layer) for e in rng.sample(by_layer[layer], per_layer)]
+    out = [e for layer in sorted(by_layer) for e in rng.sample(by_layer[layer], min(per_layer, len(by_layer[layer])))]
     rng.shuffle(out)
     return out
 
@@ -187,7 +187,7 @@ def browser_ms(clicks: int) -> tuple[list[float], list[float]] | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--per-layer", type=int, default=2,
+        "--per-layer", type=int, default=3,
         help="toggles into each receiver layer on GPT-2 small (toy models: twice as many)",
     )
     parser.add_argument("--clicks", type=int, default=12, help="browser clicks")

@@ -4,7 +4,9 @@ A hypothesis (a set of edge names, :mod:`~apexlens.ui.workbench.names`) becomes 
 keep-matrix of ``Experiment.edge_index()`` (:class:`Keeps`) and is evaluated by
 ``Experiment.evaluate_keep`` -- :meth:`apexlens.Experiment.evaluate_circuit` on the matrix,
 the same engine and the same :class:`apexlens.CircuitResult`, without re-reading tens of
-thousands of edge spellings on every toggle. Edge weights (the exact effect of removing each
+thousands of edge spellings on every toggle, and ``incremental``: the pass of a toggled
+hypothesis runs only from the toggled receiver's block on (everything before it is the last
+hypothesis', kept), bit-for-bit the numbers of a whole pass. Edge weights (the exact effect of removing each
 edge) are rows of one batched pass (``Experiment.evaluate_keeps``); attribution scores and
 path contributions are the library's own calls, cached.
 """
