@@ -90,7 +90,7 @@ def circuit_final(
         if m > size and m % size < size / 4:  # no small tail chunk: each costs a forward's
             size = -(-m // (m // size))  # fixed overhead; its examples join the others (< 25%)
         if share.world == 1 and m <= size:  # one process, one chunk: the whole batch
-            if incremental:
+            if incremental and not torch.is_grad_enabled():
                 return resumed_final(runs.scratch, plan, tokens, keep, abl)
             return run_tokens(bk, tokens, plan.hooks(abl, scratch_of(runs)))
         for start in range(mine.start, mine.stop, size):
