@@ -16,10 +16,10 @@ are unchanged by it. A toggle of an edge into layer ``L`` costs ``(n_layers - L)
 of a pass; into the logits, one read; re-evaluating the last hypothesis, nothing.
 
 Memory (bounded, one set per cached runs): one sender buffer and read workspace of its own
-(about 90 MB for GPT-2 small at 8 x 16 tokens; other circuit
-passes on the same runs keep using theirs, so a weighing or a fully ablated pass between two
-toggles does not overwrite it) and the residual stream and running total entering every
-block, ``2 (n_layers + 1)`` residual streams. Used only where the pass runs as one chunk in
+(other circuit passes on the same runs keep using theirs, so a weighing or a fully ablated
+pass between two toggles does not overwrite it) and the residual stream and running total
+entering every block, ``2 (n_layers + 1)`` residual streams: about 90 MB for GPT-2 small at
+8 x 16 tokens. Used only where the pass runs as one chunk in
 one process without autograd (:func:`apexlens.engines.circuits.circuit_final`).
 """
 
