@@ -221,31 +221,32 @@ def main(argv: list[str] | None = None) -> None:
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
     )
     print(
-        f"{'setting':52s} {'n':>3s} {'cpu: median    p90    max':>25s} {'wall':>6s} "
+        f"{'setting':52s} {'n':>3s} {'cpu: median    p90    max':>25s} {'wall: median    p90    max':>26s} "
         f"{'target':>6s} {'whole':>6s} {'speed-up':>8s} {'fwd':>6s} {'tgl/fwd':>7s} {'equal':>6s}"
     )
     for name, t, target, fwd in rows:
-        c, w, whole = (statistics.median(t[k]) for k in ("cpu", "wall", "whole cpu"))
+        c, whole = (statistics.median(t[k]) for k in ("cpu", "whole cpu"))
         n = len(t["cpu"])
         print(
-            f"{name:52s} {n:3d} {spread(t['cpu']):>25s} {w:6.0f} {target:6.0f} {whole:6.0f} "
+            f"{name:52s} {n:3d} {spread(t['cpu']):>25s} {spread(t['wall']):>26s} {target:6.0f} {whole:6.0f} "
             f"{whole / c:8.2f} {fwd:6.1f} {c / fwd:7.2f} {n - t['mismatches']:3d}/{n:<3d}"
         )
     print(
-        "cpu = this process' CPU time of a toggle (median / p90 / max), wall its wall time "
-        "(median); whole = evaluate_circuit of the\nsame hypotheses (a whole pass), speed-up = "
+        "cpu = this process' CPU time of a toggle (median / p90 / max; summed over torch's threads), wall its wall time "
+        "(the latency a user sees); whole = evaluate_circuit of the\nsame hypotheses (a whole pass), speed-up = "
         "whole / cpu; fwd = a plain forward pass (full logits), tgl/fwd = cpu / fwd;\nequal = "
         "toggles whose per-example metric and KL equal evaluate_circuit's bit-for-bit"
     )
     for name, t, _, fwd in rows:
         if not name.startswith("GPT-2"):
             continue
-        by: dict[int, list[float]] = {}
-        for layer, c in zip(t["layer"], t["cpu"], strict=True):
-            by.setdefault(layer, []).append(c)
-        print(f"\nper receiver layer, {name} (median cpu ms; a plain forward {fwd:.0f} ms):")
-        print("  " + " ".join(f"{'L' + str(k) if k < 12 else 'logits':>6s}" for k in sorted(by)))
-        print("  " + " ".join(f"{statistics.median(by[k]):6.0f}" for k in sorted(by)))
+        for kind in ("cpu", "wall"):
+            by: dict[int, list[float]] = {}
+            for layer, c in zip(t["layer"], t[kind], strict=True):
+                by.setdefault(layer, []).append(c)
+            print(f"\nper receiver layer, {name} (median {kind} ms; a plain forward {fwd:.0f} ms cpu):")
+            print("  " + " ".join(f"{'L' + str(k) if k < 12 else 'logits':>6s}" for k in sorted(by)))
+            print("  " + " ".join(f"{statistics.median(by[k]):6.0f}" for k in sorted(by)))
     if args.no_browser:
         return
     got = browser_ms(args.clicks)
