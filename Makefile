@@ -9,6 +9,11 @@ TORCH_SPEC ?= torch==2.13.0
 TL3_SPEC ?= transformer-lens==3.9.0
 TL4_SPEC ?= transformer-lens==4.3.0
 
+# pytest workers (pytest-xdist): one per core by default; each test file stays on one worker,
+# so a module's expensive fixtures (executed notebooks, the demo run) are computed once.
+PYTEST_WORKERS ?= auto
+PYTEST_ARGS := -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15
+
 VENV := .venv
 VENV4 := .venv-tl4
 
@@ -49,10 +54,10 @@ chromium:
 	  else echo "chromium not found: install it (e.g. apt-get install chromium) to run the browser tests"; fi
 
 test-tl3: lint chromium
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-tl4: $(VENV4)/.stamp chromium
-	$(VENV4)/bin/python -m pytest -q
+	$(VENV4)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Both halves run even when the first fails (a busy machine once stopped `make test` after the
 # TL 3 half, so the TL 4 half never ran); each half's result is printed at the end, and the

@@ -82,12 +82,11 @@ def test_every_preset_equals_the_per_example_loop(backend):
         torch.testing.assert_close(res.mean_probs, probs, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.requires_hooked  # compares both model classes: TransformerLens 3.9 only
 def test_block_in_without_norms_is_the_same_on_both_model_classes():
     """No norms: a HookedTransformer reads ``hook_attn_in`` (flags switched on for the call
     and back off) / ``hook_mlp_in``, a bridge its identity norms' ``hook_out``: the same
     noise stream, the same predictions."""
-    if len(model_backends()) < 2:
-        pytest.skip("needs both model classes (TransformerLens 3.9)")
     cfg = dict(n_layers=2, d_model=16, n_ctx=10, d_head=4, n_heads=4, d_mlp=32, d_vocab=23,
                act_fn="relu", normalization_type=None)
     out = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 
@@ -79,42 +78,6 @@ def test_apex_figures_and_scores_plot():
     sp = plotting.scores_plot({"a": s})
     mean_trace = sp.data[1]
     assert mean_trace.y[0] == pytest.approx(4.5) and mean_trace.error_y.array[0] > 0
-
-
-def _figures(html: str) -> list[dict]:
-    """The plotly figures embedded in a report: (data, layout) of each Plotly.newPlot call,
-    decoded as JSON values one after the other (no regex over nested brackets)."""
-    out = []
-    decoder = json.JSONDecoder()
-    for m in re.finditer(r'Plotly\.newPlot\(\s*"[^"]+",\s*', html):
-        data, end = decoder.raw_decode(html, m.end())
-        rest = re.match(r"\s*,\s*", html[end:])
-        assert rest is not None
-        layout, _ = decoder.raw_decode(html, end + rest.end())
-        out.append({"data": data, "layout": layout})
-    return out
-
-
-def test_demo_writes_a_self_contained_report(tmp_path):
-    from apexlens.ui.demo import run_demo
-
-    result = run_demo(tmp_path, progress=False, n=16)
-    html = (tmp_path / "report.html").read_text()
-    assert re.search(r"<script[^>]*\bsrc=", html) is None  # plotly.js inlined: opens offline
-    assert html.count("Plotly.newPlot") == 10  # with the APEX bias decision
-    figs = _figures(html)
-    assert len(figs) == 10
-    for fig in figs:
-        assert fig["data"], "a figure without data"
-        assert any(len(t.get("x", []) or t.get("z", []) or t.get("y", [])) for t in fig["data"])
-    heat = figs[0]["data"][0]
-    assert heat["type"] == "heatmap" and len(heat["z"]) == 2 and len(heat["z"][0]) == 4
-    assert result["prev_token_head"].startswith("0.") and result["induction_head"].startswith("1.")
-    assert result["recovery"] > 0.8
-    by_model = {r["model"]: r for r in result["apex"]}
-    assert by_model["backdoor"]["dominant_token"] == 23
-    assert by_model["backdoor"]["top1_share"] > 2 * by_model["backdoor-clean"]["top1_share"]
-    assert result["fv_flagged"] == {"modadd-2l-slingshot": True, "modadd-2l": False}
 
 
 def test_cli_help_and_errors(capsys):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import html as html_lib
+import json
 import re
+
+import pytest
 
 from apexlens.ui.cli import main
 
@@ -23,11 +26,17 @@ def _defined(section: str) -> set[str]:
     return {html_lib.unescape(d) for d in re.findall(r"<dt><code>(.*?)</code></dt>", section)}
 
 
-def test_demo_report_explains_every_figure_and_column(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """``apexlens demo`` run once (the slowest thing these tests do): its folder and result."""
     from apexlens.ui.demo import run_demo
 
-    run_demo(tmp_path, progress=False, n=8)
-    html = (tmp_path / "report.html").read_text()
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, progress=False, n=16)
+
+
+def test_demo_report_explains_every_figure_and_column(demo):
+    html = (demo[0] / "report.html").read_text()
     sections = _sections(html)
     figures = [s for s in sections if "Plotly.newPlot" in s]
     tables = [s for s in sections if "<table" in s]
@@ -41,6 +50,40 @@ def test_demo_report_explains_every_figure_and_column(tmp_path):
     for column in ("escaped", "flip_rate", "effective_n", "kl", "recovery", "aue", "ate"):
         assert f"<dt><code>{column}</code></dt>" in html
     assert "mean KL" in html  # aue / ate are spelled out
+
+
+def _figures(html: str) -> list[dict]:
+    """The plotly figures embedded in a report: (data, layout) of each Plotly.newPlot call,
+    decoded as JSON values one after the other (no regex over nested brackets)."""
+    out = []
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r'Plotly\.newPlot\(\s*"[^"]+",\s*', html):
+        data, end = decoder.raw_decode(html, m.end())
+        rest = re.match(r"\s*,\s*", html[end:])
+        assert rest is not None
+        layout, _ = decoder.raw_decode(html, end + rest.end())
+        out.append({"data": data, "layout": layout})
+    return out
+
+
+def test_demo_writes_a_self_contained_report(demo):
+    out, result = demo
+    html = (out / "report.html").read_text()
+    assert re.search(r"<script[^>]*\bsrc=", html) is None  # plotly.js inlined: opens offline
+    assert html.count("Plotly.newPlot") == 10  # with the APEX bias decision
+    figs = _figures(html)
+    assert len(figs) == 10
+    for fig in figs:
+        assert fig["data"], "a figure without data"
+        assert any(len(t.get("x", []) or t.get("z", []) or t.get("y", [])) for t in fig["data"])
+    heat = figs[0]["data"][0]
+    assert heat["type"] == "heatmap" and len(heat["z"]) == 2 and len(heat["z"][0]) == 4
+    assert result["prev_token_head"].startswith("0.") and result["induction_head"].startswith("1.")
+    assert result["recovery"] > 0.8
+    by_model = {r["model"]: r for r in result["apex"]}
+    assert by_model["backdoor"]["dominant_token"] == 23
+    assert by_model["backdoor"]["top1_share"] > 2 * by_model["backdoor-clean"]["top1_share"]
+    assert result["fv_flagged"] == {"modadd-2l-slingshot": True, "modadd-2l": False}
 
 
 def test_write_report_defines_known_columns_and_accepts_captions(tmp_path):

@@ -257,14 +257,15 @@ class Experiment:
         split_embed: bool = False,
         ablation: Ablation = "resample",
         reference_tokens: Int[Tensor, "n pos"] | None = None,
+        incremental: bool = False,
     ) -> CircuitResult:
-        """:meth:`evaluate_circuit` of a keep-matrix over :meth:`edge_index` (as
-        :meth:`EdgeIndex.keep` builds), for a caller that changes it an edge at a time (the
-        workbench): the same engine and result, its edges named from the matrix."""
+        """:meth:`evaluate_circuit` of a keep-matrix over :meth:`edge_index` (:meth:`EdgeIndex.keep`)
+        for a caller changing it edge by edge (``incremental``: run from the first block whose
+        receivers differ from the last such call's, :mod:`~.circuits.resume`, the same numbers)."""
         index = self.edge_index(split_embed)
         keep = _checked_keep(index, keep, self.n_pos)
         names = _keep_names(index, keep)
-        return _circuit_result(self, index, keep, names, ablation, reference_tokens)
+        return _circuit_result(self, index, keep, names, ablation, reference_tokens, incremental)
 
     def evaluate_circuits(
         self,
@@ -435,6 +436,7 @@ def _circuit_result(
     names: list[tuple[str, str]],
     ablation: Ablation,
     reference_tokens: Tensor | None,
+    incremental: bool = False,
 ) -> CircuitResult:
     """The :class:`CircuitResult` of the hypothesis ``keep`` over ``index`` (its edges
     spelled ``names``): what :meth:`Experiment.evaluate_circuit` and
@@ -443,7 +445,8 @@ def _circuit_result(
     empty_is_corrupted = ablation == "resample" and reference_tokens is None
     with inference_mode(exp.model):
         v = circuits.evaluate(
-            exp.runs, exp.readout, exp.clean_tokens, index, keep, abl, empty_is_corrupted
+            exp.runs, exp.readout, exp.clean_tokens, index, keep, abl, empty_is_corrupted,
+            incremental,
         )
     return CircuitResult(
         edges=names,

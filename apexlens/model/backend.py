@@ -168,6 +168,12 @@ class Backend(HookNames, HeadAlgebra):
     def device(self) -> torch.device:
         return self.W_U.device
 
+    def weights_key(self) -> tuple[tuple[int, int], ...]:
+        """Where every parameter lives and its in-place version: equal between two calls
+        exactly when no weight was replaced or changed in place in between (what a
+        computation kept from an earlier pass checks before it is reused)."""
+        return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+
     def _memo(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self._weights:
             self._weights[key] = make()

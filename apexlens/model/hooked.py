@@ -123,7 +123,8 @@ class HookedAdapter:
             extra["shortformer_pos_embed"] = pe.expand(resid.shape[0], *pe.shape)
         if past is not None:
             extra["past_kv_cache"] = past.entries(resid.shape[0])
-        with attached(self.model, hooks):
+        hooks = list(hooks)
+        with attached(self.model, hooks), skipped_projections(self.model, hooks):
             return self.model(resid, start_at_layer=start, stop_at_layer=stop, **extra)
 
     @property

@@ -2,7 +2,9 @@
 
 * :mod:`~apexlens.engines.circuits.buffer` -- the sender buffer and exclusion plans;
 * :mod:`~apexlens.engines.circuits.plan` -- a keep-matrix planned once into hooks;
-* :mod:`~apexlens.engines.circuits.evaluate` -- one hypothesis or many, per-example values.
+* :mod:`~apexlens.engines.circuits.evaluate` -- one hypothesis or many, per-example values;
+* :mod:`~apexlens.engines.circuits.resume` -- a pass resumed from the first block a
+  hypothesis changes against the last one (the workbench's toggle; bit-for-bit the same).
 """
 
 from apexlens.engines.circuits.evaluate import (

@@ -19,6 +19,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from apexlens.engines.circuits.plan import CircuitPlan, Keep, plan_for
+from apexlens.engines.circuits.resume import resumed_final
 from apexlens.errors import ApexlensError
 from apexlens.runs.ablation import AblationValues
 from apexlens.runs.cache import Runs
@@ -58,7 +59,12 @@ def scratch_of(runs: Runs) -> dict[str, Any] | None:
 
 
 def circuit_final(
-    runs: Runs, tokens: Tensor, index: EdgeIndex, keep: Keep, abl: AblationValues
+    runs: Runs,
+    tokens: Tensor,
+    index: EdgeIndex,
+    keep: Keep,
+    abl: AblationValues,
+    incremental: bool = False,
 ) -> Float[Tensor, "batch pos d_model"]:
     """The final residual stream of ``tokens`` under the circuit ``keep``.
 
@@ -67,7 +73,12 @@ def circuit_final(
     quarter over it, where that saves a small last chunk). The circuit is planned once (and
     kept for the next evaluation of the same hypothesis: :func:`plan_for`); each chunk gets
     its hooks over its own examples' ablated values. Under a shard, each rank runs a
-    contiguous block of the examples (one hypothesis has one row: its examples are split)."""
+    contiguous block of the examples (one hypothesis has one row: its examples are split).
+
+    ``incremental``: where the whole batch runs as one chunk in one process, the pass is
+    resumed from the first block whose receivers differ from the last incremental pass on
+    ``runs`` (:mod:`~apexlens.engines.circuits.resume`: bit-for-bit the same result, at the
+    memory of one more sender buffer kept with the runs)."""
     bk = runs.bk
     per_example = len(index.senders) * tokens.shape[1] * bk.dims.d_model * bk.dtype.itemsize
     size = max(1, runs.memory_budget // max(per_example, 1))
@@ -79,6 +90,8 @@ def circuit_final(
         if m > size and m % size < size / 4:  # no small tail chunk: each costs a forward's
             size = -(-m // (m // size))  # fixed overhead; its examples join the others (< 25%)
         if share.world == 1 and m <= size:  # one process, one chunk: the whole batch
+            if incremental and not torch.is_grad_enabled():
+                return resumed_final(runs.scratch, plan, tokens, keep, abl)
             return run_tokens(bk, tokens, plan.hooks(abl, scratch_of(runs)))
         for start in range(mine.start, mine.stop, size):
             stop = min(start + size, mine.stop)
@@ -144,14 +157,17 @@ def evaluate(
     keep: Keep,
     abl: AblationValues,
     empty_is_corrupted: bool,
+    incremental: bool = False,
 ) -> CircuitValues:
     """Evaluate one hypothesis on the clean ``tokens``: its metric, the fully ablated and the
     clean metric, and the KL divergences behind the proportion explained.
 
     ``empty_is_corrupted``: the fully ablated model is the corrupted run (resample ablation
     with the corrupted tokens as reference), so it is not run again; its values, the clean
-    ones and the clean log-probabilities are kept with the runs for the next hypothesis."""
-    read = readout.gather(circuit_final(runs, tokens, index, keep, abl))
+    ones and the clean log-probabilities are kept with the runs for the next hypothesis.
+    ``incremental``: the hypothesis' pass is resumed where the last one's can be
+    (:func:`circuit_final`; the same numbers)."""
+    read = readout.gather(circuit_final(runs, tokens, index, keep, abl, incremental))
     values, lp = readout.with_log_probs(read)
     clean_read = _once(runs, readout, "clean-read", lambda: readout.gather(runs.clean.final))
     lp_c = _once(runs, readout, "clean-lp", lambda: _log_probs(readout, clean_read))

@@ -361,6 +361,11 @@ class CircuitPlan:
         memory comes from and stays for the next call (:attr:`apexlens.runs.Runs.scratch`)."""
         return _Pass(self, abl, scratch).hooks()
 
+    def open(self, abl: AblationValues, scratch: dict[str, Any] | None = None) -> _Pass:
+        """One pass (as :meth:`hooks` makes), its sender buffer (:attr:`_Pass.buf`) open to a
+        caller that resumes a pass part-way (:mod:`~apexlens.engines.circuits.resume`)."""
+        return _Pass(self, abl, scratch)
+
 
 PLANS_KEPT = 8
 """Hypotheses whose plans :func:`plan_for` keeps (the most recently evaluated ones)."""

@@ -4,7 +4,9 @@ A hypothesis (a set of edge names, :mod:`~apexlens.ui.workbench.names`) becomes 
 keep-matrix of ``Experiment.edge_index()`` (:class:`Keeps`) and is evaluated by
 ``Experiment.evaluate_keep`` -- :meth:`apexlens.Experiment.evaluate_circuit` on the matrix,
 the same engine and the same :class:`apexlens.CircuitResult`, without re-reading tens of
-thousands of edge spellings on every toggle. Edge weights (the exact effect of removing each
+thousands of edge spellings on every toggle, and ``incremental``: the pass of a toggled
+hypothesis runs only from the toggled receiver's block on (everything before it is the last
+hypothesis', kept), bit-for-bit the numbers of a whole pass. Edge weights (the exact effect of removing each
 edge) are rows of one batched pass (``Experiment.evaluate_keeps``); attribution scores and
 path contributions are the library's own calls, cached.
 """
@@ -114,7 +116,9 @@ class Evaluator:
     def __call__(self, edges: frozenset[str], label: str, entry_id: int) -> Entry:
         """The numbers of ``exp.evaluate_circuit(edges)``, as an :class:`Entry`."""
         t0 = time.perf_counter()
-        res = self.exp.evaluate_keep(self.keeps(edges), ablation=self.ablation)  # type: ignore[arg-type]
+        res = self.exp.evaluate_keep(
+            self.keeps(edges), ablation=self.ablation, incremental=True  # type: ignore[arg-type]
+        )  # resumed from the block of the first changed receiver: the same numbers
         with warnings.catch_warnings():  # NaN where undefined; the page shows "nan"
             warnings.simplefilter("ignore", RuntimeWarning)
             explained = float(res.proportion_explained)
