@@ -339,6 +339,15 @@ def test_replaced_projections_skipped_only_where_no_other_hook(exp, model):
     assert torch.equal(observed, plain) and seen and torch.isfinite(seen[0]).all()
     if not attns:  # a bridge: nothing is skipped
         return
+    seen.clear()  # a torch hook registered on the hook point directly, not through TL
+    handle = model.blocks[1].attn.hook_q.register_forward_hook(
+        lambda mod, inp, out: seen.append(out.detach().clone())
+    )
+    try:
+        direct = exp.evaluate_circuit(half).scores.values
+    finally:
+        handle.remove()
+    assert torch.equal(direct, plain) and seen
     toks = exp.clean_tokens
     logits, cache = model.run_with_cache(toks)
     names = [f"blocks.{la}.attn.hook_{c}" for la in (0, 1) for c in "qk"]

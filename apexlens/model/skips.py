@@ -71,6 +71,23 @@ def _skipping(attn: Any, skip: dict[str, Callable[[], Tensor]], linear: Any) -> 
     return calculate_qkv_matrices
 
 
+def _alone(hp: Any) -> bool:
+    """Whether the hook point holds exactly one forward hook (the pass's own) and nothing
+    else that would see its call: no backward or pre-hooks, registered through
+    TransformerLens or directly on the module, and no global module hooks."""
+    from torch.nn.modules import module as nn_module
+
+    return (
+        len(hp.fwd_hooks) == 1
+        and len(hp._forward_hooks) == 1
+        and not hp.bwd_hooks
+        and not hp._backward_hooks
+        and not hp._forward_pre_hooks
+        and not getattr(nn_module, "_global_forward_hooks", {})
+        and not getattr(nn_module, "_global_forward_pre_hooks", {})
+    )
+
+
 @contextmanager
 def skipped_projections(model: Any, hooks: Hooks) -> Iterator[None]:
     """For the with-block (a pass under ``hooks``, already attached, under the model's
@@ -86,7 +103,7 @@ def skipped_projections(model: Any, hooks: Hooks) -> Iterator[None]:
     for (layer, ch), fns in marked.items():
         hp = getattr(model.blocks[layer].attn, f"hook_{ch}")
         value = getattr(fns[0], "overwrites", None)
-        if len(fns) == 1 and value is not None and len(hp.fwd_hooks) == 1 and not hp.bwd_hooks:
+        if len(fns) == 1 and value is not None and _alone(hp):
             by_layer.setdefault(layer, {})[ch] = value  # that hook alone at the point
     patched: list[Any] = []
     try:
