@@ -312,3 +312,59 @@ def test_plans_kept_per_hypothesis(exp, model):
         with torch.no_grad():
             for p, s in zip(model.parameters(), saved, strict=True):
                 p.copy_(s)
+
+
+def test_replaced_projections_skipped_only_where_no_other_hook(exp, model):
+    """A circuit pass sets whole q/k/v values without reading the model's: a
+    HookedTransformer's attention then skips those projections for the pass (and is restored
+    after it, also after an exception); a hook of the user's at the point keeps the model's
+    own projection, which it sees, and the numbers are the same either way."""
+    from apexlens.model import edits
+    from apexlens.model.hooks import attached
+    from apexlens.model.skips import skipped_projections
+
+    g = full_graph(model)
+    half = g[::2]
+    plain = exp.evaluate_circuit(half).scores.values
+    hooked = apexlens.model.backend_for(model).name == "HookedTransformer"
+    attns = [b.attn for b in model.blocks] if hooked else []
+    assert all("calculate_qkv_matrices" not in a.__dict__ for a in attns)
+    seen = []
+    user = ("blocks.1.attn.hook_q", lambda act, hook: seen.append(act.detach().clone()))
+    model.add_hook(*user)
+    try:
+        observed = exp.evaluate_circuit(half).scores.values
+    finally:
+        model.reset_hooks()
+    assert torch.equal(observed, plain) and seen and torch.isfinite(seen[0]).all()
+    if not attns:  # a bridge: nothing is skipped
+        return
+    seen.clear()  # a torch hook registered on the hook point directly, not through TL
+    handle = model.blocks[1].attn.hook_q.register_forward_hook(
+        lambda mod, inp, out: seen.append(out.detach().clone())
+    )
+    try:
+        direct = exp.evaluate_circuit(half).scores.values
+    finally:
+        handle.remove()
+    assert torch.equal(direct, plain) and seen
+    toks = exp.clean_tokens
+    logits, cache = model.run_with_cache(toks)
+    names = [f"blocks.{la}.attn.hook_{c}" for la in (0, 1) for c in "qk"]
+    hooks = [(n, edits.overwrite(lambda n=n: cache[n])) for n in names]
+    got = {}
+
+    def other(act, hook):  # a second hook at layer 1's k: that projection is computed
+        got["k"] = act.clone()
+        got["patched"] = ["calculate_qkv_matrices" in a.__dict__ for a in attns]
+
+    hooks.append(("blocks.1.attn.hook_k", other))
+    with attached(model, hooks), skipped_projections(model, hooks):
+        out = model(toks)
+    assert got["patched"] == [True, True] + [False] * (len(attns) - 2)
+    assert torch.equal(got["k"], cache["blocks.1.attn.hook_k"])
+    assert torch.equal(out, logits)
+    with pytest.raises(RuntimeError, match="inside"):
+        with attached(model, hooks), skipped_projections(model, hooks):
+            raise RuntimeError("inside")
+    assert all("calculate_qkv_matrices" not in a.__dict__ for a in attns)

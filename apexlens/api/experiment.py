@@ -247,10 +247,8 @@ class Experiment:
         the default) on the cached runs; see :func:`evaluate_circuit`."""
         if ablation is None:
             ablation = edges.ablation if isinstance(edges, Circuit) else "resample"
-        edge_list = EdgeList(edges)  # read once by everything below
-        index = self.edge_index(uses_split_embed(edge_list))
-        keep = index.keep(edge_list, self.n_pos, self.named_positions)
-        return _circuit_result(self, index, keep, edge_names(edge_list), ablation, reference_tokens)
+        index, keep, names = _keep_of(self, edges)
+        return _circuit_result(self, index, keep, list(names), ablation, reference_tokens)
 
     def evaluate_keep(
         self,
@@ -374,6 +372,51 @@ QUESTIONS = (
 guarded question (:class:`~apexlens.runs.shard.Guard`: a failure on any rank raises on all)."""
 for _name in QUESTIONS:
     setattr(Experiment, _name, guarded(getattr(Experiment, _name)))
+
+
+KEEPS_KEPT = 8
+"""Edge lists whose keep-matrices :meth:`Experiment.evaluate_circuit` keeps (the latest ones)."""
+
+
+def _keep_of(
+    exp: Experiment, edges: Any
+) -> tuple[EdgeIndex, Tensor, tuple[tuple[str, str], ...]]:
+    """The edge graph, keep-matrix and edge spellings of an edge list, kept for the next
+    evaluation of an equal list (of hashable pairs naming no positions: those read the
+    named positions, which may change) -- a workbench or a search re-evaluating a
+    hypothesis parses nothing again."""
+    edge_list = EdgeList(edges)  # read once by everything below
+    try:
+        key: Any = _Pairs(edge_list.pairs)
+    except TypeError:
+        key = None
+    memo: dict[Any, Any] = exp.__dict__.setdefault("_keeps", {})
+    hit = None if key is None else memo.pop(key, None)
+    if hit is None:
+        index = exp.edge_index(uses_split_embed(edge_list))
+        keep = index.keep(edge_list, exp.n_pos, exp.named_positions)
+        hit = (index, keep, tuple(edge_names(edge_list)))
+    if key is not None and hit[1].ndim == 2:
+        memo[key] = hit  # the most recent last
+        while len(memo) > KEEPS_KEPT:
+            del memo[next(iter(memo))]
+    return hit
+
+
+class _Pairs:
+    """An edge list as a dictionary key: its pairs, hashed once (unhashable: TypeError)."""
+
+    __slots__ = ("pairs", "h")
+
+    def __init__(self, pairs: list[Any]) -> None:
+        self.pairs = tuple(pairs)
+        self.h = hash(self.pairs)
+
+    def __hash__(self) -> int:
+        return self.h
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Pairs) and self.h == other.h and self.pairs == other.pairs
 
 
 def _gradients_possible(method: str, exact: bool) -> None:

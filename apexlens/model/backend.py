@@ -282,7 +282,12 @@ class Backend(HookNames, HeadAlgebra):
     ) -> Float[Tensor, "... n_tok"]:
         """Logits (all of the vocabulary, or only the columns ``tokens``) of a final residual,
         soft-capped (``cap * tanh(x / cap)``) where the model does."""
-        x = self.ln_final(resid_final)
+        return self.logits_of(self.ln_final(resid_final), tokens)
+
+    def logits_of(
+        self, x: Float[Tensor, "... d_model"], tokens: Int[Tensor, " n_tok"] | None = None
+    ) -> Float[Tensor, "... n_tok"]:
+        """:meth:`unembed` of a final residual already through :meth:`ln_final`."""
         if tokens is None:
             logits = self.adapter.unembed(x)
         else:

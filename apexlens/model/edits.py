@@ -9,6 +9,8 @@ kept a reference sees its tensor unchanged.
 =====================  =================================================================
 ``save(store, key)``   record the activation (a detached clone) under ``key``
 ``replace(value)``     the activation becomes ``value``
+``overwrite(value)``   ``replace`` by a value that never reads the activation (the model
+                       may skip computing it: :mod:`apexlens.model.skips`)
 ``replace_where(m, v)`` ``torch.where(m, v, activation)``: only where ``m`` is true
 ``add(delta, pos)``    ``activation + delta`` (only at sequence positions ``pos``)
 ``set_heads(h, v, m)`` heads ``h`` (axis 2) become ``v`` (only where ``m`` is true)
@@ -50,6 +52,18 @@ def replace(value: Value) -> HookFn:
     def hook(act: Tensor, hook: Any) -> Tensor:
         return _value(value, act).to(act.dtype)
 
+    return hook
+
+
+def overwrite(value: Callable[[], Tensor]) -> HookFn:
+    """The activation becomes ``value()``, which does not read it: the hook is marked
+    (``overwrites``: ``value``) so that a pass may take ``value()`` without computing the
+    activation (:func:`apexlens.model.skips.skipped_projections`)."""
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        return value().to(act.dtype)
+
+    hook.overwrites = value  # type: ignore[attr-defined]
     return hook
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from apexlens.model.dims import Dims
 from apexlens.model.hooks import Hooks, attached, silenced
 from apexlens.model.norms import apply_norm, fused_activation, fused_norm, inplace_norm, normalizer
+from apexlens.model.skips import skipped_projections
 
 _NORM_OF = {"ln1": "ln1", "ln2": "ln2", "ln1_post": "ln1_post", "ln2_post": "ln2_post"}
 
@@ -122,7 +123,8 @@ class HookedAdapter:
             extra["shortformer_pos_embed"] = pe.expand(resid.shape[0], *pe.shape)
         if past is not None:
             extra["past_kv_cache"] = past.entries(resid.shape[0])
-        with attached(self.model, hooks):
+        hooks = list(hooks)
+        with attached(self.model, hooks), skipped_projections(self.model, hooks):
             return self.model(resid, start_at_layer=start, stop_at_layer=stop, **extra)
 
     @property
@@ -153,7 +155,8 @@ class HookedAdapter:
         return Prefix(slots, int(resid.shape[1]), int(resid.shape[0]))
 
     def forward(self, tokens: Int[Tensor, "batch pos"], hooks: Hooks, logits: bool) -> Tensor:
-        with attached(self.model, hooks):
+        hooks = list(hooks)
+        with attached(self.model, hooks), skipped_projections(self.model, hooks):
             if logits:
                 return self.model(tokens)
             return self.model(tokens, stop_at_layer=int(self.model.cfg.n_layers))

@@ -195,9 +195,15 @@ class Readout:
 
     @property
     def all_positions(self) -> bool:
-        return self.idx.shape[1] == self.n_pos and bool(
+        """Whether the metric reads every position (worked out once per :attr:`idx`)."""
+        memo = self.__dict__.get("_all_positions")
+        if memo is not None and memo[0] is self.idx:
+            return bool(memo[1])
+        every = self.idx.shape[1] == self.n_pos and bool(
             (self.idx == torch.arange(self.n_pos, device=self.idx.device)).all()
         )
+        self._all_positions = (self.idx, every)
+        return every
 
     def gather(self, x: Float[Tensor, "*lead batch pos d"]) -> Float[Tensor, "*lead batch k d"]:
         """The positions the metric reads."""
@@ -212,6 +218,15 @@ class Readout:
     ) -> Float[Tensor, "*lead batch"]:
         """Metric values from final residual streams already gathered at the read positions."""
         return self.from_logits(self.bk.unembed(resid, self.tokens))
+
+    def with_log_probs(
+        self, resid: Float[Tensor, "*lead batch k d_model"]
+    ) -> tuple[Float[Tensor, "*lead batch"], Float[Tensor, "*lead batch k d_vocab"]]:
+        """:meth:`__call__` and the next-token log-probabilities of the same final residuals
+        (gathered at the read positions), the final norm applied once for both."""
+        x = self.bk.ln_final(resid)
+        values = self.from_logits(self.bk.logits_of(x, self.tokens))
+        return values, torch.log_softmax(self.bk.logits_of(x), -1)
 
     def from_logits(
         self, logits: Float[Tensor, "*lead batch k n_tok"]

@@ -168,7 +168,7 @@ def evaluate(
     ``incremental``: the hypothesis' pass is resumed where the last one's can be
     (:func:`circuit_final`; the same numbers)."""
     read = readout.gather(circuit_final(runs, tokens, index, keep, abl, incremental))
-    values = readout(read)
+    values, lp = readout.with_log_probs(read)
     clean_read = _once(runs, readout, "clean-read", lambda: readout.gather(runs.clean.final))
     lp_c = _once(runs, readout, "clean-lp", lambda: _log_probs(readout, clean_read))
     clean_values = _once(runs, readout, "clean", lambda: readout(clean_read))
@@ -184,10 +184,10 @@ def evaluate(
         empty_read = readout.gather(
             circuit_final(runs, tokens, index, torch.zeros_like(keep), abl)
         )
-        empty_values = readout(empty_read)
-        kl_empty = _kl_of(lp_c, _log_probs(readout, empty_read))
+        empty_values, lp_empty = readout.with_log_probs(empty_read)
+        kl_empty = _kl_of(lp_c, lp_empty)
         gap = _gap(clean_values, empty_values)
-    kl = _kl_of(lp_c, _log_probs(readout, read))
+    kl = _kl_of(lp_c, lp)
     return CircuitValues(values, empty_values, clean_values, kl, kl_empty, gap)
 
 

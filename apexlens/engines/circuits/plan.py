@@ -19,6 +19,7 @@ logits through the final residual stream.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -150,6 +151,7 @@ class CircuitPlan:
                 "are not additive there, so an edge from one head is not defined"
             )
         self.bk, self.index = bk, index
+        self._versions: dict[int, list[tuple[int, int]]] = {}
         valid = index.valid  # masks stay on the CPU: planning there costs no device syncs
         keep = keep.cpu()
         if keep.ndim == 3:
@@ -222,6 +224,11 @@ class CircuitPlan:
         own: list[tuple[str, list[int], int]] = []
         for ch in "qkv":
             heads = self._heads(layer, ch)
+            if heads and self.shared is None and not self.bk.shortformer:
+                # every head of the channel (those excluding nothing read ``resid``): the
+                # pass sets the whole value, so the model's own projection is skipped
+                # (:func:`apexlens.model.skips.skipped_projections`) and no heads are copied
+                heads = list(range(d.n_heads))
             if ch in "kv" and self.shared is not None and heads:
                 heads, mine = self._kv_split(layer, ch, heads)
                 if mine:  # heads with a key/value of their own, planned here, not in a hook
@@ -298,9 +305,10 @@ class CircuitPlan:
             return inputs
         picks = inputs.picks()
         dev = bk.device
-        params = [(bk.W_in(ch)[layer], bk.b_in(ch)[layer]) for ch in inputs.slots]
+        params = self._params(layer, inputs)
         slots = [(ch, tuple(s)) for ch, s in inputs.slots.items()]
         versions = [(t.data_ptr(), t._version) for wb in params for t in wb]
+        self._versions[layer] = versions
         key = f"fused-qkv:{layer}:{slots!r}:{versions!r}"
         hit = None if cache is None else cache.get(key)
         if hit is None:
@@ -319,6 +327,18 @@ class CircuitPlan:
         fused = Fused(hit[0], hit[1], index_on(picks, dev), ranges)
         return InputsPlan(inputs.columns, inputs.groups, inputs.slots, inputs.mlp_col, fused)
 
+    def _params(self, layer: int, inputs: InputsPlan) -> list[tuple[Tensor, Tensor]]:
+        """The q/k/v weights and biases of ``layer``'s channels that ``inputs`` reads."""
+        return [(self.bk.W_in(ch)[layer], self.bk.b_in(ch)[layer]) for ch in inputs.slots]
+
+    def _unchanged(self, layer: int, inputs: InputsPlan) -> bool:
+        """Whether the weights ``layer``'s fused product stacked are the model's still (the
+        same tensors, at the same version)."""
+        params = self._params(layer, inputs)
+        return self._versions.get(layer) == [
+            (t.data_ptr(), t._version) for wb in params for t in wb
+        ]
+
     def refreshed(self, cache: dict[str, Any] | None) -> CircuitPlan:
         """The plan again for the next pass of the same hypothesis: everything it planned
         depends on the keep-matrix and the model's structure only, except the stacked q/k/v
@@ -327,6 +347,7 @@ class CircuitPlan:
         self.layers = [
             replace(lp, inputs=self._fused(layer, lp.inputs, cache))
             if lp.inputs is not None and lp.inputs.fused is not None
+            and not self._unchanged(layer, lp.inputs)
             else lp
             for layer, lp in enumerate(self.layers)
         ]
@@ -412,9 +433,11 @@ class _Pass:
                 inputs = _Inputs(self, layer, lp.inputs)
                 for ch, slots in lp.inputs.slots.items():
                     # every slot of the channel: the value is the activation (no copy of it)
-                    every = slots == list(range(n_slots[ch]))
-                    edit = edits.replace if every else lambda v, s=slots: edits.set_heads(s, v)
-                    hooks.append((bk.qkv(layer, ch), edit(inputs.value(ch))))
+                    if slots == list(range(n_slots[ch])):  # the model's value is not read
+                        edit = edits.overwrite(functools.partial(inputs.get, ch))
+                    else:
+                        edit = edits.set_heads(slots, inputs.value(ch))
+                    hooks.append((bk.qkv(layer, ch), edit))
             if lp.own_kv:
                 hooks += self._own_kv(layer, lp.own_kv)
             hooks.append((bk.z(layer), self._record_heads(layer)))
@@ -533,23 +556,24 @@ class _Inputs:
                 self.values = fused.project(self.normed)
 
     def value(self, ch: str) -> Any:
+        """Channel ``ch``'s value as a hook value (a function of the activation, unread)."""
+        return lambda act: self.get(ch)
+
+    def get(self, ch: str) -> Tensor:
+        """Channel ``ch``'s q/k/v values of the layer's receiver slots in this pass."""
         plan = self.plan
-
-        def fn(act: Tensor) -> Tensor:
-            resid = self.state[self.key]
-            if self.normed is None or self.source is not resid:  # a new forward pass
-                self._start(resid)
-            assert self.normed is not None
-            self.served.add(ch)
-            if self.values is not None:
-                out = self.values.pop(ch)
-            else:
-                out = self.bk.project_columns(
-                    self.layer, ch, self.normed, plan.groups[ch], plan.slots[ch]
-                )
-            if self.served == self.chans:  # the layer's last q/k/v: its inputs are done
-                self.normed = self.source = self.values = None
-                self.buf.release(self.work)
-            return out
-
-        return fn
+        resid = self.state[self.key]
+        if self.normed is None or self.source is not resid:  # a new forward pass
+            self._start(resid)
+        assert self.normed is not None
+        self.served.add(ch)
+        if self.values is not None:
+            out = self.values.pop(ch)
+        else:
+            out = self.bk.project_columns(
+                self.layer, ch, self.normed, plan.groups[ch], plan.slots[ch]
+            )
+        if self.served == self.chans:  # the layer's last q/k/v: its inputs are done
+            self.normed = self.source = self.values = None
+            self.buf.release(self.work)
+        return out

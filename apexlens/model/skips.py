@@ -1,0 +1,119 @@
+"""Projections a pass does not need: q/k/v values that a hook replaces without reading them.
+
+A circuit pass (:mod:`apexlens.engines.circuits.plan`) recomputes every q/k/v slot of a
+receiver channel from its own inputs and replaces the model's value at ``hook_q/k/v``
+without reading it (:func:`apexlens.model.edits.overwrite`). The model would compute that
+value first -- on a toy model, six of the few dozen operations a layer dispatches. Where a
+``HookedTransformer``'s attention computes q/k/v by TransformerLens' plain path (no split
+q/k/v input, no 4-bit weights, ``Attention``'s own ``calculate_qkv_matrices``) and the hook
+point holds that one hook and nothing else, :func:`skipped_projections` makes the attention
+take the hook's value directly, for the duration of one pass: the numbers are the same (the
+hook never reads the model's value), neither the product nor the hook point runs. Anything else -- another
+hook at the point (the user's), a grouped-query or split-input attention, a bridge -- runs
+the model's own path unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor
+
+from apexlens.model.hooks import Hooks
+
+_QKV = re.compile(r"blocks\.(\d+)\.attn\.hook_([qkv])$")
+_ATTR = "calculate_qkv_matrices"
+
+
+def _plain_qkv(attn: Any) -> Any:
+    """TransformerLens' ``simple_attn_linear`` where ``attn`` computes q/k/v by the plain
+    path of ``AbstractAttention.calculate_qkv_matrices``; else ``None``."""
+    try:
+        from transformer_lens.components.abstract_attention import AbstractAttention
+        from transformer_lens.utilities.attention import simple_attn_linear
+    except ImportError:  # pragma: no cover - TransformerLens 4.x has no HookedTransformer
+        return None
+    cfg = attn.cfg
+    if (
+        getattr(type(attn), _ATTR, None) is not getattr(AbstractAttention, _ATTR, None)
+        or _ATTR in attn.__dict__
+        or getattr(cfg, "use_split_qkv_input", False)
+        or getattr(cfg, "use_attn_in", False)
+        or getattr(cfg, "load_in_4bit", False)
+    ):
+        return None
+    return simple_attn_linear
+
+
+def _skipping(attn: Any, skip: dict[str, Callable[[], Tensor]], linear: Any) -> Any:
+    """``attn.calculate_qkv_matrices`` with the channels ``skip`` not projected: each is its
+    one hook's value (``skip[ch]()``, what the hook would return; the hook point, which holds
+    nothing else, is not called)."""
+
+    def calculate_qkv_matrices(q_in: Tensor, k_in: Tensor, v_in: Tensor) -> Any:
+        out = []
+        for ch, x in (("q", q_in), ("k", k_in), ("v", v_in)):
+            value = skip.get(ch)
+            if value is not None:
+                out.append(value().to(x.dtype))
+                continue
+            W, b = getattr(attn, f"W_{ch.upper()}"), getattr(attn, f"b_{ch.upper()}")
+            out.append(getattr(attn, f"hook_{ch}")(linear(x, W, b)))
+        q, k, v = out
+        if getattr(attn.cfg, "use_qk_norm", False):  # as TransformerLens: after the hooks
+            q = attn._apply_qk_norm(q, attn.q_norm)
+            k = attn._apply_qk_norm(k, attn.k_norm)
+        return q, k, v
+
+    return calculate_qkv_matrices
+
+
+def _alone(hp: Any) -> bool:
+    """Whether the hook point holds exactly one forward hook (the pass's own) and nothing
+    else that would see its call: no backward or pre-hooks, registered through
+    TransformerLens or directly on the module, and no global module hooks."""
+    from torch.nn.modules import module as nn_module
+
+    return (
+        len(hp.fwd_hooks) == 1
+        and len(hp._forward_hooks) == 1
+        and not hp.bwd_hooks
+        and not hp._backward_hooks
+        and not hp._forward_pre_hooks
+        and not getattr(nn_module, "_global_forward_hooks", {})
+        and not getattr(nn_module, "_global_forward_pre_hooks", {})
+    )
+
+
+@contextmanager
+def skipped_projections(model: Any, hooks: Hooks) -> Iterator[None]:
+    """For the with-block (a pass under ``hooks``, already attached, under the model's
+    lock): the q/k/v projections whose value one :func:`~apexlens.model.edits.overwrite`
+    hook replaces, not computed (module docstring). The attention modules are restored on
+    exit, also after an exception."""
+    marked: dict[tuple[int, str], list[Any]] = {}
+    for name, fn in hooks:
+        m = _QKV.match(name)
+        if m is not None:
+            marked.setdefault((int(m.group(1)), m.group(2)), []).append(fn)
+    by_layer: dict[int, dict[str, Callable[[], Tensor]]] = {}
+    for (layer, ch), fns in marked.items():
+        hp = getattr(model.blocks[layer].attn, f"hook_{ch}")
+        value = getattr(fns[0], "overwrites", None)
+        if len(fns) == 1 and value is not None and _alone(hp):
+            by_layer.setdefault(layer, {})[ch] = value  # that hook alone at the point
+    patched: list[Any] = []
+    try:
+        for layer, skip in by_layer.items():
+            attn = model.blocks[layer].attn
+            linear = _plain_qkv(attn)
+            if linear is not None:
+                setattr(attn, _ATTR, _skipping(attn, skip, linear))
+                patched.append(attn)
+        yield
+    finally:
+        for attn in patched:
+            attn.__dict__.pop(_ATTR, None)
