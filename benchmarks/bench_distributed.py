@@ -15,7 +15,11 @@ Throughput ratio = time on 1 rank / time on 2 ranks (2.0 = perfect). Printed bes
 the machine's ceiling at that moment: two independent processes of the same float32 matmuls
 against one (on a machine whose cores other jobs share, below 2.0; sharding cannot beat it). Each launch is a
 ``torchrun --standalone`` of this file with ``--worker``; the 1-rank and 2-rank launches
-alternate (1, 2, 1, 2) and each ratio uses the median of its launches. ``bytes/call``: what
+alternate (1, 2, pair, 1, 2, pair) and each ratio uses the median of its launches. The
+*pair* is two independent one-rank processes started together, each asking every question
+whole: their time over one process alone is what this machine gives a second process on
+that very question (on a 2-vCPU virtual machine whose vCPUs may share a physical core, far
+less than 2), printed as each question's ceiling beside the throughput. ``bytes/call``: what
 one rank receives in each exchange of the call (from ``ShardPlan.traffic``: the pickled
 results of the other ranks, plus the per-question status exchange).
 
@@ -103,6 +107,28 @@ def launch(n: int, batch: int, repeats: int) -> dict[str, Any]:
     if done.returncode or not lines:
         raise SystemExit(done.stdout[-2000:] + done.stderr[-4000:])
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def launch_pair(batch: int, repeats: int) -> dict[str, Any]:
+    """Two independent one-rank processes at once, each asking every question whole: what
+    this machine gives a second process on *these* questions (each its own world of one)."""
+    cmd = [sys.executable, str(HERE), "--worker", "--batch", str(batch), "--repeats", str(repeats)]
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + 17 * i + os.getpid() % 97))
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env))
+    results = []
+    for proc in procs:
+        out, err = proc.communicate()
+        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            raise SystemExit(out[-2000:] + err[-4000:])
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    # each question's time under contention: the slower of the two processes
+    return {k: max(r[k] for r in results) if isinstance(results[0][k], float) else results[0][k]
+            for k in results[0]}
 
 
 def _matmuls() -> float:
@@ -213,20 +239,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.quick:
         args.batch, args.rounds, args.repeats = 8, 1, 1
     cost = per_edge_cost(args.cost_batch or args.batch)
-    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: [], 0: []}  # 0: the independent pair
     for _ in range(args.rounds):
-        for n in (1, 2):
-            runs[n].append(launch(n, args.batch, args.repeats))
+        for n in (1, 2, 0):
+            runs[n].append(launch_pair(args.batch, args.repeats) if n == 0
+                           else launch(n, args.batch, args.repeats))
     print(f"sharding, 2 ranks x 1 thread vs 1 rank x 1 thread (GPT-2-small shape at batch "
           f"{args.batch} x 64; induction-2l at 32), load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores; the machine's ceiling now (two independent matmul "
           f"processes over one): x{ceiling():.2f}")
+    print("  ceiling = the same question's ceiling: 2 x (1 rank alone) / (each of two independent "
+          "1-rank processes asking it whole at once); efficiency = throughput / ceiling")
     ratios: dict[str, float] = {}
     for name in ("setup", "heads->logits", "random-half circuit", "exact edge scores"):
         one = statistics.median(r[name] for r in runs[1])
         two = statistics.median(r[name] for r in runs[2])
+        pair = statistics.median(r[name] for r in runs[0])
         ratios[name] = one / two
-        line = f"  {name:22s} 1 rank {one:8.3f} s   2 ranks {two:8.3f} s   throughput x{one / two:.2f}"
+        ratios[f"{name} ceiling"] = 2 * one / pair
+        line = (f"  {name:22s} 1 rank {one:8.3f} s   2 ranks {two:8.3f} s   throughput "
+                f"x{one / two:.2f}   ceiling x{2 * one / pair:.2f}   efficiency "
+                f"{(one / two) / (2 * one / pair):.0%}")
         if f"{name} bytes" in runs[2][0]:
             per = runs[2][0][f"{name} bytes"]
             line += "   bytes/call: " + ", ".join(f"{d} {b:,}" for d, b in per)
