@@ -128,3 +128,24 @@ def test_command_line_under_torchrun(tmp_path):
     assert again.stderr.count("already holds path_patch.csv") == 1, again.stderr[-3000:]
     assert "wrote " not in again.stdout
     assert {p.name: p.read_bytes() for p in (tmp_path / "many").iterdir()} == before
+
+
+def test_puts_travel_joined_in_order():
+    """A rank's puts go into the exchange as few tensors (pickling is per tensor): runs of one
+    row shape and dtype joined, other shapes kept apart, every row where it was put."""
+    import torch
+
+    from apexlens.runs.shard import _packed
+
+    puts = [(torch.tensor([4]), torch.full((1, 3), 4.0)), (torch.tensor([0, 2]), torch.ones(2, 3)),
+            (torch.tensor([1]), torch.zeros(1, 5)), (torch.tensor([3]), torch.full((1, 3), 3.0)),
+            (torch.tensor([5]), torch.full((1, 3), 5, dtype=torch.float64))]
+    packed = _packed(puts)
+    assert [len(i) for i, _ in packed] == [3, 1, 1, 1]
+    want, got = torch.zeros(6, 5), torch.zeros(6, 5)
+    for (i, v), target in ((p, want) for p in puts):
+        target[i, : v.shape[1]] = v.float()
+    for i, v in packed:
+        got[i, : v.shape[1]] = v.float()
+    assert torch.equal(want, got)
+    assert packed[0][1].dtype == torch.float32 and packed[-1][1].dtype == torch.float64
