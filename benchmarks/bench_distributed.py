@@ -23,9 +23,9 @@ less than 2), printed as each question's ceiling beside the throughput. ``bytes/
 one rank receives in each exchange of the call (from ``ShardPlan.traffic``: the pickled
 results of the other ranks, plus the per-question status exchange).
 
-    python benchmarks/bench_distributed.py            # ~10 minutes on 2 quiet cores
+    python benchmarks/bench_distributed.py            # ~25 minutes on 2 quiet cores
     python benchmarks/bench_distributed.py --quick    # batch 8 x 64, one launch each
-    python benchmarks/bench_distributed.py --rounds 1 --repeats 2 --cost-batch 8  # shorter
+    python benchmarks/bench_distributed.py --rounds 1 --repeats 2 --cost-batch 8  # ~8 minutes
 """
 
 from __future__ import annotations
