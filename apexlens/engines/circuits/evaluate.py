@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
@@ -129,12 +128,6 @@ def circuit_rows(
     return share.fill(out)
 
 
-def _log_probs(readout: Readout, read: Tensor) -> Tensor:
-    """Next-token log-probabilities from final residuals at the positions the metric reads
-    (:meth:`Readout.gather`)."""
-    return F.log_softmax(readout.bk.unembed(read), -1)
-
-
 def _kl_of(lp_c: Tensor, lp: Tensor) -> Float[Tensor, " batch"]:
     """``KL(clean || other)`` from log-probabilities, mean over the read positions."""
     return (lp_c.exp() * (lp_c - lp)).sum(-1).mean(-1)
@@ -170,15 +163,16 @@ def evaluate(
     read = readout.gather(circuit_final(runs, tokens, index, keep, abl, incremental))
     values, lp = readout.with_log_probs(read)
     clean_read = _once(runs, readout, "clean-read", lambda: readout.gather(runs.clean.final))
-    lp_c = _once(runs, readout, "clean-lp", lambda: _log_probs(readout, clean_read))
-    clean_values = _once(runs, readout, "clean", lambda: readout(clean_read))
+    clean_values, lp_c = _once(runs, readout, "clean", lambda: readout.with_log_probs(clean_read))
     if empty_is_corrupted and runs.corrupted is not None:
         k_final = runs.corrupted.final
         k_read = _once(runs, readout, "empty-read", lambda: readout.gather(k_final))
-        empty_values = _once(runs, readout, "empty", lambda: readout(k_read))
-        kl_empty = _once(
-            runs, readout, "kl-empty", lambda: _kl_of(lp_c, _log_probs(readout, k_read))
-        )
+
+        def empty() -> tuple[Tensor, Tensor]:  # its log-probabilities are not kept
+            v, lp_k = readout.with_log_probs(k_read)
+            return v, _kl_of(lp_c, lp_k)
+
+        empty_values, kl_empty = _once(runs, readout, "empty", empty)
         gap = _once(runs, readout, "gap", lambda: _gap(clean_values, empty_values))
     else:
         empty_read = readout.gather(
