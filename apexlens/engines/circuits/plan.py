@@ -307,8 +307,7 @@ class CircuitPlan:
         dev = bk.device
         params = self._params(layer, inputs)
         slots = [(ch, tuple(s)) for ch, s in inputs.slots.items()]
-        versions = [(t.data_ptr(), t._version) for wb in params for t in wb]
-        self._versions[layer] = versions
+        versions = self._versions[layer] = _versions_of(params)
         key = f"fused-qkv:{layer}:{slots!r}:{versions!r}"
         hit = None if cache is None else cache.get(key)
         if hit is None:
@@ -334,10 +333,7 @@ class CircuitPlan:
     def _unchanged(self, layer: int, inputs: InputsPlan) -> bool:
         """Whether the weights ``layer``'s fused product stacked are the model's still (the
         same tensors, at the same version)."""
-        params = self._params(layer, inputs)
-        return self._versions.get(layer) == [
-            (t.data_ptr(), t._version) for wb in params for t in wb
-        ]
+        return self._versions.get(layer) == _versions_of(self._params(layer, inputs))
 
     def refreshed(self, cache: dict[str, Any] | None) -> CircuitPlan:
         """The plan again for the next pass of the same hypothesis: everything it planned
@@ -365,6 +361,12 @@ class CircuitPlan:
         """One pass (as :meth:`hooks` makes), its sender buffer (:attr:`_Pass.buf`) open to a
         caller that resumes a pass part-way (:mod:`~apexlens.engines.circuits.resume`)."""
         return _Pass(self, abl, scratch)
+
+
+def _versions_of(params: list[tuple[Tensor, Tensor]]) -> list[tuple[int, int]]:
+    """Where each weight and bias lives and its in-place version (equal exactly when none
+    was replaced or changed in place)."""
+    return [(t.data_ptr(), t._version) for wb in params for t in wb]
 
 
 PLANS_KEPT = 8
