@@ -174,12 +174,11 @@ def _reopen(
 ) -> None:
     """``buf`` started over the kept memory with its first ``filled`` senders (and the
     running total, from the checkpoint ``at``) as the last pass left them."""
-    kept = {k: v.data_ptr() for k, v in cp.scratch.items() if k.startswith("sender_buffer")}
-    buf.start(like)
-    mem = cp.scratch.get("sender_buffer:slot" if buf.slot_major else "sender_buffer")
-    assert mem is not None and kept.get(
-        "sender_buffer:slot" if buf.slot_major else "sender_buffer"
-    ) == mem.data_ptr(), "a resumed pass reads the kept sender buffer"
+    kept = dict(cp.scratch)  # held: an entry start() replaced is not this object any more
+    buf.start(like)  # decides the buffer's layout (slot_major), hence its entry
+    name = "sender_buffer:slot" if buf.slot_major else "sender_buffer"
+    mem = cp.scratch.get(name)
+    assert mem is not None and kept.get(name) is mem, "a resumed pass reads the kept sender buffer"
     buf.filled = filled
     if total:
         assert buf.D is not None and cp.totals is not None
