@@ -280,12 +280,14 @@ def check_engines(model: Any, tol: float, ungrouped: Any = None) -> None:
 
     # exact per-position edge scores: each row runs from its position on
     if not bk.post_norms:
-        pe = [("m0", "m1"), ("1.2", "2.0.q"), ("embed", "logits")]
+        # edges into every layer: the rows of earlier receivers run later blocks whole and the
+        # last one at the read position only (its keys/values from every position)
+        pe = [("m0", "m1"), ("1.2", "2.0.q"), ("embed", "logits"), ("0.2", "1.1.q")]
         if grouped:  # a query head's own key under grouped-query attention: refused by name
             with pytest.raises(apexlens.ApexlensError, match="grouped-query"):
                 exp.attribute_edges(method="exact", edges=[("0.1", "2.3.k")])
         else:
-            pe.append(("0.1", "2.3.k"))
+            pe += [("0.1", "2.3.k"), ("embed", "1.0.v")]
         sc = exp.attribute_edges(method="exact", per_position=True, edges=pe)
         for i, (s_, r_) in enumerate(sc.edges):
             if i % 2 == 0 or s_.startswith("embed"):

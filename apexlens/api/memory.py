@@ -78,6 +78,23 @@ class _Shape:
         residual-sized tensors and ``more`` floats per token."""
         return self.peak_inside() + self.per * (dm * self.bk.dims.d_model + more)
 
+    def last_row(self, k: int) -> int:
+        """One row whose last block computes only the ``k`` read positions (the last ones;
+        :func:`~apexlens.runs.suffix.run_suffix_rows`): attention and MLP at those positions
+        and about eleven residual-sized tensors (the keys and values of every position, the
+        hooks' full-width activations), fitted like :meth:`row`."""
+        d, it = self.bk.dims, self.bk.dtype.itemsize
+        mlp = self.batch * k * it * 4 * d.d_mlp if d.has_mlps else 0
+        attn = 4 * self.batch * d.n_heads * k * self.n_pos * it
+        return max(mlp, attn) + self.per * 11 * d.d_model
+
+    def reads_late(self, opts: dict[str, Any]) -> int | None:
+        """The read positions ``k`` (option ``read_positions``, default 1: the metric reads
+        the last ones) where a run's last block computes them only; ``None`` where it runs
+        every position (every position read, or a model that runs no suffixes)."""
+        k = int(opts.get("read_positions", 1))
+        return k if k < self.n_pos and self.bk.runs_suffix else None
+
     def chunk(self, n_rows: int, n_tok: int, extra: int = 0) -> int:
         """Rows per chunk, as the engines size them from the budget."""
         return rows_per_chunk(
@@ -97,7 +114,13 @@ def _path_patch(s: _Shape, opts: dict[str, Any]) -> int:
         per_row = n_tok * s.bk.dtype.itemsize * (4 * d.d_mlp + 6 * d.d_model)
         return max(s.setup(), 2 * s.cache() + chunk * per_row)
     chunk = s.chunk(rows, s.batch * s.n_pos)
-    return max(s.setup(), 2 * s.cache() + s.per * d.d_model + chunk * s.row(5))
+    late = s.reads_late(opts)
+    last = d.n_layers - 1
+    if late is not None and min(r.layer for r in receivers if r.kind != "logits") == last:
+        row = s.last_row(late)  # the rows run the last block only, at the read positions
+    else:
+        row = s.row(5)
+    return max(s.setup(), 2 * s.cache() + s.per * d.d_model + chunk * row)
 
 
 def _act_patch(s: _Shape, opts: dict[str, Any]) -> int:
@@ -129,7 +152,20 @@ def _exact(s: _Shape, opts: dict[str, Any]) -> int:
     n_edges = int(index.valid.sum())
     chunk = s.chunk(n_edges, s.batch * s.n_pos)
     held = s.per * len(index.senders) * d.d_model + n_edges * s.batch * s.bk.dtype.itemsize
-    return max(s.setup(), 2 * s.cache() + held + chunk * s.row(7))
+    # rows run in groups by the block they start at (a head's: its own; an MLP's: the next);
+    # those starting at the last block compute it at the read positions only
+    k, last = s.reads_late(opts), d.n_layers - 1
+    rows_from: dict[int, int] = {}
+    for j, r in enumerate(index.receivers):
+        if r.kind != "logits":
+            start = r.layer + (r.kind == "mlp")
+            rows_from[start] = rows_from.get(start, 0) + int(index.valid[:, j].sum())
+    work = 0
+    for start, n in rows_from.items():
+        if start <= last:
+            row = s.last_row(k) if k is not None and start == last else s.row(7)
+            work = max(work, min(chunk, n) * row)
+    return max(s.setup(), 2 * s.cache() + held + work)
 
 
 def _gradients(s: _Shape, alphas: int) -> int:
@@ -176,7 +212,9 @@ QUESTIONS: dict[str, Callable[[_Shape, dict[str, Any]], int]] = {
 ``path_patch`` (``senders``, ``receivers``), ``act_patch`` (``nodes``), ``circuit`` (one
 hypothesis of any size: the sender buffer does not depend on it), ``attribute_edges:exact``
 / ``:eap`` / ``:eap-ig`` (``ig_steps``; every edge), ``apex`` (``sites``, ``n_sigmas``,
-``n_draws``; the budget is APEX's own ``memory_budget``)."""
+``n_draws``; the budget is APEX's own ``memory_budget``). ``path_patch`` and
+``attribute_edges:exact`` also take ``read_positions``: how many positions the metric reads
+(the last ones; default 1)."""
 
 
 def estimate_memory(

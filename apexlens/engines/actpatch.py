@@ -88,7 +88,7 @@ def act_patch_rows(
             resid = k.resid(layer, bk)[:, p0:].expand(len(rows), -1, -1, -1).clone()
             _restore_resid(runs, rows, resid, layer, p0)
             hooks = _restore_hooks(runs, rows, layer, p0)
-            final = run_suffix_rows(runs, k, resid, layer, p0, hooks)
+            final = run_suffix_rows(runs, k, resid, layer, p0, hooks, int(readout.idx.min()))
             share.put(idx, readout(readout.gather(final)))
     return share.fill(out)
 

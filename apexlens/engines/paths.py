@@ -455,7 +455,7 @@ def input_edits(
             def vals(act: Tensor, ts: list[Node] = ts) -> Tensor:
                 return stack_rows(torch.stack([value(t) for t in ts], dim=-2))
 
-            hooks.append((site, edits.set_heads(slots, vals, where)))
+            hooks.append((site, edits.set_heads(slots, vals, where, positionwise=True)))
         else:
             m = masks[0]
             where = None if m is None else m.repeat(rows, 1)[..., None]
@@ -463,7 +463,7 @@ def input_edits(
             def out(act: Tensor, t: Node = ts[0]) -> Tensor:
                 return stack_rows(value(t))
 
-            hooks.append((site, edits.replace_where(where, out)))
+            hooks.append((site, edits.replace_where(where, out, positionwise=True)))
     for layer, ts in grouped.items():
 
         def kv_values(
@@ -539,7 +539,8 @@ def _finish(
         )
         start = min(r.layer for r in others)
         resid = c[bk.resid_pre(start)][:, p0:]
-        final = run_suffix_rows(runs, c, resid.expand(rows, *resid.shape), start, p0, hooks)
+        read = int(readout.idx.min())
+        final = run_suffix_rows(runs, c, resid.expand(rows, *resid.shape), start, p0, hooks, read)
     else:
         final = c.final.expand(rows, *c.final.shape).clone()
     if logits_nodes:

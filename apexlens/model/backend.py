@@ -331,15 +331,22 @@ class Backend(HookNames, HeadAlgebra):
         return bool(getattr(self.adapter, "runs_suffix", False))
 
     def prefix(
-        self, resid: Float[Tensor, "batch p0 d_model"], start: int, stop: int | None = None
+        self,
+        resid: Float[Tensor, "batch p d_model"],
+        start: int,
+        stop: int | None = None,
+        hooks: Iterable[tuple[str, HookFn]] = (),
+        past: Any = None,
     ) -> Any:
         """The keys and values blocks ``start..stop-1`` compute for the positions of
-        ``resid`` (the first ``p0`` positions of a run, entering block ``start``), for
-        :meth:`run_layers` ``(..., past=)`` on the positions after them."""
+        ``resid`` entering block ``start`` -- the first ``p`` positions of a run, or, after
+        ``past`` (an earlier prefix of the same rows), the next ones -- under ``hooks``, for
+        :meth:`run_layers` ``(..., past=)`` on the positions after them. Only the keys and
+        values are computed: the last block's attention and MLP outputs are not."""
         if not self.runs_suffix:
             raise ApexlensError(f"{self.adapter.name} runs every position (no prefix runs)")
         n = self.dims.n_layers
-        return self.adapter.prefix(resid, start, n if stop is None else stop)
+        return self.adapter.prefix(resid, start, n if stop is None else stop, list(hooks), past)
 
     def run_with_cache(
         self,

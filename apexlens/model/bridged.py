@@ -177,7 +177,9 @@ class BridgeAdapter:
     architecture and ``transformers`` version: position-restricted runs fall back to every
     position there (the same numbers, without the saving)."""
 
-    def prefix(self, resid: Tensor, start: int, stop: int) -> Any:
+    def prefix(
+        self, resid: Tensor, start: int, stop: int, hooks: Hooks = (), past: Any = None
+    ) -> Any:
         raise ApexlensError("a TransformerBridge has no position-restricted runs (runs_suffix)")
 
     def run_blocks(

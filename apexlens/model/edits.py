@@ -16,6 +16,12 @@ kept a reference sees its tensor unchanged.
 ``set_heads(h, v, m)`` heads ``h`` (axis 2) become ``v`` (only where ``m`` is true)
 ``scatter_heads(...)`` per stacked row, one head becomes a value (exact edge scores)
 =====================  =================================================================
+
+An edit is marked ``positionwise`` when what it does at a sequence position depends on that
+position's activation and value only (a tensor value always; a callable one where the
+caller says so): such hooks may be shown a slice of the positions, laid into a full-width
+activation (:func:`apexlens.runs.suffix.run_suffix_rows`). Unmarked hooks -- ``save``, a
+value computed from other hooks' records -- keep every run whole.
 """
 
 from __future__ import annotations
@@ -36,6 +42,13 @@ def _value(value: Value, act: Tensor) -> Tensor:
     return value(act) if callable(value) else value
 
 
+def _marked(hook: HookFn, value: Any, positionwise: bool | None) -> HookFn:
+    """``hook`` marked ``positionwise`` (see the module docstring): as told, else whether its
+    value is a tensor (a callable may read anything when the hook fires)."""
+    hook.positionwise = not callable(value) if positionwise is None else positionwise  # type: ignore[attr-defined]
+    return hook
+
+
 def save(store: MutableMapping[str, Tensor], key: str, clone: bool = True) -> HookFn:
     """Record the activation under ``key`` (keyed by the caller's name, never ``hook.name``:
     a bridge reports aliases)."""
@@ -46,13 +59,13 @@ def save(store: MutableMapping[str, Tensor], key: str, clone: bool = True) -> Ho
     return hook
 
 
-def replace(value: Value) -> HookFn:
+def replace(value: Value, positionwise: bool | None = None) -> HookFn:
     """The activation becomes ``value`` (cast to the activation's dtype)."""
 
     def hook(act: Tensor, hook: Any) -> Tensor:
         return _value(value, act).to(act.dtype)
 
-    return hook
+    return _marked(hook, value, positionwise)
 
 
 def overwrite(value: Callable[[], Tensor]) -> HookFn:
@@ -67,14 +80,16 @@ def overwrite(value: Callable[[], Tensor]) -> HookFn:
     return hook
 
 
-def replace_where(where: Bool[Tensor, "..."] | None, value: Value) -> HookFn:
+def replace_where(
+    where: Bool[Tensor, "..."] | None, value: Value, positionwise: bool | None = None
+) -> HookFn:
     """``value`` where ``where`` is true (broadcast), the activation elsewhere; ``None``: all."""
 
     def hook(act: Tensor, hook: Any) -> Tensor:
         v = _value(value, act).to(act.dtype)
         return v.expand_as(act).clone() if where is None else torch.where(where, v, act)
 
-    return hook
+    return _marked(hook, value, positionwise)
 
 
 def add(delta: Value, positions: Int[Tensor, " k"] | None = None) -> HookFn:
@@ -88,13 +103,14 @@ def add(delta: Value, positions: Int[Tensor, " k"] | None = None) -> HookFn:
         out[:, positions] = out[:, positions] + d
         return out
 
-    return hook
+    return _marked(hook, delta, None)
 
 
 def set_heads(
     heads: Int[Tensor, " h"] | list[int],
     value: Value,
     where: Bool[Tensor, "n pos h"] | None = None,
+    positionwise: bool | None = None,
 ) -> HookFn:
     """Heads ``heads`` of a ``[n, pos, head, d]`` activation become ``value[n, pos, h, d]``
     (only where ``where[n, pos, h]`` is true, if given)."""
@@ -111,7 +127,7 @@ def set_heads(
             v = torch.where(where[..., None], v, act.index_select(2, idx))
         return act.index_copy(2, idx, v)  # one copy of the activation, the heads set
 
-    return hook
+    return _marked(hook, value, positionwise)
 
 
 def scatter_heads(
@@ -130,4 +146,4 @@ def scatter_heads(
         view[rows, :, :, heads] = values.to(act.dtype)
         return out
 
-    return hook
+    return _marked(hook, values, True)

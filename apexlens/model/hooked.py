@@ -137,22 +137,38 @@ class HookedAdapter:
             cfg, "positional_embedding_type", "standard"
         ) in ("standard", "rotary", "alibi", "shortformer")
 
-    def prefix(self, resid: Tensor, start: int, stop: int) -> Prefix:
-        """The keys and values blocks ``start..stop-1`` compute for the first
-        ``resid.shape[1]`` positions, entering block ``start`` as ``resid``: one silent run
-        of the prefix (whatever the attention does between ``hook_k`` and its cache -- a
-        qk-norm, a clamp -- is in the recorded values)."""
+    def prefix(
+        self,
+        resid: Tensor,
+        start: int,
+        stop: int,
+        hooks: Hooks = (),
+        past: Prefix | None = None,
+    ) -> Prefix:
+        """The keys and values blocks ``start..stop-1`` compute for the positions of
+        ``resid`` entering block ``start`` (the first ones of a run, or, with ``past``, the
+        ones after ``past``'s), under ``hooks``: one run of those positions that records each
+        block's cache entry (whatever the attention does between ``hook_k`` and its cache --
+        a qk-norm, a clamp -- is in the recorded values) and stops at the last block's, whose
+        attention and MLP outputs no one reads."""
         n = int(self.model.cfg.n_layers)
+        rows, offset = int(resid.shape[0]), 0 if past is None else past.n_pos
+        before = [None] * n if past is None else past.entries(rows)
         slots: list[Any] = [None] * n
         for i in range(start, stop):
-            slots[i] = _Entry(resid.new_empty(resid.shape[0], 0, 1, 1), None)
+            slots[i] = _Entry(resid.new_empty(rows, 0, 1, 1), None, before[i], last=i == stop - 1)
         extra: dict[str, Any] = {"past_kv_cache": slots}
-        pe = self.pos_embed_rows(resid.shape[1])
+        pe = self.pos_embed_rows(offset + resid.shape[1])
         if pe is not None:
-            extra["shortformer_pos_embed"] = pe.expand(resid.shape[0], *pe.shape)
-        with attached(self.model, []):
-            self.model(resid, start_at_layer=start, stop_at_layer=stop, **extra)
-        return Prefix(slots, int(resid.shape[1]), int(resid.shape[0]))
+            pe = pe[offset:]
+            extra["shortformer_pos_embed"] = pe.expand(rows, *pe.shape)
+        hooks = list(hooks)
+        with attached(self.model, hooks), skipped_projections(self.model, hooks):
+            try:
+                self.model(resid, start_at_layer=start, stop_at_layer=stop, **extra)
+            except _Recorded:
+                pass
+        return Prefix(slots, offset + int(resid.shape[1]), rows)
 
     def forward(self, tokens: Int[Tensor, "batch pos"], hooks: Hooks, logits: bool) -> Tensor:
         hooks = list(hooks)
@@ -162,17 +178,32 @@ class HookedAdapter:
             return self.model(tokens, stop_at_layer=int(self.model.cfg.n_layers))
 
 
+class _Recorded(Exception):
+    """Raised by the last recording entry of a :meth:`HookedAdapter.prefix` run: the keys and
+    values are known, nothing after them is needed."""
+
+
 class _Entry:
     """A layer's key/value cache entry as TransformerLens' attention uses it
     (``past_keys.size(1)`` is the position offset; ``append`` returns every key and value):
-    recording (``values is None``: keeps what it is handed) or prepending fixed ones."""
+    recording (``values is None``: keeps what it is handed, after ``before``'s keys and
+    values when given; ``last``: then ends the run) or prepending fixed ones."""
 
-    def __init__(self, keys: Tensor, values: Tensor | None) -> None:
+    def __init__(
+        self, keys: Tensor, values: Tensor | None, before: _Entry | None = None, last: bool = False
+    ) -> None:
         self.past_keys, self.past_values = keys, values
+        self.before, self.last = before, last
+        if before is not None:  # the position offset is the earlier positions'
+            self.past_keys = before.past_keys
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.past_values is None:
+            if self.before is not None:
+                k, v = self.before.append(k, v)
             self.past_keys, self.past_values = k, v
+            if self.last:
+                raise _Recorded
             return k, v
         return torch.cat([self.past_keys, k], 1), torch.cat([self.past_values, v], 1)
 

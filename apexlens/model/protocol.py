@@ -94,9 +94,12 @@ class ModelAdapter(Protocol):
         """Whether :meth:`prefix` and ``run_blocks(..., past=)`` are available (exactly)."""
         ...
 
-    def prefix(self, resid: Tensor, start: int, stop: int) -> Any:
+    def prefix(
+        self, resid: Tensor, start: int, stop: int, hooks: Hooks = (), past: Any = None
+    ) -> Any:
         """The keys/values blocks ``start..stop-1`` compute for the positions of ``resid``
-        (the first positions of a run), for a later ``run_blocks(..., past=)``."""
+        (the first positions of a run, or those after ``past``, an earlier prefix) under
+        ``hooks``, for a later ``run_blocks(..., past=)``."""
         ...
 
     def forward(self, tokens: Tensor, hooks: Hooks, logits: bool) -> Tensor:

@@ -12,6 +12,7 @@ has no such runs (a ``TransformerBridge``), the run covers every position: same 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import Tensor
 from apexlens.model import Backend
 from apexlens.model.hooks import Hooks
 from apexlens.runs.cache import Run, Runs
-from apexlens.runs.rows import run_rows
+from apexlens.runs.rows import run_rows, stack_rows
 
 
 def first_position(masks: Sequence[Bool[Tensor, "batch pos"] | None]) -> int:
@@ -97,13 +98,22 @@ def run_suffix_rows(
     start: int,
     p0: int,
     hooks: Hooks = (),
+    read_from: int = 0,
 ) -> Float[Tensor, "rows batch pos d_model"]:
     """The final residual stream of rows that differ from ``run`` only at positions ``>=
     p0`` from block ``start`` on: ``resid`` holds those positions entering block ``start``
     (every position for ``p0 == 0``), the hooks see them only, and the positions before
-    ``p0`` are ``run``'s own (its keys and values read from :func:`prefix_of`)."""
+    ``p0`` are ``run``'s own (its keys and values read from :func:`prefix_of`).
+
+    ``read_from``: the first position anyone reads from the result. The last block then
+    computes its output only from there on (:func:`last_block_from`): the positions between
+    ``p0`` and ``read_from`` give it their keys and values only, and hold NaN in the result
+    -- never a number that was not computed."""
     bk = runs.bk
     n = bk.dims.n_layers
+    q0 = last_block_from(bk, start, p0, read_from, hooks)
+    if q0 > p0:
+        return _run_reading_from(runs, run, resid, start, p0, q0, hooks)
     if p0 == 0:
         return run_rows(bk, resid, start, hooks) if start < n else resid
     rows = resid.shape[0]
@@ -113,3 +123,89 @@ def run_suffix_rows(
     else:
         final[:, :, p0:] = resid
     return final
+
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+_POSITIONWISE = re.compile(
+    r"blocks\.\d+\.(hook_resid_(pre|mid|post)|hook_(attn|mlp)_(in|out)|hook_[qkv]_input"
+    r"|ln[12](_post)?\.hook_(scale|normalized)|attn\.hook_[qkvz]|mlp\.hook_(pre|pre_linear|post))$"
+)
+"""Hook points whose activation has positions on axis 1, the ones a run split at a position
+can show a slice of (not ``hook_pattern``, ``hook_attn_scores`` or the rotated keys, which
+see every position at once); the edit there must be marked ``positionwise`` too
+(:mod:`apexlens.model.edits`)."""
+
+
+def last_block_from(bk: Backend, start: int, p0: int, read_from: int, hooks: Hooks) -> int:
+    """Where the last block's output is computed from in a run of blocks ``start..`` whose
+    result is read from position ``read_from`` on: there, when the run can be split at a
+    position (:attr:`Backend.runs_suffix`) and every hook of the last block acts position by
+    position (:mod:`apexlens.model.edits`: marked ``positionwise``, at a hook point whose
+    activation has positions on axis 1); else ``p0`` (every changed position). Nothing after the last block mixes
+    positions, so the positions before ``read_from`` matter there only through their keys
+    and values."""
+    last = bk.dims.n_layers - 1
+    if read_from <= p0 or start > last or not bk.runs_suffix:
+        return p0
+    for name, fn in hooks:
+        if _in_block(name, last) and not (
+            _POSITIONWISE.fullmatch(name) and getattr(fn, "positionwise", False)
+        ):
+            return p0
+    return read_from
+
+
+def _run_reading_from(
+    runs: Runs,
+    run: Run,
+    resid: Float[Tensor, "rows batch n d_model"],
+    start: int,
+    p0: int,
+    q0: int,
+    hooks: Hooks,
+) -> Float[Tensor, "rows batch pos d_model"]:
+    """:func:`run_suffix_rows` whose last block computes positions ``q0..`` only: blocks
+    ``start..`` up to the last run on positions ``p0..``; the last block's keys and values of
+    positions ``p0..q0-1`` are recorded under its hooks (shown those positions), then it runs
+    on positions ``q0..`` reading them (and ``run``'s own before ``p0``)."""
+    bk = runs.bk
+    last = bk.dims.n_layers - 1
+    rows, width = resid.shape[0], resid.shape[2]
+    early = [(h, f) for h, f in hooks if not _in_block(h, last)]
+    late = [(h, f) for h, f in hooks if _in_block(h, last)]
+    past = prefix_of(runs, run, start, p0) if p0 > 0 else None
+    x = resid if start == last else run_rows(bk, resid, start, early, stop=last, past=past)
+    cut = q0 - p0
+    before = prefix_of(runs, run, last, p0) if p0 > 0 else None
+    keys = bk.prefix(
+        stack_rows(x[:, :, :cut]),
+        last,
+        hooks=_on_positions(late, 0, cut, width),
+        past=before,
+    )
+    out = run_rows(bk, x[:, :, cut:], last, _on_positions(late, cut, width, width), past=keys)
+    final = run.final.new_full((rows, *run.final.shape), float("nan"))
+    final[:, :, q0:] = out
+    return final
+
+
+def _in_block(name: str, layer: int) -> bool:
+    m = _BLOCK.match(name)
+    return m is not None and int(m.group(1)) == layer
+
+
+def _on_positions(hooks: Hooks, lo: int, hi: int, width: int) -> list[tuple[str, Any]]:
+    """``hooks`` made for positions ``0..width-1`` (of the run's own), shown positions
+    ``lo..hi-1`` only: each sees its activation laid into a full-width one (zeros
+    elsewhere, which position-wise edits never mix in) and hands back its slice."""
+
+    def sliced(fn: Any) -> Any:
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            full = act.new_zeros(act.shape[0], width, *act.shape[2:])
+            full[:, lo:hi] = act
+            out = fn(full, hook=hook)
+            return (full if out is None else out)[:, lo:hi]
+
+        return hook
+
+    return [(name, sliced(fn)) for name, fn in hooks]

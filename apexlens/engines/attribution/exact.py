@@ -118,11 +118,12 @@ def _exact_chunk(
     bk, runs, ro = job.bk, job.runs, job.readout
     c = runs.clean
     n = len(recv)
+    read = int(ro.idx.min())
     delta = delta[:, :, p0:]
     if kind == "mlp":
         new = bk.mlp_from_resid(layer, c[bk.mlp_in_resid(layer)][None, :, p0:] + delta)
         resid = c.resid(layer + 1, bk)[None, :, p0:] + (new - c[bk.mlp_out(layer)][None, :, p0:])
-        return ro(ro.gather(run_suffix_rows(runs, c, resid, layer + 1, p0)))
+        return ro(ro.gather(run_suffix_rows(runs, c, resid, layer + 1, p0, read_from=read)))
     x = c[bk.resid_pre(layer)][None, :, p0:] + delta
     xn = None if bk.pos_embed_rows(1) is not None else bk.ln1(layer, x)
     hooks = []
@@ -134,7 +135,8 @@ def _exact_chunk(
             rows, heads = torch.tensor(mine), torch.tensor(slots)
             hooks.append((bk.qkv(layer, ch), edits.scatter_heads(rows, heads, vals, n)))
     resid = c[bk.resid_pre(layer)][:, p0:]
-    return ro(ro.gather(run_suffix_rows(runs, c, resid.expand(n, *resid.shape), layer, p0, hooks)))
+    final = run_suffix_rows(runs, c, resid.expand(n, *resid.shape), layer, p0, hooks, read)
+    return ro(ro.gather(final))
 
 
 def _inputs(
