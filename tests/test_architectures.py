@@ -282,12 +282,9 @@ def check_engines(model: Any, tol: float, ungrouped: Any = None) -> None:
     if not bk.post_norms:
         # edges into every layer: the rows of earlier receivers run later blocks whole and the
         # last one at the read position only (its keys/values from every position)
+        # (under grouped-query attention, "2.3.k" is a query head's own key: packed runs)
         pe = [("m0", "m1"), ("1.2", "2.0.q"), ("embed", "logits"), ("0.2", "1.1.q")]
-        if grouped:  # a query head's own key under grouped-query attention: refused by name
-            with pytest.raises(apexlens.ApexlensError, match="grouped-query"):
-                exp.attribute_edges(method="exact", edges=[("0.1", "2.3.k")])
-        else:
-            pe += [("0.1", "2.3.k"), ("embed", "1.0.v")]
+        pe += [("0.1", "2.3.k"), ("embed", "1.0.v")]
         sc = exp.attribute_edges(method="exact", per_position=True, edges=pe)
         for i, (s_, r_) in enumerate(sc.edges):
             if i % 2 == 0 or s_.startswith("embed"):

@@ -4,6 +4,7 @@ written once over :class:`apexlens.model.Backend`'s weights and pieces."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -251,10 +252,9 @@ class HeadAlgebra:
             out["z"] = act
             raise _StopAtZ
 
-        hooks = [
-            (self.qkv(layer, "q"), edits.replace(q)),
-            (self.qkv(layer, "k"), edits.replace(k)),
-            (self.qkv(layer, "v"), edits.replace(v)),
+        given = {"q": q, "k": k, "v": v}
+        hooks = [  # values that never read the model's (its projections may be skipped)
+            *((self.qkv(layer, ch), edits.overwrite(functools.partial(given.__getitem__, ch))) for ch in "qkv"),
             (self.z(layer), stop),
         ]
         with silenced(self.model.blocks[layer]):

@@ -16,9 +16,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from apexlens.engines.attribution.base import Job
-from apexlens.errors import ApexlensError
 from apexlens.model import Backend, edits
-from apexlens.runs.rows import row_chunks
+from apexlens.runs.rows import row_chunks, stack_rows
 from apexlens.runs.shard import Share
 from apexlens.runs.suffix import run_suffix_rows, suffix_start
 from apexlens.vocab import Node
@@ -44,13 +43,6 @@ def exact_scores(job: Job) -> Float[Tensor, "edge batch"]:
         return d
 
     recv = [idx.receivers[int(j)] for j in table[:, 1].tolist()]
-    if bk.dims.group > 1 and any(r.kind == "head" and r.channel in ("k", "v") for r in recv):
-        raise ApexlensError(
-            "exact scores of a grouped-query head's own key/value input (e.g. "
-            f"{next(str(r) for r in recv if r.kind == 'head' and r.channel in ('k', 'v'))}) "
-            "are not computed here (its key/value slot is shared by its group); score the "
-            "key/value head ('L.kvJ.k') instead, or evaluate_circuit the graph without the edge"
-        )
     start = torch.tensor(
         [
             bk.dims.n_layers + 1 if r.kind == "logits" else r.layer + (1 if r.kind == "mlp" else 0)
@@ -97,6 +89,9 @@ def _first_positions(bk: Backend, recv: list[Node], pos: list[int], read: int) -
     last = bk.dims.n_layers - 1
     out = []
     for r, p in zip(recv, pos, strict=True):
+        if _own_kv(bk, r):  # a packed run (every position): see _packed_chunk
+            out.append(0)
+            continue
         p = max(0, p)
         own_position = r.kind == "mlp" or (r.kind == "head" and r.channel == "q")
         if r.layer == last and own_position:
@@ -126,6 +121,12 @@ def _exact_chunk(
         return ro(ro.gather(run_suffix_rows(runs, c, resid, layer + 1, p0, read_from=read)))
     x = c[bk.resid_pre(layer)][None, :, p0:] + delta
     xn = None if bk.pos_embed_rows(1) is not None else bk.ln1(layer, x)
+    packs = _packs(bk, recv)
+    if any(_own_kv(bk, r) for r in recv) or (
+        p0 == 0 and layer < bk.dims.n_layers - 1 and max(packs) + 1 < n
+    ):
+        assert p0 == 0, "a grouped-query head's own key/value runs from position 0"
+        return _packed_chunk(job, recv, x, xn, layer, packs, read)
     hooks = []
     for ch in "qkv":
         mine = [i for i, r in enumerate(recv) if r.channel == ch]
@@ -137,6 +138,95 @@ def _exact_chunk(
     resid = c[bk.resid_pre(layer)][:, p0:]
     final = run_suffix_rows(runs, c, resid.expand(n, *resid.shape), layer, p0, hooks, read)
     return ro(ro.gather(final))
+
+
+def _own_kv(bk: Backend, r: Node) -> bool:
+    """A grouped-query head's own key/value input: its slot is shared by its group, so no slot
+    edit gives it alone; a packed run does (:func:`_packed_chunk`)."""
+    return bk.dims.group > 1 and r.kind == "head" and r.channel in ("k", "v")
+
+
+def _touched(bk: Backend, r: Node) -> list[int]:
+    """The query heads whose ``hook_z`` a row's q/k/v slot edit changes: a query input's own
+    head; a key/value slot's whole group (a key/value head, or a grouped-query head's own
+    key/value: of its group, only its own ``z`` is the row's, see :func:`_own_heads`)."""
+    if r.kind == "kv":
+        return bk.group_heads(int(r.head or 0))
+    if _own_kv(bk, r):
+        return bk.group_heads(_slot(bk, r))
+    return [int(r.head or 0)]
+
+
+def _own_heads(bk: Backend, r: Node) -> list[int]:
+    """The query heads whose ``hook_z`` change is the row's: its receiver's head, or a
+    key/value head's group."""
+    return bk.group_heads(int(r.head or 0)) if r.kind == "kv" else [int(r.head or 0)]
+
+
+def _packs(bk: Backend, recv: list[Node]) -> list[int]:
+    """Rows packed into few runs of the receivers' block: a row changes the ``hook_z`` of the
+    heads its slot edit touches only, and heads attend independently, so rows touching
+    different heads can share one run. ``out[i]``: row ``i``'s run (first fit)."""
+    used: list[set[int]] = []
+    out = []
+    for r in recv:
+        heads = set(_touched(bk, r))
+        j = next((j for j, u in enumerate(used) if not u & heads), len(used))
+        if j == len(used):
+            used.append(set())
+        used[j] |= heads
+        out.append(j)
+    return out
+
+
+def _packed_chunk(
+    job: Job,
+    recv: list[Node],
+    x: Float[Tensor, "rows batch pos d_model"],
+    xn: Float[Tensor, "rows batch pos d_model"] | None,
+    layer: int,
+    packs: list[int],
+    read: int,
+) -> Float[Tensor, "rows batch"]:
+    """:func:`_exact_chunk` of head receivers at every position, their block's attention run
+    once per pack (:func:`_packs`): each pack's q/k/v are the clean ones with its rows' new
+    inputs in their slots, its heads' ``z`` computed by the block's own attention
+    (:meth:`~apexlens.model.Backend.attn_z`), each row taking its own heads' ``z`` (a
+    grouped-query head's own key/value: its slot holds that input in its pack's run, and of
+    the group only that head's ``z`` is the row's -- an ungrouped copy of the layer with only
+    its slice changed, as :mod:`apexlens.model.grouped` does). A row's new residual stream after the block
+    is the clean one plus its heads' output change (through a post-attention norm where there
+    is one) and the MLP's answer to it; the blocks after run from there."""
+    bk, runs, ro = job.bk, job.runs, job.readout
+    c = runs.clean
+    n, m = len(recv), max(packs) + 1
+    pk = torch.tensor(packs)
+    qkv = {}
+    for ch in "qkv":
+        clean = c[bk.qkv(layer, ch)]
+        qkv[ch] = clean.expand(m, *clean.shape).clone()
+        mine = [i for i, r in enumerate(recv) if r.channel == ch]
+        if mine:
+            slots = [_slot(bk, recv[i]) for i in mine]
+            vals = _inputs(bk, layer, ch, x, xn, mine, slots, 0)
+            qkv[ch][pk[mine], :, :, torch.tensor(slots)] = vals.to(clean.dtype)
+    resid = c[bk.resid_pre(layer)]
+    z_clean = c[bk.z(layer)]
+    z = bk.attn_z(
+        layer,
+        stack_rows(resid.expand(m, *resid.shape)),
+        *(stack_rows(qkv[ch]) for ch in "qkv"),
+    ).view(m, *z_clean.shape)
+    own = torch.zeros(n, bk.dims.n_heads, dtype=z.dtype, device=z.device)
+    for i, r in enumerate(recv):
+        own[i, _own_heads(bk, r)] = 1
+    dz = (z[pk] - z_clean) * own[:, None, None, :, None]  # each row: its own heads only
+    attn = bk.head_delta(layer, z_clean, dz, list(range(bk.dims.n_heads)))
+    new = c.resid(layer + 1, bk) + attn
+    if bk.dims.has_mlps and not bk.mlp_reads_resid_pre:
+        mid = c[bk.mlp_in_resid(layer)]
+        new = new + (bk.mlp_from_resid(layer, mid + attn) - c[bk.mlp_out(layer)])
+    return ro(ro.gather(run_suffix_rows(runs, c, new, layer + 1, 0, read_from=read)))
 
 
 def _inputs(
