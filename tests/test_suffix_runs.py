@@ -119,3 +119,20 @@ def test_a_prefix_stops_at_the_last_blocks_keys() -> None:
     torch.testing.assert_close(
         k_entry.past_keys, runs.clean[bk.qkv(2, "k")][:, :4], rtol=0, atol=1e-12
     )
+
+
+def test_a_hook_of_the_users_on_the_last_block_keeps_the_run_whole() -> None:
+    """A hook of someone else's may depend on every position (noise drawn in the activation's
+    shape, an edit at a fixed query): with one on the last block, that block runs whole."""
+    runs, resid, hooks = _rows("plain", 1, 0)
+    model = runs.bk.model
+    assert last_block_from(runs.bk, 1, 0, 7, hooks) == 7
+    handle = model.blocks[2].attn.hook_pattern.register_forward_hook(lambda m, i, o: None)
+    try:
+        assert last_block_from(runs.bk, 1, 0, 7, hooks) == 0
+        assert not run_suffix_rows(runs, runs.clean, resid, 1, 0, hooks, read_from=7).isnan().any()
+    finally:
+        handle.remove()
+    with apexlens.noise_hooks(model, 0.1, seed=0):
+        assert last_block_from(runs.bk, 1, 0, 7, hooks) == 0
+    assert last_block_from(runs.bk, 1, 0, 7, hooks) == 7

@@ -39,7 +39,7 @@ from apexlens.model import edits
 from apexlens.model.devices import check_one_device
 from apexlens.model.dims import Dims, dims_of
 from apexlens.model.heads import HeadAlgebra
-from apexlens.model.hooks import HookFn, silenced
+from apexlens.model.hooks import HookFn, any_hooks, silenced
 from apexlens.model.protocol import ModelAdapter, Norm
 
 
@@ -329,6 +329,15 @@ class Backend(HookNames, HeadAlgebra):
         everything before the earliest changed position is the unchanged run's. True for a
         causal ``HookedTransformer``; a ``TransformerBridge`` runs every position."""
         return bool(getattr(self.adapter, "runs_suffix", False))
+
+    def block_hooked(self, layer: int) -> bool:
+        """Whether anything besides apexlens' own run hooks would see block ``layer`` run: a
+        hook of the user's (or of an enclosing context, such as
+        :func:`apexlens.noise_hooks`) on one of its modules, or a global module hook.
+        Such a hook may depend on every position at once (noise drawn in the activation's
+        shape, an edit at a fixed query), so a run that splits the block's positions must
+        not (:func:`apexlens.runs.suffix.last_block_from`)."""
+        return any_hooks(self.model.blocks[layer])
 
     def prefix(
         self,

@@ -196,6 +196,18 @@ def _restore_flags(modules: list[torch.nn.Module], flags: list[bool]) -> None:
         raise pending
 
 
+def any_hooks(module: torch.nn.Module) -> bool:
+    """Whether a forward hook or pre-hook sits on ``module`` or any module inside it, or a
+    global module hook on every module."""
+    from torch.nn.modules import module as nn_module
+
+    if getattr(nn_module, "_global_forward_hooks", {}) or getattr(
+        nn_module, "_global_forward_pre_hooks", {}
+    ):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 @contextmanager
 def silenced(module: torch.nn.Module) -> Iterator[None]:
     """Run ``module`` with the forward hooks of its hook points switched off (call it

@@ -141,11 +141,12 @@ def last_block_from(bk: Backend, start: int, p0: int, read_from: int, hooks: Hoo
     result is read from position ``read_from`` on: there, when the run can be split at a
     position (:attr:`Backend.runs_suffix`) and every hook of the last block acts position by
     position (:mod:`apexlens.model.edits`: marked ``positionwise``, at a hook point whose
-    activation has positions on axis 1); else ``p0`` (every changed position). Nothing after the last block mixes
+    activation has positions on axis 1) and no hook of anyone else's is on the block; else
+    ``p0`` (every changed position). Nothing after the last block mixes
     positions, so the positions before ``read_from`` matter there only through their keys
     and values."""
     last = bk.dims.n_layers - 1
-    if read_from <= p0 or start > last or not bk.runs_suffix:
+    if read_from <= p0 or start > last or not bk.runs_suffix or bk.block_hooked(last):
         return p0
     for name, fn in hooks:
         if _in_block(name, last) and not (
