@@ -177,12 +177,8 @@ def _run_reading_from(
     past = prefix_of(runs, run, start, p0) if p0 > 0 else None
     x = resid if start == last else run_rows(bk, resid, start, early, stop=last, past=past)
     cut = q0 - p0
-    before = prefix_of(runs, run, last, p0) if p0 > 0 else None
-    keys = bk.prefix(
-        stack_rows(x[:, :, :cut]),
-        last,
-        hooks=_on_positions(late, 0, cut, width),
-        past=before,
+    keys = bk.prefix(  # after ``past``'s last-block keys and values (of ``run``'s first p0)
+        stack_rows(x[:, :, :cut]), last, hooks=_on_positions(late, 0, cut, width), past=past
     )
     out = run_rows(bk, x[:, :, cut:], last, _on_positions(late, cut, width, width), past=keys)
     final = run.final.new_full((rows, *run.final.shape), float("nan"))
