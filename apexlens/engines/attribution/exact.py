@@ -126,7 +126,9 @@ def _exact_chunk(
         p0 == 0 and layer < bk.dims.n_layers - 1 and max(packs) + 1 < n
     ):
         assert p0 == 0, "a grouped-query head's own key/value runs from position 0"
-        return _packed_chunk(job, recv, x, xn, layer, packs, read)
+        new = _packed_block(job, recv, x, xn, layer, packs)
+        del x, xn, delta
+        return ro(ro.gather(run_suffix_rows(runs, c, new, layer + 1, 0, read_from=read)))
     hooks = []
     for ch in "qkv":
         mine = [i for i, r in enumerate(recv) if r.channel == ch]
@@ -179,26 +181,25 @@ def _packs(bk: Backend, recv: list[Node]) -> list[int]:
     return out
 
 
-def _packed_chunk(
+def _packed_block(
     job: Job,
     recv: list[Node],
     x: Float[Tensor, "rows batch pos d_model"],
     xn: Float[Tensor, "rows batch pos d_model"] | None,
     layer: int,
     packs: list[int],
-    read: int,
-) -> Float[Tensor, "rows batch"]:
-    """:func:`_exact_chunk` of head receivers at every position, their block's attention run
-    once per pack (:func:`_packs`): each pack's q/k/v are the clean ones with its rows' new
-    inputs in their slots, its heads' ``z`` computed by the block's own attention
-    (:meth:`~apexlens.model.Backend.attn_z`), each row taking its own heads' ``z`` (a
-    grouped-query head's own key/value: its slot holds that input in its pack's run, and of
-    the group only that head's ``z`` is the row's -- an ungrouped copy of the layer with only
-    its slice changed, as :mod:`apexlens.model.grouped` does). A row's new residual stream after the block
-    is the clean one plus its heads' output change (through a post-attention norm where there
-    is one) and the MLP's answer to it; the blocks after run from there."""
-    bk, runs, ro = job.bk, job.runs, job.readout
-    c = runs.clean
+) -> Float[Tensor, "rows batch pos d_model"]:
+    """The residual stream leaving block ``layer`` for rows of head receivers at every
+    position, the block's attention run once per pack (:func:`_packs`): each pack's q/k/v
+    are the clean ones with its rows' new inputs in their slots, its heads' ``z`` computed by
+    the block's own attention (:meth:`~apexlens.model.Backend.attn_z`), each row taking its
+    own heads' ``z`` (a grouped-query head's own key/value: its slot holds that input in its
+    pack's run, and of the group only that head's ``z`` is the row's -- an ungrouped copy of
+    the layer with only its slice changed, as :mod:`apexlens.model.grouped` does). A row's
+    residual stream is the clean one plus its heads' output change (through a
+    post-attention norm where there is one) and the MLP's answer to it. (Its temporaries
+    are gone when the rows run on.)"""
+    bk, c = job.bk, job.runs.clean
     n, m = len(recv), max(packs) + 1
     pk = torch.tensor(packs)
     qkv = {}
@@ -215,18 +216,22 @@ def _packed_chunk(
     z = bk.attn_z(
         layer,
         stack_rows(resid.expand(m, *resid.shape)),
-        *(stack_rows(qkv[ch]) for ch in "qkv"),
+        *(stack_rows(qkv.pop(ch)) for ch in "qkv"),
     ).view(m, *z_clean.shape)
     own = torch.zeros(n, bk.dims.n_heads, dtype=z.dtype, device=z.device)
     for i, r in enumerate(recv):
         own[i, _own_heads(bk, r)] = 1
-    dz = (z[pk] - z_clean) * own[:, None, None, :, None]  # each row: its own heads only
+    dz = z[pk]  # each row: its own heads' change only
+    del z
+    dz.sub_(z_clean).mul_(own[:, None, None, :, None])
     attn = bk.head_delta(layer, z_clean, dz, list(range(bk.dims.n_heads)))
+    del dz
     new = c.resid(layer + 1, bk) + attn
     if bk.dims.has_mlps and not bk.mlp_reads_resid_pre:
-        mid = c[bk.mlp_in_resid(layer)]
-        new = new + (bk.mlp_from_resid(layer, mid + attn) - c[bk.mlp_out(layer)])
-    return ro(ro.gather(run_suffix_rows(runs, c, new, layer + 1, 0, read_from=read)))
+        attn += c[bk.mlp_in_resid(layer)]  # the MLP's input
+        mlp = bk.mlp_from_resid(layer, attn)
+        new += mlp.sub_(c[bk.mlp_out(layer)])
+    return new
 
 
 def _inputs(
