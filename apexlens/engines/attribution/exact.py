@@ -11,6 +11,8 @@ layer and position.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -89,7 +91,7 @@ def _first_positions(bk: Backend, recv: list[Node], pos: list[int], read: int) -
     last = bk.dims.n_layers - 1
     out = []
     for r, p in zip(recv, pos, strict=True):
-        if _own_kv(bk, r):  # a packed run (every position): see _packed_chunk
+        if _own_kv(bk, r):  # a packed run (every position): see _packed_block
             out.append(0)
             continue
         p = max(0, p)
@@ -121,22 +123,18 @@ def _exact_chunk(
         return ro(ro.gather(run_suffix_rows(runs, c, resid, layer + 1, p0, read_from=read)))
     x = c[bk.resid_pre(layer)][None, :, p0:] + delta
     xn = None if bk.pos_embed_rows(1) is not None else bk.ln1(layer, x)
-    packs = _packs(bk, recv)
-    if any(_own_kv(bk, r) for r in recv) or (
-        p0 == 0 and layer < bk.dims.n_layers - 1 and max(packs) + 1 < n
-    ):
-        assert p0 == 0, "a grouped-query head's own key/value runs from position 0"
-        new = _packed_block(job, recv, x, xn, layer, packs)
-        del x, xn, delta
-        return ro(ro.gather(run_suffix_rows(runs, c, new, layer + 1, 0, read_from=read)))
-    hooks = []
-    for ch in "qkv":
-        mine = [i for i, r in enumerate(recv) if r.channel == ch]
-        if mine:
-            slots = [_slot(bk, recv[i]) for i in mine]
-            vals = _inputs(bk, layer, ch, x, xn, mine, slots, p0)
-            rows, heads = torch.tensor(mine), torch.tensor(slots)
-            hooks.append((bk.qkv(layer, ch), edits.scatter_heads(rows, heads, vals, n)))
+    own_kv = any(_own_kv(bk, r) for r in recv)
+    if own_kv or (p0 == 0 and layer < bk.dims.n_layers - 1):
+        packs = _packs(bk, recv)
+        if own_kv or max(packs) + 1 < n:  # fewer runs of the block than rows
+            assert p0 == 0, "a grouped-query head's own key/value runs from position 0"
+            new = _packed_block(job, recv, x, xn, layer, packs)
+            del x, xn, delta
+            return ro(ro.gather(run_suffix_rows(runs, c, new, layer + 1, 0, read_from=read)))
+    hooks = [
+        (bk.qkv(layer, ch), edits.scatter_heads(torch.tensor(mine), torch.tensor(slots), vals, n))
+        for ch, mine, slots, vals in _new_inputs(bk, layer, recv, x, xn, p0)
+    ]
     resid = c[bk.resid_pre(layer)][:, p0:]
     final = run_suffix_rows(runs, c, resid.expand(n, *resid.shape), layer, p0, hooks, read)
     return ro(ro.gather(final))
@@ -144,7 +142,7 @@ def _exact_chunk(
 
 def _own_kv(bk: Backend, r: Node) -> bool:
     """A grouped-query head's own key/value input: its slot is shared by its group, so no slot
-    edit gives it alone; a packed run does (:func:`_packed_chunk`)."""
+    edit gives it alone; a packed run does (:func:`_packed_block`)."""
     return bk.dims.group > 1 and r.kind == "head" and r.channel in ("k", "v")
 
 
@@ -206,11 +204,8 @@ def _packed_block(
     for ch in "qkv":
         clean = c[bk.qkv(layer, ch)]
         qkv[ch] = clean.expand(m, *clean.shape).clone()
-        mine = [i for i, r in enumerate(recv) if r.channel == ch]
-        if mine:
-            slots = [_slot(bk, recv[i]) for i in mine]
-            vals = _inputs(bk, layer, ch, x, xn, mine, slots, 0)
-            qkv[ch][pk[mine], :, :, torch.tensor(slots)] = vals.to(clean.dtype)
+    for ch, mine, slots, vals in _new_inputs(bk, layer, recv, x, xn, 0):
+        qkv[ch][pk[mine], :, :, torch.tensor(slots)] = vals.to(qkv[ch].dtype)
     resid = c[bk.resid_pre(layer)]
     z_clean = c[bk.z(layer)]
     z = bk.attn_z(
@@ -232,6 +227,24 @@ def _packed_block(
         mlp = bk.mlp_from_resid(layer, attn)
         new += mlp.sub_(c[bk.mlp_out(layer)])
     return new
+
+
+def _new_inputs(
+    bk: Backend,
+    layer: int,
+    recv: list[Node],
+    x: Float[Tensor, "rows batch pos d_model"],
+    xn: Float[Tensor, "rows batch pos d_model"] | None,
+    p0: int,
+) -> Iterator[tuple[str, list[int], list[int], Float[Tensor, "k batch pos d_head"]]]:
+    """Per channel with receivers among ``recv``: ``(channel, rows, slots, values)``, the
+    ``hook_q/k/v`` slot each of those rows' receivers reads and its new value there
+    (:func:`_inputs`)."""
+    for ch in "qkv":
+        mine = [i for i, r in enumerate(recv) if r.channel == ch]
+        if mine:
+            slots = [_slot(bk, recv[i]) for i in mine]
+            yield ch, mine, slots, _inputs(bk, layer, ch, x, xn, mine, slots, p0)
 
 
 def _inputs(
