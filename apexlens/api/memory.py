@@ -92,7 +92,7 @@ class _Shape:
         """The read positions ``k`` (option ``read_positions``, default 1: the metric reads
         the last ones) where a run's last block computes them only; ``None`` where it runs
         every position (every position read, or a model that runs no suffixes)."""
-        k = int(opts.get("read_positions", 1))
+        k = _read_positions(opts)
         return k if k < self.n_pos and self.bk.runs_suffix else None
 
     def chunk(self, n_rows: int, n_tok: int, extra: int = 0) -> int:
@@ -102,13 +102,18 @@ class _Shape:
         )
 
 
+def _read_positions(opts: dict[str, Any]) -> int:
+    """The option ``read_positions``: how many positions the metric reads (default 1)."""
+    return int(opts.get("read_positions", 1))
+
+
 def _path_patch(s: _Shape, opts: dict[str, Any]) -> int:
     d = s.bk.dims
     senders = parse_nodes(opts.get("senders", "all-heads"), d)
     receivers = parse_nodes(opts.get("receivers", "logits"), d)
     rows = len(senders)
     if all(r.kind == "logits" for r in receivers):  # only the read positions travel
-        k = int(opts.get("read_positions", 1))
+        k = _read_positions(opts)
         n_tok = s.batch * k
         chunk = rows_per_chunk(s.bk, s.budget, rows, s.batch, s.n_pos, n_tok, False)
         per_row = n_tok * s.bk.dtype.itemsize * (4 * d.d_mlp + 6 * d.d_model)
@@ -190,7 +195,7 @@ def _apex(s: _Shape, opts: dict[str, Any]) -> int:
     n_rows = int(opts.get("n_sigmas", 8)) * int(opts.get("n_draws", 32)) * s.batch
     widths = [s.width(site.hook) * (d.n_heads if site.shared_axes else 1) for site in sites]
     site_numel = sum(widths) * s.n_pos
-    k = int(opts.get("read_positions", 1))
+    k = _read_positions(opts)
     extra = site_numel * (56 + 3 * itemsize) + 8 * 4 * k * d.d_vocab
     rows = rows_per_chunk(s.bk, s.budget, n_rows, 1, s.n_pos, s.n_pos, True, extra)
     one = _Shape(s.bk, 1, s.n_pos, s.budget)
