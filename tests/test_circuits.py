@@ -320,8 +320,7 @@ def test_replaced_projections_skipped_only_where_no_other_hook(exp, model):
     after it, also after an exception); a hook of the user's at the point keeps the model's
     own projection, which it sees, and the numbers are the same either way."""
     from apexlens.model import edits
-    from apexlens.model.hooks import attached
-    from apexlens.model.skips import skipped_projections
+    from apexlens.model.skips import hooked_pass
 
     g = full_graph(model)
     half = g[::2]
@@ -357,14 +356,18 @@ def test_replaced_projections_skipped_only_where_no_other_hook(exp, model):
     def other(act, hook):  # a second hook at layer 1's k: that projection is computed
         got["k"] = act.clone()
         got["patched"] = ["calculate_qkv_matrices" in a.__dict__ for a in attns]
+        # a skipped value's hook is not attached: nothing runs at that hook point
+        got["attached"] = [len(b.attn.hook_q.fwd_hooks) for b in model.blocks[:2]]
 
     hooks.append(("blocks.1.attn.hook_k", other))
-    with attached(model, hooks), skipped_projections(model, hooks):
+    with hooked_pass(model, hooks):
         out = model(toks)
     assert got["patched"] == [True, True] + [False] * (len(attns) - 2)
+    assert got["attached"] == [0, 0]
+    assert all(not hp.fwd_hooks and not hp._forward_hooks for hp in model.hook_dict.values())
     assert torch.equal(got["k"], cache["blocks.1.attn.hook_k"])
     assert torch.equal(out, logits)
     with pytest.raises(RuntimeError, match="inside"):
-        with attached(model, hooks), skipped_projections(model, hooks):
+        with hooked_pass(model, hooks):
             raise RuntimeError("inside")
     assert all("calculate_qkv_matrices" not in a.__dict__ for a in attns)

@@ -71,7 +71,7 @@ def replace(value: Value, positionwise: bool | None = None) -> HookFn:
 def overwrite(value: Callable[[], Tensor]) -> HookFn:
     """The activation becomes ``value()``, which does not read it: the hook is marked
     (``overwrites``: ``value``) so that a pass may take ``value()`` without computing the
-    activation (:func:`apexlens.model.skips.skipped_projections`)."""
+    activation (:func:`apexlens.model.skips.hooked_pass`)."""
 
     def hook(act: Tensor, hook: Any) -> Tensor:
         return value().to(act.dtype)

@@ -18,9 +18,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from apexlens.model.dims import Dims
-from apexlens.model.hooks import Hooks, attached, silenced
+from apexlens.model.hooks import Hooks, silenced
 from apexlens.model.norms import apply_norm, fused_activation, fused_norm, inplace_norm, normalizer
-from apexlens.model.skips import skipped_projections
+from apexlens.model.skips import hooked_pass
 
 _NORM_OF = {"ln1": "ln1", "ln2": "ln2", "ln1_post": "ln1_post", "ln2_post": "ln2_post"}
 
@@ -124,7 +124,7 @@ class HookedAdapter:
         if past is not None:
             extra["past_kv_cache"] = past.entries(resid.shape[0])
         hooks = list(hooks)
-        with attached(self.model, hooks), skipped_projections(self.model, hooks):
+        with hooked_pass(self.model, hooks):
             return self.model(resid, start_at_layer=start, stop_at_layer=stop, **extra)
 
     @property
@@ -163,7 +163,7 @@ class HookedAdapter:
             pe = pe[offset:]
             extra["shortformer_pos_embed"] = pe.expand(rows, *pe.shape)
         hooks = list(hooks)
-        with attached(self.model, hooks), skipped_projections(self.model, hooks):
+        with hooked_pass(self.model, hooks):
             try:
                 self.model(resid, start_at_layer=start, stop_at_layer=stop, **extra)
             except _Recorded:
@@ -172,7 +172,7 @@ class HookedAdapter:
 
     def forward(self, tokens: Int[Tensor, "batch pos"], hooks: Hooks, logits: bool) -> Tensor:
         hooks = list(hooks)
-        with attached(self.model, hooks), skipped_projections(self.model, hooks):
+        with hooked_pass(self.model, hooks):
             if logits:
                 return self.model(tokens)
             return self.model(tokens, stop_at_layer=int(self.model.cfg.n_layers))

@@ -5,12 +5,13 @@ receiver channel from its own inputs and replaces the model's value at ``hook_q/
 without reading it (:func:`apexlens.model.edits.overwrite`). The model would compute that
 value first -- on a toy model, six of the few dozen operations a layer dispatches. Where a
 ``HookedTransformer``'s attention computes q/k/v by TransformerLens' plain path (no split
-q/k/v input, no 4-bit weights, ``Attention``'s own ``calculate_qkv_matrices``) and the hook
-point holds that one hook and nothing else, :func:`skipped_projections` makes the attention
-take the hook's value directly, for the duration of one pass: the numbers are the same (the
-hook never reads the model's value), neither the product nor the hook point runs. Anything else -- another
-hook at the point (the user's), a grouped-query or split-input attention, a bridge -- runs
-the model's own path unchanged.
+q/k/v input, no 4-bit weights, ``Attention``'s own ``calculate_qkv_matrices``) and nothing
+else watches the hook point (no hook of the user's, no global module hook),
+:func:`hooked_pass` makes the attention take the hook's value directly, for the duration of
+one pass, and does not attach that hook: the numbers are the same (the hook never reads the
+model's value), neither the product nor the hook point runs. Anything else -- another hook
+at the point (the user's), a grouped-query or split-input attention, a bridge -- runs the
+model's own path unchanged, with the hook attached.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
-from apexlens.model.hooks import Hooks
+from apexlens.model.hooks import Hooks, attached, model_lock
 
 _QKV = re.compile(r"blocks\.(\d+)\.attn\.hook_([qkv])$")
 _ATTR = "calculate_qkv_matrices"
@@ -71,15 +72,15 @@ def _skipping(attn: Any, skip: dict[str, Callable[[], Tensor]], linear: Any) -> 
     return calculate_qkv_matrices
 
 
-def _alone(hp: Any) -> bool:
-    """Whether the hook point holds exactly one forward hook (the pass's own) and nothing
-    else that would see its call: no backward or pre-hooks, registered through
-    TransformerLens or directly on the module, and no global module hooks."""
+def _empty(hp: Any) -> bool:
+    """Whether nothing would see a call of the hook point: no hook of any kind on it,
+    registered through TransformerLens or directly on the module, and no global module
+    hooks."""
     from torch.nn.modules import module as nn_module
 
     return (
-        len(hp.fwd_hooks) == 1
-        and len(hp._forward_hooks) == 1
+        not hp.fwd_hooks
+        and not hp._forward_hooks
         and not hp.bwd_hooks
         and not hp._backward_hooks
         and not hp._forward_pre_hooks
@@ -89,31 +90,41 @@ def _alone(hp: Any) -> bool:
 
 
 @contextmanager
-def skipped_projections(model: Any, hooks: Hooks) -> Iterator[None]:
-    """For the with-block (a pass under ``hooks``, already attached, under the model's
-    lock): the q/k/v projections whose value one :func:`~apexlens.model.edits.overwrite`
-    hook replaces, not computed (module docstring). The attention modules are restored on
-    exit, also after an exception."""
-    marked: dict[tuple[int, str], list[Any]] = {}
-    for name, fn in hooks:
+def hooked_pass(model: Any, hooks: Hooks) -> Iterator[None]:
+    """For the with-block: ``hooks`` attached (:func:`~apexlens.model.hooks.attached`, under
+    the model's lock), except the q/k/v values that one
+    :func:`~apexlens.model.edits.overwrite` hook replaces at a point nothing else watches:
+    the attention takes those values directly, its projection and the hook point are not
+    run, and the hook is not attached (module docstring). The attention modules are
+    restored on exit, also after an exception."""
+    hooks = list(hooks)
+    hook_dict = getattr(model, "hook_dict", {})
+    marked: dict[tuple[int, str], list[int]] = {}
+    for i, (name, _) in enumerate(hooks):
         m = _QKV.match(name)
-        if m is not None:
-            marked.setdefault((int(m.group(1)), m.group(2)), []).append(fn)
-    by_layer: dict[int, dict[str, Callable[[], Tensor]]] = {}
-    for (layer, ch), fns in marked.items():
-        hp = getattr(model.blocks[layer].attn, f"hook_{ch}")
-        value = getattr(fns[0], "overwrites", None)
-        if len(fns) == 1 and value is not None and _alone(hp):
-            by_layer.setdefault(layer, {})[ch] = value  # that hook alone at the point
-    patched: list[Any] = []
-    try:
-        for layer, skip in by_layer.items():
-            attn = model.blocks[layer].attn
-            linear = _plain_qkv(attn)
-            if linear is not None:
+        if m is not None and name in hook_dict:
+            marked.setdefault((int(m.group(1)), m.group(2)), []).append(i)
+    with model_lock(model):
+        by_layer: dict[int, dict[str, Callable[[], Tensor]]] = {}
+        taken: set[int] = set()
+        for (layer, ch), at in marked.items():
+            value = getattr(hooks[at[0]][1], "overwrites", None)
+            if len(at) == 1 and value is not None and _empty(hook_dict[hooks[at[0]][0]]):
+                by_layer.setdefault(layer, {})[ch] = value
+                taken.add(at[0])
+        patched: list[Any] = []
+        try:
+            for layer, skip in by_layer.items():
+                attn = model.blocks[layer].attn
+                linear = _plain_qkv(attn)
+                if linear is None:  # the model's own path runs: its hooks are attached
+                    names = {f"blocks.{layer}.attn.hook_{ch}" for ch in skip}
+                    taken -= {i for i in taken if hooks[i][0] in names}
+                    continue
                 setattr(attn, _ATTR, _skipping(attn, skip, linear))
                 patched.append(attn)
-        yield
-    finally:
-        for attn in patched:
-            attn.__dict__.pop(_ATTR, None)
+            with attached(model, [h for i, h in enumerate(hooks) if i not in taken]):
+                yield
+        finally:
+            for attn in patched:
+                attn.__dict__.pop(_ATTR, None)

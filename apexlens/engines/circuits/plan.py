@@ -227,7 +227,7 @@ class CircuitPlan:
             if heads and self.shared is None and not self.bk.shortformer:
                 # every head of the channel (those excluding nothing read ``resid``): the
                 # pass sets the whole value, so the model's own projection is skipped
-                # (:func:`apexlens.model.skips.skipped_projections`) and no heads are copied
+                # (:func:`apexlens.model.skips.hooked_pass`) and no heads are copied
                 heads = list(range(d.n_heads))
             if ch in "kv" and self.shared is not None and heads:
                 heads, mine = self._kv_split(layer, ch, heads)
