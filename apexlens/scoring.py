@@ -15,6 +15,7 @@ seeded percentile-bootstrap confidence interval.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,9 +42,18 @@ def _as_long(x: Any, what: str) -> Tensor:
     return t.long()
 
 
+def all_finite(values: Tensor) -> bool:
+    """Whether ``values`` holds no NaN or inf: its sum is finite (two operations), or, where
+    that sum is not (a NaN or inf among the values, or an overflow of finite ones), every
+    value is."""
+    if values.is_floating_point() and math.isfinite(float(values.detach().sum())):
+        return True
+    return bool(torch.isfinite(values).all())
+
+
 def check_finite(values: Tensor, what: str = "metric") -> Tensor:
     """Raise an :class:`ApexlensError` if ``values`` holds NaN or inf."""
-    if not torch.isfinite(values).all():
+    if not all_finite(values):
         raise ApexlensError(f"{what} returned NaN or inf")
     return values
 
@@ -110,8 +120,19 @@ class LogitDiff(Metric):
     def reduce(
         self, selected: Float[Tensor, "*lead batch k n_tok"]
     ) -> Float[Tensor, "*lead batch"]:
-        batch, k = selected.shape[-3], selected.shape[-2]
-        ai, wi = self._ai.to(selected.device), self._wi.to(selected.device)
+        pair = selected.gather(-1, self._pairs(selected))  # [..., k, 2]: answer, wrong
+        return (pair[..., 0] - pair[..., 1]).mean(-1)
+
+    def _pairs(self, selected: Tensor) -> Int[Tensor, "*lead batch k 2"]:
+        """The answer and wrong columns of every read logit row of ``selected``, built once
+        per shape and device (the last few kept)."""
+        shape, device = tuple(selected.shape[:-1]), selected.device
+        memo: dict[Any, Tensor] = self.__dict__.setdefault("_pairs_memo", {})
+        idx = memo.get((shape, device))
+        if idx is not None:
+            return idx
+        batch, k = shape[-2], shape[-1]
+        ai, wi = self._ai.to(device), self._wi.to(device)
         if ai.ndim == 1:
             if ai.shape[0] not in (1, batch):
                 raise ApexlensError(f"{self.name}: {ai.shape[0]} answers for a batch of {batch}")
@@ -119,10 +140,11 @@ class LogitDiff(Metric):
                 ai.expand(batch)[:, None].expand(batch, k),
                 wi.expand(batch)[:, None].expand(batch, k),
             )
-        idx_a = ai.expand(*selected.shape[:-1])[..., None]
-        idx_w = wi.expand(*selected.shape[:-1])[..., None]
-        diff = selected.gather(-1, idx_a)[..., 0] - selected.gather(-1, idx_w)[..., 0]
-        return diff.mean(-1)
+        idx = torch.stack([ai.expand(*shape), wi.expand(*shape)], -1)
+        if len(memo) >= 8:
+            memo.clear()
+        memo[(shape, device)] = idx
+        return idx
 
 
 class LogitDiffRecovery(LogitDiff):

@@ -17,6 +17,7 @@ from apexlens.scoring import (
     LogitDiff,
     LogitDiffRecovery,
     Scores,
+    all_finite,
     check_finite,
     recovery,
     scores_frame,
@@ -57,6 +58,39 @@ def test_reduce_broadcasts_over_leading_dims():
     kl = KLDivergence(LOGITS)
     sel_full = stacked.gather(2, idx[None, ..., None].expand(3, -1, -1, 11))
     torch.testing.assert_close(kl.reduce(sel_full), torch.stack([kl(x) for x in stacked]))
+
+
+def test_reduce_on_changing_shapes_gives_each_shapes_values():
+    """The answer/wrong columns are built once per shape: shapes in turn (and back) each get
+    their own, equal to the obvious loop."""
+    metric = LogitDiff(ANS, WRONG)
+    for lead in [(), (3,), (2, 5), (), (3,)]:
+        sel = torch.randn(*lead, 4, 2, 8, generator=g, dtype=torch.float64)
+        ai, wi = metric._ai, metric._wi
+        want = torch.stack(
+            [(sel[..., b, :, ai[b]] - sel[..., b, :, wi[b]]).mean(-1) for b in range(4)], -1
+        )
+        torch.testing.assert_close(metric.reduce(sel), want, rtol=0, atol=0)
+    with pytest.raises(ApexlensError, match="answers for a batch"):
+        metric.reduce(torch.randn(3, 2, 8, generator=g))
+
+
+def test_all_finite_is_the_elementwise_check():
+    big = torch.finfo(torch.float32).max
+    cases = [
+        torch.tensor([1.0, 2.0]),
+        torch.tensor([1.0, math.nan]),
+        torch.tensor([math.inf, 1.0]),
+        torch.tensor([math.inf, -math.inf]),  # sums to NaN
+        torch.tensor([big, big]),  # finite values whose sum overflows
+        torch.tensor([-big, -big, 1.0]),
+        torch.tensor([], dtype=torch.float64),
+        torch.tensor([3, 4]),
+        torch.tensor([True, False]),
+        torch.tensor([1.0, math.nan], dtype=torch.float16),
+    ]
+    for t in cases:
+        assert all_finite(t) is bool(torch.isfinite(t).all()), t
 
 
 def test_kl_and_probabilities():

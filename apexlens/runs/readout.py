@@ -14,7 +14,7 @@ from apexlens.errors import ApexlensError
 from apexlens.model import Backend
 from apexlens.runs.reads import traced_reads
 from apexlens.runs.tokens import describe
-from apexlens.scoring import Metric
+from apexlens.scoring import Metric, all_finite
 
 MetricFn = Callable[[Tensor], Tensor]
 
@@ -248,7 +248,7 @@ class Readout:
     def _nan_checked(self, values: Tensor) -> Tensor:
         """Values of a probed metric: NaN means it read a logit it did not read on the clean
         run (every other logit it receives is NaN)."""
-        if not torch.isfinite(values).all():
+        if not all_finite(values):
             raise ApexlensError(
                 f"metric {self.name} read logits it did not read on the clean run (it returned "
                 "NaN where apexlens computes only the positions and columns it read there); "
@@ -314,6 +314,6 @@ class Readout:
         ):
             raise ApexlensError(f"metric {name} returned a {values.dtype} tensor; expected numbers")
         values = values.to(self.bk.dtype if self.bk.dtype.is_floating_point else torch.float32)
-        if finite and not torch.isfinite(values).all():
+        if finite and not all_finite(values):
             raise ApexlensError(f"metric {name} returned NaN or inf")
         return values
