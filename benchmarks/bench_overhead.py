@@ -6,7 +6,10 @@ operations a call dispatches (counted with a ``TorchDispatchMode``, views includ
 
 * a warm random-half circuit vs one forward (time and dispatched operations), re-evaluated
   (its plan kept) and a new hypothesis every call (planned each time); "one forward" is
-  ``model(clean)`` with its unembedding, under ``torch.no_grad()``;
+  ``model(clean)`` with its unembedding, under ``torch.no_grad()``. The warm circuit is
+  timed in rows of 10 calls alternating with rows of 10 forwards (each in its steady
+  state, as a re-evaluated hypothesis runs) and, as before, call by call (each call right
+  after the other's, its caches displaced);
 * exact edge scores of the full graph, in forwards per edge;
 * heads -> logits vs two forwards.
 
@@ -63,20 +66,28 @@ def timed(fn: Callable[[], Any], repeat: int = 5) -> float:
     return statistics.median(times)
 
 
-def interleaved(fn: Callable[[], Any], base: Callable[[], Any], rounds: int = 5) -> float:
+def interleaved(
+    fn: Callable[[], Any], base: Callable[[], Any], rounds: int = 5, calls: int = 1
+) -> float:
     """``fn``'s time over ``base``'s, each round timing both side by side (the machine's speed
-    drifts): the median of the per-round ratios."""
+    drifts): ``calls`` calls of ``base``, of ``fn``, of ``base`` again; the median of the
+    per-round ratios. ``calls=1`` times each call right after the other's (its caches
+    displaced by the other's work); more calls time each in a row of its own, as a
+    re-evaluated hypothesis or a forward loop runs."""
+
+    def row(f: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            f()
+        return time.perf_counter() - t0
+
     fn(), base()
     ratios = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        base()
-        t1 = time.perf_counter()
-        fn()
-        t2 = time.perf_counter()
-        base()
-        t3 = time.perf_counter()
-        ratios.append((t2 - t1) / ((t1 - t0 + t3 - t2) / 2))
+        b0 = row(base)
+        t = row(fn)
+        b1 = row(base)
+        ratios.append(t / ((b0 + b1) / 2))
     return statistics.median(ratios)
 
 
@@ -99,7 +110,9 @@ def part1() -> dict[str, float]:
 
     out: dict[str, float] = {}
     out["forward_ms"] = timed(fwd, 20) * 1e3
-    out["circuit_vs_forward"] = interleaved(lambda: exp.evaluate_circuit(half), fwd, 15)
+    warm = lambda: exp.evaluate_circuit(half)  # noqa: E731
+    out["circuit_vs_forward"] = interleaved(warm, fwd, 15, calls=10)
+    out["circuit_vs_forward_alternating"] = interleaved(warm, fwd, 15)
     out["circuit_ops"] = count_ops(lambda: exp.evaluate_circuit(half))
     # a new hypothesis every call (more than the plans kept: each one is planned)
     fresh = [
@@ -187,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"  one plain forward                   {p['forward_ms']:.2f} ms, {p['forward_ops']:.0f} ops")
         print(
             f"  warm random-half circuit            {p['circuit_vs_forward']:.2f}x one forward, "
-            f"{p['circuit_ops']:.0f} ops ({p['circuit_ops'] / p['forward_ops']:.2f}x a forward's)"
+            f"{p['circuit_ops']:.0f} ops ({p['circuit_ops'] / p['forward_ops']:.2f}x a forward's); "
+            f"{p['circuit_vs_forward_alternating']:.2f}x alternating call by call"
         )
         print(
             f"  a new random-half hypothesis        {p['fresh_circuit_vs_forward']:.2f}x one forward, "
