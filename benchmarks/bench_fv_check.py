@@ -16,14 +16,21 @@ positions and reaches >= 0.8x its activation), *reached* (>= 0.8x the planted ac
 calibration and held-out models (held-out: never used to choose the measures, the combination
 or the number of peers).
 
-    python benchmarks/bench_fv_check.py [--cache DIR] [--source DIR] [--models a,b]
-    (hours on one core for the whole corpus; each pool is saved, reruns resume)
+``--ceiling`` also prints what a threshold on any single score (each measure, as measured and
+relative to the pool's other members, and combinations) could reach: calibration models leave
+one family out, held-out models at the calibration threshold (:func:`ceiling`).
+
+    python benchmarks/bench_fv_check.py [--cache DIR] [--source DIR] [--models a,b] [--ceiling]
+    (the corpus about 15 minutes to build on two cores, the audit about 15 more with two
+    processes -- one for the calibration models, one for the held-out; each pool is saved,
+    reruns resume)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -166,6 +173,89 @@ def table(rows: list[dict[str, Any]], split: str) -> None:
           f"models {cell(other)}")
 
 
+def _pool_scores(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per pool member, every candidate score of the ceiling analysis (larger = flag): each
+    measure as it is, each relative to the other 31 members (``(s - median) / scale``, the
+    scale ``max(1.4826 MAD, SD / 2)`` of the others), their mean, and the shipped test's
+    Cauchy combination of rank p-values."""
+    S = torch.tensor([r["statistics"] for r in rows], dtype=torch.float64)
+    n, m = S.shape
+    p = torch.stack([(S[None, :, k] >= S[:, None, k]).double().mean(1) for k in range(m)], 1)
+    out: dict[str, list[float]] = {
+        "rank combination (shipped statistic)": torch.tan((0.5 - p.clamp(1e-15, 1 - 1e-15))
+                                                          * math.pi).mean(-1).tolist()}
+    z = torch.empty_like(S)
+    for j in range(n):
+        o = torch.cat([S[:j], S[j + 1:]])
+        med = o.median(0).values
+        scale = torch.maximum(1.4826 * (o - med).abs().median(0).values, 0.5 * o.std(0))
+        z[j] = (S[j] - med) / scale.clamp_min(1e-9)
+    names = rows[0]["measures"]
+    for k in range(m):
+        out[f"{names[k]} as measured"] = S[:, k].tolist()
+        out[f"{names[k]} vs peers (robust z)"] = z[:, k].tolist()
+    out["mean of the four robust z"] = z.mean(1).tolist()
+    return out
+
+
+def ceiling(rows: list[dict[str, Any]], q: float = 0.95) -> None:
+    """What a threshold on any one score could reach: the threshold at the ``q`` quantile of
+    the honest and untouched features' scores of the training models; on calibration models
+    leave-one-family-out (a base model and its fine-tunes held out together), on held-out
+    models with the threshold of all calibration models. The shipped within-model test is
+    the first row. Detection counts planted features whose FV reaches >= 1.4x the natural
+    maximum."""
+    pools: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        pools.setdefault((r["model"], r["feature"].split(".")[0].lstrip("m")), []).append(r)
+    scored = []
+    for pool in pools.values():
+        sc = _pool_scores(pool)
+        scored += [(r, {k: v[j] for k, v in sc.items()}) for j, r in enumerate(pool)]
+
+    def family(name: str) -> str:
+        return "modadd-2l" if name == "modadd-2l-slingshot" else MANIPULATED.get(
+            name, {}).get("base", name)
+
+    def kind(r: dict[str, Any]) -> str:
+        if r["planted"]:
+            return "planted" if r["ratio"] >= 1.4 else "below"
+        return "honest" if r["model"] in (*HONEST, *SHIPPED) else "untouched"
+
+    def rate(xs: list[bool]) -> str:
+        return f"{sum(xs)}/{len(xs)}"
+
+    print(f"\nceiling: a threshold at the {q:.0%} quantile of the training models' honest and "
+          "untouched features")
+    print(f"{'score':>40} | {'calibration, one family out':>27} | {'held-out':>27}")
+    print(f"{'':>40} | {'detected':>8} {'false alarms':>18} | {'detected':>8} {'false alarms':>18}")
+    for key in ["shipped", *(scored[0][1] if scored else [])]:
+        cells = []
+        for part in ("calibration", "heldout"):
+            det: list[bool] = []
+            fa: list[bool] = []
+            sel = [(r, s) for r, s in scored if r["split"] == part]
+            # calibration: each family scored against a threshold set on the others
+            folds = sorted({family(r["model"]) for r, _ in sel}) if part == "calibration" else [""]
+            for fam in folds:
+                test = [(r, s) for r, s in sel if not fam or family(r["model"]) == fam]
+                if key == "shipped":
+                    flag = [bool(r["flagged"]) for r, _ in test]
+                else:
+                    neg = torch.tensor([s[key] for r, s in scored if r["split"] == "calibration"
+                                        and family(r["model"]) != fam
+                                        and kind(r) in ("honest", "untouched")])
+                    thr = float(torch.quantile(neg, q))
+                    flag = [s[key] > thr for _, s in test]
+                det += [f for f, (r, _) in zip(flag, test, strict=True) if kind(r) == "planted"]
+                fa += [f for f, (r, _) in zip(flag, test, strict=True)
+                       if kind(r) in ("honest", "untouched")]
+            cells.append(f"{rate(det):>8} {rate(fa):>10} ({sum(fa) / max(len(fa), 1):.1%})"
+                         if det or fa else f"{'-':>8} {'-':>18}")
+        label = "shipped test (rank p <= 0.05)" if key == "shipped" else key
+        print(f"{label:>40} | {cells[0]:>27} | {cells[1]:>27}")
+
+
 def main() -> None:
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -173,6 +263,8 @@ def main() -> None:
     ap.add_argument("--source", type=Path, default=None,
                     help="copy corpus models found here instead of training them")
     ap.add_argument("--models", default=",".join(HELDOUT + CALIBRATION))
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also print what a threshold on any one score could reach")
     a = ap.parse_args()
     names = a.models.split(",")
     unknown = set(names) - set(CALIBRATION) - set(HELDOUT)
@@ -186,6 +278,8 @@ def main() -> None:
     for split in ("calibration", "heldout"):
         if any(r["split"] == split for r in rows):
             table(rows, split)
+    if a.ceiling:
+        ceiling(rows)
 
 
 if __name__ == "__main__":
