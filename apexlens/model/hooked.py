@@ -123,7 +123,6 @@ class HookedAdapter:
             extra["shortformer_pos_embed"] = pe.expand(resid.shape[0], *pe.shape)
         if past is not None:
             extra["past_kv_cache"] = past.entries(resid.shape[0])
-        hooks = list(hooks)
         with hooked_pass(self.model, hooks):
             return self.model(resid, start_at_layer=start, stop_at_layer=stop, **extra)
 
@@ -162,7 +161,6 @@ class HookedAdapter:
         if pe is not None:
             pe = pe[offset:]
             extra["shortformer_pos_embed"] = pe.expand(rows, *pe.shape)
-        hooks = list(hooks)
         with hooked_pass(self.model, hooks):
             try:
                 self.model(resid, start_at_layer=start, stop_at_layer=stop, **extra)
@@ -171,7 +169,6 @@ class HookedAdapter:
         return Prefix(slots, offset + int(resid.shape[1]), rows)
 
     def forward(self, tokens: Int[Tensor, "batch pos"], hooks: Hooks, logits: bool) -> Tensor:
-        hooks = list(hooks)
         with hooked_pass(self.model, hooks):
             if logits:
                 return self.model(tokens)

@@ -196,14 +196,21 @@ def _restore_flags(modules: list[torch.nn.Module], flags: list[bool]) -> None:
         raise pending
 
 
+def global_hooks() -> bool:
+    """Whether a global module forward hook or pre-hook is registered (it sees every
+    module's call)."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(
+        getattr(nn_module, "_global_forward_hooks", {})
+        or getattr(nn_module, "_global_forward_pre_hooks", {})
+    )
+
+
 def any_hooks(module: torch.nn.Module) -> bool:
     """Whether a forward hook or pre-hook sits on ``module`` or any module inside it, or a
     global module hook on every module."""
-    from torch.nn.modules import module as nn_module
-
-    if getattr(nn_module, "_global_forward_hooks", {}) or getattr(
-        nn_module, "_global_forward_pre_hooks", {}
-    ):
+    if global_hooks():
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
-from apexlens.model.hooks import Hooks, attached, model_lock
+from apexlens.model.hooks import Hooks, attached, global_hooks, model_lock
 
 _QKV = re.compile(r"blocks\.(\d+)\.attn\.hook_([qkv])$")
 _ATTR = "calculate_qkv_matrices"
@@ -76,16 +76,13 @@ def _empty(hp: Any) -> bool:
     """Whether nothing would see a call of the hook point: no hook of any kind on it,
     registered through TransformerLens or directly on the module, and no global module
     hooks."""
-    from torch.nn.modules import module as nn_module
-
     return (
         not hp.fwd_hooks
         and not hp._forward_hooks
         and not hp.bwd_hooks
         and not hp._backward_hooks
         and not hp._forward_pre_hooks
-        and not getattr(nn_module, "_global_forward_hooks", {})
-        and not getattr(nn_module, "_global_forward_pre_hooks", {})
+        and not global_hooks()
     )
 
 
@@ -106,22 +103,22 @@ def hooked_pass(model: Any, hooks: Hooks) -> Iterator[None]:
             marked.setdefault((int(m.group(1)), m.group(2)), []).append(i)
     with model_lock(model):
         by_layer: dict[int, dict[str, Callable[[], Tensor]]] = {}
+        linear: dict[int, Any] = {}  # per layer: the plain path's product, None where none
         taken: set[int] = set()
         for (layer, ch), at in marked.items():
             value = getattr(hooks[at[0]][1], "overwrites", None)
-            if len(at) == 1 and value is not None and _empty(hook_dict[hooks[at[0]][0]]):
+            if len(at) != 1 or value is None or not _empty(hook_dict[hooks[at[0]][0]]):
+                continue
+            if layer not in linear:
+                linear[layer] = _plain_qkv(model.blocks[layer].attn)
+            if linear[layer] is not None:  # else the model's own path runs, the hook attached
                 by_layer.setdefault(layer, {})[ch] = value
                 taken.add(at[0])
         patched: list[Any] = []
         try:
             for layer, skip in by_layer.items():
                 attn = model.blocks[layer].attn
-                linear = _plain_qkv(attn)
-                if linear is None:  # the model's own path runs: its hooks are attached
-                    names = {f"blocks.{layer}.attn.hook_{ch}" for ch in skip}
-                    taken -= {i for i in taken if hooks[i][0] in names}
-                    continue
-                setattr(attn, _ATTR, _skipping(attn, skip, linear))
+                setattr(attn, _ATTR, _skipping(attn, skip, linear[layer]))
                 patched.append(attn)
             with attached(model, [h for i, h in enumerate(hooks) if i not in taken]):
                 yield
